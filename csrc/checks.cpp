@@ -1,0 +1,153 @@
+#include "checks.h"
+
+#include <cmath>
+
+namespace flash_attn_ext {
+namespace {
+
+void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "flash_attn_ext: ", name,
+              " must have a contiguous last dimension (stride 1), got stride ", t.stride(-1),
+              "; call .contiguous() first");
+}
+
+}  // namespace
+
+void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& attn_bias) {
+  TORCH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
+              q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
+              k.dim(), "-D");
+  TORCH_CHECK(v.dim() == 4, "flash_attn_ext: v must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
+              v.dim(), "-D");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+              "flash_attn_ext: unsupported dtype ", dtype, "; expected float16, bfloat16, float32 or float64");
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "flash_attn_ext: q, k and v must have the same dtype, got ", dtype, ", ", k.scalar_type(),
+              " and ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "flash_attn_ext: q, k and v must be on the same device, got ", q.device(), ", ", k.device(),
+              " and ", v.device());
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), headdim = q.size(3);
+  const int64_t seqlen_k = k.size(1), nheads_k = k.size(2);
+  TORCH_CHECK(headdim >= 1 && headdim <= 256, "flash_attn_ext: head dim must be between 1 and 256, got ",
+              headdim);
+  TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", batch,
+              ", k has ", k.size(0), ", v has ", v.size(0));
+  TORCH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", seqlen_k,
+              " and ", v.size(1));
+  TORCH_CHECK(v.size(2) == nheads_k, "flash_attn_ext: k and v must have the same number of heads, got ",
+              nheads_k, " and ", v.size(2));
+  TORCH_CHECK(k.size(3) == headdim && v.size(3) == headdim,
+              "flash_attn_ext: q, k and v must have the same head dim, got ", headdim, ", ", k.size(3),
+              " and ", v.size(3));
+  TORCH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", nheads,
+              ") must be divisible by nheads_k (", nheads_k, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  if (attn_bias.has_value()) {
+    const at::Tensor& b = *attn_bias;
+    TORCH_CHECK(b.scalar_type() == dtype, "flash_attn_ext: attn_bias must have the dtype of q (", dtype,
+                "), got ", b.scalar_type());
+    TORCH_CHECK(b.device() == q.device(), "flash_attn_ext: attn_bias must be on the device of q (",
+                q.device(), "), got ", b.device());
+    TORCH_CHECK(b.dim() == 4 && b.size(0) == batch && b.size(1) == nheads && b.size(2) == seqlen_q &&
+                    b.size(3) == seqlen_k,
+                "flash_attn_ext: attn_bias must be expanded to (batch, nheads, seqlen_q, seqlen_k) = (", batch,
+                ", ", nheads, ", ", seqlen_q, ", ", seqlen_k, "), got ", b.sizes());
+  }
+}
+
+void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
+                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias) {
+  check_fwd_inputs(q, k, v, attn_bias);
+  TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", q.sizes(), ", got ",
+              dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", q.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "flash_attn_ext: dout and out must have the dtype of q (", q.scalar_type(), "), got ",
+              dout.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() && softmax_lse.device() == q.device(),
+              "flash_attn_ext: dout, out and softmax_lse must be on the device of q (", q.device(), ")");
+  check_last_dim_contiguous(dout, "dout");
+  check_last_dim_contiguous(out, "out");
+  TORCH_CHECK(softmax_lse.scalar_type() == at::kFloat, "flash_attn_ext: softmax_lse must be float32, got ",
+              softmax_lse.scalar_type());
+  TORCH_CHECK(softmax_lse.dim() == 3 && softmax_lse.size(0) == q.size(0) && softmax_lse.size(1) == q.size(2) &&
+                  softmax_lse.size(2) == q.size(1),
+              "flash_attn_ext: softmax_lse must be (batch, nheads, seqlen_q) = (", q.size(0), ", ", q.size(2),
+              ", ", q.size(1), "), got ", softmax_lse.sizes());
+  TORCH_CHECK(softmax_lse.is_contiguous(), "flash_attn_ext: softmax_lse must be contiguous");
+  if (dsoftmax_lse.has_value()) {
+    TORCH_CHECK(dsoftmax_lse->scalar_type() == at::kFloat && dsoftmax_lse->sizes() == softmax_lse.sizes() &&
+                    dsoftmax_lse->is_contiguous() && dsoftmax_lse->device() == q.device(),
+                "flash_attn_ext: dsoftmax_lse must be a contiguous float32 tensor shaped like softmax_lse ",
+                softmax_lse.sizes(), " on ", q.device());
+  }
+}
+
+void set_fwd_params(FlashFwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& attn_bias, const at::Tensor& out,
+                    const at::Tensor& softmax_lse, double softmax_scale, bool causal, int64_t window_left,
+                    int64_t window_right) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.softmax_lse = softmax_lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  if (attn_bias.has_value()) {
+    const at::Tensor& b = *attn_bias;
+    p.bias = b.data_ptr();
+    p.bias_batch_stride = b.stride(0), p.bias_head_stride = b.stride(1);
+    p.bias_row_stride = b.stride(2), p.bias_col_stride = b.stride(3);
+  } else {
+    p.bias = nullptr;
+  }
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen_q = static_cast<int>(q.size(1));
+  p.seqlen_k = static_cast<int>(k.size(1));
+  p.nheads = static_cast<int>(q.size(2));
+  p.nheads_k = static_cast<int>(k.size(2));
+  p.headdim = static_cast<int>(q.size(3));
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  // A window that reaches past every key is no window; normalising here lets
+  // kernels take the cheaper unmasked path.
+  if (window_left >= p.seqlen_k) window_left = -1;
+  if (window_right >= p.seqlen_k) window_right = -1;
+  if (causal) window_right = 0;
+  p.is_causal = causal || (window_left < 0 && window_right == 0);
+  p.window_left = static_cast<int>(window_left);
+  p.window_right = static_cast<int>(window_right);
+}
+
+void set_bwd_params(FlashBwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
+                    const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias,
+                    const at::Tensor& dq, const at::Tensor& dk,
+                    const at::Tensor& dv, const std::optional<at::Tensor>& dbias, double softmax_scale,
+                    bool causal, int64_t window_left, int64_t window_right, bool deterministic) {
+  set_fwd_params(p, q, k, v, attn_bias, out, softmax_lse, softmax_scale, causal, window_left, window_right);
+  p.dout = dout.data_ptr();
+  p.dsoftmax_lse = dsoftmax_lse.has_value() ? dsoftmax_lse->data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dbias = dbias.has_value() ? dbias->data_ptr() : nullptr;
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+  p.deterministic = deterministic;
+}
+
+}  // namespace flash_attn_ext

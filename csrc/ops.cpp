@@ -1,0 +1,37 @@
+// The op schemas, defined once. Implementations are registered per dispatch
+// key in cpu/flash_api_cpu.cpp and cuda/flash_api_cuda.cpp; fake (meta) and
+// autograd registrations live in flash_attn_ext/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import flash_attn_ext._C` loads this library, which runs the static
+// registrations below; the module itself holds nothing.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(flash_attn_ext, m) {
+  // q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
+  // attn_bias: additive, expanded to (batch, nheads, seqlen_q, seqlen_k), dtype of q.
+  // window_left/right < 0 mean unbounded; causal implies window_right = 0.
+  // deterministic is not used by the forward computation: it is recorded for
+  // the autograd formula (flash_attn_ext/_ops.py), which passes it to bwd.
+  // Returns out (like q) and softmax_lse (batch, nheads, seqlen_q) in fp32;
+  // rows that see no key get out = 0 and softmax_lse = +inf.
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, float softmax_scale, bool causal, "
+      "int window_left, int window_right, bool deterministic) -> (Tensor out, Tensor softmax_lse)");
+  // Recomputes the probabilities from q, k and softmax_lse. dsoftmax_lse, the
+  // gradient flowing into softmax_lse (None when unused), enters through
+  // D = rowsum(dout * out) - dsoftmax_lse. dbias is
+  // (batch, nheads, seqlen_q, seqlen_k) in the dtype of q when
+  // bias_requires_grad, else an empty tensor.
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor? dsoftmax_lse, "
+      "Tensor? attn_bias, "
+      "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
+      "bool bias_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+}

@@ -1,0 +1,108 @@
+"""Build flash_attn_ext's C++/CUDA extension with torch.utils.cpp_extension.
+
+Environment switches (all optional):
+  FLASH_ATTN_EXT_FORCE_CPU=1   build the CPU implementation only, even where nvcc is present.
+  FLASH_ATTN_EXT_FORCE_CUDA=1  fail unless the CUDA implementation can be built.
+  FLASH_ATTN_EXT_HDIMS=64,128  compile CUDA kernels for these head dims only (default: all).
+  FLASH_ATTN_EXT_DTYPES=bf16   compile CUDA kernels for these dtypes only (fp16, bf16; default: both).
+  FLASH_ATTN_EXT_DIRECTIONS=fwd  compile these CUDA directions only (fwd, bwd; default: both); the
+                               other op then has no CUDA kernel registered. For development builds.
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as torch.utils.cpp_extension documents them;
+  the default arch list is "8.0;9.0" (Ampere and Hopper machine code, PTX for newer GPUs).
+"""
+import glob
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ALL_HDIMS = (32, 64, 96, 128, 192, 256)
+ALL_DTYPES = ("fp16", "bf16")
+ALL_DIRECTIONS = ("fwd", "bwd")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def env_list(name: str, allowed, cast):
+    raw = os.environ.get(name)
+    if not raw:
+        return list(allowed)
+    values = [cast(x.strip()) for x in raw.split(",") if x.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        sys.exit(f"{name}: {bad} not in {list(allowed)}")
+    return values
+
+
+def want_cuda() -> bool:
+    if env_flag("FLASH_ATTN_EXT_FORCE_CPU"):
+        return False
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if env_flag("FLASH_ATTN_EXT_FORCE_CUDA") and not available:
+        sys.exit("FLASH_ATTN_EXT_FORCE_CUDA=1 but no CUDA build of torch or no nvcc (CUDA_HOME) was found")
+    return available
+
+
+def cpu_flags():
+    flags = ["-O3", "-std=c++17"]
+    # The softmax and row loops are written to auto-vectorise; GCC/Clang clone
+    # them for AVX2 at runtime (see csrc/cpu/vectorize.h), so no -march here.
+    return flags
+
+
+def extension():
+    rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
+    sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    extra = {"cxx": cpu_flags()}
+    if not want_cuda():
+        return CppExtension("flash_attn_ext._C", sources, extra_compile_args=extra)
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    hdims = env_list("FLASH_ATTN_EXT_HDIMS", ALL_HDIMS, int)
+    dtypes = env_list("FLASH_ATTN_EXT_DTYPES", ALL_DTYPES, str)
+    directions = env_list("FLASH_ATTN_EXT_DIRECTIONS", ALL_DIRECTIONS, str)
+    cuda_dir = os.path.join(HERE, "csrc", "cuda")
+    # Files named flash_fwd_* / flash_bwd_* belong to one direction; the rest is shared.
+    for path in sorted(glob.glob(os.path.join(cuda_dir, "*.cpp")) + glob.glob(os.path.join(cuda_dir, "*.cu"))):
+        name = os.path.basename(path)
+        if not any(name.startswith(f"flash_{d}_") for d in ALL_DIRECTIONS if d not in directions):
+            sources.append(os.path.relpath(path, HERE))
+    for path in sorted(glob.glob(os.path.join(cuda_dir, "instantiations", "flash_*.cu"))):
+        name = os.path.basename(path)
+        if (
+            any(name.startswith(f"flash_{d}_") for d in directions)
+            and any(f"_hdim{d}_" in name for d in hdims)
+            and any(f"_{t}" in name for t in dtypes)
+        ):
+            sources.append(os.path.relpath(path, HERE))
+    defines = (
+        [f"-DFLASH_ATTN_EXT_HDIM_{d}" for d in hdims]
+        + [f"-DFLASH_ATTN_EXT_DTYPE_{t.upper()}" for t in dtypes]
+        + [f"-DFLASH_ATTN_EXT_BUILD_{d.upper()}" for d in directions]
+    )
+    extra["cxx"] += defines
+    extra["nvcc"] = [
+        "-O3",
+        "-std=c++17",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ] + defines
+    return CUDAExtension("flash_attn_ext._C", sources, extra_compile_args=extra)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
