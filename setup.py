@@ -51,7 +51,7 @@ def want_cuda() -> bool:
 
 
 def cpu_flags():
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.13)
     # The softmax and row loops are written to auto-vectorise; GCC/Clang clone
     # them for AVX2 at runtime (see csrc/cpu/vectorize.h), so no -march here.
     return flags
@@ -90,7 +90,6 @@ def extension():
     extra["cxx"] += defines
     extra["nvcc"] = [
         "-O3",
-        "-std=c++17",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
         "-lineinfo",

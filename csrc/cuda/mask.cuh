@@ -1,4 +1,6 @@
-// Which keys a query row may see, shared by the forward and backward kernels.
+// Which keys a query row may see, shared by the forward and backward kernels
+// on CUDA and by the CPU implementation (the functions compile as plain C++
+// outside nvcc).
 // The rule is the one documented on FlashFwdParams: bottom-right aligned
 // causal / sliding-window masks, so that with seqlen_q != seqlen_k the last
 // query row always lines up with the last key.
@@ -6,39 +8,45 @@
 
 #include "../flash_params.h"
 
+#if defined(__CUDACC__)
+#define FLASH_HOST_DEVICE __host__ __device__
+#else
+#define FLASH_HOST_DEVICE
+#endif
+
 namespace flash {
 
 struct MaskGeometry {
   int seqlen_q, seqlen_k;
   int window_left, window_right;  // < 0: unbounded on that side.
 
-  __host__ __device__ explicit MaskGeometry(const FlashFwdParams& p)
+  FLASH_HOST_DEVICE explicit MaskGeometry(const FlashFwdParams& p)
       : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), window_left(p.window_left), window_right(p.window_right) {}
 
   // Diagonal offset: query row i is aligned with key column i + offset.
-  __host__ __device__ int offset() const { return seqlen_k - seqlen_q; }
+  FLASH_HOST_DEVICE int offset() const { return seqlen_k - seqlen_q; }
 
   // Visible keys of row `row` are [key_begin(row), key_end(row)) ∩ [0, seqlen_k).
-  __host__ __device__ int key_begin(int row) const {
+  FLASH_HOST_DEVICE int key_begin(int row) const {
     if (window_left < 0) return 0;
     const int b = row + offset() - window_left;
     return b > 0 ? b : 0;
   }
-  __host__ __device__ int key_end(int row) const {
+  FLASH_HOST_DEVICE int key_end(int row) const {
     if (window_right < 0) return seqlen_k;
     const int e = row + offset() + window_right + 1;
     return e < seqlen_k ? (e > 0 ? e : 0) : seqlen_k;
   }
-  __host__ __device__ bool visible(int row, int col) const {
+  FLASH_HOST_DEVICE bool visible(int row, int col) const {
     return col < seqlen_k && col >= key_begin(row) && col < key_end(row);
   }
 
   // Key blocks of size block_n that the query block [row0, row0 + block_m)
   // touches: [n_block_begin, n_block_end). Blocks outside are skipped whole.
-  __host__ __device__ int n_block_begin(int row0, int block_n) const {
+  FLASH_HOST_DEVICE int n_block_begin(int row0, int block_n) const {
     return key_begin(row0) / block_n;
   }
-  __host__ __device__ int n_block_end(int row0, int block_m, int block_n) const {
+  FLASH_HOST_DEVICE int n_block_end(int row0, int block_m, int block_n) const {
     int last_row = row0 + block_m - 1;
     if (last_row > seqlen_q - 1) last_row = seqlen_q - 1;
     const int e = key_end(last_row);
@@ -46,13 +54,13 @@ struct MaskGeometry {
   }
   // Query blocks of size block_m that the key block [col0, col0 + block_n)
   // is seen by (used by the backward, which iterates over query blocks).
-  __host__ __device__ int m_block_begin(int col0, int block_m) const {
+  FLASH_HOST_DEVICE int m_block_begin(int col0, int block_m) const {
     if (window_right < 0) return 0;
     // Smallest row with key_end(row) > col0: row + offset + window_right >= col0.
     const int r = col0 - offset() - window_right;
     return r > 0 ? r / block_m : 0;
   }
-  __host__ __device__ int m_block_end(int col0, int block_n, int block_m) const {
+  FLASH_HOST_DEVICE int m_block_end(int col0, int block_n, int block_m) const {
     const int num_m_blocks = (seqlen_q + block_m - 1) / block_m;
     if (window_left < 0) return num_m_blocks;
     // Largest row with key_begin(row) <= last col: row + offset - window_left <= col0 + block_n - 1.
@@ -63,7 +71,7 @@ struct MaskGeometry {
   }
   // True when every (row, col) in the tile is visible, so the kernel can skip
   // per-element masking for it (the common case away from the diagonal).
-  __host__ __device__ bool tile_fully_visible(int row0, int block_m, int col0, int block_n) const {
+  FLASH_HOST_DEVICE bool tile_fully_visible(int row0, int block_m, int col0, int block_n) const {
     const int row1 = row0 + block_m - 1, col1 = col0 + block_n - 1;
     if (row1 >= seqlen_q || col1 >= seqlen_k) return false;
     return key_begin(row1) <= col0 && key_end(row0) > col1;

@@ -1,0 +1,122 @@
+"""flash-attn 2.x compatible entry points.
+
+Same names, signatures, layouts (batch, seqlen, nheads, headdim) and return
+conventions as `flash_attn.flash_attn_interface`, backed by the
+`flash_attn_ext::fwd` / `bwd` custom ops (CPU and CUDA). Arguments whose
+feature is not implemented raise NotImplementedError naming the argument;
+none is ignored.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
+
+
+def _check_unsupported(dropout_p: float, softcap: float, alibi_slopes: Optional[torch.Tensor]) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
+    if softcap != 0.0:
+        raise NotImplementedError(f"flash_attn_ext: softcap={softcap} is not supported yet (only 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("flash_attn_ext: alibi_slopes is not supported yet (only None)")
+
+
+def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs):
+    if len(window_size) != 2:
+        raise ValueError(f"flash_attn_ext: window_size must be a pair (left, right), got {window_size!r}")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    window_left, window_right = int(window_size[0]), int(window_size[1])
+    out, softmax_lse = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
+                                deterministic)
+    if return_attn_probs:
+        # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
+        # information with dropout, which is not supported, so it is None.
+        return out, softmax_lse, None
+    return out
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k, v: (batch, seqlen_k, nheads_k, headdim); nheads must be divisible by
+            nheads_k (multi-query / grouped-query attention).
+        dropout_p: must be 0.0 (dropout is not supported yet).
+        softmax_scale: defaults to 1 / sqrt(headdim).
+        causal: mask keys after the query; with seqlen_q != seqlen_k the mask is
+            aligned to the bottom-right corner (flash-attn >= 2.1).
+        window_size: (left, right) sliding window around the aligned diagonal;
+            -1 means unbounded.
+        softcap, alibi_slopes: must be 0.0 / None (not supported yet).
+        deterministic: bit-reproducible backward on CUDA (the CPU backward
+            always is); also implied by torch.use_deterministic_algorithms(True).
+        return_attn_probs: also return softmax_lse (batch, nheads, seqlen_q)
+            fp32 and None in place of the dropout mask.
+
+    Rows that see no key (causal with seqlen_q > seqlen_k, or a window) give
+    output 0, softmax_lse +inf and zero gradients.
+    """
+    _check_unsupported(dropout_p, softcap, alibi_slopes)
+    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn_func on qkv packed as (batch, seqlen, 3, nheads, headdim).
+
+    q, k and v are read through strided views of qkv (no copy).
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"flash_attn_ext: qkv must be (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    _check_unsupported(dropout_p, softcap, alibi_slopes)
+    q, k, v = qkv.unbind(2)
+    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn_func with k and v packed as kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"flash_attn_ext: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    _check_unsupported(dropout_p, softcap, alibi_slopes)
+    k, v = kv.unbind(2)
+    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs)
