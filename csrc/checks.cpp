@@ -6,7 +6,7 @@ namespace flash_attn_ext {
 namespace {
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "flash_attn_ext: ", name,
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "flash_attn_ext: ", name,
               " must have a contiguous last dimension (stride 1), got stride ", t.stride(-1),
               "; call .contiguous() first");
 }

@@ -49,6 +49,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dsoftmax_lse):
     q, k, v, out, softmax_lse, attn_bias = ctx.saved_tensors
+    # Autograd may hand in an expanded gradient (e.g. from out.sum()): the
+    # kernels need a contiguous last dimension.
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
     bias_requires_grad = attn_bias is not None and ctx.needs_input_grad[3]
     if dsoftmax_lse is not None:
         dsoftmax_lse = dsoftmax_lse.float().contiguous()

@@ -1,0 +1,116 @@
+"""Shared test helpers: devices, a float64 reference, the tolerance rule, poisoning.
+
+Tolerance rule (flash-attn's): in a low-precision dtype, our error against
+the float64 reference may be at most twice PyTorch's own error in that dtype
+(its math attention run on the same inputs), plus a small absolute slack.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def dtypes_for(device: str):
+    """Dtypes the kernels support on a device (CUDA: fp16/bf16 only)."""
+    if device == "cuda":
+        return [torch.float16, torch.bfloat16]
+    return [torch.float32, torch.bfloat16, torch.float16]
+
+
+def device_dtype_params():
+    return [pytest.param(d, t, id=f"{d}-{str(t).split('.')[-1]}") for d in DEVICES for t in dtypes_for(d)]
+
+
+def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device="cpu"):
+    """Bool (seqlen_q, seqlen_k): which keys each query sees (bottom-right aligned)."""
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    offset = seqlen_k - seqlen_q
+    vis = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        vis &= j <= i + offset + right
+    if left >= 0:
+        vis &= j >= i + offset - left
+    return vis
+
+
+def attention_ref(q, k, v, causal=False, window=(-1, -1), bias=None, softmax_scale=None, upcast=True):
+    """Attention on (batch, seqlen, nheads, headdim) tensors, explicitly.
+
+    upcast=True computes in float64 (the reference); upcast=False computes in
+    the inputs' dtype the way PyTorch's math attention does, to measure
+    PyTorch's own error. Returns (out, lse) with out in the computing dtype;
+    rows that see no key give out 0 and lse +inf.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    qd, kd, vd = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    kd = kd.repeat_interleave(group, dim=1)
+    vd = vd.repeat_interleave(group, dim=1)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scores = (qd @ kd.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    vis = visible_mask(q.shape[1], k.shape[1], causal, window, device=q.device)
+    scores = scores.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
+    empty = torch.isneginf(lse)
+    probs = torch.softmax(scores.float() if not upcast else scores, dim=-1).to(dtype)
+    probs = probs.masked_fill(empty[..., None], 0.0)
+    out = (probs @ vd).transpose(1, 2)
+    lse = lse.masked_fill(empty, float("inf"))
+    return out, lse
+
+
+def assert_close_to_ref(ours, ref64, pytorch_lowp, name, slack=1e-5):
+    """ours and pytorch_lowp against the float64 reference, by the 2x rule."""
+    assert not torch.isnan(ours).any(), f"{name}: NaN in our result"
+    ours, ref64, lowp = ours.double(), ref64.double(), pytorch_lowp.double()
+    our_err = (ours - ref64).abs().max().item() if ours.numel() else 0.0
+    torch_err = (lowp - ref64).abs().max().item() if ours.numel() else 0.0
+    scale = ref64.abs().max().item() if ours.numel() else 1.0
+    bound = 2 * torch_err + slack * max(1.0, scale)
+    assert our_err <= bound, f"{name}: error {our_err:.3e} > 2 x PyTorch's {torch_err:.3e} + slack"
+
+
+def assert_fp32_close(ours, ref64, name, rtol=1e-5):
+    """fp32 results: relative error (in max norm) within rtol."""
+    assert not torch.isnan(ours).any(), f"{name}: NaN in our result"
+    err = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
+    scale = max(ref64.abs().max().item(), 1.0) if ours.numel() else 1.0
+    assert err <= rtol * scale, f"{name}: max error {err:.3e} > {rtol:.0e} x {scale:.3e}"
+
+
+def poison_allocator(device, nbytes):
+    """Fill freed memory with NaN so an output element the kernel forgets to
+    write shows up as NaN: the caching allocator (CUDA) and malloc (CPU)
+    hand recently freed blocks of the same size to the next allocation."""
+    n = max(1, nbytes // 4)
+    t = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    del t
+
+
+def random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device, requires_grad=True):
+    g = torch.Generator(device="cpu").manual_seed(torch.randint(0, 2**31 - 1, (1,)).item())
+    mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)  # noqa: E731
+    q = mk(batch, seqlen_q, nheads, headdim).requires_grad_(requires_grad)
+    k = mk(batch, seqlen_k, nheads_k, headdim).requires_grad_(requires_grad)
+    v = mk(batch, seqlen_k, nheads_k, headdim).requires_grad_(requires_grad)
+    return q, k, v
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different, reported seed per test: inputs are fresh random numbers
+    # every run, and a failure can still be reproduced.
+    seed = torch.seed() % (2**31)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
