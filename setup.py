@@ -51,9 +51,25 @@ def want_cuda() -> bool:
 
 
 def cpu_flags():
-    flags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.13)
-    # The softmax and row loops are written to auto-vectorise; GCC/Clang clone
-    # them for AVX2 at runtime (see csrc/cpu/vectorize.h), so no -march here.
+    # The C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.13).
+    # -fopenmp-simd honours `#pragma omp simd` (vectorised row reductions)
+    # without linking an OpenMP runtime.
+    flags = ["-O3", "-fopenmp-simd"]
+    # The CPU kernels' inner loops are written for the compiler's vectoriser:
+    # build them for the vector units of the machine that compiles them (as a
+    # source build of an extension normally is). FLASH_ATTN_EXT_CPU_FLAGS
+    # overrides, e.g. "" for a binary that must run on any x86-64.
+    override = os.environ.get("FLASH_ATTN_EXT_CPU_FLAGS")
+    if override is not None:
+        return flags + override.split()
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_flags_present = set(f.read().split())
+        except OSError:
+            cpu_flags_present = set()
+        if {"avx2", "fma"} <= cpu_flags_present:
+            flags += ["-mavx2", "-mfma"]
     return flags
 
 

@@ -120,10 +120,12 @@ void set_fwd_params(FlashFwdParams& p, const at::Tensor& q, const at::Tensor& k,
   p.headdim = static_cast<int>(q.size(3));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
-  // A window that reaches past every key is no window; normalising here lets
-  // kernels take the cheaper unmasked path.
+  // A window that reaches past every key of every row is no window;
+  // normalising here lets kernels take the cheaper unmasked path. Row 0 sees
+  // up to key (seqlen_k - seqlen_q) + window_right, the last row from key
+  // (seqlen_k - 1) - window_left.
   if (window_left >= p.seqlen_k) window_left = -1;
-  if (window_right >= p.seqlen_k) window_right = -1;
+  if (window_right >= p.seqlen_q) window_right = -1;
   if (causal) window_right = 0;
   p.is_causal = causal || (window_left < 0 && window_right == 0);
   p.window_left = static_cast<int>(window_left);

@@ -3,10 +3,16 @@
 Entry points:
   flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func
       flash-attn 2.x compatible (layout batch, seqlen, nheads, headdim).
+  scaled_dot_product_attention
+      torch.nn.functional.scaled_dot_product_attention compatible, with masks.
+  MultiheadAttention, replace_attention
+      a drop-in for torch.nn.MultiheadAttention, and a model-wide swap.
 The ops themselves are torch.ops.flash_attn_ext.fwd / bwd.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)
 from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .mha import MultiheadAttention, replace_attention
+from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -14,4 +20,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "MultiheadAttention",
+    "replace_attention",
+    "scaled_dot_product_attention",
 ]

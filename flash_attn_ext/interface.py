@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops
+from ._autocast import autocast_inputs
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
 
@@ -33,6 +34,7 @@ def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, retur
         softmax_scale = q.shape[-1] ** -0.5
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     window_left, window_right = int(window_size[0]), int(window_size[1])
+    q, k, v = autocast_inputs(q, k, v)
     out, softmax_lse = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
                                 deterministic)
     if return_attn_probs:

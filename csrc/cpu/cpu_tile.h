@@ -1,7 +1,6 @@
 // Building blocks shared by the CPU forward and backward: per-thread tile
 // buffers, row loads with dtype conversion, the score tile (scale, bias,
-// mask) and a vectorisable exp. Matrix products on tiles go through
-// at::mm_out / addmm_ (MKL or OpenBLAS underneath).
+// mask) and a vectorisable exp. Matrix products on tiles are in tile_gemm.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,12 +14,12 @@
 #include "../cuda/mask.cuh"
 #include "../flash_params.h"
 
-// Row loops are compiled twice on x86-64, for AVX2+FMA and a baseline, and
-// picked at load time: no -march flag, so the binary runs everywhere.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__INTEL_COMPILER)
-#define FLASH_CPU_VECTORIZE __attribute__((target_clones("arch=haswell", "default")))
+// Width of the vectors the inner loops are written for: setup.py compiles
+// the CPU code for the build machine's vector units (AVX2 + FMA on most x86).
+#if defined(__AVX2__)
+constexpr int kVectorBytes = 32;
 #else
-#define FLASH_CPU_VECTORIZE
+constexpr int kVectorBytes = 16;
 #endif
 
 namespace flash_attn_ext::cpu {
@@ -34,10 +33,9 @@ constexpr at::ScalarType acc_dtype() {
   return std::is_same_v<scalar_t, double> ? at::kDouble : at::kFloat;
 }
 
-// Tile sizes: large enough that the per-tile matrix products amortise their
-// dispatch, small enough that a thread's buffers stay in L2.
+// Tile sizes: a thread's Q, K, V and score tiles stay in L2.
 constexpr int kBlockM = 64;
-constexpr int kBlockN = 256;
+constexpr int kBlockN = 128;
 
 // exp(x) for float without libm, written so compilers vectorise the loops
 // that call it: 2^(x log2 e) split into an integer power of two (built in the
@@ -74,6 +72,16 @@ void load_rows(const scalar_t* src, int64_t row_stride, int rows, int D, acc_t<s
   }
 }
 
+// The same rows transposed: dst is D x rows with row stride ld (>= rows),
+// so that q.k^T becomes a product with a row-major right-hand side.
+template <typename scalar_t>
+void load_rows_transposed(const scalar_t* src, int64_t row_stride, int rows, int D, acc_t<scalar_t>* dst, int ld) {
+  for (int r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * row_stride;
+    for (int c = 0; c < D; ++c) dst[static_cast<int64_t>(c) * ld + r] = static_cast<acc_t<scalar_t>>(s[c]);
+  }
+}
+
 template <typename scalar_t>
 void store_rows(const acc_t<scalar_t>* src, int rows, int D, scalar_t* dst, int64_t row_stride) {
   for (int r = 0; r < rows; ++r) {
@@ -81,12 +89,6 @@ void store_rows(const acc_t<scalar_t>* src, int rows, int D, scalar_t* dst, int6
     scalar_t* d = dst + r * row_stride;
     for (int c = 0; c < D; ++c) d[c] = static_cast<scalar_t>(s[c]);
   }
-}
-
-// A view of a dense row-major buffer as a rows x cols tensor (no copy).
-template <typename T>
-at::Tensor view2d(T* data, int64_t rows, int64_t cols) {
-  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
 // Turns the raw products q.k of a tile (rows x cols, dense) into scores in

@@ -12,6 +12,7 @@
 #include "../checks.h"
 #include "../flash_api.h"
 #include "cpu_tile.h"
+#include "tile_gemm.h"
 
 namespace flash_attn_ext {
 namespace cpu {
@@ -19,7 +20,7 @@ namespace {
 
 // s holds scores on entry, P on exit; lse = +inf rows give P = 0.
 template <typename acc>
-FLASH_CPU_VECTORIZE void scores_to_probs(acc* s, int rows, int cols, const float* lse) {
+void scores_to_probs(acc* s, int rows, int cols, const float* lse) {
   for (int r = 0; r < rows; ++r) {
     acc* row = s + static_cast<int64_t>(r) * cols;
     const acc l = static_cast<acc>(lse[r]);
@@ -29,7 +30,7 @@ FLASH_CPU_VECTORIZE void scores_to_probs(acc* s, int rows, int cols, const float
 
 // dp holds dP on entry, dS = P * (dP - D) on exit.
 template <typename acc>
-FLASH_CPU_VECTORIZE void probs_grad_to_scores_grad(const acc* prob, acc* dp, int rows, int cols, const acc* d) {
+void probs_grad_to_scores_grad(const acc* prob, acc* dp, int rows, int cols, const acc* d) {
   for (int r = 0; r < rows; ++r) {
     const acc* pr = prob + static_cast<int64_t>(r) * cols;
     acc* row = dp + static_cast<int64_t>(r) * cols;
@@ -47,14 +48,12 @@ void bwd_kernel(const FlashBwdParams& p) {
   const int64_t units = static_cast<int64_t>(p.batch) * p.nheads_k;
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    auto opts = at::TensorOptions().dtype(acc_dtype<scalar_t>());
-    at::Tensor q_t = at::empty({kBlockM, D}, opts), do_t = at::empty({kBlockM, D}, opts);
-    at::Tensor k_t = at::empty({kBlockN, D}, opts), v_t = at::empty({kBlockN, D}, opts);
-    at::Tensor dk_t = at::empty({kBlockN, D}, opts), dv_t = at::empty({kBlockN, D}, opts);
-    at::Tensor p_t = at::empty({kBlockM * kBlockN}, opts), ds_t = at::empty({kBlockM * kBlockN}, opts);
-    at::Tensor dq_t = at::empty({group, p.seqlen_q, D}, opts);  // dQ of the whole group, O(seqlen)
+    std::vector<acc> q_t(kBlockM * D), do_t(kBlockM * D);
+    std::vector<acc> k_t(kBlockN * D), k_tt(D * kBlockN), v_tt(D * kBlockN), dk_t(kBlockN * D), dv_t(kBlockN * D);
+    std::vector<acc> p_t(kBlockM * kBlockN), ds_t(kBlockM * kBlockN);
+    std::vector<acc> dq_t(static_cast<size_t>(group) * p.seqlen_q * D);  // dQ of the whole group, O(seqlen)
     std::vector<acc> d_row(static_cast<size_t>(group) * p.seqlen_q);
-    std::vector<acc> o_row(D);
+    const acc scale = static_cast<acc>(p.softmax_scale);
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.nheads_k, h_k = unit % p.nheads_k;
@@ -69,23 +68,23 @@ void bwd_kernel(const FlashBwdParams& p) {
         const float* dlse = p.dsoftmax_lse ? p.dsoftmax_lse + (b * p.nheads + h) * p.seqlen_q : nullptr;
         for (int r = 0; r < p.seqlen_q; ++r) {
           acc sum = 0;
+#pragma omp simd reduction(+ : sum)
           for (int d = 0; d < D; ++d) {
             sum += static_cast<acc>(o[r * p.o_row_stride + d]) * static_cast<acc>(dout[r * p.do_row_stride + d]);
           }
           d_row[static_cast<size_t>(g) * p.seqlen_q + r] = sum - (dlse ? static_cast<acc>(dlse[r]) : acc(0));
         }
       }
-      dq_t.zero_();
+      std::fill(dq_t.begin(), dq_t.end(), acc(0));
 
       for (int n_block = 0; n_block < num_n_blocks; ++n_block) {
         const int col0 = n_block * kBlockN;
         const int cols = std::min(kBlockN, p.seqlen_k - col0);
-        load_rows(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_t.data_ptr<acc>());
-        load_rows(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_t.data_ptr<acc>());
-        at::Tensor k_rows = k_t.narrow(0, 0, cols), v_rows = v_t.narrow(0, 0, cols);
-        at::Tensor dk_rows = dk_t.narrow(0, 0, cols), dv_rows = dv_t.narrow(0, 0, cols);
-        dk_rows.zero_();
-        dv_rows.zero_();
+        load_rows(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_t.data());
+        load_rows_transposed(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_tt.data(), cols);
+        load_rows_transposed(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_tt.data(), cols);
+        std::fill(dk_t.begin(), dk_t.end(), acc(0));
+        std::fill(dv_t.begin(), dv_t.end(), acc(0));
         const int m_begin = mask.m_block_begin(col0, kBlockM);
         const int m_end = mask.m_block_end(col0, cols, kBlockM);
 
@@ -95,40 +94,41 @@ void bwd_kernel(const FlashBwdParams& p) {
           const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
           const float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q;
           const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
+          acc* dq_head = dq_t.data() + static_cast<size_t>(g) * p.seqlen_q * D;
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int row0 = m_block * kBlockM;
             const int rows = std::min(kBlockM, p.seqlen_q - row0);
-            load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data_ptr<acc>());
-            load_rows(dout + row0 * p.do_row_stride, p.do_row_stride, rows, D, do_t.data_ptr<acc>());
-            at::Tensor q_rows = q_t.narrow(0, 0, rows), do_rows = do_t.narrow(0, 0, rows);
-            at::Tensor prob = view2d(p_t.data_ptr<acc>(), rows, cols);
-            at::Tensor ds = view2d(ds_t.data_ptr<acc>(), rows, cols);
+            load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data());
+            load_rows(dout + row0 * p.do_row_stride, p.do_row_stride, rows, D, do_t.data());
+            acc* prob = p_t.data();
+            acc* ds = ds_t.data();
 
-            at::mm_out(prob, q_rows, k_rows.t());
-            finish_scores<scalar_t>(prob.data_ptr<acc>(), rows, cols, row0, col0, p, bias);
-            scores_to_probs(prob.data_ptr<acc>(), rows, cols, lse + row0);
-            dv_rows.addmm_(prob.t(), do_rows);
-            at::mm_out(ds, do_rows, v_rows.t());
-            probs_grad_to_scores_grad(prob.data_ptr<acc>(), ds.data_ptr<acc>(), rows, cols,
-                                      d_row.data() + static_cast<size_t>(g) * p.seqlen_q + row0);
+            tile_gemm<false>(rows, cols, D, acc(1), q_t.data(), D, k_tt.data(), cols, acc(0), prob, cols);
+            finish_scores<scalar_t>(prob, rows, cols, row0, col0, p, bias);
+            scores_to_probs(prob, rows, cols, lse + row0);
+            // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D)
+            tile_gemm<true>(cols, D, rows, acc(1), prob, cols, do_t.data(), D, acc(1), dv_t.data(), D);
+            tile_gemm<false>(rows, cols, D, acc(1), do_t.data(), D, v_tt.data(), cols, acc(0), ds, cols);
+            probs_grad_to_scores_grad(prob, ds, rows, cols, d_row.data() + static_cast<size_t>(g) * p.seqlen_q + row0);
             if (p.dbias != nullptr) {
               // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous.
               auto* db = static_cast<scalar_t*>(p.dbias) + ((b * p.nheads + h) * p.seqlen_q + row0) * p.seqlen_k + col0;
-              store_rows<scalar_t>(ds.data_ptr<acc>(), rows, cols, db, p.seqlen_k);
+              store_rows<scalar_t>(ds, rows, cols, db, p.seqlen_k);
             }
-            dk_rows.addmm_(ds.t(), q_rows, /*beta=*/1, /*alpha=*/p.softmax_scale);
-            dq_t.select(0, g).narrow(0, row0, rows).addmm_(ds, k_rows, /*beta=*/1, /*alpha=*/p.softmax_scale);
+            // dK += scale dS^T Q;  dQ += scale dS K
+            tile_gemm<true>(cols, D, rows, scale, ds, cols, q_t.data(), D, acc(1), dk_t.data(), D);
+            tile_gemm<false>(rows, D, cols, scale, ds, cols, k_t.data(), D, acc(1), dq_head + static_cast<int64_t>(row0) * D, D);
           }
         }
         auto* dk = static_cast<scalar_t*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride + col0 * p.dk_row_stride;
         auto* dv = static_cast<scalar_t*>(p.dv) + b * p.dv_batch_stride + h_k * p.dv_head_stride + col0 * p.dv_row_stride;
-        store_rows<scalar_t>(dk_t.data_ptr<acc>(), cols, D, dk, p.dk_row_stride);
-        store_rows<scalar_t>(dv_t.data_ptr<acc>(), cols, D, dv, p.dv_row_stride);
+        store_rows<scalar_t>(dk_t.data(), cols, D, dk, p.dk_row_stride);
+        store_rows<scalar_t>(dv_t.data(), cols, D, dv, p.dv_row_stride);
       }
       for (int g = 0; g < group; ++g) {
         const int64_t h = h_k * group + g;
         auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
-        store_rows<scalar_t>(dq_t.select(0, g).data_ptr<acc>(), p.seqlen_q, D, dq, p.dq_row_stride);
+        store_rows<scalar_t>(dq_t.data() + static_cast<size_t>(g) * p.seqlen_q * D, p.seqlen_q, D, dq, p.dq_row_stride);
       }
     }
   });

@@ -9,6 +9,7 @@
 #include "../checks.h"
 #include "../flash_api.h"
 #include "cpu_tile.h"
+#include "tile_gemm.h"
 
 namespace flash_attn_ext {
 namespace cpu {
@@ -17,12 +18,13 @@ namespace {
 // Online-softmax update for one tile of scores (rows x cols, in place -> P).
 // Returns nothing; updates row_max, row_sum and rescales acc (rows x D).
 template <typename acc>
-FLASH_CPU_VECTORIZE void online_softmax_update(acc* s, int rows, int cols, acc* row_max, acc* row_sum, acc* out_acc,
+void online_softmax_update(acc* s, int rows, int cols, acc* row_max, acc* row_sum, acc* out_acc,
                                                int D) {
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   for (int r = 0; r < rows; ++r) {
     acc* row = s + static_cast<int64_t>(r) * cols;
     acc tile_max = neg_inf;
+#pragma omp simd reduction(max : tile_max)
     for (int c = 0; c < cols; ++c) tile_max = std::max(tile_max, row[c]);
     const acc new_max = std::max(row_max[r], tile_max);
     // A row that has seen only masked keys keeps max -inf; exponentiate
@@ -30,6 +32,7 @@ FLASH_CPU_VECTORIZE void online_softmax_update(acc* s, int rows, int cols, acc* 
     const acc ref = new_max == neg_inf ? acc(0) : new_max;
     const acc correction = exp_approx(row_max[r] - ref);
     acc sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int c = 0; c < cols; ++c) {
       row[c] = exp_approx(row[c] - ref);
       sum += row[c];
@@ -52,10 +55,7 @@ void fwd_kernel(const FlashFwdParams& p) {
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // Per-thread tiles, reused across the units this thread owns.
-    auto opts = at::TensorOptions().dtype(acc_dtype<scalar_t>());
-    at::Tensor q_t = at::empty({kBlockM, D}, opts), k_t = at::empty({kBlockN, D}, opts);
-    at::Tensor v_t = at::empty({kBlockN, D}, opts), s_t = at::empty({kBlockM, kBlockN}, opts);
-    at::Tensor o_t = at::empty({kBlockM, D}, opts);
+    std::vector<acc> q_t(kBlockM * D), k_tt(D * kBlockN), v_t(kBlockN * D), s_t(kBlockM * kBlockN), o_t(kBlockM * D);
     std::vector<acc> row_max(kBlockM), row_sum(kBlockM);
 
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -70,29 +70,28 @@ void fwd_kernel(const FlashFwdParams& p) {
       const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
       const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
 
-      load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data_ptr<acc>());
-      o_t.zero_();
+      load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data());
+      std::fill(o_t.begin(), o_t.end(), acc(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc(0));
-      at::Tensor q_rows = q_t.narrow(0, 0, rows), o_rows = o_t.narrow(0, 0, rows);
 
       const int n_begin = mask.n_block_begin(row0, kBlockN);
       const int n_end = std::min(mask.n_block_end(row0, kBlockM, kBlockN), (p.seqlen_k + kBlockN - 1) / kBlockN);
       for (int n_block = n_begin; n_block < n_end; ++n_block) {
         const int col0 = n_block * kBlockN;
         const int cols = std::min(kBlockN, p.seqlen_k - col0);
-        load_rows(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_t.data_ptr<acc>());
-        load_rows(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_t.data_ptr<acc>());
-        at::Tensor s = view2d(s_t.data_ptr<acc>(), rows, cols);  // dense rows x cols
-        at::mm_out(s, q_rows, k_t.narrow(0, 0, cols).t());
-        finish_scores<scalar_t>(s.data_ptr<acc>(), rows, cols, row0, col0, p, bias);
-        online_softmax_update(s.data_ptr<acc>(), rows, cols, row_max.data(), row_sum.data(), o_t.data_ptr<acc>(), D);
-        o_rows.addmm_(s, v_t.narrow(0, 0, cols));
+        load_rows_transposed(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_tt.data(), cols);
+        load_rows(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_t.data());
+        // S = Q K^T (rows x cols), then scores -> probabilities, O = O * correction + P V.
+        tile_gemm<false>(rows, cols, D, acc(1), q_t.data(), D, k_tt.data(), cols, acc(0), s_t.data(), cols);
+        finish_scores<scalar_t>(s_t.data(), rows, cols, row0, col0, p, bias);
+        online_softmax_update(s_t.data(), rows, cols, row_max.data(), row_sum.data(), o_t.data(), D);
+        tile_gemm<false>(rows, D, cols, acc(1), s_t.data(), cols, v_t.data(), D, acc(1), o_t.data(), D);
       }
 
       // Epilogue: normalise, and record lse = max + log(sum); rows that saw
       // no key get 0 and +inf (the backward then gives them zero gradient).
-      acc* o = o_t.data_ptr<acc>();
+      acc* o = o_t.data();
       float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q + row0;
       for (int r = 0; r < rows; ++r) {
         const bool empty = row_sum[r] == acc(0);

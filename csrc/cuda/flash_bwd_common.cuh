@@ -1,0 +1,187 @@
+// Warp-level building blocks of the backward kernels: tile loads into padded
+// shared memory and the four operand shapes the backward multiplies with
+// (A and B from smem, transposed or not, or A straight from the fragments of
+// a previous product). Every product is one warp computing a 16-row strip of
+// m16n8k16 MMAs with fp32 accumulators.
+//
+// Accumulator fragment of a 16x8 tile (per lane, g = lane/4, t = lane%4):
+//   c[0], c[1] at (row g,     cols 2t, 2t+1)
+//   c[2], c[3] at (row g + 8, cols 2t, 2t+1)
+#pragma once
+
+#include "primitives.cuh"
+
+namespace flash {
+
+template <typename Element>
+__device__ __forceinline__ Element from_float(float x) {
+  if constexpr (std::is_same_v<Element, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
+}
+
+// Rows [row0, row0 + kRows) of a (nrows x kCols) row-major matrix into smem
+// with row stride kLd; rows past nrows are zero-filled.
+template <int kRows, int kCols, int kLd, int kNThreads, typename Element>
+__device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, int64_t row_stride, int row0, int nrows,
+                                          int tid) {
+  constexpr int kChunksPerRow = kCols / 8;  // 16-byte chunks
+#pragma unroll
+  for (int i = tid; i < kRows * kChunksPerRow; i += kNThreads) {
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    const bool pred = row0 + r < nrows;
+    const Element* src = gmem + (pred ? (row0 + r) * row_stride + c * 8 : 0);
+    cp_async_16(smem + r * kLd + c * 8, src, pred);
+  }
+}
+
+// kN floats gmem[row0 .. row0 + kN) (zero past n) into smem; 4-byte copies
+// because rows of LSE / D have no alignment guarantee.
+template <int kN, int kNThreads>
+__device__ __forceinline__ void load_vec(float* smem, const float* gmem, int row0, int n, int tid) {
+  for (int i = tid; i < kN; i += kNThreads) {
+    const bool pred = row0 + i < n;
+    const float* src = gmem + (pred ? row0 + i : 0);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem + i)), "l"(src),
+                 "r"(pred ? 4 : 0));
+  }
+}
+
+// All four products walk the same schedule: k-slices s of 16, and per slice
+// kN/16 B fragments (one ldmatrix.x4 = two n8 tiles each). The shared-memory
+// loads are issued ahead of the MMAs that consume them -- A one slice ahead,
+// B kBDepth loads ahead through a small register ring -- because the asm
+// statements keep program order and a warp would otherwise wait out the
+// ldmatrix latency before every MMA pair (only 8 warps share an SM here).
+constexpr int kBDepth = 4;
+
+// Operand sources. Each loads the x4 fragment for slice s (and B column pair np).
+template <int kLd, typename Element>
+struct SmemRowA {  // A (16 x kK) row-major in smem
+  const Element* ptr;
+  __device__ __forceinline__ SmemRowA(const Element* base, int lane)
+      : ptr(base + (lane % 8 + 8 * ((lane / 8) % 2)) * kLd + 8 * (lane / 16)) {}
+  __device__ __forceinline__ void load(uint32_t (&r)[4], int s) const { ldmatrix_x4(r, ptr + s * 16); }
+};
+template <int kLd, typename Element>
+struct SmemColA {  // A stored transposed, At (kK x 16) row-major in smem
+  const Element* ptr;
+  __device__ __forceinline__ SmemColA(const Element* base, int lane)
+      : ptr(base + (lane % 8 + 8 * (lane / 16)) * kLd + 8 * ((lane / 8) % 2)) {}
+  __device__ __forceinline__ void load(uint32_t (&r)[4], int s) const { ldmatrix_x4_trans(r, ptr + s * 16 * kLd); }
+};
+template <int kLd, typename Element>
+struct SmemNkB {  // B given as Bt (kN x kK) row-major in smem (e.g. K for Q K^T)
+  const Element* ptr;
+  __device__ __forceinline__ SmemNkB(const Element* base, int lane)
+      : ptr(base + (lane % 8 + 8 * (lane / 16)) * kLd + 8 * ((lane / 8) % 2)) {}
+  __device__ __forceinline__ void load(uint32_t (&r)[4], int s, int np) const {
+    ldmatrix_x4(r, ptr + np * 16 * kLd + s * 16);
+  }
+};
+template <int kLd, typename Element>
+struct SmemKnB {  // B (kK x kN) row-major in smem (e.g. V for P V), read transposed
+  const Element* ptr;
+  __device__ __forceinline__ SmemKnB(const Element* base, int lane)
+      : ptr(base + (lane % 8 + 8 * ((lane / 8) % 2)) * kLd + 8 * (lane / 16)) {}
+  __device__ __forceinline__ void load(uint32_t (&r)[4], int s, int np) const {
+    ldmatrix_x4_trans(r, ptr + s * 16 * kLd + np * 16);
+  }
+};
+
+// acc (16 x kN) += A (16 x kK) * B (kK x kN); A from smem via ASrc, B via BSrc.
+template <int kK, int kN, typename Element, typename ASrc, typename BSrc>
+__device__ __forceinline__ void warp_gemm(float (&acc)[kN / 8][4], const ASrc& asrc, const BSrc& bsrc) {
+  constexpr int kNp = kN / 16, kSteps = (kK / 16) * kNp;
+  constexpr int kDepth = kSteps < kBDepth ? kSteps : kBDepth;
+  uint32_t a[2][4], b[kDepth][4];
+  asrc.load(a[0], 0);
+#pragma unroll
+  for (int i = 0; i < kDepth; ++i) bsrc.load(b[i], i / kNp, i % kNp);
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    const int s = i / kNp, np = i % kNp;
+    if (np == 0 && s + 1 < kK / 16) asrc.load(a[(s + 1) % 2], s + 1);
+    const uint32_t b0[2] = {b[i % kDepth][0], b[i % kDepth][1]}, b1[2] = {b[i % kDepth][2], b[i % kDepth][3]};
+    if (i + kDepth < kSteps) bsrc.load(b[i % kDepth], (i + kDepth) / kNp, (i + kDepth) % kNp);
+    mma_m16n8k16<Element>(acc[2 * np], a[s % 2], b0);
+    mma_m16n8k16<Element>(acc[2 * np + 1], a[s % 2], b1);
+  }
+}
+
+// Same with A (16 x kK) given as the fp32 accumulator fragments of an earlier
+// product, rounded to Element here: fragments of n8 tiles 2s, 2s+1 are exactly
+// the A fragment of k-slice s.
+template <int kK, int kN, typename Element, typename BSrc>
+__device__ __forceinline__ void warp_gemm_rega(float (&acc)[kN / 8][4], const float (&a_frag)[kK / 8][4],
+                                               const BSrc& bsrc) {
+  constexpr int kNp = kN / 16, kSteps = (kK / 16) * kNp;
+  constexpr int kDepth = kSteps < kBDepth ? kSteps : kBDepth;
+  uint32_t b[kDepth][4];
+#pragma unroll
+  for (int i = 0; i < kDepth; ++i) bsrc.load(b[i], i / kNp, i % kNp);
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    const int s = i / kNp, np = i % kNp;
+    const uint32_t a[4] = {pack2<Element>(a_frag[2 * s][0], a_frag[2 * s][1]),
+                           pack2<Element>(a_frag[2 * s][2], a_frag[2 * s][3]),
+                           pack2<Element>(a_frag[2 * s + 1][0], a_frag[2 * s + 1][1]),
+                           pack2<Element>(a_frag[2 * s + 1][2], a_frag[2 * s + 1][3])};
+    const uint32_t b0[2] = {b[i % kDepth][0], b[i % kDepth][1]}, b1[2] = {b[i % kDepth][2], b[i % kDepth][3]};
+    if (i + kDepth < kSteps) bsrc.load(b[i % kDepth], (i + kDepth) / kNp, (i + kDepth) % kNp);
+    mma_m16n8k16<Element>(acc[2 * np], a, b0);
+    mma_m16n8k16<Element>(acc[2 * np + 1], a, b1);
+  }
+}
+
+// The shapes the kernels use, named by where the operands live.
+// acc (16 x kN) += A (16 x kK, smem row-major) * Bt^T, Bt (kN x kK, smem row-major).
+template <int kK, int kN, int kLdA, int kLdB, typename Element>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[kN / 8][4], const Element* a_smem, const Element* bt_smem,
+                                              int lane) {
+  warp_gemm<kK, kN, Element>(acc, SmemRowA<kLdA, Element>(a_smem, lane), SmemNkB<kLdB, Element>(bt_smem, lane));
+}
+// acc (16 x kN) += A (fragments) * B (kK x kN, smem row-major).
+template <int kK, int kN, int kLdB, typename Element>
+__device__ __forceinline__ void warp_gemm_regA_b(float (&acc)[kN / 8][4], const float (&a_frag)[kK / 8][4],
+                                                 const Element* b_smem, int lane) {
+  warp_gemm_rega<kK, kN, Element>(acc, a_frag, SmemKnB<kLdB, Element>(b_smem, lane));
+}
+// acc (16 x kN) += A (16 x kK, smem row-major) * B (kK x kN, smem row-major).
+template <int kK, int kN, int kLdA, int kLdB, typename Element>
+__device__ __forceinline__ void warp_gemm_smemA_b(float (&acc)[kN / 8][4], const Element* a_smem,
+                                                  const Element* b_smem, int lane) {
+  warp_gemm<kK, kN, Element>(acc, SmemRowA<kLdA, Element>(a_smem, lane), SmemKnB<kLdB, Element>(b_smem, lane));
+}
+// acc (16 x kN) += A * B with smem holding At (kK x 16, At[k][m] = A[m][k]).
+template <int kK, int kN, int kLdA, int kLdB, typename Element>
+__device__ __forceinline__ void warp_gemm_smemAt_b(float (&acc)[kN / 8][4], const Element* at_smem,
+                                                   const Element* b_smem, int lane) {
+  warp_gemm<kK, kN, Element>(acc, SmemColA<kLdA, Element>(at_smem, lane), SmemKnB<kLdB, Element>(b_smem, lane));
+}
+
+// Accumulator fragments of a 16 x kN tile -> smem (row stride kLd) as Element.
+template <int kN, int kLd, typename Element>
+__device__ __forceinline__ void store_frag_smem(Element* smem, const float (&c)[kN / 8][4], int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+    *reinterpret_cast<uint32_t*>(smem + g * kLd + 8 * j + 2 * t) = pack2<Element>(c[j][0], c[j][1]);
+    *reinterpret_cast<uint32_t*>(smem + (g + 8) * kLd + 8 * j + 2 * t) = pack2<Element>(c[j][2], c[j][3]);
+  }
+}
+
+// dst[0] += x, dst[1] += y in global memory (dst 8-byte aligned). Hopper has
+// a vector reduction; older GPUs issue two.
+__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
+}  // namespace flash

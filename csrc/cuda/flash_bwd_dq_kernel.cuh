@@ -1,0 +1,146 @@
+// Deterministic dQ: one thread block per (query block, head, batch) keeps
+// Q_i, dO_i in shared memory and dQ_i in registers and walks over the key
+// blocks that row block i can see, recomputing
+//     P = exp(scale * Q_i K_j^T + bias - lse),  dS = P ∘ (dO_i V_j^T - D_i),
+//     dQ_i += dS K_j.
+// No atomics: the sum over key blocks happens in a fixed order inside one
+// block, so dq is bit-identical run after run. Costs two extra products
+// (S and dP are computed again here) compared with the atomic path.
+#pragma once
+
+#include "../flash_params.h"
+#include "flash_bwd_common.cuh"
+#include "mask.cuh"
+#include "primitives.cuh"
+
+namespace flash {
+
+template <typename Element_, int kHeadDim_, int kBlockN_, int kNWarps_>
+struct BwdDqTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockN = kBlockN_, kNWarps = kNWarps_;
+  static constexpr int kBlockM = 16 * kNWarps;  // one 16-row strip per warp
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kLdD = kHeadDim + 8;     // padded rows: conflict-free ldmatrix
+  static constexpr int kTileM = kBlockM * kLdD * 2, kTileN = kBlockN * kLdD * 2;
+  static constexpr int kQOff = 0;
+  static constexpr int kDoOff = kQOff + kTileM;
+  static constexpr int kKOff = kDoOff + kTileM;         // 2 stages
+  static constexpr int kVOff = kKOff + 2 * kTileN;      // 2 stages
+  static constexpr int kSmemBytes = kVOff + 2 * kTileN;
+  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles must be multiples of 16");
+};
+
+template <typename T>
+__global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const FlashBwdParams p) {
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kLdD = T::kLdD;
+  extern __shared__ __align__(16) char smem[];
+  Element* sQ = reinterpret_cast<Element*>(smem + T::kQOff);
+  Element* sDo = reinterpret_cast<Element*>(smem + T::kDoOff);
+
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_block = blockIdx.x % num_m_blocks;
+  const int bh = blockIdx.x / num_m_blocks;
+  const int h = bh % p.nheads, b = bh / p.nheads;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+
+  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Element* dout = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const int64_t row_bh = (int64_t(b) * p.nheads + h) * p.seqlen_q;
+
+  const MaskGeometry geo(p);
+  const int m0 = m_block * kBlockM;
+  const int n_begin = geo.n_block_begin(m0, kBlockN);
+  const int n_end = geo.n_block_end(m0, kBlockM, kBlockN);
+
+  load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(sQ, q, p.q_row_stride, m0, p.seqlen_q, tid);
+  load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(sDo, dout, p.do_row_stride, m0, p.seqlen_q, tid);
+  auto load_kv_stage = [&](int n_block, int stage) {
+    load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(reinterpret_cast<Element*>(smem + T::kKOff + stage * T::kTileN),
+                                                     k, p.k_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+    load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(reinterpret_cast<Element*>(smem + T::kVOff + stage * T::kTileN),
+                                                     v, p.v_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+  };
+  if (n_begin < n_end) load_kv_stage(n_begin, 0);
+  cp_async_commit();
+
+  // This lane's two rows; rows past the end get lse = +inf, i.e. P = 0.
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int row_lo = m0 + warp * 16 + g;
+  float lse_log2[2], delta[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row_lo + 8 * half;
+    lse_log2[half] = row < p.seqlen_q ? p.softmax_lse[row_bh + row] * kLog2e : INFINITY;
+    delta[half] = row < p.seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
+  }
+  const Element* bias = p.bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride + h * p.bias_head_stride
+                               : nullptr;
+
+  float acc_dq[kHeadDim / 8][4] = {};
+  for (int n_block = n_begin; n_block < n_end; ++n_block) {
+    const int stage = (n_block - n_begin) % 2;
+    cp_async_wait<0>();
+    __syncthreads();  // K/V stage (and Q/dO) landed; the other stage is free again
+    if (n_block + 1 < n_end) load_kv_stage(n_block + 1, stage ^ 1);
+    cp_async_commit();
+    const Element* sK = reinterpret_cast<const Element*>(smem + T::kKOff + stage * T::kTileN);
+    const Element* sV = reinterpret_cast<const Element*>(smem + T::kVOff + stage * T::kTileN);
+    const int n0 = n_block * kBlockN;
+
+    float acc_s[kBlockN / 8][4] = {};
+    warp_gemm_abt<kHeadDim, kBlockN, kLdD, kLdD, Element>(acc_s, sQ + warp * 16 * kLdD, sK, lane);
+    float acc_dp[kBlockN / 8][4] = {};
+    warp_gemm_abt<kHeadDim, kBlockN, kLdD, kLdD, Element>(acc_dp, sDo + warp * 16 * kLdD, sV, lane);
+
+    const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
+    if (!need_mask && bias == nullptr) {
+      // Interior tile without bias: P and dS in three instructions per element.
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float prob = exp2_fast(acc_s[j][e] * p.softmax_scale_log2 - lse_log2[e / 2]);
+          acc_dp[j][e] = prob * (acc_dp[j][e] - delta[e / 2]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = row_lo + 8 * (e / 2);
+          const int key = n0 + 8 * j + 2 * t + (e % 2);
+          const bool inside = row < p.seqlen_q && key < p.seqlen_k;
+          float x = acc_s[j][e] * p.softmax_scale_log2 - lse_log2[e / 2];
+          if (bias != nullptr && inside) x += to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) * kLog2e;
+          const bool keep = !need_mask || (inside && geo.visible(row, key));
+          const float prob = keep ? exp2_fast(x) : 0.f;
+          acc_dp[j][e] = prob * (acc_dp[j][e] - delta[e / 2]);
+        }
+      }
+    }
+    // dQ_i += dS K_j, dS straight from the accumulator fragments.
+    warp_gemm_regA_b<kBlockN, kHeadDim, kLdD, Element>(acc_dq, acc_dp, sK, lane);
+  }
+
+  Element* dq = static_cast<Element*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 8; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_lo + 8 * half;
+      if (row < p.seqlen_q) {
+        *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride + 8 * j + 2 * t) =
+            pack2<Element>(acc_dq[j][2 * half] * p.softmax_scale, acc_dq[j][2 * half + 1] * p.softmax_scale);
+      }
+    }
+  }
+}
+
+}  // namespace flash
