@@ -1,0 +1,135 @@
+// run_flash_fwd: tile sizes per head dim, runtime variants (additive bias;
+// sliding windows go through the same kernel, whose MaskGeometry is runtime),
+// grid, shared-memory attribute and a checked launch.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include "flash_fwd_kernel.cuh"
+#include "flash_launch.h"
+
+namespace flash {
+
+// Opt-in shared memory per block of the current device, cached per device.
+inline int max_smem_per_block() {
+  static int cache[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cache[dev] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cache[dev] = v;
+  }
+  return cache[dev];
+}
+
+template <typename Traits, bool kHasBias>
+void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
+  auto kernel = &flash_fwd_kernel<Traits, kHasBias>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  if constexpr (kSmem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  }
+  const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  // (batch, head) pairs go over grid.y, spilling into grid.z; the kernel
+  // loops over whatever the grid does not cover (batch * heads > 65535^2).
+  const int64_t bh = static_cast<int64_t>(params.batch) * params.nheads;
+  const unsigned gy = static_cast<unsigned>(std::min<int64_t>(bh, 65535));
+  const unsigned gz = static_cast<unsigned>(std::min<int64_t>((bh + gy - 1) / gy, 65535));
+  const dim3 grid(num_m_blocks, gy, gz);
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Traits>
+void launch_flash_fwd_variants(const FlashFwdParams& params, cudaStream_t stream) {
+  if (params.bias != nullptr) {
+    launch_flash_fwd<Traits, true>(params, stream);
+  } else {
+    launch_flash_fwd<Traits, false>(params, stream);
+  }
+}
+
+// Tile configuration per head dim, tuned on an H200 against PyTorch SDPA's
+// FLASH_ATTENTION backend (bf16, B*S = 16k tokens, H*D = 2048, S = 2k..16k,
+// causal and not; scratch/fwd/check_fwd.py): 128-row query tiles; 4 warps x
+// 32 rows up to head dim 128 (two m-tiles per warp share every K/V fragment
+// read from shared memory), 8 warps x 16 rows above, where the fp32 output
+// accumulators alone take 96-128 registers. Rescaling O unconditionally was
+// never slower than skipping it by warp vote, and up to 8% faster. Pipeline B (barrier before P V, so that P V
+// and the next Q K^T form one instruction stream) wins with Q re-read from
+// shared memory at 4 warps (hd 96/128: +2-3%), pipeline A everywhere else.
+// Measured (ratio to SDPA FLASH): hd64 1.02-1.08, hd128 0.99-1.04, hd256
+// 0.91-0.92 (causal 2k: 0.85). Tried and slower: hd64 128x128 with Q in
+// shared memory, 8 warps x 16 rows or 3 blocks/SM; hd128 Q in registers with
+// N = 32, 8 warps x 16 rows; hd256 64x32 x 4 warps (2 blocks/SM).
+//                        Element  hdim  M    N   warps Q-in-regs minblocks check-rescale barrier-before-PV
+template <typename Element, int kHeadDim>
+struct FwdConfig;
+template <typename Element>
+struct FwdConfig<Element, 32> {
+  using Traits = FwdTraits<Element, 32, 128, 64, 4, true, 2, false, false>;
+};
+template <typename Element>
+struct FwdConfig<Element, 64> {
+  using Traits = FwdTraits<Element, 64, 128, 64, 4, true, 2, false, false>;
+};
+template <typename Element>
+struct FwdConfig<Element, 96> {
+  using Traits = FwdTraits<Element, 96, 128, 64, 4, false, 2, false, true>;
+};
+template <typename Element>
+struct FwdConfig<Element, 128> {
+  using Traits = FwdTraits<Element, 128, 128, 64, 4, false, 2, false, true>;
+};
+template <typename Element>
+struct FwdConfig<Element, 192> {
+  using Traits = FwdTraits<Element, 192, 128, 64, 8, true, 1, false, false>;
+};
+template <typename Element>
+struct FwdConfig<Element, 256> {
+  using Traits = FwdTraits<Element, 256, 128, 64, 8, false, 1, false, false>;
+};
+
+// For GPUs with less shared memory per block than the main configuration
+// needs (sm86 / sm89: 99 KB): 64 x 32 tiles, 4 warps x 16 rows.
+template <typename Element, int kHeadDim>
+using FwdSmallSmemTraits = FwdTraits<Element, kHeadDim, 64, 32, 4, false, 2>;
+
+}  // namespace flash
+
+template <typename Element, int kHeadDim, bool kIsCausal>
+void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
+  // kIsCausal only selects the instantiation: masking (causal, sliding
+  // window, ragged ends) is described at run time by MaskGeometry.
+  using Traits = typename flash::FwdConfig<Element, kHeadDim>::Traits;
+#ifdef FLASH_FWD_TUNE
+  // Development builds only (nvcc -DFLASH_FWD_TUNE, e.g. NVCC_APPEND_FLAGS):
+  // FLASH_FWD_CFG=1 runs the runner-up tiling, for A/B timing in one process.
+  if (const char* env = std::getenv("FLASH_FWD_CFG")) {
+    if (std::atoi(env) == 1) {
+      if constexpr (kHeadDim == 64) {
+        return flash::launch_flash_fwd_variants<flash::FwdTraits<Element, 64, 128, 64, 4, true, 2, true, false>>(params, stream);
+      }
+      if constexpr (kHeadDim == 128) {
+        return flash::launch_flash_fwd_variants<flash::FwdTraits<Element, 128, 128, 64, 4, false, 2, false, false>>(params, stream);
+      }
+      if constexpr (kHeadDim == 256) {
+        return flash::launch_flash_fwd_variants<flash::FwdTraits<Element, 256, 128, 64, 8, false, 1, true, false>>(params, stream);
+      }
+    }
+  }
+#endif
+  if constexpr (Traits::kSmemBytes > 101376) {
+    if (Traits::kSmemBytes > flash::max_smem_per_block()) {
+      return flash::launch_flash_fwd_variants<flash::FwdSmallSmemTraits<Element, kHeadDim>>(params, stream);
+    }
+  }
+  flash::launch_flash_fwd_variants<Traits>(params, stream);
+}

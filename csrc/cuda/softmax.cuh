@@ -1,0 +1,193 @@
+// Online-softmax helpers that work directly on mma.sync m16n8k16 accumulator
+// fragments, shared by the forward and (where they apply) backward kernels.
+//
+// Fragment layout (PTX ISA, "mma.m16n8k16 ... .f32"): a warp's 16x8 fp32
+// accumulator tile is held as float[4] per lane; with g = lane / 4 and
+// t = lane % 4, c[0], c[1] are (row g, cols 2t, 2t+1) and c[2], c[3] are
+// (row g + 8, cols 2t, 2t+1). The helpers below take arrays
+//   float s[kMT][kNT][4]
+// i.e. kMT 16-row slices ("m-tiles") by kNT 8-column tiles ("n-tiles"); the
+// row of element (mi, nj, e) is row0 + mi*16 + (e / 2)*8 + g and its column is
+// col0 + nj*8 + 2t + (e % 2). Each row's values are spread over the 4 lanes of
+// one quad, so row reductions are per-thread partials plus quad_max/quad_sum.
+//
+// Scores live in the log2 domain: exp(x * scale) = exp2(x * scale_log2), and
+// the scale is folded into the one FFMA in front of each ex2.approx.
+#pragma once
+
+#include <cmath>
+
+#include "mask.cuh"
+#include "primitives.cuh"
+
+namespace flash {
+
+// Sets every element that `geo` hides to -inf. `row0` is the first row of the
+// warp's first m-tile, `col0` the first column of the tile.
+template <int kMT, int kNT>
+__device__ __forceinline__ void apply_mask(float (&s)[kMT][kNT][4], const MaskGeometry& geo, int row0, int col0,
+                                           int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = row0 + mi * 16 + hr * 8 + g;
+      const int kb = geo.key_begin(row);
+      const int ke = geo.key_end(row);  // <= seqlen_k
+#pragma unroll
+      for (int nj = 0; nj < kNT; ++nj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + nj * 8 + 2 * t + e;
+          if (col < kb || col >= ke) s[mi][nj][hr * 2 + e] = -INFINITY;
+        }
+      }
+    }
+  }
+}
+
+// Running row max / row sum of the online softmax for kMT m-tiles (two rows,
+// g and g + 8, per m-tile and lane). row_max is in the scaled log2 domain
+// (max_j s_ij * scale_log2) and identical over a quad; row_sum is this lane's
+// partial sum (its 2 columns per n-tile), reduced over the quad in finalize().
+template <int kMT>
+struct OnlineSoftmax {
+  float row_max[kMT][2];
+  float row_sum[kMT][2];
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        row_max[mi][hr] = -INFINITY;
+        row_sum[mi][hr] = 0.f;
+      }
+    }
+  }
+
+  // Folds a new tile of scores into the running statistics: s (unscaled, or
+  // already scaled with scale_log2 == 1) becomes P = exp2(s*scale_log2 - max)
+  // in place, acc_o (kMT x kDT n-tiles) and the running sums are rescaled by
+  // exp2(old_max - new_max). scale_log2 must be > 0 (masked entries are -inf).
+  // kCheckRescale: skip the acc_o multiply when no row's max moved anywhere in
+  // the warp (common once the max has settled).
+  template <bool kCheckRescale, int kNT, int kDT>
+  __device__ __forceinline__ void update(float (&s)[kMT][kNT][4], float (&acc_o)[kMT][kDT][4], float scale_log2) {
+    float factor[kMT][2];
+    float m_use[kMT][2];
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = s[mi][0][hr * 2];
+#pragma unroll
+        for (int nj = 0; nj < kNT; ++nj) {
+          mx = fmaxf(mx, fmaxf(s[mi][nj][hr * 2], s[mi][nj][hr * 2 + 1]));
+        }
+        mx = quad_max(mx);
+        const float m_old = row_max[mi][hr];
+        const float m_new = fmaxf(m_old, mx * scale_log2);
+        row_max[mi][hr] = m_new;
+        // A row that has seen only masked keys keeps max -inf; use 0 as its
+        // base so that exp2(-inf - base) = 0 instead of NaN.
+        m_use[mi][hr] = m_new == -INFINITY ? 0.f : m_new;
+        factor[mi][hr] = exp2_fast(m_old - m_use[mi][hr]);
+        row_sum[mi][hr] *= factor[mi][hr];
+      }
+    }
+    bool rescale = true;
+    if constexpr (kCheckRescale) {
+      bool moved = false;
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi) moved |= (factor[mi][0] != 1.f) | (factor[mi][1] != 1.f);
+      rescale = __any_sync(0xffffffffu, moved);
+    }
+    if (rescale) {
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+        for (int dj = 0; dj < kDT; ++dj) {
+          acc_o[mi][dj][0] *= factor[mi][0];
+          acc_o[mi][dj][1] *= factor[mi][0];
+          acc_o[mi][dj][2] *= factor[mi][1];
+          acc_o[mi][dj][3] *= factor[mi][1];
+        }
+      }
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float neg_m = -m_use[mi][hr];
+        float rs = 0.f;
+#pragma unroll
+        for (int nj = 0; nj < kNT; ++nj) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2_fast(fmaf(s[mi][nj][hr * 2 + e], scale_log2, neg_m));
+            s[mi][nj][hr * 2 + e] = p;
+            rs += p;
+          }
+        }
+        row_sum[mi][hr] += rs;
+      }
+    }
+  }
+
+  // After the last tile: inv_sum[mi][hr] multiplies the output rows (0 where
+  // a row saw no key) and lse[mi][hr] is the natural-log logsumexp of the
+  // scaled scores (+inf where a row saw no key).
+  __device__ __forceinline__ void finalize(float (&inv_sum)[kMT][2], float (&lse)[kMT][2]) {
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float sum = quad_sum(row_sum[mi][hr]);
+        const bool empty = !(sum > 0.f);
+        inv_sum[mi][hr] = empty ? 0.f : 1.f / sum;
+        lse[mi][hr] = empty ? INFINITY : (row_max[mi][hr] + __log2f(sum)) * float(M_LN2);
+      }
+    }
+  }
+};
+
+// P = exp2(s * scale_log2 - lse_log2[row]) for a tile whose row statistics are
+// already known (the backward recomputation). lse_log2 = lse * log2(e); rows
+// with lse = +inf give 0.
+template <int kMT, int kNT>
+__device__ __forceinline__ void scale_apply_exp2(float (&s)[kMT][kNT][4], const float (&lse_log2)[kMT][2],
+                                                 float scale_log2) {
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const float neg = lse_log2[mi][hr] == INFINITY ? -INFINITY : -lse_log2[mi][hr];
+#pragma unroll
+      for (int nj = 0; nj < kNT; ++nj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) s[mi][nj][hr * 2 + e] = exp2_fast(fmaf(s[mi][nj][hr * 2 + e], scale_log2, neg));
+      }
+    }
+  }
+}
+
+// Converts fp32 accumulators (kMT x kNT n-tiles of 8 columns) to bf16/fp16
+// A-operand fragments of m16n8k16 (kMT x kNT/2 k-steps of 16), without going
+// through shared memory: a k-step's A fragment is two adjacent n-tiles.
+template <typename Element, int kMT, int kNT>
+__device__ __forceinline__ void accum_to_a_frags(const float (&s)[kMT][kNT][4], uint32_t (&a)[kMT][kNT / 2][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      a[mi][kk][0] = pack2<Element>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+      a[mi][kk][1] = pack2<Element>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+      a[mi][kk][2] = pack2<Element>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+      a[mi][kk][3] = pack2<Element>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+    }
+  }
+}
+
+}  // namespace flash
