@@ -2,12 +2,14 @@
 
 #include <cmath>
 
+#include "format.h"
+
 namespace flash_attn_ext {
 namespace {
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "flash_attn_ext: ", name,
-              " must have a contiguous last dimension (stride 1), got stride ", t.stride(-1),
+              " must have a contiguous last dimension (stride 1), got stride ", num(t.stride(-1)),
               "; call .contiguous() first");
 }
 
@@ -16,11 +18,11 @@ void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
 void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& attn_bias) {
   TORCH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
-              q.dim(), "-D");
+              num(q.dim()), "-D");
   TORCH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
-              k.dim(), "-D");
+              num(k.dim()), "-D");
   TORCH_CHECK(v.dim() == 4, "flash_attn_ext: v must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
-              v.dim(), "-D");
+              num(v.dim()), "-D");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
               "flash_attn_ext: unsupported dtype ", dtype, "; expected float16, bfloat16, float32 or float64");
@@ -33,18 +35,18 @@ void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), headdim = q.size(3);
   const int64_t seqlen_k = k.size(1), nheads_k = k.size(2);
   TORCH_CHECK(headdim >= 1 && headdim <= 256, "flash_attn_ext: head dim must be between 1 and 256, got ",
-              headdim);
-  TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", batch,
-              ", k has ", k.size(0), ", v has ", v.size(0));
-  TORCH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", seqlen_k,
-              " and ", v.size(1));
+              num(headdim));
+  TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", num(batch),
+              ", k has ", num(k.size(0)), ", v has ", num(v.size(0)));
+  TORCH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", num(seqlen_k),
+              " and ", num(v.size(1)));
   TORCH_CHECK(v.size(2) == nheads_k, "flash_attn_ext: k and v must have the same number of heads, got ",
-              nheads_k, " and ", v.size(2));
+              num(nheads_k), " and ", num(v.size(2)));
   TORCH_CHECK(k.size(3) == headdim && v.size(3) == headdim,
-              "flash_attn_ext: q, k and v must have the same head dim, got ", headdim, ", ", k.size(3),
-              " and ", v.size(3));
-  TORCH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", nheads,
-              ") must be divisible by nheads_k (", nheads_k, ")");
+              "flash_attn_ext: q, k and v must have the same head dim, got ", num(headdim), ", ", num(k.size(3)),
+              " and ", num(v.size(3)));
+  TORCH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", num(nheads),
+              ") must be divisible by nheads_k (", num(nheads_k), ")");
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
@@ -56,8 +58,8 @@ void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                 q.device(), "), got ", b.device());
     TORCH_CHECK(b.dim() == 4 && b.size(0) == batch && b.size(1) == nheads && b.size(2) == seqlen_q &&
                     b.size(3) == seqlen_k,
-                "flash_attn_ext: attn_bias must be expanded to (batch, nheads, seqlen_q, seqlen_k) = (", batch,
-                ", ", nheads, ", ", seqlen_q, ", ", seqlen_k, "), got ", b.sizes());
+                "flash_attn_ext: attn_bias must be expanded to (batch, nheads, seqlen_q, seqlen_k) = (", num(batch),
+                ", ", num(nheads), ", ", num(seqlen_q), ", ", num(seqlen_k), "), got ", shape(b.sizes()));
   }
 }
 
@@ -65,10 +67,10 @@ void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
                       const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias) {
   check_fwd_inputs(q, k, v, attn_bias);
-  TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", q.sizes(), ", got ",
-              dout.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", q.sizes(), ", got ",
-              out.sizes());
+  TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
+              shape(dout.sizes()));
+  TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",
+              shape(out.sizes()));
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "flash_attn_ext: dout and out must have the dtype of q (", q.scalar_type(), "), got ",
               dout.scalar_type(), " and ", out.scalar_type());
@@ -80,14 +82,14 @@ void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Ten
               softmax_lse.scalar_type());
   TORCH_CHECK(softmax_lse.dim() == 3 && softmax_lse.size(0) == q.size(0) && softmax_lse.size(1) == q.size(2) &&
                   softmax_lse.size(2) == q.size(1),
-              "flash_attn_ext: softmax_lse must be (batch, nheads, seqlen_q) = (", q.size(0), ", ", q.size(2),
-              ", ", q.size(1), "), got ", softmax_lse.sizes());
+              "flash_attn_ext: softmax_lse must be (batch, nheads, seqlen_q) = (", num(q.size(0)), ", ", num(q.size(2)),
+              ", ", num(q.size(1)), "), got ", shape(softmax_lse.sizes()));
   TORCH_CHECK(softmax_lse.is_contiguous(), "flash_attn_ext: softmax_lse must be contiguous");
   if (dsoftmax_lse.has_value()) {
     TORCH_CHECK(dsoftmax_lse->scalar_type() == at::kFloat && dsoftmax_lse->sizes() == softmax_lse.sizes() &&
                     dsoftmax_lse->is_contiguous() && dsoftmax_lse->device() == q.device(),
                 "flash_attn_ext: dsoftmax_lse must be a contiguous float32 tensor shaped like softmax_lse ",
-                softmax_lse.sizes(), " on ", q.device());
+                shape(softmax_lse.sizes()), " on ", q.device());
   }
 }
 

@@ -282,7 +282,7 @@ def test_replace_attention(device):
         nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True),
         nn.TransformerDecoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True),
     ).to(device, dtype)
-    already = MultiheadAttention(E, H)
+    already = MultiheadAttention(E, H, device=device, dtype=dtype)
     model.append(nn.ModuleList([already]))  # ours already: left alone
     reference = copy.deepcopy(model)
     params_before = {n: p for n, p in model.named_parameters()}

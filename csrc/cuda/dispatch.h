@@ -11,6 +11,8 @@
 
 #include <type_traits>
 
+#include "../format.h"
+
 namespace flash_attn_ext {
 
 inline constexpr int kCompiledHeadDims[] = {
@@ -40,8 +42,8 @@ inline int padded_head_dim(int head_dim) {
   for (int d : kCompiledHeadDims) {
     if (d >= head_dim) return d;
   }
-  TORCH_CHECK(false, "flash_attn_ext: no CUDA kernel compiled for head dim ", head_dim,
-              " in this build (rebuild with FLASH_ATTN_EXT_HDIMS including a head dim >= ", head_dim, ")");
+  TORCH_CHECK(false, "flash_attn_ext: no CUDA kernel compiled for head dim ", num(head_dim),
+              " in this build (rebuild with FLASH_ATTN_EXT_HDIMS including a head dim >= ", num(head_dim), ")");
 }
 
 template <typename Fn>
@@ -67,7 +69,7 @@ void dispatch_head_dim(int padded, Fn&& fn) {
   FLASH_ATTN_EXT_TRY_HDIM(256)
 #endif
 #undef FLASH_ATTN_EXT_TRY_HDIM
-  TORCH_CHECK(false, "flash_attn_ext: head dim ", padded, " is not compiled in this build");
+  TORCH_CHECK(false, "flash_attn_ext: head dim ", num(padded), " is not compiled in this build");
 }
 
 template <typename Fn>

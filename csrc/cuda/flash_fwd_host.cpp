@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "../flash_api.h"
+#include "../format.h"
 #include "dispatch.h"
 #include "flash_launch.h"
 
@@ -43,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "flash_attn_ext: the CUDA kernels support float16 and ",
               "bfloat16 only, got ", dtype, " (the CPU implementation also takes float32 and float64)");
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
   const int64_t batch = q_in.size(0), seqlen_q = q_in.size(1), nheads = q_in.size(2), head_dim = q_in.size(3);

@@ -1,0 +1,127 @@
+"""Helpers shared by bench_attention.py (GPU) and bench_cpu.py (CPU).
+
+The measurement code itself (FLOP formulas, timing, memory probes,
+references, tables, JSON) lives in flash_attn_ext/_bench_utils.py, because the
+main job `python -m flash_attn_ext` ships in the package and uses the same
+code; this module re-exports it and adds what only the scripts need (import
+path set-up, plotting).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Run from a checkout without installing: put the repository root first on the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from flash_attn_ext._bench_utils import (  # noqa: E402,F401
+    CpuPeakMemory,
+    attention_flops,
+    attention_ref,
+    bwd_closure,
+    cpu_cores,
+    cpu_memory_probe_available,
+    cpu_model,
+    cuda_peak_extra_bytes,
+    default_json_path,
+    environment,
+    cpu_measure,
+    run_in_fork,
+    fmt,
+    fwd_closure,
+    fwdbwd_closure,
+    implementations,
+    make_inputs,
+    markdown_table,
+    max_abs_err,
+    mib,
+    ours_attention,
+    passes_2x_rule,
+    sdpa_attention,
+    sdpa_backends,
+    sdpa_context,
+    short_error,
+    slug,
+    tflops,
+    time_cpu_ms,
+    time_cuda_ms,
+    write_json,
+)
+
+ROOT = _ROOT
+
+
+def parse_list(text: str, cast=str):
+    """'1k,2k,512' -> [1024, 2048, 512] for ints (k suffix = 1024); plain split otherwise."""
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if cast is int and part.lower().endswith("k"):
+            items.append(int(float(part[:-1]) * 1024))
+        else:
+            items.append(cast(part))
+    return items
+
+
+def parse_causal(text: str):
+    """'0,1' / 'both' / 'true' -> list of bools."""
+    if text.strip().lower() in ("both", "all"):
+        return [False, True]
+    return [part.strip().lower() in ("1", "true", "yes", "causal") for part in text.split(",") if part.strip()]
+
+
+COLORS = {"ours": "tab:red", "flash": "tab:blue", "cudnn": "tab:green", "efficient": "tab:orange", "math": "tab:gray"}
+
+
+def plot_tflops(rows, path, impls, directions=("fwd", "bwd", "fwdbwd"), title=""):
+    """TFLOP/s against seqlen, one panel per (dtype, hdim, causal) x direction, one line per impl.
+
+    Returns the path written, or None when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = sorted({(r["dtype"], r["d"], r["causal"]) for r in rows}, key=lambda g: (g[0], g[1], g[2]))
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), len(directions), figsize=(4.2 * len(directions), 3.0 * len(groups)),
+                             squeeze=False)
+    for gi, (dtype, d, causal) in enumerate(groups):
+        sub = sorted((r for r in rows if (r["dtype"], r["d"], r["causal"]) == (dtype, d, causal)),
+                     key=lambda r: r["S"])
+        for di, direction in enumerate(directions):
+            ax = axes[gi][di]
+            for impl in impls:
+                pts = [(r["S"], r.get(f"{impl}_{direction}")) for r in sub]
+                pts = [(s, v) for s, v in pts if v is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
+                            color=COLORS.get(impl), linewidth=2.5 if impl == "ours" else 1.2)
+            ax.set_xscale("log", base=2)
+            ticks = sorted({r["S"] for r in sub})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{dtype} hd{d} {'causal' if causal else 'non-causal'} {direction}", fontsize=9)
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(True, alpha=0.3)
+            if gi == 0 and di == 0:
+                ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

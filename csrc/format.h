@@ -1,0 +1,30 @@
+// Numbers in our error messages are formatted here rather than streamed:
+// c10::str streams its arguments, and a number streamed from code compiled
+// into this extension instantiates ostream::operator<<(long) locally. On the
+// GPU machine's image (torch 2.11, g++ 13) that local instance crashed inside
+// libstdc++'s locale facets, turning a clear TORCH_CHECK into a segfault.
+// std::to_string touches no locale, so every number goes through it.
+#pragma once
+
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <string>
+
+namespace flash_attn_ext {
+
+inline std::string num(int64_t value) { return std::to_string(value); }
+
+inline std::string num(double value) { return std::to_string(value); }
+
+// "(2, 4, 16, 16)", as torch prints sizes.
+inline std::string shape(c10::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + ")";
+}
+
+}  // namespace flash_attn_ext

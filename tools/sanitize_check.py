@@ -1,0 +1,63 @@
+"""A small workload for compute-sanitizer: forward and backward of our CUDA
+kernels on a few small shapes that hit partial tiles, causal masks, GQA,
+seqlen_q != seqlen_k, rows with no visible key and padded head dims.
+
+    compute-sanitizer --tool memcheck  --kernel-name kns=flash python3 tools/sanitize_check.py
+    compute-sanitizer --tool racecheck --kernel-name kns=flash python3 tools/sanitize_check.py
+
+Kept tiny because the sanitizer slows kernels 10-100x. Shapes whose head
+dim or dtype is not compiled in this build are skipped (and counted).
+Exits non-zero when a result is not finite; memory errors and races are the
+sanitizer's to report.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flash_attn_ext  # noqa: E402
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal)
+CASES = [
+    (1, 65, 65, 2, 2, 64, True),      # partial tiles, causal
+    (2, 129, 97, 4, 2, 128, False),   # seqlen_q > seqlen_k, GQA
+    (1, 70, 33, 2, 1, 128, True),     # causal with rows that see no key (MQA)
+    (1, 31, 200, 2, 2, 80, True),     # padded head dim (80 -> 96 or 128), seqlen_q < seqlen_k
+    (1, 100, 100, 2, 2, 256, False),  # largest head dim
+    (1, 1, 17, 1, 1, 32, False),      # single query
+]
+MISSING = ("not compiled in this build", "no CUDA kernel compiled", "Could not run 'flash_attn_ext::")
+
+
+def main() -> int:
+    dtypes = [torch.bfloat16, torch.float16]
+    if len(sys.argv) > 1 and sys.argv[1] == "--one-dtype":
+        dtypes = dtypes[:1]
+    ran = skipped = bad = 0
+    for dtype in dtypes:
+        for B, Sq, Sk, H, Hk, D, causal in CASES:
+            q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+            try:
+                out = flash_attn_ext.flash_attn_func(q, k, v, causal=causal)
+                grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+                torch.cuda.synchronize()
+            except (RuntimeError, NotImplementedError) as exc:
+                if any(m in str(exc) for m in MISSING):
+                    skipped += 1
+                    continue
+                raise
+            ran += 1
+            if not all(torch.isfinite(t).all() for t in (out, *grads)):
+                bad += 1
+                print(f"non-finite result: {dtype} {(B, Sq, Sk, H, Hk, D, causal)}")
+    print(f"sanitize_check: {ran} cases ran, {skipped} skipped (not in this build), {bad} non-finite")
+    return 1 if bad or ran == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
