@@ -10,10 +10,14 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace flash_attn_ext {
 
-inline std::string num(int64_t value) { return std::to_string(value); }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string num(T value) {
+  return std::to_string(value);
+}
 
 inline std::string num(double value) { return std::to_string(value); }
 
