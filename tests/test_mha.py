@@ -308,8 +308,15 @@ def test_replace_attention(device):
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(gx, gx_ref, **tol)
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
-        if q.grad is not None:
+        if q.grad is None:
+            continue
+        if dtype == torch.float32:
             torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
+        else:
+            # Parameter gradients sum over every position: in bf16/fp16 both
+            # runs round those sums differently, so compare as vectors.
+            rel = (p.grad.float() - q.grad.float()).norm() / q.grad.float().norm().clamp_min(1e-6)
+            assert rel < 3e-2, f"{n}: relative gradient difference {rel:.3e}"
     # A bare MultiheadAttention is converted too; eval mode is kept.
     bare = nn.MultiheadAttention(E, H).eval()
     assert type(replace_attention(bare)) is MultiheadAttention and not bare.training
