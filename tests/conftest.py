@@ -6,10 +6,13 @@ the float64 reference may be at most twice PyTorch's own error in that dtype
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+
+import flash_attn_ext  # noqa: F401  (registers the ops)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -19,6 +22,18 @@ def dtypes_for(device: str):
     if device == "cuda":
         return [torch.float16, torch.bfloat16]
     return [torch.float32, torch.bfloat16, torch.float16]
+
+
+@functools.lru_cache(maxsize=None)
+def op_supports(device: str, dtype: torch.dtype) -> bool:
+    """Whether this build has a kernel for the device and dtype (CUDA: fp16/bf16,
+    and only what a restricted build compiled)."""
+    q = torch.randn(1, 4, 1, 32, device=device).to(dtype)
+    try:
+        torch.ops.flash_attn_ext.fwd(q, q, q, None, 1.0, False, -1, -1, False)
+        return True
+    except RuntimeError:
+        return False
 
 
 def device_dtype_params():

@@ -6,28 +6,18 @@ compared with PyTorch's module run in the same dtype and in fp64: ours must
 be within twice PyTorch's own error plus a small slack.
 """
 import copy
-import functools
 
 import pytest
 import torch
 import torch.nn as nn
 
 import flash_attn_ext.sdpa as sdpa_mod
+from conftest import op_supports
 from flash_attn_ext.mha import MultiheadAttention, replace_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 E, H, N, L, S = 64, 2, 2, 7, 11
-
-
-@functools.lru_cache(maxsize=None)
-def op_supports(device, dtype):
-    q = torch.randn(1, 4, 1, 32, device=device).to(dtype)
-    try:
-        sdpa_mod._ops.fwd(q, q, q, None, 1.0, False, -1, -1, False)
-        return True
-    except RuntimeError:
-        return False
 
 
 def default_dtype(device):

@@ -7,7 +7,6 @@ a small slack relative to the reference's magnitude. The fp64 reference gives
 rows that see no key 0 output and 0 gradients (our documented semantics,
 where PyTorch gives NaN).
 """
-import functools
 import math
 
 import pytest
@@ -16,22 +15,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext.sdpa as sdpa_mod
+from conftest import op_supports
 from flash_attn_ext.sdpa import attention_bshd, scaled_dot_product_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SLACK = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@functools.lru_cache(maxsize=None)
-def op_supports(device: str, dtype: torch.dtype) -> bool:
-    """Whether the op has a kernel for this device and dtype (CUDA: fp16/bf16)."""
-    q = torch.randn(1, 4, 1, 32, device=device).to(dtype)
-    try:
-        sdpa_mod._ops.fwd(q, q, q, None, 1.0, False, -1, -1, False)
-        return True
-    except RuntimeError:
-        return False
 
 
 def need(device, dtype):
