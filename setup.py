@@ -13,11 +13,34 @@ Environment switches (all optional):
 import glob
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import setup
 
-import torch
+
+def locate_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit that has the CUDA headers.
+
+    torch.utils.cpp_extension takes CUDA_HOME from `which nvcc` two levels up.
+    Where nvcc is a wrapper script (/usr/local/bin/nvcc on our CI image) that
+    gives /usr/local, which has no cuda_runtime_api.h. Must run before
+    torch.utils.cpp_extension is imported; a CUDA_HOME set by the user wins.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+locate_cuda_home()
+
+import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ALL_HDIMS = (32, 64, 96, 128, 192, 256)
@@ -52,9 +75,11 @@ def want_cuda() -> bool:
 
 def cpu_flags():
     # The C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.13).
-    # -fopenmp-simd honours `#pragma omp simd` (vectorised row reductions)
-    # without linking an OpenMP runtime.
-    flags = ["-O3", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is a header template that compiles to an
+    # OpenMP loop only when the extension itself is built with OpenMP; without
+    # it the CPU kernels silently run on one thread. It also honours the
+    # `#pragma omp simd` row reductions.
+    flags = ["-O3", "-fopenmp"]
     # The CPU kernels' inner loops are written for the compiler's vectoriser:
     # build them for the vector units of the machine that compiles them (as a
     # source build of an extension normally is). FLASH_ATTN_EXT_CPU_FLAGS
@@ -78,7 +103,7 @@ def extension():
     sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     extra = {"cxx": cpu_flags()}
     if not want_cuda():
-        return CppExtension("flash_attn_ext._C", sources, extra_compile_args=extra)
+        return CppExtension("flash_attn_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     hdims = env_list("FLASH_ATTN_EXT_HDIMS", ALL_HDIMS, int)
@@ -114,7 +139,7 @@ def extension():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + defines
-    return CUDAExtension("flash_attn_ext._C", sources, extra_compile_args=extra)
+    return CUDAExtension("flash_attn_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
 
 setup(

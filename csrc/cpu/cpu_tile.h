@@ -1,6 +1,7 @@
-// Building blocks shared by the CPU forward and backward: per-thread tile
-// buffers, row loads with dtype conversion, the score tile (scale, bias,
-// mask) and a vectorisable exp. Matrix products on tiles are in tile_gemm.h.
+// Building blocks shared by the CPU forward and backward: tile sizes, row
+// loads and stores with dtype conversion, the score rows (bias, mask) and the
+// softmax row operations with a vectorised exp. Matrix products on tiles,
+// and the packing of their right-hand operands, are in tile_gemm.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,9 +42,14 @@ constexpr int kBlockN = 128;
 // that call it: 2^(x log2 e) split into an integer power of two (built in the
 // exponent bits) and a degree-6 polynomial on [-0.5, 0.5] (relative error
 // ~2e-7). exp(-inf) and anything below float's range give exactly 0, which
-// masking relies on.
+// masking relies on. The clamp is written with comparisons, not std::fmin /
+// std::fmax: without -ffast-math those are libm calls (NaN rules differ from
+// the min/max instructions) and the calling loops would not vectorise. A NaN
+// argument still gives NaN.
 inline float exp_approx(float x) {
-  const float t = std::fmax(std::fmin(x * 1.4426950408889634f, 127.f), -127.f);
+  float t = x * 1.4426950408889634f;
+  t = t > 127.f ? 127.f : t;
+  t = t < -127.f ? -127.f : t;
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (t + magic) - magic;
   const float f = t - n;
@@ -61,24 +67,141 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
-// Copies `rows` rows of one head (row stride in elements, D contiguous) into a
-// dense rows x D buffer of the accumulation type.
+// Row operations of the softmax, written on GCC vector types for float: left
+// to the auto-vectoriser (even under `omp simd`) the exp loop came out scalar
+// with branches once inlined into the kernels, and cost more than the matrix
+// products. The double versions (gradcheck) stay plain loops.
+namespace vec_detail {
+typedef float vfloat __attribute__((vector_size(kVectorBytes)));
+typedef int32_t vint __attribute__((vector_size(kVectorBytes)));
+constexpr int kFloatLanes = kVectorBytes / sizeof(float);
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp_approx on a vector for x < 88 (the kernels only exponentiate scores
+// minus their max or their log-sum-exp, so x <= 0 up to rounding), in fewer
+// steps than the scalar version: no clamps, since below float's range the
+// final select gives exactly 0 whatever garbage n became (-inf included); and
+// n as an integer is read from the bits of t + 1.5 * 2^23, whose low mantissa
+// bits hold it, instead of a float -> int conversion. A NaN gives NaN.
+inline vfloat exp(vfloat x) {
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat t = x * 1.4426950408889634f;
+  const vfloat y = t + magic;
+  const vfloat f = t - (y - magic);
+  vfloat p = vfloat{} + 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.f;
+  vint y_bits;
+  std::memcpy(&y_bits, &y, sizeof(y_bits));
+  // y's bits are those of magic (0x4B400000) plus n: 2^n has bits (n + 127) << 23.
+  const vint bits = (y_bits + (127 - 0x4B400000)) << 23;
+  vfloat two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -87.f ? vfloat{} : p * two_n;
+}
+}  // namespace vec_detail
+
+// max over row[0:n] (-inf for n == 0).
+template <typename acc>
+acc row_max(const acc* row, int n) {
+  acc m = -std::numeric_limits<acc>::infinity();
+  for (int c = 0; c < n; ++c) m = std::max(m, row[c]);
+  return m;
+}
+inline float row_max(const float* row, int n) {
+  using namespace vec_detail;
+  constexpr int VL = kFloatLanes;
+  vfloat m = vfloat{} - std::numeric_limits<float>::infinity();
+  int c = 0;
+  for (; c + VL <= n; c += VL) {
+    const vfloat x = load(row + c);
+    m = x > m ? x : m;
+  }
+  float r = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < VL; ++l) r = std::max(r, m[l]);
+  for (; c < n; ++c) r = std::max(r, row[c]);
+  return r;
+}
+
+// row[c] = exp(row[c] - ref) in place; returns the sum of the new values.
+template <typename acc>
+acc exp_row_sum(acc* row, int n, acc ref) {
+  acc sum = 0;
+  for (int c = 0; c < n; ++c) {
+    row[c] = exp_approx(row[c] - ref);
+    sum += row[c];
+  }
+  return sum;
+}
+inline float exp_row_sum(float* row, int n, float ref) {
+  using namespace vec_detail;
+  constexpr int VL = kFloatLanes;
+  vfloat sum = {};
+  int c = 0;
+  for (; c + VL <= n; c += VL) {
+    const vfloat e = vec_detail::exp(load(row + c) - ref);
+    store(row + c, e);
+    sum += e;
+  }
+  float r = 0;
+  for (int l = 0; l < VL; ++l) r += sum[l];
+  for (; c < n; ++c) {
+    row[c] = exp_approx(row[c] - ref);
+    r += row[c];
+  }
+  return r;
+}
+
+// row[c] = exp(row[c] - ref) in place (the backward's P from the saved lse).
+template <typename acc>
+void exp_row(acc* row, int n, acc ref) {
+  for (int c = 0; c < n; ++c) row[c] = exp_approx(row[c] - ref);
+}
+inline void exp_row(float* row, int n, float ref) {
+  using namespace vec_detail;
+  constexpr int VL = kFloatLanes;
+  int c = 0;
+  for (; c + VL <= n; c += VL) store(row + c, vec_detail::exp(load(row + c) - ref));
+  for (; c < n; ++c) row[c] = exp_approx(row[c] - ref);
+}
+
+// Element conversion to the accumulation type. bf16 -> float is the 16 bits
+// moved to the top of the word; written out (rather than c10's operator
+// float) so that the loops calling it vectorise to a widen + shift.
 template <typename scalar_t>
-void load_rows(const scalar_t* src, int64_t row_stride, int rows, int D, acc_t<scalar_t>* dst) {
+inline acc_t<scalar_t> to_acc(scalar_t x) {
+  return static_cast<acc_t<scalar_t>>(x);
+}
+template <>
+inline float to_acc<c10::BFloat16>(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Copies `rows` rows of one head (row stride in elements, D contiguous) into a
+// dense rows x D buffer of the accumulation type, times `mul` (the kernels
+// load Q pre-multiplied by the softmax scale: the score product then needs
+// no scaling pass).
+template <typename scalar_t>
+void load_rows(const scalar_t* src, int64_t row_stride, int rows, int D, acc_t<scalar_t>* dst,
+               acc_t<scalar_t> mul = 1) {
   for (int r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * row_stride;
     acc_t<scalar_t>* d = dst + static_cast<int64_t>(r) * D;
-    for (int c = 0; c < D; ++c) d[c] = static_cast<acc_t<scalar_t>>(s[c]);
-  }
-}
-
-// The same rows transposed: dst is D x rows with row stride ld (>= rows),
-// so that q.k^T becomes a product with a row-major right-hand side.
-template <typename scalar_t>
-void load_rows_transposed(const scalar_t* src, int64_t row_stride, int rows, int D, acc_t<scalar_t>* dst, int ld) {
-  for (int r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * row_stride;
-    for (int c = 0; c < D; ++c) dst[static_cast<int64_t>(c) * ld + r] = static_cast<acc_t<scalar_t>>(s[c]);
+#pragma omp simd
+    for (int c = 0; c < D; ++c) d[c] = to_acc(s[c]) * mul;
   }
 }
 
@@ -91,30 +214,23 @@ void store_rows(const acc_t<scalar_t>* src, int rows, int D, scalar_t* dst, int6
   }
 }
 
-// Turns the raw products q.k of a tile (rows x cols, dense) into scores in
-// place: s = scale * q.k + bias, and -inf where the mask hides the key.
-// row0/col0 place the tile in the (seqlen_q, seqlen_k) matrix.
+// Finishes one row of a score tile in place: the row holds scale * q.k for
+// keys [col0, col0 + cols) of query `row`; adds the bias (if any) and puts
+// -inf where the mask hides the key. `masked` is false when the whole tile
+// is visible (the common case: no per-element work then).
 template <typename scalar_t>
-void finish_scores(acc_t<scalar_t>* s, int rows, int cols, int row0, int col0, const FlashFwdParams& p,
-                   const scalar_t* bias_bh) {
+void finish_score_row(acc_t<scalar_t>* s, int cols, int row, int col0, const FlashFwdParams& p,
+                      const scalar_t* bias_bh, bool masked) {
   using acc = acc_t<scalar_t>;
-  const acc scale = static_cast<acc>(p.softmax_scale);
-  const flash::MaskGeometry mask(p);
-  const bool masked = !mask.tile_fully_visible(row0, rows, col0, cols);
-  const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  for (int r = 0; r < rows; ++r) {
-    acc* row = s + static_cast<int64_t>(r) * cols;
-    for (int c = 0; c < cols; ++c) row[c] *= scale;
-    if (bias_bh != nullptr) {
-      const scalar_t* b = bias_bh + (row0 + r) * p.bias_row_stride + col0 * p.bias_col_stride;
-      for (int c = 0; c < cols; ++c) row[c] += static_cast<acc>(b[c * p.bias_col_stride]);
-    }
-    if (masked) {
-      const int begin = mask.key_begin(row0 + r) - col0, end = mask.key_end(row0 + r) - col0;
-      for (int c = 0; c < cols; ++c) {
-        if (c < begin || c >= end) row[c] = neg_inf;
-      }
-    }
+  if (bias_bh != nullptr) {
+    const scalar_t* b = bias_bh + row * p.bias_row_stride + col0 * p.bias_col_stride;
+    for (int c = 0; c < cols; ++c) s[c] += to_acc(b[c * p.bias_col_stride]);
+  }
+  if (masked) {
+    const flash::MaskGeometry mask(p);
+    const int begin = mask.key_begin(row) - col0, end = mask.key_end(row) - col0;
+    const acc neg_inf = -std::numeric_limits<acc>::infinity();
+    for (int c = 0; c < cols; ++c) s[c] = (c >= begin && c < end) ? s[c] : neg_inf;
   }
 }
 

@@ -18,24 +18,11 @@ namespace flash_attn_ext {
 namespace cpu {
 namespace {
 
-// s holds scores on entry, P on exit; lse = +inf rows give P = 0.
+// dp holds dP on entry, dS = P * (dP - d) on exit (one row).
 template <typename acc>
-void scores_to_probs(acc* s, int rows, int cols, const float* lse) {
-  for (int r = 0; r < rows; ++r) {
-    acc* row = s + static_cast<int64_t>(r) * cols;
-    const acc l = static_cast<acc>(lse[r]);
-    for (int c = 0; c < cols; ++c) row[c] = exp_approx(row[c] - l);
-  }
-}
-
-// dp holds dP on entry, dS = P * (dP - D) on exit.
-template <typename acc>
-void probs_grad_to_scores_grad(const acc* prob, acc* dp, int rows, int cols, const acc* d) {
-  for (int r = 0; r < rows; ++r) {
-    const acc* pr = prob + static_cast<int64_t>(r) * cols;
-    acc* row = dp + static_cast<int64_t>(r) * cols;
-    for (int c = 0; c < cols; ++c) row[c] = pr[c] * (row[c] - d[r]);
-  }
+void probs_grad_to_scores_grad(const acc* prob, acc* dp, int cols, acc d) {
+#pragma omp simd
+  for (int c = 0; c < cols; ++c) dp[c] = prob[c] * (dp[c] - d);
 }
 
 template <typename scalar_t>
@@ -46,32 +33,52 @@ void bwd_kernel(const FlashBwdParams& p) {
   const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const flash::MaskGeometry mask(p);
   const int64_t units = static_cast<int64_t>(p.batch) * p.nheads_k;
+  const acc scale = static_cast<acc>(p.softmax_scale);
+  const size_t head_elems = static_cast<size_t>(p.seqlen_q) * D;
+  // Packed copies (tile_gemm_packed's B operand) of a head's Q and dO: panels
+  // over the head dim, panel_stride apart, query row r at r * W in each.
+  constexpr int W = kPanelWidth<acc>;
+  const int64_t panel_stride = static_cast<int64_t>(p.seqlen_q) * W;
+  const size_t head_packed = static_cast<size_t>((D + W - 1) / W) * panel_stride;
+  static_assert(kBlockN % W == 0, "key blocks are whole panels");
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> q_t(kBlockM * D), do_t(kBlockM * D);
-    std::vector<acc> k_t(kBlockN * D), k_tt(D * kBlockN), v_tt(D * kBlockN), dk_t(kBlockN * D), dv_t(kBlockN * D);
-    std::vector<acc> p_t(kBlockM * kBlockN), ds_t(kBlockM * kBlockN);
-    std::vector<acc> dq_t(static_cast<size_t>(group) * p.seqlen_q * D);  // dQ of the whole group, O(seqlen)
+    // Per (batch, kv head), for every query head g of its group: scale * Q
+    // and dO, converted once and reused by every key block, both row-major
+    // (left operands) and packed (right operands); dQ (unscaled) and D_i.
+    // O(group * seqlen_q * D) per thread.
+    std::vector<acc> qs(group * head_elems), dO(group * head_elems), dq_t(group * head_elems);
+    std::vector<acc> qs_p(group * head_packed), dO_p(group * head_packed);
     std::vector<acc> d_row(static_cast<size_t>(group) * p.seqlen_q);
-    const acc scale = static_cast<acc>(p.softmax_scale);
+    // Per key block, packed: K (for dQ), K^T and V^T (for S and dP).
+    const int d_panels = (D + W - 1) / W;
+    std::vector<acc> k_p(static_cast<size_t>(d_panels) * kBlockN * W), k_tt(D * kBlockN), v_tt(D * kBlockN);
+    std::vector<acc> dk_t(kBlockN * D), dv_t(kBlockN * D);
+    std::vector<acc> p_t(kBlockM * kBlockN), ds_t(kBlockM * kBlockN);
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.nheads_k, h_k = unit % p.nheads_k;
       const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
       const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
 
-      // D_i = rowsum(dO_i * O_i) - dlse_i for every query row of the group.
       for (int g = 0; g < group; ++g) {
         const int64_t h = h_k * group + g;
+        const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
         const auto* o = static_cast<const scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
         const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
         const float* dlse = p.dsoftmax_lse ? p.dsoftmax_lse + (b * p.nheads + h) * p.seqlen_q : nullptr;
+        acc* dO_g = dO.data() + g * head_elems;
+        load_rows(q, p.q_row_stride, p.seqlen_q, D, qs.data() + g * head_elems, scale);
+        load_rows(dout, p.do_row_stride, p.seqlen_q, D, dO_g);
+        pack_rows(q, p.q_row_stride, p.seqlen_q, D, qs_p.data() + g * head_packed, panel_stride, scale);
+        pack_rows(dout, p.do_row_stride, p.seqlen_q, D, dO_p.data() + g * head_packed, panel_stride);
+        // D_i = rowsum(dO_i * O_i) - dlse_i.
         for (int r = 0; r < p.seqlen_q; ++r) {
+          const scalar_t* o_r = o + r * p.o_row_stride;
+          const acc* do_r = dO_g + static_cast<int64_t>(r) * D;
           acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int d = 0; d < D; ++d) {
-            sum += static_cast<acc>(o[r * p.o_row_stride + d]) * static_cast<acc>(dout[r * p.do_row_stride + d]);
-          }
+          for (int d = 0; d < D; ++d) sum += to_acc(o_r[d]) * do_r[d];
           d_row[static_cast<size_t>(g) * p.seqlen_q + r] = sum - (dlse ? static_cast<acc>(dlse[r]) : acc(0));
         }
       }
@@ -80,9 +87,9 @@ void bwd_kernel(const FlashBwdParams& p) {
       for (int n_block = 0; n_block < num_n_blocks; ++n_block) {
         const int col0 = n_block * kBlockN;
         const int cols = std::min(kBlockN, p.seqlen_k - col0);
-        load_rows(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_t.data());
-        load_rows_transposed(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_tt.data(), cols);
-        load_rows_transposed(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_tt.data(), cols);
+        pack_rows(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_p.data(), kBlockN * W);
+        pack_rows_transposed(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_tt.data());
+        pack_rows_transposed(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_tt.data());
         std::fill(dk_t.begin(), dk_t.end(), acc(0));
         std::fill(dv_t.begin(), dv_t.end(), acc(0));
         const int m_begin = mask.m_block_begin(col0, kBlockM);
@@ -90,34 +97,46 @@ void bwd_kernel(const FlashBwdParams& p) {
 
         for (int g = 0; g < group; ++g) {
           const int64_t h = h_k * group + g;
-          const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-          const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
           const float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q;
           const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
-          acc* dq_head = dq_t.data() + static_cast<size_t>(g) * p.seqlen_q * D;
+          const acc* d_head = d_row.data() + static_cast<size_t>(g) * p.seqlen_q;
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int row0 = m_block * kBlockM;
             const int rows = std::min(kBlockM, p.seqlen_q - row0);
-            load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data());
-            load_rows(dout + row0 * p.do_row_stride, p.do_row_stride, rows, D, do_t.data());
+            const int64_t off = g * head_elems + static_cast<int64_t>(row0) * D;
+            const acc* q_i = qs.data() + off;
+            const acc* do_i = dO.data() + off;
+            const int64_t off_p = g * head_packed + static_cast<int64_t>(row0) * W;
+            acc* dq_i = dq_t.data() + off;
             acc* prob = p_t.data();
             acc* ds = ds_t.data();
+            const bool masked = !mask.tile_fully_visible(row0, rows, col0, cols);
 
-            tile_gemm<false>(rows, cols, D, acc(1), q_t.data(), D, k_tt.data(), cols, acc(0), prob, cols);
-            finish_scores<scalar_t>(prob, rows, cols, row0, col0, p, bias);
-            scores_to_probs(prob, rows, cols, lse + row0);
+            // P = exp(S - lse) with S = (scale Q) K^T + bias, masked -> 0
+            // (rows with lse = +inf, which saw no key, get P = 0 too).
+            tile_gemm_packed<false, false>(rows, cols, D, q_i, D, k_tt.data(), D * W, prob, kBlockN);
+            for (int r = 0; r < rows; ++r) {
+              acc* row = prob + static_cast<int64_t>(r) * kBlockN;
+              finish_score_row<scalar_t>(row, cols, row0 + r, col0, p, bias, masked);
+              exp_row(row, cols, static_cast<acc>(lse[row0 + r]));
+            }
             // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D)
-            tile_gemm<true>(cols, D, rows, acc(1), prob, cols, do_t.data(), D, acc(1), dv_t.data(), D);
-            tile_gemm<false>(rows, cols, D, acc(1), do_t.data(), D, v_tt.data(), cols, acc(0), ds, cols);
-            probs_grad_to_scores_grad(prob, ds, rows, cols, d_row.data() + static_cast<size_t>(g) * p.seqlen_q + row0);
+            tile_gemm_packed<true, true>(cols, D, rows, prob, kBlockN, dO_p.data() + off_p, panel_stride, dv_t.data(), D);
+            tile_gemm_packed<false, false>(rows, cols, D, do_i, D, v_tt.data(), D * W, ds, kBlockN);
+            for (int r = 0; r < rows; ++r) {
+              const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
+              probs_grad_to_scores_grad(prob + o_r, ds + o_r, cols, d_head[row0 + r]);
+            }
             if (p.dbias != nullptr) {
               // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous.
               auto* db = static_cast<scalar_t*>(p.dbias) + ((b * p.nheads + h) * p.seqlen_q + row0) * p.seqlen_k + col0;
-              store_rows<scalar_t>(ds, rows, cols, db, p.seqlen_k);
+              for (int r = 0; r < rows; ++r) {
+                store_rows<scalar_t>(ds + static_cast<int64_t>(r) * kBlockN, 1, cols, db + r * p.seqlen_k, 0);
+              }
             }
-            // dK += scale dS^T Q;  dQ += scale dS K
-            tile_gemm<true>(cols, D, rows, scale, ds, cols, q_t.data(), D, acc(1), dk_t.data(), D);
-            tile_gemm<false>(rows, D, cols, scale, ds, cols, k_t.data(), D, acc(1), dq_head + static_cast<int64_t>(row0) * D, D);
+            // dK += dS^T (scale Q);  dQ += dS K (scaled when stored)
+            tile_gemm_packed<true, true>(cols, D, rows, ds, kBlockN, qs_p.data() + off_p, panel_stride, dk_t.data(), D);
+            tile_gemm_packed<false, true>(rows, D, cols, ds, kBlockN, k_p.data(), kBlockN * W, dq_i, D);
           }
         }
         auto* dk = static_cast<scalar_t*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride + col0 * p.dk_row_stride;
@@ -128,7 +147,9 @@ void bwd_kernel(const FlashBwdParams& p) {
       for (int g = 0; g < group; ++g) {
         const int64_t h = h_k * group + g;
         auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
-        store_rows<scalar_t>(dq_t.data() + static_cast<size_t>(g) * p.seqlen_q * D, p.seqlen_q, D, dq, p.dq_row_stride);
+        acc* dq_g = dq_t.data() + g * head_elems;
+        for (size_t i = 0; i < head_elems; ++i) dq_g[i] *= scale;
+        store_rows<scalar_t>(dq_g, p.seqlen_q, D, dq, p.dq_row_stride);
       }
     }
   });

@@ -15,33 +15,49 @@ namespace flash_attn_ext {
 namespace cpu {
 namespace {
 
-// Online-softmax update for one tile of scores (rows x cols, in place -> P).
-// Returns nothing; updates row_max, row_sum and rescales acc (rows x D).
-template <typename acc>
-void online_softmax_update(acc* s, int rows, int cols, acc* row_max, acc* row_sum, acc* out_acc,
-                                               int D) {
-  const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  for (int r = 0; r < rows; ++r) {
-    acc* row = s + static_cast<int64_t>(r) * cols;
-    acc tile_max = neg_inf;
-#pragma omp simd reduction(max : tile_max)
-    for (int c = 0; c < cols; ++c) tile_max = std::max(tile_max, row[c]);
-    const acc new_max = std::max(row_max[r], tile_max);
-    // A row that has seen only masked keys keeps max -inf; exponentiate
-    // against 0 so that exp(-inf - max) is 0 rather than NaN.
-    const acc ref = new_max == neg_inf ? acc(0) : new_max;
-    const acc correction = exp_approx(row_max[r] - ref);
-    acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int c = 0; c < cols; ++c) {
-      row[c] = exp_approx(row[c] - ref);
-      sum += row[c];
+// One thread's copy of the K and V of the (batch, kv head) it is working on,
+// converted to the accumulation type and packed as tile_gemm_packed's B
+// operand once, then reused by every query block of that head (and of the
+// other query heads of its GQA group). K^T goes per key block (D x kBlockN,
+// for S = Q K^T), V as panels over the head dim (for O += P V), where the
+// rows of key block n start at n * kBlockN * W. O(seqlen_k * D) per thread.
+template <typename scalar_t>
+struct HeadKV {
+  using acc = acc_t<scalar_t>;
+  static constexpr int W = kPanelWidth<acc>;
+  static_assert(kBlockN % W == 0, "key blocks are whole panels");
+  std::vector<acc> kt, v;
+  int64_t b = -1, h_k = -1;
+  int64_t v_panel_stride = 0;
+
+  void load(const FlashFwdParams& p, int64_t batch, int64_t head_k) {
+    if (batch == b && head_k == h_k) return;
+    b = batch;
+    h_k = head_k;
+    const int D = p.headdim;
+    const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    const int d_panels = (D + W - 1) / W;
+    v_panel_stride = static_cast<int64_t>(p.seqlen_k) * W;
+    kt.resize(static_cast<size_t>(num_n_blocks) * D * kBlockN);
+    v.resize(static_cast<size_t>(d_panels) * v_panel_stride);
+    const auto* k_src = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
+    const auto* v_src = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+    for (int n = 0; n < num_n_blocks; ++n) {
+      const int col0 = n * kBlockN;
+      const int cols = std::min(kBlockN, p.seqlen_k - col0);
+      pack_rows_transposed(k_src + col0 * p.k_row_stride, p.k_row_stride, cols, D,
+                           kt.data() + static_cast<size_t>(n) * D * kBlockN);
     }
-    row_sum[r] = row_sum[r] * correction + sum;
-    row_max[r] = new_max;
-    acc* o = out_acc + static_cast<int64_t>(r) * D;
-    for (int d = 0; d < D; ++d) o[d] *= correction;
+    pack_rows(v_src, p.v_row_stride, p.seqlen_k, D, v.data(), v_panel_stride);
   }
+};
+
+// Query blocks in the order (0, last, 1, last - 1, ...): at::parallel_for
+// hands each thread a contiguous range of units, and with a causal mask the
+// cost of a block grows with its index, so pairing cheap and dear blocks
+// keeps the threads' shares even.
+inline int balanced_m_block(int i, int num_m_blocks) {
+  return (i % 2 == 0) ? i / 2 : num_m_blocks - 1 - i / 2;
 }
 
 template <typename scalar_t>
@@ -49,44 +65,65 @@ void fwd_kernel(const FlashFwdParams& p) {
   using acc = acc_t<scalar_t>;
   const int D = p.headdim;
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const int group = p.nheads / p.nheads_k;
   const flash::MaskGeometry mask(p);
   const int64_t units = static_cast<int64_t>(p.batch) * p.nheads * num_m_blocks;
+  const acc scale = static_cast<acc>(p.softmax_scale);
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // Per-thread tiles, reused across the units this thread owns.
-    std::vector<acc> q_t(kBlockM * D), k_tt(D * kBlockN), v_t(kBlockN * D), s_t(kBlockM * kBlockN), o_t(kBlockM * D);
-    std::vector<acc> row_max(kBlockM), row_sum(kBlockM);
+    HeadKV<scalar_t> kv;
+    std::vector<acc> q_t(kBlockM * D), s_t(kBlockM * kBlockN), o_t(kBlockM * D);
+    std::vector<acc> run_max(kBlockM), run_sum(kBlockM);
 
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int m_block = unit % num_m_blocks;
+      const int m_block = balanced_m_block(unit % num_m_blocks, num_m_blocks);
       const int64_t bh = unit / num_m_blocks;
       const int64_t b = bh / p.nheads, h = bh % p.nheads, h_k = h / group;
       const int row0 = m_block * kBlockM;
       const int rows = std::min(kBlockM, p.seqlen_q - row0);
 
       const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-      const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
-      const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
       const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
+      kv.load(p, b, h_k);
 
-      load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data());
+      load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data(), scale);
       std::fill(o_t.begin(), o_t.end(), acc(0));
-      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc>::infinity());
-      std::fill(row_sum.begin(), row_sum.end(), acc(0));
+      std::fill(run_max.begin(), run_max.end(), neg_inf);
+      std::fill(run_sum.begin(), run_sum.end(), acc(0));
 
       const int n_begin = mask.n_block_begin(row0, kBlockN);
-      const int n_end = std::min(mask.n_block_end(row0, kBlockM, kBlockN), (p.seqlen_k + kBlockN - 1) / kBlockN);
+      const int n_end = std::min(mask.n_block_end(row0, kBlockM, kBlockN), num_n_blocks);
       for (int n_block = n_begin; n_block < n_end; ++n_block) {
         const int col0 = n_block * kBlockN;
         const int cols = std::min(kBlockN, p.seqlen_k - col0);
-        load_rows_transposed(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_tt.data(), cols);
-        load_rows(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_t.data());
-        // S = Q K^T (rows x cols), then scores -> probabilities, O = O * correction + P V.
-        tile_gemm<false>(rows, cols, D, acc(1), q_t.data(), D, k_tt.data(), cols, acc(0), s_t.data(), cols);
-        finish_scores<scalar_t>(s_t.data(), rows, cols, row0, col0, p, bias);
-        online_softmax_update(s_t.data(), rows, cols, row_max.data(), row_sum.data(), o_t.data(), D);
-        tile_gemm<false>(rows, D, cols, acc(1), s_t.data(), cols, v_t.data(), D, acc(1), o_t.data(), D);
+        const acc* kt = kv.kt.data() + static_cast<size_t>(n_block) * D * kBlockN;
+        const acc* v = kv.v.data() + static_cast<size_t>(col0) * HeadKV<scalar_t>::W;
+        // S = (scale Q) K^T (rows x cols, row stride kBlockN).
+        tile_gemm_packed<false, false>(rows, cols, D, q_t.data(), D, kt, D * HeadKV<scalar_t>::W, s_t.data(), kBlockN);
+        const bool masked = !mask.tile_fully_visible(row0, rows, col0, cols);
+        // Online softmax per row: P = exp(S - m_new), l = l * exp(m_old - m_new) + rowsum(P),
+        // O *= exp(m_old - m_new); then O += P V below.
+        for (int r = 0; r < rows; ++r) {
+          acc* row = s_t.data() + static_cast<int64_t>(r) * kBlockN;
+          finish_score_row<scalar_t>(row, cols, row0 + r, col0, p, bias, masked);
+          const acc tile_max = row_max(row, cols);
+          const acc new_max = std::max(run_max[r], tile_max);
+          // A row that has seen only masked keys keeps max -inf; exponentiate
+          // against 0 so that exp(-inf - max) is 0 rather than NaN.
+          const acc ref = new_max == neg_inf ? acc(0) : new_max;
+          const acc correction = exp_approx(run_max[r] - ref);
+          run_sum[r] = run_sum[r] * correction + exp_row_sum(row, cols, ref);
+          run_max[r] = new_max;
+          if (correction != acc(1)) {
+            acc* o = o_t.data() + static_cast<int64_t>(r) * D;
+#pragma omp simd
+            for (int d = 0; d < D; ++d) o[d] *= correction;
+          }
+        }
+        tile_gemm_packed<false, true>(rows, D, cols, s_t.data(), kBlockN, v, kv.v_panel_stride, o_t.data(), D);
       }
 
       // Epilogue: normalise, and record lse = max + log(sum); rows that saw
@@ -94,11 +131,11 @@ void fwd_kernel(const FlashFwdParams& p) {
       acc* o = o_t.data();
       float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q + row0;
       for (int r = 0; r < rows; ++r) {
-        const bool empty = row_sum[r] == acc(0);
-        const acc inv = empty ? acc(0) : acc(1) / row_sum[r];
+        const bool empty = run_sum[r] == acc(0);
+        const acc inv = empty ? acc(0) : acc(1) / run_sum[r];
         for (int d = 0; d < D; ++d) o[r * D + d] *= inv;
         lse[r] = empty ? std::numeric_limits<float>::infinity()
-                       : static_cast<float>(row_max[r] + std::log(row_sum[r]));
+                       : static_cast<float>(run_max[r] + std::log(run_sum[r]));
       }
       auto* out = static_cast<scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
       store_rows<scalar_t>(o, rows, D, out, p.o_row_stride);

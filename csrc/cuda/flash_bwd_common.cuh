@@ -13,39 +13,61 @@
 
 namespace flash {
 
-template <typename Element>
-__device__ __forceinline__ Element from_float(float x) {
-  if constexpr (std::is_same_v<Element, __half>) {
-    return __float2half_rn(x);
-  } else {
-    return __float2bfloat16_rn(x);
-  }
-}
-
 // Rows [row0, row0 + kRows) of a (nrows x kCols) row-major matrix into smem
-// with row stride kLd; rows past nrows are zero-filled.
+// with row stride kLd; rows past nrows are zero-filled (src-size 0: the
+// source is not read, so it needs no clamping).
+//
+// The copy count per thread is a compile-time constant and, when the threads
+// tile whole rows, every thread keeps one 16-byte column and steps down the
+// rows by a pointer increment. (A loop `for (i = tid; i < N; i += kNThreads)`
+// has a run-time trip count: nvcc emits a rolled loop with a remainder,
+// signed divisions and a 64-bit multiply per chunk -- ~120 instructions per
+// tile that sat in the backward's main loop for every Q/dO tile.)
 template <int kRows, int kCols, int kLd, int kNThreads, typename Element>
 __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, int64_t row_stride, int row0, int nrows,
                                           int tid) {
   constexpr int kChunksPerRow = kCols / 8;  // 16-byte chunks
+  if constexpr (kNThreads % kChunksPerRow == 0 && kRows % (kNThreads / kChunksPerRow) == 0) {
+    constexpr int kRowStep = kNThreads / kChunksPerRow;
+    const int r = tid / kChunksPerRow, c = tid % kChunksPerRow;
+    const Element* src = gmem + (row0 + r) * row_stride + c * 8;
+    const int64_t step = kRowStep * row_stride;
+    Element* dst = smem + r * kLd + c * 8;
 #pragma unroll
-  for (int i = tid; i < kRows * kChunksPerRow; i += kNThreads) {
-    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
-    const bool pred = row0 + r < nrows;
-    const Element* src = gmem + (pred ? (row0 + r) * row_stride + c * 8 : 0);
-    cp_async_16(smem + r * kLd + c * 8, src, pred);
+    for (int i = 0; i < kRows / kRowStep; ++i) {
+      cp_async_16(dst + i * kRowStep * kLd, src, row0 + r + i * kRowStep < nrows);
+      src += step;
+    }
+  } else {
+    // Head dims 96 / 192: rows of 12 / 24 chunks do not tile the threads.
+    constexpr int kTotal = kRows * kChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < (kTotal + kNThreads - 1) / kNThreads; ++i) {
+      const int idx = tid + i * kNThreads;
+      if (kTotal % kNThreads == 0 || idx < kTotal) {
+        const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
+        const bool pred = row0 + r < nrows;
+        const Element* src = gmem + (pred ? (row0 + r) * row_stride + c * 8 : 0);
+        cp_async_16(smem + r * kLd + c * 8, src, pred);
+      }
+    }
   }
 }
 
 // kN floats gmem[row0 .. row0 + kN) (zero past n) into smem; 4-byte copies
-// because rows of LSE / D have no alignment guarantee.
+// because rows of LSE / D have no alignment guarantee. Compile-time trip
+// count for the same reason as load_tile (kN <= kNThreads: one guarded copy).
 template <int kN, int kNThreads>
 __device__ __forceinline__ void load_vec(float* smem, const float* gmem, int row0, int n, int tid) {
-  for (int i = tid; i < kN; i += kNThreads) {
-    const bool pred = row0 + i < n;
-    const float* src = gmem + (pred ? row0 + i : 0);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem + i)), "l"(src),
-                 "r"(pred ? 4 : 0));
+#pragma unroll
+  for (int it = 0; it < (kN + kNThreads - 1) / kNThreads; ++it) {
+    const int i = tid + it * kNThreads;
+    if (kN % kNThreads == 0 || i < kN) {
+      const bool pred = row0 + i < n;
+      const float* src = gmem + (pred ? row0 + i : 0);
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem + i)), "l"(src),
+                   "r"(pred ? 4 : 0));
+    }
   }
 }
 

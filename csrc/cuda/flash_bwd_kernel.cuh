@@ -243,17 +243,26 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       // dQ_i (kBlockM x D) += dS (kBlockM x kBlockN) K_j; dS is read transposed from sDs.
       float acc_dq[T::kDqDPerWarp / 8][4] = {};
       warp_gemm_smemAt_b<kBlockN, T::kDqDPerWarp, kLdM, kLdD, Element>(acc_dq, sDs + dq_row0, sK + dq_col0, lane);
-      float* dq_accum = p.dq_accum + (int64_t(b) * p.seqlen_q * p.nheads + h) * kHeadDim;
+      // Lane (g, t) adds rows g and g + 8 of its strip, columns 8j + 2t, 8j + 2t + 1.
       const int64_t dq_row_stride = int64_t(p.nheads) * kHeadDim;
+      const int row = m0 + dq_row0 + g;
+      float* dst = p.dq_accum + (int64_t(b) * p.seqlen_q * p.nheads + h) * kHeadDim + row * dq_row_stride +
+                   dq_col0 + 2 * t;
+      float* dst8 = dst + 8 * dq_row_stride;
+      if (m0 + kBlockM <= p.seqlen_q) {
+        // Full query block (all but the last one): no per-row checks, so the
+        // reductions issue back to back instead of each behind a branch.
 #pragma unroll
-      for (int j = 0; j < T::kDqDPerWarp / 8; ++j) {
+        for (int j = 0; j < T::kDqDPerWarp / 8; ++j) {
+          atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
+          atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
+        }
+      } else {
+        const bool in0 = row < p.seqlen_q, in8 = row + 8 < p.seqlen_q;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = m0 + dq_row0 + g + 8 * half;
-          if (row < p.seqlen_q) {
-            float* dst = dq_accum + row * dq_row_stride + dq_col0 + 8 * j + 2 * t;
-            atomic_add2(dst, acc_dq[j][2 * half], acc_dq[j][2 * half + 1]);
-          }
+        for (int j = 0; j < T::kDqDPerWarp / 8; ++j) {
+          if (in0) atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
+          if (in8) atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
         }
       }
     }

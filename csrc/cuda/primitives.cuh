@@ -94,6 +94,15 @@ __device__ __forceinline__ float to_float(Element x) {
   }
 }
 
+template <typename Element>
+__device__ __forceinline__ Element from_float(float x) {
+  if constexpr (std::is_same_v<Element, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
+}
+
 // 2^x on the special-function unit; exp2(-inf) = 0, which the masking relies on.
 __device__ __forceinline__ float exp2_fast(float x) {
   float y;
