@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext.sdpa as sdpa_mod
-from conftest import op_supports
+from conftest import device_dtype_params, op_supports
 from flash_attn_ext.mha import MultiheadAttention, replace_attention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -263,9 +264,8 @@ class _Block(nn.Module):
         return x + self.inner[1]["cross"](h, h, h)[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_replace_attention(device):
-    dtype = default_dtype(device)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_replace_attention(device, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(
         _Block(),
@@ -277,12 +277,16 @@ def test_replace_attention(device):
     reference = copy.deepcopy(model)
     params_before = {n: p for n, p in model.named_parameters()}
     x = torch.randn(N, L, E, device=device, dtype=dtype)
+    # A fixed random projection of the output as the loss: the output ends in
+    # a LayerNorm, so a loss like y.square().sum() would be nearly constant and
+    # leave every gradient at rounding level.
+    w = torch.randn(N, L, E, device=device)
 
-    def run(m):
-        xi = x.clone().requires_grad_()
-        y = m[2](m[1](m[0](xi), src_mask=nn.Transformer.generate_square_subsequent_mask(L, device=device),
-                      is_causal=True), xi)
-        y.square().sum().backward()
+    def run(m, dtype=dtype):
+        xi = x.detach().to(dtype).clone().requires_grad_()
+        mask = nn.Transformer.generate_square_subsequent_mask(L, device=device, dtype=dtype)
+        y = m[2](m[1](m[0](xi), src_mask=mask, is_causal=True), xi)
+        (y.float() * w).sum().backward()
         return y, xi.grad
 
     assert replace_attention(model) is model
@@ -294,19 +298,39 @@ def test_replace_attention(device):
     assert model.training
     y, gx = run(model)
     y_ref, gx_ref = run(reference)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(y, y_ref, **tol)
-    torch.testing.assert_close(gx, gx_ref, **tol)
-    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
-        if q.grad is None:
-            continue
-        if dtype == torch.float32:
-            torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
-        else:
-            # Parameter gradients sum over every position: in bf16/fp16 both
-            # runs round those sums differently, so compare as vectors.
-            rel = (p.grad.float() - q.grad.float()).norm() / q.grad.float().norm().clamp_min(1e-6)
-            assert rel < 3e-2, f"{n}: relative gradient difference {rel:.3e}"
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y, y_ref, **tol)
+        torch.testing.assert_close(gx, gx_ref, **tol)
+        for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
+    else:
+        # Low precision: the 2x-PyTorch rule against an fp32 run, where
+        # "PyTorch's error" is the worse of its own two low-precision runs
+        # (default SDPA backend and MATH). Whole-model parameter gradients are
+        # ill-conditioned in bf16: on the same inputs the two torch runs differ
+        # by up to 16x in error depending on the rounding of intermediate
+        # values, so one torch run alone is no yardstick. Kernel bugs are
+        # caught by the fp32 branch above, whose tolerance detects a 2% error in dq.
+        torch_math = copy.deepcopy(reference)
+        for p in torch_math.parameters():
+            p.grad = None
+        with sdpa_kernel(SDPBackend.MATH):
+            y_math, gx_math = run(torch_math)
+        exact = copy.deepcopy(reference).float()
+        for p in exact.parameters():
+            p.grad = None
+        y32, gx32 = run(exact, torch.float32)
+        pairs = [("output", y, (y_ref, y_math), y32), ("input grad", gx, (gx_ref, gx_math), gx32)]
+        pairs += [(n, p.grad, (q.grad, m.grad), e.grad) for (n, p), q, m, e in
+                  zip(model.named_parameters(), reference.parameters(), torch_math.parameters(),
+                      exact.parameters()) if e.grad is not None]
+        for name, ours, torch_runs, ref in pairs:
+            ours_err = (ours.float() - ref).norm().item()
+            torch_err = max((t.float() - ref).norm().item() for t in torch_runs)
+            assert ours_err <= 2 * torch_err + 1e-3 * ref.norm().item(), (
+                f"{name}: error {ours_err:.3e} > 2 x PyTorch's {torch_err:.3e} (+ slack)")
     # A bare MultiheadAttention is converted too; eval mode is kept.
     bare = nn.MultiheadAttention(E, H).eval()
     assert type(replace_attention(bare)) is MultiheadAttention and not bare.training
