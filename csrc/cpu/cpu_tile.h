@@ -46,6 +46,18 @@ constexpr int kBlockN = 128;
 // std::fmax: without -ffast-math those are libm calls (NaN rules differ from
 // the min/max instructions) and the calling loops would not vectorise. A NaN
 // argument still gives NaN.
+// 2^f for f in [-0.5, 0.5]: degree-6 polynomial, Horner form. T is float or
+// a vector of floats (scalar operands broadcast).
+template <typename T>
+inline T exp2_poly(T f) {
+  T p = f * 1.5403530393381606e-4f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  return p * f + 1.f;
+}
+
 inline float exp_approx(float x) {
   float t = x * 1.4426950408889634f;
   t = t > 127.f ? 127.f : t;
@@ -53,13 +65,7 @@ inline float exp_approx(float x) {
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (t + magic) - magic;
   const float f = t - n;
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
+  const float p = exp2_poly(f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -94,13 +100,7 @@ inline vfloat exp(vfloat x) {
   const vfloat t = x * 1.4426950408889634f;
   const vfloat y = t + magic;
   const vfloat f = t - (y - magic);
-  vfloat p = vfloat{} + 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
+  const vfloat p = exp2_poly(f);
   vint y_bits;
   std::memcpy(&y_bits, &y, sizeof(y_bits));
   // y's bits are those of magic (0x4B400000) plus n: 2^n has bits (n + 127) << 23.

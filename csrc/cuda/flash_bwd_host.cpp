@@ -10,7 +10,7 @@
 // only when the head dim is not a compiled size or an input is not 16-byte
 // aligned for cp.async.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
   params.softmax_d = softmax_d.data_ptr<float>();
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const Launch launch{params, stream};
   dispatch_bwd(q.scalar_type(), padded, params.is_causal, launch);  // phase 1 (deterministic: all of it)
 

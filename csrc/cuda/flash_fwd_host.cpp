@@ -2,7 +2,7 @@
 // 16-byte alignment), output allocation, empty-size handling and dispatch to
 // the forward kernels on the current CUDA stream.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, softmax_lse, softmax_scale, causal, window_left, window_right);
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(dtype, [&](auto element) {
     using Element = decltype(element);
     dispatch_head_dim(padded, [&](auto hdim) {
