@@ -65,8 +65,11 @@ void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias) {
+                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias,
+                      bool bias_requires_grad) {
   check_fwd_inputs(q, k, v, attn_bias);
+  TORCH_CHECK(!bias_requires_grad || attn_bias.has_value(),
+              "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
   TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
               shape(dout.sizes()));
   TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",

@@ -14,10 +14,12 @@ namespace flash_attn_ext {
 void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& attn_bias);
 
-// Additionally checks dout, out and softmax_lse against q.
+// Additionally checks dout, out, softmax_lse and dsoftmax_lse against q, and
+// that a bias gradient is only asked for when there is a bias.
 void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias);
+                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias,
+                      bool bias_requires_grad);
 
 // Fills shapes, strides, pointers and the mask description. `out` and
 // `softmax_lse` must already be allocated.

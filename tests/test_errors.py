@@ -115,3 +115,5 @@ def test_bad_bias_and_lse():
         torch.ops.flash_attn_ext.bwd(out, q, k, v, out, lse[:, :2], None, None, 0.1, False, -1, -1, False, False)
     with pytest.raises(RuntimeError, match="dsoftmax_lse must be"):
         torch.ops.flash_attn_ext.bwd(out, q, k, v, out, lse, lse.double(), None, 0.1, False, -1, -1, False, False)
+    with pytest.raises(RuntimeError, match="bias_requires_grad=True needs an attn_bias"):
+        torch.ops.flash_attn_ext.bwd(out, q, k, v, out, lse, None, None, 0.1, False, -1, -1, False, True)

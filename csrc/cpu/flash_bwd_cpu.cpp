@@ -163,9 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
     const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad) {
-  check_bwd_inputs(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias);
-  TORCH_CHECK(!bias_requires_grad || attn_bias.has_value(),
-              "flash_attn_ext: bias_requires_grad is set but no attn_bias was given");
+  check_bwd_inputs(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, bias_requires_grad);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

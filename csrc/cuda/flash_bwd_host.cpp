@@ -66,9 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
     const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, bool bias_requires_grad) {
-  check_bwd_inputs(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias);
-  TORCH_CHECK(!bias_requires_grad || attn_bias.has_value(),
-              "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
+  check_bwd_inputs(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, bias_requires_grad);
   TORCH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
 
