@@ -8,7 +8,9 @@ Environment switches (all optional):
   FLASH_ATTN_EXT_DIRECTIONS=fwd  compile these CUDA directions only (fwd, bwd; default: both); the
                                other op then has no CUDA kernel registered. For development builds.
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as torch.utils.cpp_extension documents them;
-  the default arch list is "8.0;9.0" (Ampere and Hopper machine code, PTX for newer GPUs).
+  the default arch list is "8.0;9.0a" (Ampere and Hopper machine code). Hopper is always built
+  as sm_90a ("9.0" is read as "9.0a": the same GPUs, plus the wgmma instructions the Hopper
+  kernels need); with it in the list FLASH_ATTN_EXT_SM90 is defined and those kernels compiled.
 """
 import glob
 import os
@@ -98,6 +100,15 @@ def cpu_flags():
     return flags
 
 
+def hopper_arch_list() -> bool:
+    """Set TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"), rewriting 9.0 as 9.0a; True if sm_90a is built."""
+    raw = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0a"
+    archs = [a for a in raw.replace(" ", ";").split(";") if a]
+    archs = ["9.0a" + a[3:] if a.startswith("9.0") and not a.startswith("9.0a") else a for a in archs]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    return any(a.startswith("9.0a") for a in archs)
+
+
 def extension():
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
@@ -105,7 +116,7 @@ def extension():
     if not want_cuda():
         return CppExtension("flash_attn_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    has_sm90a = hopper_arch_list()
     hdims = env_list("FLASH_ATTN_EXT_HDIMS", ALL_HDIMS, int)
     dtypes = env_list("FLASH_ATTN_EXT_DTYPES", ALL_DTYPES, str)
     directions = env_list("FLASH_ATTN_EXT_DIRECTIONS", ALL_DIRECTIONS, str)
@@ -127,6 +138,7 @@ def extension():
         [f"-DFLASH_ATTN_EXT_HDIM_{d}" for d in hdims]
         + [f"-DFLASH_ATTN_EXT_DTYPE_{t.upper()}" for t in dtypes]
         + [f"-DFLASH_ATTN_EXT_BUILD_{d.upper()}" for d in directions]
+        + (["-DFLASH_ATTN_EXT_SM90"] if has_sm90a else [])
     )
     extra["cxx"] += defines
     extra["nvcc"] = [

@@ -14,6 +14,7 @@
 #include "flash_bwd_kernel.cuh"
 #include "flash_bwd_pre_post.cuh"
 #include "flash_launch.h"
+#include "hopper/flash_bwd_sm90_kernel.cuh"
 
 namespace flash {
 
@@ -52,6 +53,38 @@ void launch_dkdv(const FlashBwdParams& params, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Hopper: the wgmma kernel (hopper/flash_bwd_sm90_kernel.cuh) for head dims
+// 64 and 128 when this build has sm_90a code (setup.py defines
+// FLASH_ATTN_EXT_SM90) and the device is compute capability 9.0.
+template <int kHeadDim>
+constexpr bool kHasSm90Bwd =
+#ifdef FLASH_ATTN_EXT_SM90
+    kHeadDim == 64 || kHeadDim == 128;
+#else
+    false;
+#endif
+template <typename Element, int kHeadDim>
+using Sm90BwdTraitsFor = sm90::BwdTraits<Element, kHeadDim, (kHeadDim == 64 ? 128 : 64)>;
+
+inline bool device_is_sm90() {
+  int device = 0, major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
+template <typename T>
+void launch_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
+  const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
+  const int64_t grid = num_n_blocks * params.batch * params.nheads;
+  TORCH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
+  auto kernel = params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false> : &sm90::flash_bwd_sm90_kernel<T, true>;
+  set_smem_limit(kernel, T::kSmemBytes);
+  kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace flash
 
 template <typename Element, int kHeadDim, bool kIsCausal>
@@ -76,7 +109,13 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     using T2 = flash::BwdTraitsFor<Element, kHeadDim, 2>;
-    if constexpr (kHeadDim <= 128) {
+    if constexpr (flash::kHasSm90Bwd<kHeadDim>) {
+      if (flash::device_is_sm90()) {
+        flash::launch_dkdv_sm90<flash::Sm90BwdTraitsFor<Element, kHeadDim>>(params, stream);
+      } else {
+        flash::launch_dkdv<T2>(params, stream);
+      }
+    } else if constexpr (kHeadDim <= 128) {
       flash::launch_dkdv<T2>(params, stream);
     } else {
       using T1 = flash::BwdTraitsFor<Element, kHeadDim, 1>;

@@ -1,0 +1,314 @@
+// FlashAttention backward on Hopper warpgroup MMAs (sm_90a), head dims 64 and
+// 128. Same algorithm and grid as flash_bwd_kernel.cuh -- one thread block per
+// (key block, head, batch) keeps K_j, V_j in shared memory and dK_j, dV_j in
+// registers and walks the query blocks i that can see key block j:
+//     S^T  = K_j Q_i^T          P^T  = exp(scale * S^T + bias - lse)
+//     dP^T = V_j dO_i^T         dS^T = P^T ∘ (dP^T - D_i)
+//     dV_j += P^T dO_i          dK_j += dS^T Q_i          dQ_i += dS K_j
+// -- but every product is a wgmma reading its shared-memory operands in
+// place (hopper/wgmma.cuh), where the mma.sync kernel had every warp re-read
+// Q_i and dO_i through ldmatrix for each of its four products, which made it
+// shared-memory-bandwidth bound.
+//
+// Work split: two warpgroups, each owning 64 of the 128 keys (wgmma's M = 64).
+// P^T and dS^T stay in registers as the A operand of the dV / dK products;
+// dS^T also goes to shared memory for dQ = dS K_j, which the two warpgroups
+// split (by query rows when kBlockM = 128, by head-dim halves when 64) and
+// add into the fp32 dq_accum with vector atomics. Q_i / dO_i (with their
+// LSE / D) are double-buffered with cp.async: block i + 1 loads while i computes.
+#pragma once
+
+#include "../../flash_params.h"
+#include "../flash_bwd_common.cuh"
+#include "../mask.cuh"
+#include "wgmma.cuh"
+
+namespace flash {
+namespace sm90 {
+
+template <typename Element_, int kHeadDim_, int kBlockM_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = 128;
+  static constexpr int kNThreads = 256;            // two warpgroups
+  static constexpr int kKeysPerWarpgroup = 64;     // wgmma M
+  // dQ (kBlockM x kHeadDim) is split over the warpgroups into 64 x 64 pieces.
+  static constexpr bool kDqSplitRows = kBlockM == 128;
+  static_assert((kBlockM == 128 && kHeadDim == 64) || (kBlockM == 64 && kHeadDim == 128),
+                "supported tiles: (kBlockM, kHeadDim) = (128, 64) or (64, 128)");
+
+  // Tiles in SW128 panels (wgmma.cuh); every offset is a multiple of 1024.
+  static constexpr int kTileN = kBlockN * kHeadDim * 2;   // K_j or V_j
+  static constexpr int kTileM = kBlockM * kHeadDim * 2;   // one stage of Q_i or dO_i
+  static constexpr int kTileDs = kBlockN * kBlockM * 2;   // dS^T (keys x queries)
+  static constexpr int kKOff = 0;
+  static constexpr int kVOff = kKOff + kTileN;
+  static constexpr int kQOff = kVOff + kTileN;            // 2 stages
+  static constexpr int kDoOff = kQOff + 2 * kTileM;       // 2 stages
+  static constexpr int kDsOff = kDoOff + 2 * kTileM;
+  static constexpr int kLseOff = kDsOff + kTileDs;        // 2 stages of kBlockM floats
+  static constexpr int kDeltaOff = kLseOff + 2 * kBlockM * 4;
+  // + 1024: the dynamic shared memory base is realigned to the swizzle atom.
+  static constexpr int kSmemBytes = kDeltaOff + 2 * kBlockM * 4 + 1024;
+};
+
+// Packed A fragments (k-slices of 16 columns) of a 16 x kN strip into an
+// SW128 tile with `rows` rows at (row0, col0).
+template <int kSlices>
+__device__ __forceinline__ void store_packed_sw128(char* smem, int rows, int row0, const uint32_t (&a)[kSlices][4],
+                                                   int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    const int col = 16 * s + 2 * t;
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col)) = a[s][0];
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g + 8, col)) = a[s][1];
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col + 8)) = a[s][2];
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g + 8, col + 8)) = a[s][3];
+  }
+}
+
+// Accumulator fragments of 16-column slices -> packed A fragments.
+template <typename Element, int kSlices>
+__device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const float (&c)[2 * kSlices][4]) {
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    a[s][0] = pack2<Element>(c[2 * s][0], c[2 * s][1]);
+    a[s][1] = pack2<Element>(c[2 * s][2], c[2 * s][3]);
+    a[s][2] = pack2<Element>(c[2 * s + 1][0], c[2 * s + 1][1]);
+    a[s][3] = pack2<Element>(c[2 * s + 1][2], c[2 * s + 1][3]);
+  }
+}
+
+template <typename T, bool kDq>
+__global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const FlashBwdParams p) {
+#ifdef FLASH_SM90_ENABLED
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
+  constexpr int kLine = kLineBytes;
+  extern __shared__ char smem_raw[];
+  char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const uint32_t s_base = smem_u32(smem);
+
+  const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+  const int n_block = blockIdx.x % num_n_blocks;
+  const int bh = blockIdx.x / num_n_blocks;
+  const int h = bh % p.nheads, b = bh / p.nheads;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wg = warp / 4, warp_in_wg = warp % 4;
+  const int g = lane / 4, t = lane % 4;
+
+  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Element* dout = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const int64_t row_bh = (int64_t(b) * p.nheads + h) * p.seqlen_q;
+  const float* lse = p.softmax_lse + row_bh;
+  const float* delta = p.softmax_d + row_bh;
+
+  const MaskGeometry geo(p);
+  const int n0 = n_block * kBlockN;
+  const int m_begin = geo.m_block_begin(n0, kBlockM);
+  const int m_end = geo.m_block_end(n0, kBlockN, kBlockM);
+
+  load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kKOff, k, p.k_row_stride, n0, p.seqlen_k, tid);
+  load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kVOff, v, p.v_row_stride, n0, p.seqlen_k, tid);
+  auto load_q_stage = [&](int m_block, int stage) {
+    const int m0 = m_block * kBlockM;
+    load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kQOff + stage * T::kTileM, q, p.q_row_stride, m0,
+                                                     p.seqlen_q, tid);
+    load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kDoOff + stage * T::kTileM, dout, p.do_row_stride,
+                                                     m0, p.seqlen_q, tid);
+    load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kLseOff) + stage * kBlockM, lse, m0,
+                                    p.seqlen_q, tid);
+    load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kDeltaOff) + stage * kBlockM, delta, m0,
+                                    p.seqlen_q, tid);
+  };
+  if (m_begin < m_end) load_q_stage(m_begin, 0);
+  cp_async_commit();
+
+  // This warpgroup's keys within the block, and this thread's accumulator rows.
+  const int wg_key0 = wg * T::kKeysPerWarpgroup;
+  const int key_row0 = wg_key0 + 16 * warp_in_wg;  // + g and + g + 8
+  // Its 64 x 64 piece of dQ_i.
+  const int dq_row0 = (T::kDqSplitRows ? 64 * wg : 0) + 16 * warp_in_wg;
+  const int dq_col0 = T::kDqSplitRows ? 0 : 64 * wg;
+
+  float acc_dk[kHeadDim / 8][4] = {};
+  float acc_dv[kHeadDim / 8][4] = {};
+
+  const bool has_bias = p.bias != nullptr;
+  const Element* bias = has_bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride +
+                                       h * p.bias_head_stride
+                                 : nullptr;
+  Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
+                           : nullptr;
+  constexpr float kLog2e = 1.4426950408889634f;
+  // Descriptor strides (bytes): 8-row groups are one swizzle atom apart; the
+  // next 64 columns (MN-major operands) are the next panel.
+  constexpr uint32_t kSbo = 8 * kLine;
+  constexpr uint32_t kPanelN = kBlockN * kLine, kPanelM = kBlockM * kLine;
+
+  for (int m_block = m_begin; m_block < m_end; ++m_block) {
+    const int stage = (m_block - m_begin) % 2;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // stage landed for all threads; the previous iteration is done with the other one and sDs
+    if (m_block + 1 < m_end) load_q_stage(m_block + 1, stage ^ 1);
+    cp_async_commit();
+    const uint32_t sQ = s_base + T::kQOff + stage * T::kTileM;
+    const uint32_t sDo = s_base + T::kDoOff + stage * T::kTileM;
+    const uint32_t sK = s_base + T::kKOff, sV = s_base + T::kVOff, sDs = s_base + T::kDsOff;
+    const float* sLse = reinterpret_cast<const float*>(smem + T::kLseOff) + stage * kBlockM;
+    const float* sDelta = reinterpret_cast<const float*>(smem + T::kDeltaOff) + stage * kBlockM;
+    const int m0 = m_block * kBlockM;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys: both
+    // operands K-major (the head dim runs along the rows).
+    float acc_s[kBlockM / 8][4], acc_dp[kBlockM / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kHeadDim / 16; ++s) {
+      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32, qoff = (s / 4) * kPanelM + (s % 4) * 32;
+      wgmma_ss<Element, kBlockM, 0, 0>(acc_s, make_desc(sK + koff, 16, kSbo), make_desc(sQ + qoff, 16, kSbo), s > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int s = 0; s < kHeadDim / 16; ++s) {
+      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32, qoff = (s / 4) * kPanelM + (s % 4) * 32;
+      wgmma_ss<Element, kBlockM, 0, 0>(acc_dp, make_desc(sV + koff, 16, kSbo), make_desc(sDo + qoff, 16, kSbo), s > 0);
+    }
+    wgmma_commit();
+
+    // P^T = exp2(S^T * scale * log2e - lse * log2e) while dP^T is still running.
+    wgmma_wait<1>();
+    fence_regs(acc_s);
+    const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0 + wg_key0, T::kKeysPerWarpgroup);
+    if (!need_mask && !has_bias) {
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+        const float2 l = *reinterpret_cast<const float2*>(sLse + 8 * j + 2 * t);
+        const float l0 = l.x * kLog2e, l1 = l.y * kLog2e;
+        acc_s[j][0] = exp2_fast(acc_s[j][0] * p.softmax_scale_log2 - l0);
+        acc_s[j][1] = exp2_fast(acc_s[j][1] * p.softmax_scale_log2 - l1);
+        acc_s[j][2] = exp2_fast(acc_s[j][2] * p.softmax_scale_log2 - l0);
+        acc_s[j][3] = exp2_fast(acc_s[j][3] * p.softmax_scale_log2 - l1);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + key_row0 + g + 8 * (e / 2);
+          const int col = 8 * j + 2 * t + (e % 2), row = m0 + col;
+          const bool inside = row < p.seqlen_q && key < p.seqlen_k;
+          float x = acc_s[j][e] * p.softmax_scale_log2 - sLse[col] * kLog2e;
+          if (has_bias && inside) x += to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) * kLog2e;
+          const bool keep = inside && (!need_mask || geo.visible(row, key));
+          acc_s[j][e] = keep ? exp2_fast(x) : 0.f;
+        }
+      }
+    }
+    uint32_t p_frag[kBlockM / 16][4];
+    pack_a_frags<Element>(p_frag, acc_s);
+
+    wgmma_wait<0>();
+    fence_regs(acc_dp);
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j) {
+      const float2 d = *reinterpret_cast<const float2*>(sDelta + 8 * j + 2 * t);
+      acc_dp[j][0] = acc_s[j][0] * (acc_dp[j][0] - d.x), acc_dp[j][1] = acc_s[j][1] * (acc_dp[j][1] - d.y);
+      acc_dp[j][2] = acc_s[j][2] * (acc_dp[j][2] - d.x), acc_dp[j][3] = acc_s[j][3] * (acc_dp[j][3] - d.y);
+    }
+    if (dbias != nullptr) {
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + key_row0 + g + 8 * (e / 2), row = m0 + 8 * j + 2 * t + (e % 2);
+          if (row < p.seqlen_q && key < p.seqlen_k) dbias[int64_t(row) * p.seqlen_k + key] = from_float<Element>(acc_dp[j][e]);
+        }
+      }
+    }
+    uint32_t ds_frag[kBlockM / 16][4];
+    pack_a_frags<Element>(ds_frag, acc_dp);
+
+    // dV += P^T dO, dK += dS^T Q: A from registers, B MN-major (the query
+    // rows are the reduction dim), N = the whole head dim.
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kBlockM / 16; ++s) {
+      wgmma_rs<Element, kHeadDim, 1>(acc_dv, p_frag[s], make_desc(sDo + s * 16 * kLine, kPanelM, kSbo), true);
+    }
+#pragma unroll
+    for (int s = 0; s < kBlockM / 16; ++s) {
+      wgmma_rs<Element, kHeadDim, 1>(acc_dk, ds_frag[s], make_desc(sQ + s * 16 * kLine, kPanelM, kSbo), true);
+    }
+    wgmma_commit();
+
+    if constexpr (kDq) {
+      // dS^T to shared memory; dQ piece = dS K: A = dS^T read MN-major, B = K
+      // MN-major, reduction over the 128 keys.
+      store_packed_sw128(smem + T::kDsOff, kBlockN, key_row0, ds_frag, lane);
+      fence_proxy_async();
+      __syncthreads();
+      const uint32_t a_base = sDs + (T::kDqSplitRows ? wg * kPanelN : 0);
+      const uint32_t b_base = sK + (T::kDqSplitRows ? 0 : wg * kPanelN);
+      float acc_dq[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kBlockN / 16; ++s) {
+        wgmma_ss<Element, 64, 1, 1>(acc_dq, make_desc(a_base + s * 16 * kLine, kPanelN, kSbo),
+                                    make_desc(b_base + s * 16 * kLine, kPanelN, kSbo), s > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc_dq);
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+
+      const int64_t dq_row_stride = int64_t(p.nheads) * kHeadDim;
+      const int row = m0 + dq_row0 + g;
+      float* dst = p.dq_accum + (int64_t(b) * p.seqlen_q * p.nheads + h) * kHeadDim + row * dq_row_stride +
+                   dq_col0 + 2 * t;
+      float* dst8 = dst + 8 * dq_row_stride;
+      const bool in0 = row < p.seqlen_q, in8 = row + 8 < p.seqlen_q;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (in0) atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
+        if (in8) atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
+      }
+    } else {
+      wgmma_wait<0>();
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+    }
+  }
+
+  // Epilogue: dK = scale * dS^T Q, dV as accumulated; written in the input dtype.
+  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
+  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 8; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = n0 + key_row0 + g + 8 * half;
+      if (key < p.seqlen_k) {
+        const int col = 8 * j + 2 * t;
+        *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
+            pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale, acc_dk[j][2 * half + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
+            pack2<Element>(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]);
+      }
+    }
+  }
+#endif  // FLASH_SM90_ENABLED
+}
+
+}  // namespace sm90
+}  // namespace flash
