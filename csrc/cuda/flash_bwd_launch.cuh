@@ -15,6 +15,7 @@
 #include "flash_bwd_pre_post.cuh"
 #include "flash_launch.h"
 #include "hopper/flash_bwd_sm90_kernel.cuh"
+#include "hopper/sm90_dispatch.cuh"
 
 namespace flash {
 
@@ -53,26 +54,9 @@ void launch_dkdv(const FlashBwdParams& params, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Hopper: the wgmma kernel (hopper/flash_bwd_sm90_kernel.cuh) for head dims
-// 64 and 128 when this build has sm_90a code (setup.py defines
-// FLASH_ATTN_EXT_SM90) and the device is compute capability 9.0.
-template <int kHeadDim>
-constexpr bool kHasSm90Bwd =
-#ifdef FLASH_ATTN_EXT_SM90
-    kHeadDim == 64 || kHeadDim == 128;
-#else
-    false;
-#endif
+// Hopper: the wgmma kernel (hopper/flash_bwd_sm90_kernel.cuh); see hopper/sm90_dispatch.cuh.
 template <typename Element, int kHeadDim>
 using Sm90BwdTraitsFor = sm90::BwdTraits<Element, kHeadDim, (kHeadDim == 64 ? 128 : 64)>;
-
-inline bool device_is_sm90() {
-  int device = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
-}
 
 template <typename T>
 void launch_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
@@ -109,8 +93,8 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     using T2 = flash::BwdTraitsFor<Element, kHeadDim, 2>;
-    if constexpr (flash::kHasSm90Bwd<kHeadDim>) {
-      if (flash::device_is_sm90()) {
+    if constexpr (flash::sm90::kHasBwd<kHeadDim>) {
+      if (flash::sm90::device_is_sm90()) {
         flash::launch_dkdv_sm90<flash::Sm90BwdTraitsFor<Element, kHeadDim>>(params, stream);
       } else {
         flash::launch_dkdv<T2>(params, stream);

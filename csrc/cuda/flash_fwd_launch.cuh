@@ -12,6 +12,8 @@
 
 #include "flash_fwd_kernel.cuh"
 #include "flash_launch.h"
+#include "hopper/flash_fwd_sm90_kernel.cuh"
+#include "hopper/sm90_dispatch.cuh"
 
 namespace flash {
 
@@ -102,6 +104,22 @@ struct FwdConfig<Element, 256> {
 template <typename Element, int kHeadDim>
 using FwdSmallSmemTraits = FwdTraits<Element, kHeadDim, 64, 32, 4, false, 2>;
 
+// Hopper (hopper/flash_fwd_sm90_kernel.cuh): 128-row query blocks; 128-key
+// blocks up to head dim 128, 64 at 256 (O alone takes 128 registers there).
+template <typename Element, int kHeadDim>
+using Sm90FwdTraitsFor = sm90::FwdTraits<Element, kHeadDim, (kHeadDim <= 128 ? 128 : 64)>;
+
+template <typename T>
+void launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
+  auto kernel = params.bias != nullptr ? &sm90::flash_fwd_sm90_kernel<T, true> : &sm90::flash_fwd_sm90_kernel<T, false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
+  const int64_t num_m_blocks = (params.seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int64_t grid = num_m_blocks * params.batch * params.nheads;
+  TORCH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
+  kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace flash
 
 template <typename Element, int kHeadDim, bool kIsCausal>
@@ -109,6 +127,11 @@ void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   // kIsCausal only selects the instantiation: masking (causal, sliding
   // window, ragged ends) is described at run time by MaskGeometry.
   using Traits = typename flash::FwdConfig<Element, kHeadDim>::Traits;
+  if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
+    if (flash::sm90::device_is_sm90()) {
+      return flash::launch_flash_fwd_sm90<flash::Sm90FwdTraitsFor<Element, kHeadDim>>(params, stream);
+    }
+  }
 #ifdef FLASH_FWD_TUNE
   // Development builds only (nvcc -DFLASH_FWD_TUNE, e.g. NVCC_APPEND_FLAGS):
   // FLASH_FWD_CFG=1 runs the runner-up tiling, for A/B timing in one process.

@@ -76,6 +76,22 @@ struct OnlineSoftmax {
   template <bool kCheckRescale, int kNT, int kDT>
   __device__ __forceinline__ void update(float (&s)[kMT][kNT][4], float (&acc_o)[kMT][kDT][4], float scale_log2) {
     float factor[kMT][2];
+    update_stats(s, factor, scale_log2);
+    bool rescale_o = true;
+    if constexpr (kCheckRescale) {
+      bool moved = false;
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi) moved |= (factor[mi][0] != 1.f) | (factor[mi][1] != 1.f);
+      rescale_o = __any_sync(0xffffffffu, moved);
+    }
+    if (rescale_o) rescale(acc_o, factor);
+  }
+
+  // update() without touching acc_o: the statistics and P, plus the factors
+  // acc_o must still be multiplied by (rescale), for kernels whose acc_o is
+  // being written by an asynchronous MMA at this point.
+  template <int kNT>
+  __device__ __forceinline__ void update_stats(float (&s)[kMT][kNT][4], float (&factor)[kMT][2], float scale_log2) {
     float m_use[kMT][2];
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
@@ -97,25 +113,6 @@ struct OnlineSoftmax {
         row_sum[mi][hr] *= factor[mi][hr];
       }
     }
-    bool rescale = true;
-    if constexpr (kCheckRescale) {
-      bool moved = false;
-#pragma unroll
-      for (int mi = 0; mi < kMT; ++mi) moved |= (factor[mi][0] != 1.f) | (factor[mi][1] != 1.f);
-      rescale = __any_sync(0xffffffffu, moved);
-    }
-    if (rescale) {
-#pragma unroll
-      for (int mi = 0; mi < kMT; ++mi) {
-#pragma unroll
-        for (int dj = 0; dj < kDT; ++dj) {
-          acc_o[mi][dj][0] *= factor[mi][0];
-          acc_o[mi][dj][1] *= factor[mi][0];
-          acc_o[mi][dj][2] *= factor[mi][1];
-          acc_o[mi][dj][3] *= factor[mi][1];
-        }
-      }
-    }
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -132,6 +129,20 @@ struct OnlineSoftmax {
           }
         }
         row_sum[mi][hr] += rs;
+      }
+    }
+  }
+
+  template <int kDT>
+  __device__ __forceinline__ static void rescale(float (&acc_o)[kMT][kDT][4], const float (&factor)[kMT][2]) {
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int dj = 0; dj < kDT; ++dj) {
+        acc_o[mi][dj][0] *= factor[mi][0];
+        acc_o[mi][dj][1] *= factor[mi][0];
+        acc_o[mi][dj][2] *= factor[mi][1];
+        acc_o[mi][dj][3] *= factor[mi][1];
       }
     }
   }

@@ -1,0 +1,261 @@
+// FlashAttention forward on Hopper warpgroup MMAs (sm_90a), head dims 64, 128
+// and 256. One thread block per (query block of 128 rows, head, batch); two
+// warpgroups own 64 rows each (wgmma's M). Per key block j (last to first, so
+// the blocks that need masking come first):
+//     S = Q K_j^T  (wgmma, Q and K_j read in place from swizzled smem)
+//     online softmax in registers (softmax.cuh), P as the register A operand
+//     O += P V_j   (wgmma, V_j read MN-major)
+// Software pipeline inside each warpgroup: S_{j+1} = Q K_{j+1}^T is issued
+// together with O += P_j V_j, and the softmax of S_{j+1} runs while the P V
+// product is still on the tensor cores; only the rescale of O by the new row
+// maxima waits for it (OnlineSoftmax::update_stats / rescale). K and V are
+// double-buffered with cp.async, one barrier per key block.
+#pragma once
+
+#include "../../flash_params.h"
+#include "../mask.cuh"
+#include "../softmax.cuh"
+#include "wgmma.cuh"
+
+namespace flash {
+namespace sm90 {
+
+template <typename Element_, int kHeadDim_, int kBlockN_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = 128, kBlockN = kBlockN_;
+  static constexpr int kNThreads = 256;  // two warpgroups x 64 query rows
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + kQBytes;     // 2 stages
+  static constexpr int kVOff = kKOff + 2 * kKVBytes;  // 2 stages
+  static constexpr int kSmemBytes = kVOff + 2 * kKVBytes + 1024;  // + realignment to the swizzle atom
+  static_assert(kHeadDim % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "unsupported tile");
+};
+
+// O (64 x kHeadDim) += P (64 x kBlockN, register A fragments) V, V (kBlockN x
+// kHeadDim) in SW128 panels of kBlockN rows, read MN-major; N is issued in
+// pieces of at most 128 columns.
+template <typename Element, int kHeadDim, int kBlockN>
+__device__ __forceinline__ void gemm_pv(float (&acc_o)[kHeadDim / 8][4], const uint32_t (&p)[kBlockN / 16][4],
+                                        uint32_t sV) {
+  constexpr int kN = kHeadDim < 128 ? kHeadDim : 128;
+  constexpr uint32_t kPanel = kBlockN * kLineBytes;
+#pragma unroll
+  for (int s = 0; s < kBlockN / 16; ++s) {
+#pragma unroll
+    for (int n = 0; n < kHeadDim / kN; ++n) {
+      auto& acc = *reinterpret_cast<float(*)[kN / 8][4]>(&acc_o[n * kN / 8]);
+      wgmma_rs<Element, kN, 1>(acc, p[s], make_desc(sV + n * (kN / 64) * kPanel + s * 16 * kLineBytes, kPanel, 8 * kLineBytes),
+                               true);
+    }
+  }
+}
+
+// S (64 x kBlockN) = Q_wg K^T, both K-major.
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN>
+__device__ __forceinline__ void gemm_qk(float (&s)[kBlockN / 8][4], uint32_t sQ_wg, uint32_t sK) {
+#pragma unroll
+  for (int k = 0; k < kHeadDim / 16; ++k) {
+    const uint32_t q = sQ_wg + (k / 4) * kBlockM * kLineBytes + (k % 4) * 32;
+    const uint32_t kk = sK + (k / 4) * kBlockN * kLineBytes + (k % 4) * 32;
+    wgmma_ss<Element, kBlockN, 0, 0>(s, make_desc(q, 16, 8 * kLineBytes), make_desc(kk, 16, 8 * kLineBytes), k > 0);
+  }
+}
+
+template <typename T, bool kHasBias>
+__global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ FlashFwdParams p) {
+#ifdef FLASH_SM90_ENABLED
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
+  constexpr int kNT = kBlockN / 8, kDT = kHeadDim / 8;
+  extern __shared__ char smem_raw[];
+  char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const uint32_t sQ = smem_u32(smem) + T::kQOff, sK = smem_u32(smem) + T::kKOff, sV = smem_u32(smem) + T::kVOff;
+
+  // Heaviest query blocks first (causal), so short ones fill the tail.
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_block = num_m_blocks - 1 - int(blockIdx.x % num_m_blocks);
+  const int bh = blockIdx.x / num_m_blocks;
+  const int h = bh % p.nheads, b = bh / p.nheads;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wg = warp / 4, g = lane / 4, t = lane % 4;
+  const int row0 = m_block * kBlockM;
+  const int wg_row0 = row0 + 64 * wg;                  // this warpgroup's first row
+  const int warp_row0 = wg_row0 + 16 * (warp % 4);     // this warp's first row
+
+  const MaskGeometry geo(p);
+  const int n_begin = geo.n_block_begin(row0, kBlockN);
+  const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
+  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_out = p.softmax_lse + int64_t(bh) * p.seqlen_q;
+
+  if (n_begin >= n_end) {  // no key visible to any row: out = 0, lse = +inf
+    for (int idx = tid; idx < kBlockM * (kHeadDim / 8); idx += T::kNThreads) {
+      const int r = idx / (kHeadDim / 8), c = idx % (kHeadDim / 8);
+      if (row0 + r < p.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
+    }
+    for (int r = tid; r < kBlockM; r += T::kNThreads) {
+      if (row0 + r < p.seqlen_q) lse_out[row0 + r] = INFINITY;
+    }
+    return;
+  }
+
+  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  auto load_k = [&](int nb, int stage) {
+    load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kKOff + stage * T::kKVBytes, k, p.k_row_stride,
+                                                     nb * kBlockN, p.seqlen_k, tid);
+  };
+  auto load_v = [&](int nb, int stage) {
+    load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kVOff + stage * T::kKVBytes, v, p.v_row_stride,
+                                                     nb * kBlockN, p.seqlen_k, tid);
+  };
+
+  const Element* bias = kHasBias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride +
+                                       h * p.bias_head_stride
+                                 : nullptr;
+  // Scores of key block nb to probabilities (P in place), returning the
+  // factors O must be rescaled by.
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+  auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
+    const int col0 = nb * kBlockN;
+    float scale_log2 = p.softmax_scale_log2;
+    if constexpr (kHasBias) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = warp_row0 + 8 * hr + g;
+        const int64_t row_off = int64_t(row) * p.bias_row_stride;
+#pragma unroll
+        for (int nj = 0; nj < kNT; ++nj) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = col0 + 8 * nj + 2 * t + e;
+            const float bv = (row < p.seqlen_q && col < p.seqlen_k)
+                                 ? to_float(bias[row_off + int64_t(col) * p.bias_col_stride])
+                                 : 0.f;
+            s[0][nj][2 * hr + e] = fmaf(s[0][nj][2 * hr + e], scale_log2, bv * float(M_LOG2E));
+          }
+        }
+      }
+      scale_log2 = 1.f;
+    }
+    if (!geo.tile_fully_visible(wg_row0, 64, col0, kBlockN)) {
+      asm volatile("");  // keep a warpgroup-uniform branch
+      apply_mask(s, geo, warp_row0, col0, lane);
+    }
+    softmax.update_stats(s, factor, scale_log2);
+  };
+
+  // Prologue: Q and the first K, then V of the first block and K of the second.
+  const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
+  load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kQOff, q, p.q_row_stride, row0, p.seqlen_q, tid);
+  load_k(n_end - 1, 0);
+  cp_async_commit();
+  load_v(n_end - 1, 0);
+  if (count > 1) load_k(n_end - 2, 1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  fence_proxy_async();
+  __syncthreads();
+
+  const uint32_t sQ_wg = sQ + 64 * wg * kLineBytes;
+  float acc_o[1][kDT][4] = {};
+  float s[1][kNT][4];
+  float factor[1][2];
+  wgmma_fence();
+  gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s[0]);
+  softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
+  uint32_t p_frag[kBlockN / 16][4];
+
+  // Iteration i: [barrier: V(i), K(i + 1) landed; everyone is done with
+  // K(i) and V(i - 1)] issue V(i + 1), K(i + 2); S(i + 1) = Q K(i + 1)^T and
+  // O += P(i) V(i) on the tensor cores; softmax(S(i + 1)) under O += P V;
+  // rescale O. The last block (no S to compute) is peeled off, which keeps
+  // the loop body free of branches around the wgmmas: ptxas serializes them
+  // otherwise.
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      p_frag[kk][0] = pack2<Element>(s[0][2 * kk][0], s[0][2 * kk][1]);
+      p_frag[kk][1] = pack2<Element>(s[0][2 * kk][2], s[0][2 * kk][3]);
+      p_frag[kk][2] = pack2<Element>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      p_frag[kk][3] = pack2<Element>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+  };
+  auto barrier_and_prefetch = [&](int i) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (i + 1 < count) load_v(n_end - 2 - i, (i + 1) % 2);
+    if (i + 2 < count) load_k(n_end - 3 - i, i % 2);
+    cp_async_commit();
+  };
+  for (int i = 0; i < count - 1; ++i) {
+    pack_p();
+    barrier_and_prefetch(i);
+    wgmma_fence();
+    gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + ((i + 1) % 2) * T::kKVBytes);
+    wgmma_commit();
+    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + (i % 2) * T::kKVBytes);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(s[0]);
+    softmax_block(s, factor, n_end - 2 - i);
+    wgmma_wait<0>();
+    fence_regs(acc_o[0]);
+    fence_regs(p_frag);
+    OnlineSoftmax<1>::rescale(acc_o, factor);
+  }
+  pack_p();
+  barrier_and_prefetch(count - 1);
+  wgmma_fence();
+  gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + ((count - 1) % 2) * T::kKVBytes);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(acc_o[0]);
+  fence_regs(p_frag);
+
+  // Epilogue: O / rowsum through this warpgroup's own rows of the Q tile (no
+  // other warpgroup reads them), then coalesced 16-byte stores.
+  float inv_sum[1][2], lse[1][2];
+  softmax.finalize(inv_sum, lse);
+  if (t == 0) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = warp_row0 + 8 * hr + g;
+      if (row < p.seqlen_q) lse_out[row] = lse[0][hr];
+    }
+  }
+#pragma unroll
+  for (int dj = 0; dj < kDT; ++dj) {
+    acc_o[0][dj][0] *= inv_sum[0][0], acc_o[0][dj][1] *= inv_sum[0][0];
+    acc_o[0][dj][2] *= inv_sum[0][1], acc_o[0][dj][3] *= inv_sum[0][1];
+  }
+  const int r_in_tile = 64 * wg + 16 * (warp % 4);
+  store_frag_sw128<kHeadDim, Element>(smem + T::kQOff, kBlockM, r_in_tile, 0, acc_o[0], lane);
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup's rows are written
+  constexpr int kChunks = kHeadDim / 8;
+  const int wtid = tid % 128;
+#pragma unroll
+  for (int i = 0; i < 64 * kChunks / 128; ++i) {
+    const int idx = wtid + 128 * i;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int row = wg_row0 + r;
+    if (row < p.seqlen_q) {
+      *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(smem + T::kQOff + swizzled_offset(kBlockM, 64 * wg + r, c * 8));
+    }
+  }
+#endif  // FLASH_SM90_ENABLED
+}
+
+}  // namespace sm90
+}  // namespace flash
