@@ -87,26 +87,30 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     flash::flash_bwd_preprocess_kernel<Element, kHeadDim><<<dim3(pre_blocks), kPreThreads, 0, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // Two Q/dO stages when they fit the device's shared memory (always on
-    // H100; A100 falls back to one stage for head dims 192/256).
-    int device = 0, max_smem = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    using T2 = flash::BwdTraitsFor<Element, kHeadDim, 2>;
+    // Hopper: the wgmma kernel. Elsewhere the mma.sync kernel, with two Q/dO
+    // stages when they fit the device's shared memory (A100 falls back to one
+    // stage for head dims 192/256).
+    bool launched = false;
     if constexpr (flash::sm90::kHasBwd<kHeadDim>) {
       if (flash::sm90::device_is_sm90()) {
         flash::launch_dkdv_sm90<flash::Sm90BwdTraitsFor<Element, kHeadDim>>(params, stream);
-      } else {
-        flash::launch_dkdv<T2>(params, stream);
+        launched = true;
       }
-    } else if constexpr (kHeadDim <= 128) {
-      flash::launch_dkdv<T2>(params, stream);
-    } else {
-      using T1 = flash::BwdTraitsFor<Element, kHeadDim, 1>;
-      if (T2::kSmemBytes <= max_smem) {
+    }
+    if (!launched) {
+      using T2 = flash::BwdTraitsFor<Element, kHeadDim, 2>;
+      if constexpr (kHeadDim <= 128) {
         flash::launch_dkdv<T2>(params, stream);
       } else {
-        flash::launch_dkdv<T1>(params, stream);
+        using T1 = flash::BwdTraitsFor<Element, kHeadDim, 1>;
+        int device = 0, max_smem = 0;
+        C10_CUDA_CHECK(cudaGetDevice(&device));
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        if (T2::kSmemBytes <= max_smem) {
+          flash::launch_dkdv<T2>(params, stream);
+        } else {
+          flash::launch_dkdv<T1>(params, stream);
+        }
       }
     }
 

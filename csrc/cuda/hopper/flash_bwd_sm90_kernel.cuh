@@ -1,5 +1,5 @@
-// FlashAttention backward on Hopper warpgroup MMAs (sm_90a), head dims 64 and
-// 128. Same algorithm and grid as flash_bwd_kernel.cuh -- one thread block per
+// FlashAttention backward on Hopper warpgroup MMAs (sm_90a), head dims 64,
+// 128 and 256. Same algorithm and grid as flash_bwd_kernel.cuh -- one thread block per
 // (key block, head, batch) keeps K_j, V_j in shared memory and dK_j, dV_j in
 // registers and walks the query blocks i that can see key block j:
 //     S^T  = K_j Q_i^T          P^T  = exp(scale * S^T + bias - lse)
@@ -10,12 +10,19 @@
 // Q_i and dO_i through ldmatrix for each of its four products, which made it
 // shared-memory-bandwidth bound.
 //
-// Work split: two warpgroups, each owning 64 of the 128 keys (wgmma's M = 64).
-// P^T and dS^T stay in registers as the A operand of the dV / dK products;
-// dS^T also goes to shared memory for dQ = dS K_j, which the two warpgroups
-// split (by query rows when kBlockM = 128, by head-dim halves when 64) and
-// add into the fp32 dq_accum with vector atomics. Q_i / dO_i (with their
-// LSE / D) are double-buffered with cp.async: block i + 1 loads while i computes.
+// Work split over two warpgroups (wgmma's M = 64 rows each):
+//  * head dim <= 128: each warpgroup owns 64 of 128 keys, all of the head
+//    dim. P^T and dS^T stay in registers as the A operand of the dV / dK
+//    products; dS^T also goes to shared memory for dQ = dS K_j.
+//  * head dim 256 (kPInSmem): the dK / dV accumulators of a 64-key row take
+//    256 registers, so the warpgroups split the head dim of dK / dV instead
+//    (64 keys, 128 columns each). Each computes S^T / dP^T for half of the
+//    queries and both halves of P^T / dS^T meet in shared memory, from where
+//    the dV / dK products read them.
+// dQ_i is split into one piece per warpgroup (query rows when kBlockM = 128,
+// head-dim halves otherwise) and added into the fp32 dq_accum with vector
+// atomics. Q_i / dO_i (with their LSE / D) are double-buffered with cp.async:
+// block i + 1 loads while i computes.
 #pragma once
 
 #include "../../flash_params.h"
@@ -29,24 +36,30 @@ namespace sm90 {
 template <typename Element_, int kHeadDim_, int kBlockM_>
 struct BwdTraits {
   using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = 128;
-  static constexpr int kNThreads = 256;            // two warpgroups
-  static constexpr int kKeysPerWarpgroup = 64;     // wgmma M
-  // dQ (kBlockM x kHeadDim) is split over the warpgroups into 64 x 64 pieces.
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_;
+  static constexpr bool kPInSmem = kHeadDim > 128;
+  static constexpr int kBlockN = kPInSmem ? 64 : 128;
+  static constexpr int kNThreads = 256;  // two warpgroups
+  static_assert((kBlockM == 128 && kHeadDim == 64) || (kBlockM == 64 && (kHeadDim == 128 || kHeadDim == 256)),
+                "supported tiles: (kBlockM, kHeadDim) = (128, 64), (64, 128) or (64, 256)");
+  // Per warpgroup: S^T / dP^T are 64 keys x kSN queries, dK / dV 64 keys x
+  // kDkvN head-dim columns, the dQ piece kDqM x kDqN.
+  static constexpr int kSN = kPInSmem ? kBlockM / 2 : kBlockM;
+  static constexpr int kDkvN = kPInSmem ? kHeadDim / 2 : kHeadDim;
   static constexpr bool kDqSplitRows = kBlockM == 128;
-  static_assert((kBlockM == 128 && kHeadDim == 64) || (kBlockM == 64 && kHeadDim == 128),
-                "supported tiles: (kBlockM, kHeadDim) = (128, 64) or (64, 128)");
+  static constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / 2;
 
   // Tiles in SW128 panels (wgmma.cuh); every offset is a multiple of 1024.
   static constexpr int kTileN = kBlockN * kHeadDim * 2;   // K_j or V_j
   static constexpr int kTileM = kBlockM * kHeadDim * 2;   // one stage of Q_i or dO_i
-  static constexpr int kTileDs = kBlockN * kBlockM * 2;   // dS^T (keys x queries)
+  static constexpr int kTileDs = kBlockN * kBlockM * 2;   // dS^T (keys x queries), and P^T
   static constexpr int kKOff = 0;
   static constexpr int kVOff = kKOff + kTileN;
   static constexpr int kQOff = kVOff + kTileN;            // 2 stages
   static constexpr int kDoOff = kQOff + 2 * kTileM;       // 2 stages
   static constexpr int kDsOff = kDoOff + 2 * kTileM;
-  static constexpr int kLseOff = kDsOff + kTileDs;        // 2 stages of kBlockM floats
+  static constexpr int kPOff = kDsOff + kTileDs;          // kPInSmem only
+  static constexpr int kLseOff = kPOff + (kPInSmem ? kTileDs : 0);  // 2 stages of kBlockM floats
   static constexpr int kDeltaOff = kLseOff + 2 * kBlockM * 4;
   // + 1024: the dynamic shared memory base is realigned to the swizzle atom.
   static constexpr int kSmemBytes = kDeltaOff + 2 * kBlockM * 4 + 1024;
@@ -55,12 +68,12 @@ struct BwdTraits {
 // Packed A fragments (k-slices of 16 columns) of a 16 x kN strip into an
 // SW128 tile with `rows` rows at (row0, col0).
 template <int kSlices>
-__device__ __forceinline__ void store_packed_sw128(char* smem, int rows, int row0, const uint32_t (&a)[kSlices][4],
-                                                   int lane) {
+__device__ __forceinline__ void store_packed_sw128(char* smem, int rows, int row0, int col0,
+                                                   const uint32_t (&a)[kSlices][4], int lane) {
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int s = 0; s < kSlices; ++s) {
-    const int col = 16 * s + 2 * t;
+    const int col = col0 + 16 * s + 2 * t;
     *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col)) = a[s][0];
     *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g + 8, col)) = a[s][1];
     *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col + 8)) = a[s][2];
@@ -85,6 +98,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
+  constexpr int kSN = T::kSN, kDkvN = T::kDkvN, kDqN = T::kDqN;
   constexpr int kLine = kLineBytes;
   extern __shared__ char smem_raw[];
   char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -128,15 +142,18 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   if (m_begin < m_end) load_q_stage(m_begin, 0);
   cp_async_commit();
 
-  // This warpgroup's keys within the block, and this thread's accumulator rows.
-  const int wg_key0 = wg * T::kKeysPerWarpgroup;
-  const int key_row0 = wg_key0 + 16 * warp_in_wg;  // + g and + g + 8
-  // Its 64 x 64 piece of dQ_i.
+  // This warpgroup's part: keys [wg_key0, wg_key0 + 64) x queries
+  // [q_col0, q_col0 + kSN) of S^T, head-dim columns [dkv_col0, + kDkvN) of
+  // dK / dV, and its dQ piece. This thread's accumulator rows are key_row0 + g (+ 8).
+  const int wg_key0 = T::kPInSmem ? 0 : 64 * wg;
+  const int q_col0 = T::kPInSmem ? kSN * wg : 0;
+  const int dkv_col0 = T::kPInSmem ? kDkvN * wg : 0;
+  const int key_row0 = wg_key0 + 16 * warp_in_wg;
   const int dq_row0 = (T::kDqSplitRows ? 64 * wg : 0) + 16 * warp_in_wg;
-  const int dq_col0 = T::kDqSplitRows ? 0 : 64 * wg;
+  const int dq_col0 = T::kDqSplitRows ? 0 : kDqN * wg;
 
-  float acc_dk[kHeadDim / 8][4] = {};
-  float acc_dv[kHeadDim / 8][4] = {};
+  float acc_dk[kDkvN / 8][4] = {};
+  float acc_dv[kDkvN / 8][4] = {};
 
   const bool has_bias = p.bias != nullptr;
   const Element* bias = has_bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride +
@@ -159,36 +176,39 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     cp_async_commit();
     const uint32_t sQ = s_base + T::kQOff + stage * T::kTileM;
     const uint32_t sDo = s_base + T::kDoOff + stage * T::kTileM;
-    const uint32_t sK = s_base + T::kKOff, sV = s_base + T::kVOff, sDs = s_base + T::kDsOff;
+    const uint32_t sK = s_base + T::kKOff, sV = s_base + T::kVOff;
+    const uint32_t sDs = s_base + T::kDsOff, sP = s_base + T::kPOff;
     const float* sLse = reinterpret_cast<const float*>(smem + T::kLseOff) + stage * kBlockM;
     const float* sDelta = reinterpret_cast<const float*>(smem + T::kDeltaOff) + stage * kBlockM;
     const int m0 = m_block * kBlockM;
 
-    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys: both
-    // operands K-major (the head dim runs along the rows).
-    float acc_s[kBlockM / 8][4], acc_dp[kBlockM / 8][4];
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's keys x queries:
+    // both operands K-major (the head dim runs along the rows).
+    float acc_s[kSN / 8][4], acc_dp[kSN / 8][4];
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kHeadDim / 16; ++s) {
-      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32, qoff = (s / 4) * kPanelM + (s % 4) * 32;
-      wgmma_ss<Element, kBlockM, 0, 0>(acc_s, make_desc(sK + koff, 16, kSbo), make_desc(sQ + qoff, 16, kSbo), s > 0);
+      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32;
+      const uint32_t qoff = (s / 4) * kPanelM + q_col0 * kLine + (s % 4) * 32;
+      wgmma_ss<Element, kSN, 0, 0>(acc_s, make_desc(sK + koff, 16, kSbo), make_desc(sQ + qoff, 16, kSbo), s > 0);
     }
     wgmma_commit();
 #pragma unroll
     for (int s = 0; s < kHeadDim / 16; ++s) {
-      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32, qoff = (s / 4) * kPanelM + (s % 4) * 32;
-      wgmma_ss<Element, kBlockM, 0, 0>(acc_dp, make_desc(sV + koff, 16, kSbo), make_desc(sDo + qoff, 16, kSbo), s > 0);
+      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32;
+      const uint32_t qoff = (s / 4) * kPanelM + q_col0 * kLine + (s % 4) * 32;
+      wgmma_ss<Element, kSN, 0, 0>(acc_dp, make_desc(sV + koff, 16, kSbo), make_desc(sDo + qoff, 16, kSbo), s > 0);
     }
     wgmma_commit();
 
     // P^T = exp2(S^T * scale * log2e - lse * log2e) while dP^T is still running.
     wgmma_wait<1>();
     fence_regs(acc_s);
-    const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0 + wg_key0, T::kKeysPerWarpgroup);
+    const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
     if (!need_mask && !has_bias) {
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
-        const float2 l = *reinterpret_cast<const float2*>(sLse + 8 * j + 2 * t);
+      for (int j = 0; j < kSN / 8; ++j) {
+        const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
         const float l0 = l.x * kLog2e, l1 = l.y * kLog2e;
         acc_s[j][0] = exp2_fast(acc_s[j][0] * p.softmax_scale_log2 - l0);
         acc_s[j][1] = exp2_fast(acc_s[j][1] * p.softmax_scale_log2 - l1);
@@ -197,11 +217,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       }
     } else {
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
+      for (int j = 0; j < kSN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
-          const int col = 8 * j + 2 * t + (e % 2), row = m0 + col;
+          const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
           const bool inside = row < p.seqlen_q && key < p.seqlen_k;
           float x = acc_s[j][e] * p.softmax_scale_log2 - sLse[col] * kLog2e;
           if (has_bias && inside) x += to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) * kLog2e;
@@ -210,57 +230,82 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
         }
       }
     }
-    uint32_t p_frag[kBlockM / 16][4];
+    uint32_t p_frag[kSN / 16][4];
     pack_a_frags<Element>(p_frag, acc_s);
 
     wgmma_wait<0>();
     fence_regs(acc_dp);
 #pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
-      const float2 d = *reinterpret_cast<const float2*>(sDelta + 8 * j + 2 * t);
+    for (int j = 0; j < kSN / 8; ++j) {
+      const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
       acc_dp[j][0] = acc_s[j][0] * (acc_dp[j][0] - d.x), acc_dp[j][1] = acc_s[j][1] * (acc_dp[j][1] - d.y);
       acc_dp[j][2] = acc_s[j][2] * (acc_dp[j][2] - d.x), acc_dp[j][3] = acc_s[j][3] * (acc_dp[j][3] - d.y);
     }
     if (dbias != nullptr) {
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
+      for (int j = 0; j < kSN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = n0 + key_row0 + g + 8 * (e / 2), row = m0 + 8 * j + 2 * t + (e % 2);
+          const int key = n0 + key_row0 + g + 8 * (e / 2), row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
           if (row < p.seqlen_q && key < p.seqlen_k) dbias[int64_t(row) * p.seqlen_k + key] = from_float<Element>(acc_dp[j][e]);
         }
       }
     }
-    uint32_t ds_frag[kBlockM / 16][4];
+    uint32_t ds_frag[kSN / 16][4];
     pack_a_frags<Element>(ds_frag, acc_dp);
 
-    // dV += P^T dO, dK += dS^T Q: A from registers, B MN-major (the query
-    // rows are the reduction dim), N = the whole head dim.
-    wgmma_fence();
+    // dV += P^T dO, dK += dS^T Q (B MN-major: the query rows are the
+    // reduction dim), then dS^T to shared memory for dQ.
+    if constexpr (!T::kPInSmem) {
+      // A from registers, N = the whole head dim.
+      wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < kBlockM / 16; ++s) {
-      wgmma_rs<Element, kHeadDim, 1>(acc_dv, p_frag[s], make_desc(sDo + s * 16 * kLine, kPanelM, kSbo), true);
-    }
+      for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_rs<Element, kDkvN, 1>(acc_dv, p_frag[s], make_desc(sDo + s * 16 * kLine, kPanelM, kSbo), true);
+      }
 #pragma unroll
-    for (int s = 0; s < kBlockM / 16; ++s) {
-      wgmma_rs<Element, kHeadDim, 1>(acc_dk, ds_frag[s], make_desc(sQ + s * 16 * kLine, kPanelM, kSbo), true);
-    }
-    wgmma_commit();
-
-    if constexpr (kDq) {
-      // dS^T to shared memory; dQ piece = dS K: A = dS^T read MN-major, B = K
-      // MN-major, reduction over the 128 keys.
-      store_packed_sw128(smem + T::kDsOff, kBlockN, key_row0, ds_frag, lane);
+      for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_rs<Element, kDkvN, 1>(acc_dk, ds_frag[s], make_desc(sQ + s * 16 * kLine, kPanelM, kSbo), true);
+      }
+      wgmma_commit();
+      if constexpr (kDq) store_packed_sw128(smem + T::kDsOff, kBlockN, key_row0, q_col0, ds_frag, lane);
+    } else {
+      // Both warpgroups' halves of P^T / dS^T meet in shared memory; A is
+      // read from there K-major, B is this warpgroup's head-dim half.
+      store_packed_sw128(smem + T::kPOff, kBlockN, key_row0, q_col0, p_frag, lane);
+      store_packed_sw128(smem + T::kDsOff, kBlockN, key_row0, q_col0, ds_frag, lane);
       fence_proxy_async();
       __syncthreads();
+      const uint32_t col_off = (dkv_col0 / 64) * kPanelM;
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_ss<Element, kDkvN, 0, 1>(acc_dv, make_desc(sP + s * 32, 16, kSbo),
+                                       make_desc(sDo + col_off + s * 16 * kLine, kPanelM, kSbo), true);
+      }
+#pragma unroll
+      for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_ss<Element, kDkvN, 0, 1>(acc_dk, make_desc(sDs + s * 32, 16, kSbo),
+                                       make_desc(sQ + col_off + s * 16 * kLine, kPanelM, kSbo), true);
+      }
+      wgmma_commit();
+    }
+
+    if constexpr (kDq) {
+      // dQ piece = dS K: A = dS^T read MN-major, B = K MN-major, reduction
+      // over the kBlockN keys.
+      if constexpr (!T::kPInSmem) {
+        fence_proxy_async();
+        __syncthreads();
+      }
       const uint32_t a_base = sDs + (T::kDqSplitRows ? wg * kPanelN : 0);
-      const uint32_t b_base = sK + (T::kDqSplitRows ? 0 : wg * kPanelN);
-      float acc_dq[8][4];
+      const uint32_t b_base = sK + (dq_col0 / 64) * kPanelN;
+      float acc_dq[kDqN / 8][4];
       wgmma_fence();
 #pragma unroll
       for (int s = 0; s < kBlockN / 16; ++s) {
-        wgmma_ss<Element, 64, 1, 1>(acc_dq, make_desc(a_base + s * 16 * kLine, kPanelN, kSbo),
-                                    make_desc(b_base + s * 16 * kLine, kPanelN, kSbo), s > 0);
+        wgmma_ss<Element, kDqN, 1, 1>(acc_dq, make_desc(a_base + s * 16 * kLine, kPanelN, kSbo),
+                                      make_desc(b_base + s * 16 * kLine, kPanelN, kSbo), s > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -277,7 +322,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       float* dst8 = dst + 8 * dq_row_stride;
       const bool in0 = row < p.seqlen_q, in8 = row + 8 < p.seqlen_q;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kDqN / 8; ++j) {
         if (in0) atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
         if (in8) atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
       }
@@ -294,12 +339,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
   Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
 #pragma unroll
-  for (int j = 0; j < kHeadDim / 8; ++j) {
+  for (int j = 0; j < kDkvN / 8; ++j) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int key = n0 + key_row0 + g + 8 * half;
       if (key < p.seqlen_k) {
-        const int col = 8 * j + 2 * t;
+        const int col = dkv_col0 + 8 * j + 2 * t;
         *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
             pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale, acc_dk[j][2 * half + 1] * p.softmax_scale);
         *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =

@@ -19,7 +19,7 @@ inline constexpr bool kBuilt = false;
 template <int kHeadDim>
 inline constexpr bool kHasFwd = kBuilt && (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256);
 template <int kHeadDim>
-inline constexpr bool kHasBwd = kBuilt && (kHeadDim == 64 || kHeadDim == 128);
+inline constexpr bool kHasBwd = kBuilt && (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256);
 
 // Cached per device: asked on every launch.
 inline bool device_is_sm90() {

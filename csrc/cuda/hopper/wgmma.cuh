@@ -142,11 +142,13 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[kN][4]) {
 }
 
 #define FLASH_ACC4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FLASH_ACC_N32 FLASH_ACC4(0), FLASH_ACC4(1), FLASH_ACC4(2), FLASH_ACC4(3)
 #define FLASH_ACC_N64 \
   FLASH_ACC4(0), FLASH_ACC4(1), FLASH_ACC4(2), FLASH_ACC4(3), FLASH_ACC4(4), FLASH_ACC4(5), FLASH_ACC4(6), FLASH_ACC4(7)
 #define FLASH_ACC_N128                                                                                            \
   FLASH_ACC_N64, FLASH_ACC4(8), FLASH_ACC4(9), FLASH_ACC4(10), FLASH_ACC4(11), FLASH_ACC4(12), FLASH_ACC4(13), \
       FLASH_ACC4(14), FLASH_ACC4(15)
+#define FLASH_REGS_16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define FLASH_REGS_32                                                                                            \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -176,10 +178,13 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[kN][4]) {
 
 template <typename Element, int kN, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(kN == 64 || kN == 128, "wgmma_ss: N must be 64 or 128");
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N must be 32, 64 or 128");
 #ifdef FLASH_SM90_ENABLED
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
-  if constexpr (kN == 64) {
+  if constexpr (kN == 32) {
+    if constexpr (kBf16) FLASH_WGMMA_SS(32, "bf16", FLASH_REGS_16, FLASH_ACC_N32, "%16", "%17", "%18", "%19", "%20");
+    else FLASH_WGMMA_SS(32, "f16", FLASH_REGS_16, FLASH_ACC_N32, "%16", "%17", "%18", "%19", "%20");
+  } else if constexpr (kN == 64) {
     if constexpr (kBf16) FLASH_WGMMA_SS(64, "bf16", FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36");
     else FLASH_WGMMA_SS(64, "f16", FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36");
   } else {
@@ -209,8 +214,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (
 
 #undef FLASH_WGMMA_SS
 #undef FLASH_WGMMA_RS
+#undef FLASH_REGS_16
 #undef FLASH_REGS_32
 #undef FLASH_REGS_64
+#undef FLASH_ACC_N32
 #undef FLASH_ACC_N64
 #undef FLASH_ACC_N128
 #undef FLASH_ACC4
