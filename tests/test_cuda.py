@@ -5,7 +5,8 @@ Long sequences (32k), batch x heads beyond the 65535 grid limit, strided
 inputs (packed qkv, transposed (B, H, S, D) views), a non-default stream,
 CUDA-graph capture and replay, random (seqlen_q, seqlen_k) pairs, bit-exact
 repeats with deterministic=True (GQA too), head dims that are no compiled
-size (padded), and a second GPU. The whole module is skipped without CUDA.
+size (padded), which kernels run (Hopper wgmma or mma.sync, and the
+mma.sync ones checked on Hopper too), and a second GPU. The whole module is skipped without CUDA.
 
 Accuracy rule (tests/conftest.py): our max abs error against a float64
 reference is at most 2x PyTorch's own error in the same dtype plus a small
@@ -268,6 +269,56 @@ def test_cuda_graph_capture_and_replay(dtype):
         for name, g, e, r, lo in zip(("dq", "dk", "dv"), train_results[1:], eager_grads, ref_grads, low_grads):
             assert_close_to_ref(g, r, lo, f"graph {name}")
             assert_close_to_ref(e, r, lo, f"eager {name}")
+
+
+# --------------------------------------------------------------------------
+# Kernel selection: on compute capability 9.0 the Hopper (wgmma) kernels run
+# for head dims 64/128/256; FLASH_ATTN_EXT_DISABLE_SM90=1 selects the
+# mma.sync kernels that Ampere and Ada GPUs run, so an H100 tests both.
+
+IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
+
+
+def cuda_kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type.name == "CUDA" and "flash::" in e.name}
+
+
+@pytest.mark.parametrize("disable", [False, True], ids=["default", "sm90-disabled"])
+def test_kernel_selection(monkeypatch, disable):
+    if disable:
+        monkeypatch.setenv("FLASH_ATTN_EXT_DISABLE_SM90", "1")
+    q, k, v = (randn(1, 256, 2, 128).requires_grad_() for _ in range(3))
+
+    def fwd_bwd():
+        out = attn(q, k, v, causal=True)
+        out.backward(torch.randn_like(out))
+
+    names = cuda_kernel_names(fwd_bwd)
+    hopper = sorted(n for n in names if "sm90" in n)
+    if IS_SM90 and not disable:
+        assert any("flash_fwd_sm90_kernel" in n for n in hopper), names
+        assert any("flash_bwd_sm90_kernel" in n for n in hopper), names
+    else:
+        assert not hopper, hopper
+        assert any("flash_fwd_kernel" in n for n in names), names
+        assert any("flash_bwd_dkdv_kernel" in n for n in names), names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mma_sync_kernels_with_sm90_disabled(monkeypatch, dtype, headdim, causal):
+    """The mma.sync kernels stay exact for the head dims the Hopper kernels take over on an H100."""
+    monkeypatch.setenv("FLASH_ATTN_EXT_DISABLE_SM90", "1")
+    q = randn(2, 300, 4, headdim, dtype=dtype)
+    k = randn(2, 257, 2, headdim, dtype=dtype)
+    v = randn(2, 257, 2, headdim, dtype=dtype)
+    check_fwd_bwd([q, k, v], plain, causal=causal, name=f"mma.sync hd{headdim}")
 
 
 @pytest.mark.parametrize("nheads_k", [8, 2], ids=["mha", "gqa"])

@@ -238,8 +238,16 @@ def test_mask_composes_with_causal(device, seqlens):
     dout = torch.randn_like(ref)
     grads = torch.autograd.grad(out, args, dout.to(dtype))
     grads_ref = torch.autograd.grad(ref, ref_args, dout)
-    for name, a, b in zip(["out", "dq", "dk", "dv", "dbias"], (out,) + grads, (ref,) + grads_ref):
-        check(name, a, None, b, dtype if dtype == torch.float32 else torch.bfloat16)
+    # PyTorch's own error in the same dtype sets the bar (the 2x rule; the
+    # fixed slack alone made this flaky in bf16, whose input rounding alone
+    # moves dbias by up to ~1%).
+    low_args = [t.detach().clone().requires_grad_() for t in args]
+    low = reference(*(t.transpose(1, 2) for t in low_args[:3]), low_args[3], is_causal=True,
+                    scale=0.2).transpose(1, 2)
+    grads_low = torch.autograd.grad(low, low_args, dout.to(dtype))
+    for name, a, lo, b in zip(["out", "dq", "dk", "dv", "dbias"], (out,) + grads, (low,) + grads_low,
+                              (ref,) + grads_ref):
+        check(name, a, lo, b, dtype if dtype == torch.float32 else torch.bfloat16)
 
 
 def test_errors():

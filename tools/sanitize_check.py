@@ -28,6 +28,8 @@ CASES = [
     (1, 31, 200, 2, 2, 80, True),     # padded head dim (80 -> 96 or 128), seqlen_q < seqlen_k
     (1, 100, 100, 2, 2, 256, False),  # largest head dim
     (1, 1, 17, 1, 1, 32, False),      # single query
+    (2, 7, 7, 2, 2, 16, True),        # tiny: one partial tile, head dim 16 padded
+    (1, 300, 257, 4, 2, 64, True),    # several tiles (Hopper kernels: 128-row blocks)
 ]
 MISSING = ("not compiled in this build", "no CUDA kernel compiled", "Could not run 'flash_attn_ext::")
 
@@ -37,7 +39,12 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--one-dtype":
         dtypes = dtypes[:1]
     ran = skipped = bad = 0
-    for dtype in dtypes:
+    # Both kernel families: on compute capability 9.0 the Hopper kernels run by
+    # default and FLASH_ATTN_EXT_DISABLE_SM90=1 (read on every call) selects
+    # the mma.sync ones; elsewhere both passes run the mma.sync kernels.
+    runs = [(dtype, disable) for disable in ("0", "1") for dtype in dtypes]
+    for dtype, disable in runs:
+        os.environ["FLASH_ATTN_EXT_DISABLE_SM90"] = disable
         for B, Sq, Sk, H, Hk, D, causal in CASES:
             q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
@@ -54,7 +61,7 @@ def main() -> int:
             ran += 1
             if not all(torch.isfinite(t).all() for t in (out, *grads)):
                 bad += 1
-                print(f"non-finite result: {dtype} {(B, Sq, Sk, H, Hk, D, causal)}")
+                print(f"non-finite result: {dtype} {(B, Sq, Sk, H, Hk, D, causal)} sm90 disabled={disable}")
     print(f"sanitize_check: {ran} cases ran, {skipped} skipped (not in this build), {bad} non-finite")
     return 1 if bad or ran == 0 else 0
 

@@ -92,7 +92,7 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     // stage for head dims 192/256).
     bool launched = false;
     if constexpr (flash::sm90::kHasBwd<kHeadDim>) {
-      if (flash::sm90::device_is_sm90()) {
+      if (flash::sm90::enabled()) {
         flash::launch_dkdv_sm90<flash::Sm90BwdTraitsFor<Element, kHeadDim>>(params, stream);
         launched = true;
       }

@@ -128,7 +128,7 @@ void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   // window, ragged ends) is described at run time by MaskGeometry.
   using Traits = typename flash::FwdConfig<Element, kHeadDim>::Traits;
   if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
-    if (flash::sm90::device_is_sm90()) {
+    if (flash::sm90::enabled()) {
       return flash::launch_flash_fwd_sm90<flash::Sm90FwdTraitsFor<Element, kHeadDim>>(params, stream);
     }
   }

@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace flash {
 namespace sm90 {
 
@@ -34,6 +37,15 @@ inline bool device_is_sm90() {
     cache[device] = (major == 9 && minor == 0) ? 1 : 2;
   }
   return cache[device] == 1;
+}
+
+// FLASH_ATTN_EXT_DISABLE_SM90=1 (read on every call) runs the mma.sync
+// kernels on Hopper too: how the tests cover, on an H100, the code that
+// Ampere and Ada GPUs run.
+inline bool enabled() {
+  const char* off = std::getenv("FLASH_ATTN_EXT_DISABLE_SM90");
+  if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
+  return device_is_sm90();
 }
 
 }  // namespace sm90
