@@ -39,19 +39,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
   Element* sQ = reinterpret_cast<Element*>(smem + T::kQOff);
   Element* sDo = reinterpret_cast<Element*>(smem + T::kDoOff);
 
-  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int m_block = blockIdx.x % num_m_blocks;
-  const int bh = blockIdx.x / num_m_blocks;
-  const int h = bh % p.nheads, b = bh / p.nheads;
-  const int hk = h / (p.nheads / p.nheads_k);
+  const BwdBlock<Element> blk(p, kBlockM, p.seqlen_q);  // one query block
+  const int m_block = blk.block, b = blk.b, h = blk.h;
+  const Element *q = blk.q, *dout = blk.dout, *k = blk.k, *v = blk.v;
+  const int64_t row_bh = blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
-
-  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* dout = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const int64_t row_bh = (int64_t(b) * p.nheads + h) * p.seqlen_q;
 
   const MaskGeometry geo(p);
   const int m0 = m_block * kBlockM;

@@ -77,24 +77,13 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   Element* sDs = reinterpret_cast<Element*>(smem + T::kDsOff);
   Element* sP = reinterpret_cast<Element*>(smem + T::kPOff);
 
-  // blockIdx.x enumerates (batch, head, key block) with the key block fastest:
-  // neighbouring blocks read the same Q/dO from L2, and one flat index has no
-  // 65535 limit on batch * heads.
-  const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  const int n_block = blockIdx.x % num_n_blocks;
-  const int bh = blockIdx.x / num_n_blocks;
-  const int h = bh % p.nheads, b = bh / p.nheads;
-  const int hk = h / (p.nheads / p.nheads_k);
+  const BwdBlock<Element> blk(p, kBlockN, p.seqlen_k);  // one key block
+  const int n_block = blk.block, b = blk.b, h = blk.h;
+  const Element *q = blk.q, *dout = blk.dout, *k = blk.k, *v = blk.v;
+  const float* lse = p.softmax_lse + blk.row_bh;
+  const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;  // MMA fragment row / column-pair of this lane
-
-  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* dout = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const int64_t row_bh = (int64_t(b) * p.nheads + h) * p.seqlen_q;
-  const float* lse = p.softmax_lse + row_bh;
-  const float* delta = p.softmax_d + row_bh;
 
   const MaskGeometry geo(p);
   const int n0 = n_block * kBlockN;
@@ -243,48 +232,11 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       // dQ_i (kBlockM x D) += dS (kBlockM x kBlockN) K_j; dS is read transposed from sDs.
       float acc_dq[T::kDqDPerWarp / 8][4] = {};
       warp_gemm_smemAt_b<kBlockN, T::kDqDPerWarp, kLdM, kLdD, Element>(acc_dq, sDs + dq_row0, sK + dq_col0, lane);
-      // Lane (g, t) adds rows g and g + 8 of its strip, columns 8j + 2t, 8j + 2t + 1.
-      const int64_t dq_row_stride = int64_t(p.nheads) * kHeadDim;
-      const int row = m0 + dq_row0 + g;
-      float* dst = p.dq_accum + (int64_t(b) * p.seqlen_q * p.nheads + h) * kHeadDim + row * dq_row_stride +
-                   dq_col0 + 2 * t;
-      float* dst8 = dst + 8 * dq_row_stride;
-      if (m0 + kBlockM <= p.seqlen_q) {
-        // Full query block (all but the last one): no per-row checks, so the
-        // reductions issue back to back instead of each behind a branch.
-#pragma unroll
-        for (int j = 0; j < T::kDqDPerWarp / 8; ++j) {
-          atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
-          atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
-        }
-      } else {
-        const bool in0 = row < p.seqlen_q, in8 = row + 8 < p.seqlen_q;
-#pragma unroll
-        for (int j = 0; j < T::kDqDPerWarp / 8; ++j) {
-          if (in0) atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
-          if (in8) atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
-        }
-      }
+      add_dq_strip<kHeadDim, T::kDqDPerWarp>(p, b, h, m0 + dq_row0, dq_col0, acc_dq, lane);
     }
   }
 
-  // Epilogue: dK = scale * dS^T Q, dV as accumulated; written in the input dtype.
-  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
-  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
-#pragma unroll
-  for (int j = 0; j < T::kDPerWarp / 8; ++j) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int key = n0 + key_row0 + g + 8 * half;
-      if (key < p.seqlen_k) {
-        const int col = d_col0 + 8 * j + 2 * t;
-        *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
-            pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale, acc_dk[j][2 * half + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
-            pack2<Element>(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]);
-      }
-    }
-  }
+  store_dkdv_strip<Element, T::kDPerWarp>(p, b, h, n0 + key_row0, d_col0, acc_dk, acc_dv, lane);
 }
 
 }  // namespace flash

@@ -104,22 +104,14 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t s_base = smem_u32(smem);
 
-  const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  const int n_block = blockIdx.x % num_n_blocks;
-  const int bh = blockIdx.x / num_n_blocks;
-  const int h = bh % p.nheads, b = bh / p.nheads;
-  const int hk = h / (p.nheads / p.nheads_k);
+  const BwdBlock<Element> blk(p, kBlockN, p.seqlen_k);  // one key block
+  const int n_block = blk.block, b = blk.b, h = blk.h;
+  const Element *q = blk.q, *dout = blk.dout, *k = blk.k, *v = blk.v;
+  const float* lse = p.softmax_lse + blk.row_bh;
+  const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wg = warp / 4, warp_in_wg = warp % 4;
   const int g = lane / 4, t = lane % 4;
-
-  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* dout = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const int64_t row_bh = (int64_t(b) * p.nheads + h) * p.seqlen_q;
-  const float* lse = p.softmax_lse + row_bh;
-  const float* delta = p.softmax_d + row_bh;
 
   const MaskGeometry geo(p);
   const int n0 = n_block * kBlockN;
@@ -186,19 +178,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     // both operands K-major (the head dim runs along the rows).
     float acc_s[kSN / 8][4], acc_dp[kSN / 8][4];
     wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < kHeadDim / 16; ++s) {
-      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32;
-      const uint32_t qoff = (s / 4) * kPanelM + q_col0 * kLine + (s % 4) * 32;
-      wgmma_ss<Element, kSN, 0, 0>(acc_s, make_desc(sK + koff, 16, kSbo), make_desc(sQ + qoff, 16, kSbo), s > 0);
-    }
+    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_s, sK + wg_key0 * kLine, kPanelN, sQ + q_col0 * kLine, kPanelM);
     wgmma_commit();
-#pragma unroll
-    for (int s = 0; s < kHeadDim / 16; ++s) {
-      const uint32_t koff = (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32;
-      const uint32_t qoff = (s / 4) * kPanelM + q_col0 * kLine + (s % 4) * 32;
-      wgmma_ss<Element, kSN, 0, 0>(acc_dp, make_desc(sV + koff, 16, kSbo), make_desc(sDo + qoff, 16, kSbo), s > 0);
-    }
+    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
 
     // P^T = exp2(S^T * scale * log2e - lse * log2e) while dP^T is still running.
@@ -315,17 +297,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       fence_regs(p_frag);
       fence_regs(ds_frag);
 
-      const int64_t dq_row_stride = int64_t(p.nheads) * kHeadDim;
-      const int row = m0 + dq_row0 + g;
-      float* dst = p.dq_accum + (int64_t(b) * p.seqlen_q * p.nheads + h) * kHeadDim + row * dq_row_stride +
-                   dq_col0 + 2 * t;
-      float* dst8 = dst + 8 * dq_row_stride;
-      const bool in0 = row < p.seqlen_q, in8 = row + 8 < p.seqlen_q;
-#pragma unroll
-      for (int j = 0; j < kDqN / 8; ++j) {
-        if (in0) atomic_add2(dst + 8 * j, acc_dq[j][0], acc_dq[j][1]);
-        if (in8) atomic_add2(dst8 + 8 * j, acc_dq[j][2], acc_dq[j][3]);
-      }
+      add_dq_strip<kHeadDim, kDqN>(p, b, h, m0 + dq_row0, dq_col0, acc_dq, lane);
     } else {
       wgmma_wait<0>();
       fence_regs(acc_dv);
@@ -335,23 +307,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     }
   }
 
-  // Epilogue: dK = scale * dS^T Q, dV as accumulated; written in the input dtype.
-  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
-  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
-#pragma unroll
-  for (int j = 0; j < kDkvN / 8; ++j) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int key = n0 + key_row0 + g + 8 * half;
-      if (key < p.seqlen_k) {
-        const int col = dkv_col0 + 8 * j + 2 * t;
-        *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
-            pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale, acc_dk[j][2 * half + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
-            pack2<Element>(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]);
-      }
-    }
-  }
+  store_dkdv_strip<Element, kDkvN>(p, b, h, n0 + key_row0, dkv_col0, acc_dk, acc_dv, lane);
 #endif  // FLASH_SM90_ENABLED
 }
 

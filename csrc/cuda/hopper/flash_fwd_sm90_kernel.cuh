@@ -56,12 +56,7 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[kHeadDim / 8][4], const u
 // S (64 x kBlockN) = Q_wg K^T, both K-major.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN>
 __device__ __forceinline__ void gemm_qk(float (&s)[kBlockN / 8][4], uint32_t sQ_wg, uint32_t sK) {
-#pragma unroll
-  for (int k = 0; k < kHeadDim / 16; ++k) {
-    const uint32_t q = sQ_wg + (k / 4) * kBlockM * kLineBytes + (k % 4) * 32;
-    const uint32_t kk = sK + (k / 4) * kBlockN * kLineBytes + (k % 4) * 32;
-    wgmma_ss<Element, kBlockN, 0, 0>(s, make_desc(q, 16, 8 * kLineBytes), make_desc(kk, 16, 8 * kLineBytes), k > 0);
-  }
+  wgmma_abt_kmajor<Element, kBlockN, kHeadDim>(s, sQ_wg, kBlockM * kLineBytes, sK, kBlockN * kLineBytes);
 }
 
 template <typename T, bool kHasBias>

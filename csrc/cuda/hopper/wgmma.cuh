@@ -212,6 +212,20 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (
 #endif
 }
 
+// acc (64 x kN) = A B^T over a reduction dim of kK: A (64 rows) and B (kN
+// rows) both K-major in SW128 panels starting at a / b, whose 64-column
+// panels are a_panel / b_panel bytes apart (k-steps of 32 bytes inside a
+// line, the next panel every 4 steps). Issues the wgmmas, no commit.
+template <typename Element, int kN, int kK>
+__device__ __forceinline__ void wgmma_abt_kmajor(float (&acc)[kN / 8][4], uint32_t a, uint32_t a_panel, uint32_t b,
+                                                 uint32_t b_panel) {
+#pragma unroll
+  for (int s = 0; s < kK / 16; ++s) {
+    const uint32_t a_s = a + (s / 4) * a_panel + (s % 4) * 32, b_s = b + (s / 4) * b_panel + (s % 4) * 32;
+    wgmma_ss<Element, kN, 0, 0>(acc, make_desc(a_s, 16, 8 * kLineBytes), make_desc(b_s, 16, 8 * kLineBytes), s > 0);
+  }
+}
+
 #undef FLASH_WGMMA_SS
 #undef FLASH_WGMMA_RS
 #undef FLASH_REGS_16
