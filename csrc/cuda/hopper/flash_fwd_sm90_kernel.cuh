@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_kernel(const _
   }
   const int r_in_tile = 64 * wg + 16 * (warp % 4);
   store_frag_sw128<kHeadDim, Element>(smem + T::kQOff, kBlockM, r_in_tile, 0, acc_o[0], lane);
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup's rows are written
+  named_barrier_sync(1 + wg, 128);  // this warpgroup's rows are written
   constexpr int kChunks = kHeadDim / 8;
   const int wtid = tid % 128;
 #pragma unroll

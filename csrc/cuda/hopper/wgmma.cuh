@@ -120,6 +120,11 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// Barrier over `threads` threads (a warpgroup) with its own id (1..15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // The compiler sees a wgmma as an ordinary asm statement that reads/writes its
 // registers at issue time. These empty volatile asms pin the registers: placed
 // after wgmma_wait they keep reads of the accumulators (and the lifetime of a
