@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 import flash_attn_ext  # noqa: E402
 from flash_attn_ext import _ops  # noqa: E402
-from conftest import assert_close_to_ref, attention_ref, poison_allocator  # noqa: E402
+from conftest import assert_close_to_ref, attention_ref, poison_allocator, sdpa_default  # noqa: E402
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 # Messages of a restricted build (csrc/cuda/dispatch.h) or of an op without a CUDA kernel.
@@ -74,12 +74,15 @@ def check_fwd_bwd(leaves, to_qkv, causal=False, dout=None, name=""):
     low_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     low_out, _ = attention_ref(*to_qkv(*low_leaves), causal=causal, upcast=False)
     low_grads = torch.autograd.grad(low_out, low_leaves, dout)
+    sdpa_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    sdpa_out = sdpa_default(*to_qkv(*sdpa_leaves), causal=causal)
+    sdpa_grads = torch.autograd.grad(sdpa_out, sdpa_leaves, dout)
 
     assert out.shape == ref_out.shape and out.dtype == dtype
-    assert_close_to_ref(out, ref_out, low_out, f"{name} out")
-    for i, (g, r, lo) in enumerate(zip(grads, ref_grads, low_grads)):
+    assert_close_to_ref(out, ref_out, (low_out, sdpa_out), f"{name} out")
+    for i, (g, r, lo, sg) in enumerate(zip(grads, ref_grads, low_grads, sdpa_grads)):
         assert g.shape == r.shape
-        assert_close_to_ref(g, r, lo, f"{name} grad[{i}]")
+        assert_close_to_ref(g, r, (lo, sg), f"{name} grad[{i}]")
     return out, grads
 
 

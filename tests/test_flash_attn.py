@@ -14,6 +14,7 @@ from conftest import (
     device_dtype_params,
     poison_allocator,
     random_qkv,
+    sdpa_default,
 )
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
@@ -42,6 +43,8 @@ def run_and_check(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, ch
     ref_out, ref_lse = attention_ref(qd, kd, vd, causal, window, softmax_scale=softmax_scale)
     ql, kl, vl = (x.detach().clone().requires_grad_() for x in (q, k, v))
     low_out, _ = attention_ref(ql, kl, vl, causal, window, softmax_scale=softmax_scale, upcast=False)
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    sdpa_out = sdpa_default(qs, ks, vs, causal, window, softmax_scale)
 
     # LSE is fp32 in every dtype; rows that see no key are +inf in both.
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf rows differ"
@@ -50,7 +53,7 @@ def run_and_check(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, ch
     if q.dtype == torch.float32:
         assert_fp32_close(out, ref_out, "out")
     else:
-        assert_close_to_ref(out, ref_out, low_out, "out")
+        assert_close_to_ref(out, ref_out, (low_out, sdpa_out), "out")
     if not check_grads:
         return
     dout = torch.randn_like(out)
@@ -58,12 +61,13 @@ def run_and_check(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, ch
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     ref_grads = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
     low_grads = torch.autograd.grad(low_out, (ql, kl, vl), dout)
-    for name, ours, ref, low in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, low_grads):
+    sdpa_grads = torch.autograd.grad(sdpa_out, (qs, ks, vs), dout)
+    for name, ours, ref, low, sdpa in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, low_grads, sdpa_grads):
         assert ours.shape == ref.shape
         if q.dtype == torch.float32:
             assert_fp32_close(ours, ref, name)
         else:
-            assert_close_to_ref(ours, ref, low, name)
+            assert_close_to_ref(ours, ref, (low, sdpa), name)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
