@@ -20,11 +20,15 @@
 namespace flash {
 namespace sm90 {
 
-template <typename Element_, int kHeadDim_, int kBlockN_>
+template <typename Element_, int kHeadDim_, int kBlockN_, int kWarpgroups_ = 2>
 struct FwdTraits {
   using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_, kBlockM = 128, kBlockN = kBlockN_;
-  static constexpr int kNThreads = 256;  // two warpgroups x 64 query rows
+  static constexpr int kWarpgroups = kWarpgroups_;  // each owns 64 query rows
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = 64 * kWarpgroups, kBlockN = kBlockN_;
+  static constexpr int kNThreads = 128 * kWarpgroups;
+  // One warpgroup per block: two blocks share an SM and, synchronizing only
+  // themselves, drift apart, so one's softmax overlaps the other's MMAs.
+  static constexpr int kMinBlocks = kWarpgroups == 1 ? 2 : 1;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQOff = 0;
@@ -60,7 +64,7 @@ __device__ __forceinline__ void gemm_qk(float (&s)[kBlockN / 8][4], uint32_t sQ_
 }
 
 template <typename T, bool kHasBias>
-__global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ FlashFwdParams p) {
+__global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_kernel(const __grid_constant__ FlashFwdParams p) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
