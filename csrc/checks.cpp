@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <cmath>
+#include <limits>
 
 #include "format.h"
 
@@ -13,10 +14,31 @@ void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
               "; call .contiguous() first");
 }
 
+// Sizes the kernels index with 32-bit ints. Sequence lengths stay below
+// 2^30 so that mask arithmetic (row + seqlen_k - seqlen_q + window) cannot
+// overflow either.
+constexpr int64_t kMaxSeqlen = (int64_t{1} << 30) - 1;
+constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+
+void check_sizes_fit(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads) {
+  TORCH_CHECK(seqlen_q <= kMaxSeqlen, "flash_attn_ext: seqlen_q = ", num(seqlen_q),
+              " is longer than the supported maximum of ", num(kMaxSeqlen), " (2**30 - 1)");
+  TORCH_CHECK(seqlen_k <= kMaxSeqlen, "flash_attn_ext: seqlen_k = ", num(seqlen_k),
+              " is longer than the supported maximum of ", num(kMaxSeqlen), " (2**30 - 1)");
+  TORCH_CHECK(batch <= kMaxInt && nheads <= kMaxInt && batch * nheads <= kMaxInt, "flash_attn_ext: batch * nheads = ",
+              num(batch), " * ", num(nheads), " exceeds 2**31 - 1");
+}
+
+// A window side is "unbounded" when negative or when it reaches past every
+// key (row 0 sees up to key seqlen_k - seqlen_q + right, the last row from
+// key seqlen_k - 1 - left); normalised to -1 before narrowing to int, so
+// that no int64 value (-2**32, 2**40) can wrap into a real window.
+int normalise_window_side(int64_t side, int64_t reach) { return (side < 0 || side >= reach) ? -1 : static_cast<int>(side); }
+
 }  // namespace
 
 void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& attn_bias) {
+                      const std::optional<at::Tensor>& attn_bias, double softmax_scale) {
   TORCH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
               num(q.dim()), "-D");
   TORCH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
@@ -36,6 +58,14 @@ void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t seqlen_k = k.size(1), nheads_k = k.size(2);
   TORCH_CHECK(headdim >= 1 && headdim <= 256, "flash_attn_ext: head dim must be between 1 and 256, got ",
               num(headdim));
+  TORCH_CHECK(nheads >= 1, "flash_attn_ext: nheads must be at least 1, got ", num(nheads));
+  check_sizes_fit(batch, seqlen_q, seqlen_k, nheads);
+  // The scale must be finite, and representable in fp32 unless the inputs
+  // are fp64 (every other path computes in fp32, where it would become inf).
+  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
+  TORCH_CHECK(dtype == at::kDouble || std::abs(softmax_scale) <= std::numeric_limits<float>::max(),
+              "flash_attn_ext: softmax_scale = ", num(softmax_scale), " overflows float32, the precision ", dtype,
+              " inputs are computed in");
   TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", num(batch),
               ", k has ", num(k.size(0)), ", v has ", num(v.size(0)));
   TORCH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", num(seqlen_k),
@@ -65,9 +95,9 @@ void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias,
-                      bool bias_requires_grad) {
-  check_fwd_inputs(q, k, v, attn_bias);
+                      const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
+                      const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad) {
+  check_fwd_inputs(q, k, v, attn_bias, softmax_scale);
   TORCH_CHECK(!bias_requires_grad || attn_bias.has_value(),
               "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
   TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
@@ -88,6 +118,14 @@ void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Ten
               "flash_attn_ext: softmax_lse must be (batch, nheads, seqlen_q) = (", num(q.size(0)), ", ", num(q.size(2)),
               ", ", num(q.size(1)), "), got ", shape(softmax_lse.sizes()));
   TORCH_CHECK(softmax_lse.is_contiguous(), "flash_attn_ext: softmax_lse must be contiguous");
+  const bool residual_expected = needs_lse_residual(q, attn_bias);
+  TORCH_CHECK(lse_residual.scalar_type() == at::kFloat && lse_residual.is_contiguous() &&
+                  lse_residual.device() == q.device() &&
+                  (residual_expected ? lse_residual.sizes() == softmax_lse.sizes() : lse_residual.numel() == 0),
+              "flash_attn_ext: lse_residual must be the contiguous float32 tensor fwd returned for these inputs (",
+              residual_expected ? "shaped like softmax_lse " + shape(softmax_lse.sizes()) : std::string("empty"),
+              ", on ", q.device(), "), got ", shape(lse_residual.sizes()), " ", lse_residual.scalar_type(), " on ",
+              lse_residual.device());
   if (dsoftmax_lse.has_value()) {
     TORCH_CHECK(dsoftmax_lse->scalar_type() == at::kFloat && dsoftmax_lse->sizes() == softmax_lse.sizes() &&
                     dsoftmax_lse->is_contiguous() && dsoftmax_lse->device() == q.device(),
@@ -98,13 +136,14 @@ void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Ten
 
 void set_fwd_params(FlashFwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& attn_bias, const at::Tensor& out,
-                    const at::Tensor& softmax_lse, double softmax_scale, bool causal, int64_t window_left,
-                    int64_t window_right) {
+                    const at::Tensor& softmax_lse, const at::Tensor& lse_residual, double softmax_scale, bool causal,
+                    int64_t window_left, int64_t window_right) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out = out.data_ptr();
   p.softmax_lse = softmax_lse.data_ptr<float>();
+  p.lse_residual = lse_residual.numel() > 0 ? lse_residual.data_ptr<float>() : nullptr;
   p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
@@ -123,27 +162,24 @@ void set_fwd_params(FlashFwdParams& p, const at::Tensor& q, const at::Tensor& k,
   p.nheads = static_cast<int>(q.size(2));
   p.nheads_k = static_cast<int>(k.size(2));
   p.headdim = static_cast<int>(q.size(3));
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale = softmax_scale;
+  p.softmax_scale_f = static_cast<float>(softmax_scale);
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   // A window that reaches past every key of every row is no window;
-  // normalising here lets kernels take the cheaper unmasked path. Row 0 sees
-  // up to key (seqlen_k - seqlen_q) + window_right, the last row from key
-  // (seqlen_k - 1) - window_left.
-  if (window_left >= p.seqlen_k) window_left = -1;
-  if (window_right >= p.seqlen_q) window_right = -1;
-  if (causal) window_right = 0;
-  p.is_causal = causal || (window_left < 0 && window_right == 0);
-  p.window_left = static_cast<int>(window_left);
-  p.window_right = static_cast<int>(window_right);
+  // normalising here also lets kernels take the cheaper unmasked path.
+  p.window_left = normalise_window_side(window_left, p.seqlen_k);
+  p.window_right = causal ? 0 : normalise_window_side(window_right, p.seqlen_q);
+  p.is_causal = causal || (p.window_left < 0 && p.window_right == 0);
 }
 
 void set_bwd_params(FlashBwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                    const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias,
-                    const at::Tensor& dq, const at::Tensor& dk,
+                    const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
+                    const std::optional<at::Tensor>& attn_bias, const at::Tensor& dq, const at::Tensor& dk,
                     const at::Tensor& dv, const std::optional<at::Tensor>& dbias, double softmax_scale,
                     bool causal, int64_t window_left, int64_t window_right, bool deterministic) {
-  set_fwd_params(p, q, k, v, attn_bias, out, softmax_lse, softmax_scale, causal, window_left, window_right);
+  set_fwd_params(p, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
+                 window_right);
   p.dout = dout.data_ptr();
   p.dsoftmax_lse = dsoftmax_lse.has_value() ? dsoftmax_lse->data_ptr<float>() : nullptr;
   p.dq = dq.data_ptr();

@@ -9,28 +9,37 @@
 
 namespace flash_attn_ext {
 
-// Checks q, k, v (and the optional bias) and returns nothing; throws a
-// c10::Error (a Python RuntimeError/ValueError) naming the problem.
-void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& attn_bias);
+// Whether fwd returns a real lse_residual (batch, nheads, seqlen_q) or an
+// empty one (see FlashFwdParams::lse_residual); the fake kernel in
+// flash_attn_ext/_ops.py follows the same rule.
+inline bool needs_lse_residual(const at::Tensor& q, const std::optional<at::Tensor>& attn_bias) {
+  return attn_bias.has_value() || q.scalar_type() == at::kDouble;
+}
 
-// Additionally checks dout, out, softmax_lse and dsoftmax_lse against q, and
-// that a bias gradient is only asked for when there is a bias.
+// Checks q, k, v, the optional bias and the scale, and returns nothing;
+// throws a c10::Error (a Python RuntimeError/ValueError) naming the problem.
+void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& attn_bias, double softmax_scale);
+
+// Additionally checks dout, out, softmax_lse, lse_residual and dsoftmax_lse
+// against q, and that a bias gradient is only asked for when there is a bias.
 void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                      const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& attn_bias,
-                      bool bias_requires_grad);
+                      const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
+                      const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad);
 
-// Fills shapes, strides, pointers and the mask description. `out` and
-// `softmax_lse` must already be allocated.
+// Fills shapes, strides, pointers and the mask description. `out`,
+// `softmax_lse` and `lse_residual` must already be allocated.
 void set_fwd_params(FlashFwdParams& params, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const std::optional<at::Tensor>& attn_bias,
-                    const at::Tensor& out, const at::Tensor& softmax_lse, double softmax_scale,
+                    const at::Tensor& out, const at::Tensor& softmax_lse, const at::Tensor& lse_residual,
+                    double softmax_scale,
                     bool causal, int64_t window_left, int64_t window_right);
 
 void set_bwd_params(FlashBwdParams& params, const at::Tensor& dout, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
+                    const at::Tensor& softmax_lse, const at::Tensor& lse_residual,
+                    const std::optional<at::Tensor>& dsoftmax_lse,
                     const std::optional<at::Tensor>& attn_bias, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                     const std::optional<at::Tensor>& dbias, double softmax_scale, bool causal,
                     int64_t window_left, int64_t window_right, bool deterministic);

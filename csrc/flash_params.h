@@ -9,6 +9,16 @@
 
 #include <cstdint>
 
+// Additive bias values below -kBiasFloor act as -kBiasFloor (-inf stays
+// -inf), in every kernel, CPU and CUDA, forward and backward. Masks are often
+// built from torch.finfo(dtype).min (-3.4e38), which the CUDA kernels'
+// log2-domain scores (bias * log2(e)) would overflow to -inf, turning "every
+// key equally unlikely" (PyTorch's math path: the uniform average) into "no
+// key at all" (output 0). -1e38 * log2(e) plus any finite score stays
+// finite. Outputs and gradients are unchanged; only softmax_lse of a row
+// whose keys all carry such a bias reads -1e38 + log(keys).
+constexpr float kBiasFloor = 1e38f;
+
 struct FlashFwdParams {
   // Inputs.
   const void* q = nullptr;
@@ -21,6 +31,20 @@ struct FlashFwdParams {
   // Outputs.
   void* out = nullptr;
   float* softmax_lse = nullptr;  // (batch, nheads, seqlen_q), natural log.
+  // (batch, nheads, seqlen_q): what fp32 softmax_lse cannot hold of the
+  // row's log-sum-exp, written by the forward and read by the backward, which
+  // recomputes P = exp((s - lse) - residual) (CPU, natural log) or
+  // P = exp2((s_log2 - lse_log2(lse)) - residual) (CUDA, log2 domain, see
+  // lse_log2 in cuda/softmax.cuh). It is ~1e-7 * |lse| and matters when |lse|
+  // is large: a row whose keys all carry a bias of -1e9 has lse = -1e9 +
+  // log(seqlen_k), which rounds to -1e9 in fp32; without the residual its
+  // probabilities would come back as 1 instead of 1 / seqlen_k. 0 for rows
+  // that see no key. Null (read as 0) unless there is a bias or the inputs
+  // are fp64 (needs_lse_residual in checks.h): without a bias a row's scores
+  // reach |lse| > 2^8, where the residual starts to matter, only beyond the
+  // precision of the fp32 score accumulators themselves, and the backward's
+  // peak memory stays out + dq + dk + dv + lse + the fp32 dq accumulator.
+  float* lse_residual = nullptr;
 
   int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
   int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
@@ -33,7 +57,10 @@ struct FlashFwdParams {
   int nheads = 0, nheads_k = 0;  // nheads % nheads_k == 0 (MQA/GQA).
   int headdim = 0;               // The real head dim (kernels may pad it).
 
-  float softmax_scale = 0.f;       // Multiplies q.k before the softmax.
+  // Multiplies q.k before the softmax. A double, so that fp64 inputs (CPU)
+  // are scaled exactly; the CUDA kernels use softmax_scale_f / _log2.
+  double softmax_scale = 0.0;
+  float softmax_scale_f = 0.f;     // softmax_scale rounded to fp32.
   float softmax_scale_log2 = 0.f;  // softmax_scale * log2(e), for exp2.
 
   // Masking. Query row i sees key column j when

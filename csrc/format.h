@@ -9,6 +9,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <type_traits>
 
@@ -19,7 +20,12 @@ std::string num(T value) {
   return std::to_string(value);
 }
 
-inline std::string num(double value) { return std::to_string(value); }
+// %g: 1e-39 and 1e+39 stay readable (std::to_string prints fixed-point).
+inline std::string num(double value) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", value);
+  return buf;
+}
 
 // "(2, 4, 16, 16)", as torch prints sizes.
 inline std::string shape(c10::IntArrayRef sizes) {

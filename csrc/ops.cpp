@@ -19,18 +19,24 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // window_left/right < 0 mean unbounded; causal implies window_right = 0.
   // deterministic is not used by the forward computation: it is recorded for
   // the autograd formula (flash_attn_ext/_ops.py), which passes it to bwd.
-  // Returns out (like q) and softmax_lse (batch, nheads, seqlen_q) in fp32;
-  // rows that see no key get out = 0 and softmax_lse = +inf.
+  // Returns out (like q), softmax_lse (batch, nheads, seqlen_q) in fp32 and
+  // lse_residual (same shape): the part of the log-sum-exp that fp32
+  // softmax_lse cannot hold, for bwd (see FlashFwdParams::lse_residual).
+  // Rows that see no key get out = 0, softmax_lse = +inf, lse_residual = 0.
+  // Bias values below -1e38 act as -1e38 (see checks.h, kBiasFloor).
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, float softmax_scale, bool causal, "
-      "int window_left, int window_right, bool deterministic) -> (Tensor out, Tensor softmax_lse)");
-  // Recomputes the probabilities from q, k and softmax_lse. dsoftmax_lse, the
+      "int window_left, int window_right, bool deterministic) -> (Tensor out, Tensor softmax_lse, "
+      "Tensor lse_residual)");
+  // Recomputes the probabilities from q, k, softmax_lse and lse_residual (both
+  // as fwd returned them). dsoftmax_lse, the
   // gradient flowing into softmax_lse (None when unused), enters through
   // D = rowsum(dout * out) - dsoftmax_lse. dbias is
   // (batch, nheads, seqlen_q, seqlen_k) in the dtype of q when
   // bias_requires_grad, else an empty tensor.
   m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor? dsoftmax_lse, "
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor lse_residual, "
+      "Tensor? dsoftmax_lse, "
       "Tensor? attn_bias, "
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
       "bool bias_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");

@@ -14,6 +14,10 @@ def autocast_inputs(*tensors):
     fp64 are cast to the autocast dtype. Custom ops are not covered by
     autocast, so the wrapper applies the rule itself."""
     device_type = tensors[0].device.type
+    # Devices autocast does not know (meta: shape inference) have no autocast
+    # region to honour; torch.is_autocast_enabled would raise for them.
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return tensors
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)

@@ -78,7 +78,7 @@ def ours_attention(q, k, v, causal: bool = False, deterministic: bool = False):
         return flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
     from flash_attn_ext import _ops
 
-    out, _ = _ops.fwd(q, k, v, None, q.shape[-1] ** -0.5, causal, -1, -1, deterministic)
+    out, _, _ = _ops.fwd(q, k, v, None, q.shape[-1] ** -0.5, causal, -1, -1, deterministic)
     return out
 
 

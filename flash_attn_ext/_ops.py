@@ -3,11 +3,14 @@
 Loading `flash_attn_ext._C` registers the schemas and the CPU/CUDA kernels;
 this module adds what torch.compile and autograd need: fake (meta)
 implementations that compute output shapes without running anything, and the
-backward formula of `fwd`, which calls the `bwd` op.
+backward formula of `fwd`, which calls the `bwd` op. At the end: what
+torch.func transforms need (`call_fwd`, vmap rules), and bwd's autograd
+kernel, which makes double backward raise instead of returning zeros.
 """
 from __future__ import annotations
 
 import torch
+from torch._functorch.utils import enable_single_level_autograd_function as _enable_single_level_autograd_function
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels)
 
@@ -15,17 +18,35 @@ fwd = torch.ops.flash_attn_ext.fwd.default
 bwd = torch.ops.flash_attn_ext.bwd.default
 
 
+def check_same_device(where, tensors):
+    """Raises unless every tensor among `tensors` (a name -> value mapping; other
+    values are ignored) is on one device, naming each tensor and its device.
+
+    The fake kernels call it first: a meta tensor among real ones sends the
+    op to them (Meta outranks the other dispatch keys), and they would
+    otherwise return uninitialised memory shaped like the result."""
+    named = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
+    if len({t.device for _, t in named}) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in named)
+        raise RuntimeError(f"{where}: all tensors must be on the same device, got {listing}")
+
+
 @torch.library.register_fake("flash_attn_ext::fwd")
 def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic):
+    check_same_device("flash_attn_ext::fwd", locals())
     batch, seqlen_q, nheads, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
-    return out, softmax_lse
+    # Same rule as needs_lse_residual in csrc/checks.h: only with a bias or fp64 inputs.
+    residual_shape = (batch, nheads, seqlen_q) if attn_bias is not None or q.dtype == torch.float64 else (0,)
+    lse_residual = q.new_empty(residual_shape, dtype=torch.float32)
+    return out, softmax_lse, lse_residual
 
 
 @torch.library.register_fake("flash_attn_ext::bwd")
-def _bwd_fake(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, softmax_scale, causal, window_left, window_right,
+def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal, window_left, window_right,
               deterministic, bias_requires_grad):
+    check_same_device("flash_attn_ext::bwd", locals())
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -39,16 +60,19 @@ def _bwd_fake(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, softmax_
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic = inputs
-    out, softmax_lse = output
-    ctx.save_for_backward(q, k, v, out, softmax_lse, attn_bias)
+    out, softmax_lse, lse_residual = output
+    ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, attn_bias)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
     ctx.window = (window_left, window_right)
     ctx.deterministic = deterministic
 
 
-def _backward(ctx, dout, dsoftmax_lse):
-    q, k, v, out, softmax_lse, attn_bias = ctx.saved_tensors
+def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
+    # lse_residual is an internal output (the part of the log-sum-exp fp32
+    # softmax_lse cannot hold, csrc/flash_params.h); no entry point exposes
+    # it, and its gradient is not used.
+    q, k, v, out, softmax_lse, lse_residual, attn_bias = ctx.saved_tensors
     # Autograd may hand in an expanded gradient (e.g. from out.sum()): the
     # kernels need a contiguous last dimension.
     if dout.stride(-1) != 1:
@@ -57,10 +81,140 @@ def _backward(ctx, dout, dsoftmax_lse):
     if dsoftmax_lse is not None:
         dsoftmax_lse = dsoftmax_lse.float().contiguous()
     dq, dk, dv, dbias = bwd(
-        dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, ctx.softmax_scale, ctx.causal, ctx.window[0],
+        dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, ctx.softmax_scale, ctx.causal, ctx.window[0],
         ctx.window[1], ctx.deterministic, bias_requires_grad,
     )
     return dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None
 
 
 torch.library.register_autograd("flash_attn_ext::fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# torch.func transforms and double backward.
+#
+# torch.library.register_autograd wraps the formula above in an
+# autograd.Function whose forward takes ctx (the legacy form), and
+# Function.apply rejects that form while a torch.func transform is active
+# ("it must override the setup_context staticmethod", pytorch/pytorch#170834).
+# The entry points therefore call `call_fwd`, which under a transform applies
+# the same formula through _FwdFunction, written in the form torch.func takes.
+# Outside transforms the op is called directly, so eager mode, torch.compile
+# and torch.export see exactly the op.
+
+_FORWARD_MODE_ERROR = (
+    "flash_attn_ext: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
+    "supported; use reverse mode (backward, torch.func.grad, vjp, jacrev)"
+)
+
+
+class _FwdFunction(torch.autograd.Function):
+    """The fwd op with its autograd formula (_setup_context, _backward), in
+    the form torch.func transforms accept."""
+
+    # vmap: forward and backward only call the ops, which vmap batches.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_FORWARD_MODE_ERROR)
+
+
+def call_fwd(*args):
+    """torch.ops.flash_attn_ext.fwd(*args), usable under torch.func transforms
+    (grad, vjp, jacrev, vmap and their compositions): what the entry points call."""
+    if torch._C._are_functorch_transforms_active():
+        return _FwdFunction.apply(*args)
+    return fwd(*args)
+
+
+class _BwdOnceDifferentiable(torch.autograd.function._SingleLevelFunction):
+    """The node autograd records for the bwd op when a backward builds a graph
+    (create_graph=True, or any torch.func.grad): the gradients it returns are
+    usable as values, and only differentiating them again raises, as with
+    torch.autograd.function.once_differentiable.
+
+    Applied from inside bwd's Autograd kernel, where torch.func transforms
+    have already been dispatched: a plain autograd.Function would dispatch
+    them again and fail, a single-level one records at the current level (as
+    PyTorch's own autograd kernels do; pytorch/pytorch#184974 does the same
+    for register_autograd)."""
+
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        # apply() turned grad mode off; a torch.func level below this one
+        # (grad of grad) must still record, so it is restored (it was on).
+        with torch.enable_grad(), torch._C._AutoDispatchBelowAutograd():
+            return bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "flash_attn_ext: double backward (differentiating a gradient of the attention, e.g. for a gradient "
+            "penalty, Hessian-vector products, or torch.func.grad of torch.func.grad) is not supported: the "
+            "attention backward is not itself differentiable"
+        )
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_FORWARD_MODE_ERROR)
+
+
+def _bwd_autograd(keyset, *args):
+    # The Autograd kernel of bwd. Inside fwd's backward grad mode is off unless
+    # the backward builds a graph; only then is there a node to record.
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        with _enable_single_level_autograd_function():
+            return _BwdOnceDifferentiable.apply(keyset, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_autograd_lib = torch.library.Library("flash_attn_ext", "IMPL")  # kept alive: dropping it unregisters
+_autograd_lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
+
+
+def _vmap_by_folding(op):
+    """A vmap rule for `op` (fwd or bwd): every tensor argument and result has
+    the batch as dim 0, so the vmapped dimension is folded into it and the op
+    runs once, instead of once per element (PyTorch's fallback)."""
+
+    def rule(info, in_dims, *args):
+        n, batch, folded = info.batch_size, None, []
+        for x, d in zip(args, in_dims):
+            if isinstance(x, torch.Tensor):
+                x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
+                batch = x.shape[1] if batch is None else batch
+                x = x.reshape(n * x.shape[1], *x.shape[2:])
+                if x.dim() == 3:  # softmax_lse and its companions: contiguous
+                    x = x.contiguous()
+                elif x.size(-1) > 1 and x.stride(-1) != 1:  # q, k, v, out, dout, bias: unit last stride
+                    x = x.contiguous()
+            folded.append(x)
+        results, out_dims = [], []
+        for r in op(*folded):
+            if r.dim() >= 1 and r.shape[0] == n * batch:
+                results.append(r.unflatten(0, (n, batch)))
+                out_dims.append(0)
+            else:  # bwd's empty dbias placeholder: the same for every element
+                results.append(r)
+                out_dims.append(None)
+        return tuple(results), tuple(out_dims)
+
+    return rule
+
+
+torch.library.register_vmap("flash_attn_ext::fwd", _vmap_by_folding(fwd))
+torch.library.register_vmap("flash_attn_ext::bwd", _vmap_by_folding(bwd))

@@ -8,6 +8,7 @@ none is ignored.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -27,16 +28,64 @@ def _check_unsupported(dropout_p: float, softcap: float, alibi_slopes: Optional[
         raise NotImplementedError("flash_attn_ext: alibi_slopes is not supported yet (only None)")
 
 
-def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs):
+# A window side this wide reaches past any sequence the op accepts.
+_INT_MAX = 2**31 - 1
+
+
+def _window_sides(window_size) -> Tuple[int, int]:
+    """window_size checked and normalised for the op: two Python ints, -1 for
+    an unbounded side. Negative sides are unbounded whatever their value, and
+    so are sides beyond the int range (wider than any sequence)."""
+    if not isinstance(window_size, (tuple, list)):
+        raise TypeError(
+            f"flash_attn_ext: window_size must be a pair (left, right) of ints, got {type(window_size).__name__} "
+            f"{window_size!r}"
+        )
     if len(window_size) != 2:
         raise ValueError(f"flash_attn_ext: window_size must be a pair (left, right), got {window_size!r}")
+    sides = []
+    for side in window_size:
+        value = None
+        # bool is an int to Python, but a window of True keys is a mistake.
+        if not (isinstance(side, bool) or (isinstance(side, torch.Tensor) and side.dtype == torch.bool)):
+            try:
+                value = operator.index(side)  # int, numpy integer, integer 0-d tensor
+            except TypeError:
+                pass
+        if value is None:
+            raise TypeError(
+                f"flash_attn_ext: window_size must hold integers (left, right), got {window_size!r} with an element "
+                f"of type {type(side).__name__}"
+            )
+        sides.append(-1 if value < 0 or value > _INT_MAX else int(value))
+    return sides[0], sides[1]
+
+
+def _check_sizes(q, k, v):
+    """Zero head dim and zero heads, named here before the op sees them (the
+    default softmax_scale, 1/sqrt(headdim), would divide by zero first)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return  # the op names the wrong rank
+    if q.shape[3] == 0:
+        raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
+    if q.shape[2] == 0 or k.shape[2] == 0 or v.shape[2] == 0:
+        raise RuntimeError(
+            f"flash_attn_ext: q, k and v need at least one head, got nheads {q.shape[2]} (q), {k.shape[2]} (k) and "
+            f"{v.shape[2]} (v)"
+        )
+
+
+def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs):
+    window_left, window_right = _window_sides(window_size)
+    # Before autocast, which looks at q's device only.
+    _ops.check_same_device("flash_attn_ext", {"q": q, "k": k, "v": v})
+    _check_sizes(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    window_left, window_right = int(window_size[0]), int(window_size[1])
     q, k, v = autocast_inputs(q, k, v)
-    out, softmax_lse = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
-                                deterministic)
+    out, softmax_lse, _ = _ops.call_fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
+                                         deterministic)
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
         # information with dropout, which is not supported, so it is None.
@@ -67,8 +116,9 @@ def flash_attn_func(
         softmax_scale: defaults to 1 / sqrt(headdim).
         causal: mask keys after the query; with seqlen_q != seqlen_k the mask is
             aligned to the bottom-right corner (flash-attn >= 2.1).
-        window_size: (left, right) sliding window around the aligned diagonal;
-            -1 means unbounded.
+        window_size: (left, right) sliding window around the aligned diagonal,
+            a pair of ints; a negative side, or one wider than any sequence,
+            means unbounded (-1 by convention).
         softcap, alibi_slopes: must be 0.0 / None (not supported yet).
         deterministic: bit-reproducible backward on CUDA (the CPU backward
             always is); also implied by torch.use_deterministic_algorithms(True).

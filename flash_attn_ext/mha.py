@@ -253,14 +253,47 @@ def replace_attention(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every torch.nn.MultiheadAttention in `model` for
     flash_attn_ext.MultiheadAttention, in place, and return the model.
 
-    The swap changes the class of each module object and nothing else: the
-    same Parameter objects (so optimizers and tied weights stay valid), device,
-    dtype, training mode and hooks. Only modules whose type is exactly
+    The swap changes the class of each module object: the same Parameter
+    objects (so optimizers and tied weights stay valid), device, dtype,
+    training mode and hooks. Only modules whose type is exactly
     torch.nn.MultiheadAttention are swapped: ours are left alone, and so are
     other subclasses, whose own methods a swap would drop. A model that is
     itself a MultiheadAttention is converted too.
+
+    nn.TransformerEncoderLayer and nn.TransformerEncoder have a fused
+    inference path (eval mode without autograd) that reads the attention
+    weights and never calls their self_attn module; it is switched off for
+    those whose self_attn is ours, so that our attention runs there too (see
+    `_skip_fused_encoder_path`).
     """
     for module in model.modules():
         if type(module) is torch.nn.MultiheadAttention:
             module.__class__ = MultiheadAttention
+    for module in model.modules():
+        _skip_fused_encoder_path(module)
     return model
+
+
+def _skip_fused_encoder_path(module: torch.nn.Module) -> None:
+    """Make PyTorch's fused encoder inference path pass over `module` when its
+    attention is ours.
+
+    In eval mode with no gradient needed, TransformerEncoderLayer.forward calls
+    torch._transformer_encoder_layer_fwd on self_attn's weights (bypassing
+    self_attn.forward), if, among other conditions, its
+    `activation_relu_or_gelu` flag is nonzero; the flag only selects that fused
+    kernel's activation (the regular path calls `self.activation`), so setting
+    it to 0 turns the fused path off and changes nothing else. A
+    TransformerEncoder built from such a layer sees the flag too and does not
+    turn padded batches into nested tensors (which the layers would then get);
+    an encoder that already exists has that decided in `use_nested_tensor`,
+    which is switched off here.
+    """
+    if isinstance(module, torch.nn.TransformerEncoderLayer) and isinstance(
+        getattr(module, "self_attn", None), MultiheadAttention
+    ):
+        module.activation_relu_or_gelu = 0
+    elif isinstance(module, torch.nn.TransformerEncoder) and any(
+        isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in module.layers
+    ):
+        module.use_nested_tensor = False

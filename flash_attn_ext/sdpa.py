@@ -12,8 +12,7 @@ Two conventions differ between PyTorch and the op, and are mapped here:
     j <= i + Sk - Sq, as in flash-attn 2.x); see `attention_bshd`.
   * boolean masks: True means "takes part" in PyTorch; the op takes an additive
     float bias, so masks become 0 / -inf biases, broadcast with stride 0.
-Rows that see no key at all give 0 output and 0 gradients here (PyTorch's math
-backend gives NaN there).
+Rows that see no key at all give 0 output and 0 gradients here.
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _fwd(q, k, v, bias, scale, causal, window_left, window_right):
     deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _ = _ops.fwd(q, k, v, bias, scale, causal, window_left, window_right, deterministic)
+    out, _, _ = _ops.call_fwd(q, k, v, bias, scale, causal, window_left, window_right, deterministic)
     return out
 
 
@@ -72,14 +71,10 @@ def attention_bshd(
     PyTorch's causal mask (query i sees keys j <= i) on top of the bias.
     Returns (B, Sq, H, Dv). Differentiable in q, k, v and bias.
     """
-    batch, seqlen_q, nheads, head_dim = q.shape
+    # Zero-size problems go through the op too (it returns empty or zero
+    # outputs and zero gradients), so that the result joins the autograd graph.
+    seqlen_q, head_dim = q.shape[1], q.shape[3]
     seqlen_k, head_dim_v = k.shape[1], v.shape[-1]
-    if batch == 0 or seqlen_q == 0 or nheads == 0:
-        return q.new_empty((batch, seqlen_q, nheads, head_dim_v))
-    if seqlen_k == 0:
-        # No key to attend to: every row is fully masked, which we define as 0.
-        return q.new_zeros((batch, seqlen_q, nheads, head_dim_v))
-
     if head_dim_v != head_dim:
         # The op wants one head dim for q, k and v. Zero columns appended to q
         # and k leave QK^T unchanged; zero columns appended to v only produce
@@ -142,9 +137,11 @@ def scaled_dot_product_attention(
     Inside autocast, fp32 inputs are cast to the autocast dtype, as PyTorch
     does for its SDPA (the CUDA kernels take fp16/bf16 only).
 
-    Differences from PyTorch: a query row that may attend to no key returns 0
-    (and zero gradients) instead of NaN. Memory is linear in L and S except for
-    a materialised `attn_mask`.
+    A query row that may attend to no key returns 0 (and zero gradients).
+    Memory is linear in L and S except for a materialised `attn_mask`.
+
+    Differences from PyTorch: a head dim E of 0 and zero heads raise an error
+    (the op's head dim is 1 to 256, and it needs at least one head).
     """
     if dropout_p != 0.0:
         raise NotImplementedError(f"{_NAME}: dropout_p > 0 is not supported (got dropout_p={dropout_p})")
@@ -153,16 +150,13 @@ def scaled_dot_product_attention(
             f"{_NAME}: expected query, key, and value to all be at least 2 dimensional, but got "
             f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead."
         )
+    # Before autocast, which looks at query's device only.
+    _ops.check_same_device(_NAME, {"query": query, "key": key, "value": value, "attn_mask": attn_mask})
     query, key, value, attn_mask = autocast_inputs(query, key, value, attn_mask)
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(
             f"{_NAME}: expected query, key, and value to have the same dtype, but got query.dtype: "
             f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
-        )
-    if not (query.device == key.device == value.device):
-        raise RuntimeError(
-            f"{_NAME}: expected query, key, and value to be on the same device, got {query.device}, "
-            f"{key.device} and {value.device}"
         )
     if attn_mask is not None and is_causal:
         raise RuntimeError(
@@ -181,11 +175,13 @@ def scaled_dot_product_attention(
         )
     if attn_mask is not None:
         _check_mask_dtype(attn_mask, query)
-        if attn_mask.device != query.device:
-            raise RuntimeError(f"{_NAME}: attn_mask is on {attn_mask.device}, query on {query.device}")
 
     seqlen_q, head_dim = query.shape[-2:]
     seqlen_k, head_dim_v = value.shape[-2:]
+    if head_dim == 0:
+        raise RuntimeError(
+            f"{_NAME}: the head dim (last dimension of query and key) must be between 1 and 256, got 0"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
 
@@ -193,6 +189,10 @@ def scaled_dot_product_attention(
     hq = query.size(-3) if query.dim() >= 3 else 1
     hk = key.size(-3) if key.dim() >= 3 else 1
     hv = value.size(-3) if value.dim() >= 3 else 1
+    if hq == 0 or hk == 0 or hv == 0:
+        raise RuntimeError(
+            f"{_NAME}: query, key and value need at least one head (dim -3), got {hq}, {hk} and {hv}"
+        )
     if enable_gqa:
         if hq % hk != 0 or hq % hv != 0:
             raise RuntimeError(

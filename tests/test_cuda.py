@@ -50,7 +50,7 @@ def randn(*shape, dtype=torch.bfloat16, device="cuda"):
     return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
 
 
-def check_fwd_bwd(leaves, to_qkv, causal=False, dout=None, name=""):
+def check_fwd_bwd(leaves, to_qkv, causal=False, dout=None, name="", deterministic=False):
     """Ours vs a float64 reference vs PyTorch in the same dtype, out and the gradients of `leaves`.
 
     `to_qkv(*leaves)` builds (q, k, v) from the leaf tensors (e.g. slices of a
@@ -61,7 +61,7 @@ def check_fwd_bwd(leaves, to_qkv, causal=False, dout=None, name=""):
     ours_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     out_bytes = ours_leaves[0].numel() * ours_leaves[0].element_size()
     poison_allocator(leaves[0].device, out_bytes)
-    out = attn(*to_qkv(*ours_leaves), causal=causal)
+    out = attn(*to_qkv(*ours_leaves), causal=causal, deterministic=deterministic)
     assert not torch.isnan(out).any(), f"{name}: NaN in out"
     if dout is None:
         dout = torch.randn_like(out)
@@ -101,7 +101,7 @@ def test_seqlen_32k():
     q, k, v = (randn(B, S, H, D) for _ in range(3))
     scale = D ** -0.5
     poison_allocator("cuda", q.numel() * q.element_size())
-    out, lse = call(_ops.fwd, q, k, v, None, scale, False, -1, -1, False)
+    out, lse, _ = call(_ops.fwd, q, k, v, None, scale, False, -1, -1, False)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -293,6 +293,7 @@ def cuda_kernel_names(fn):
 
 @pytest.mark.parametrize("disable", [False, True], ids=["default", "sm90-disabled"])
 def test_kernel_selection(monkeypatch, disable):
+    monkeypatch.delenv("FLASH_ATTN_EXT_SMEM_BUDGET_KB", raising=False)  # the device's own choice
     if disable:
         monkeypatch.setenv("FLASH_ATTN_EXT_DISABLE_SM90", "1")
     q, k, v = (randn(1, 256, 2, 128).requires_grad_() for _ in range(3))
@@ -322,6 +323,37 @@ def test_mma_sync_kernels_with_sm90_disabled(monkeypatch, dtype, headdim, causal
     k = randn(2, 257, 2, headdim, dtype=dtype)
     v = randn(2, 257, 2, headdim, dtype=dtype)
     check_fwd_bwd([q, k, v], plain, causal=causal, name=f"mma.sync hd{headdim}")
+
+
+# --------------------------------------------------------------------------
+# Shared-memory budget: sm86/sm89/sm120 GPUs give a block at most 99 KB, A100
+# 163 KB. FLASH_ATTN_EXT_SMEM_BUDGET_KB makes this GPU pick tiles (and kernel
+# family) as those would; the whole suite can run that way too
+# (tools/gpu_check.sh, GPU_CHECK_SMEM_BUDGETS).
+
+@pytest.mark.parametrize("budget_kb", [99, 163])
+@pytest.mark.parametrize("headdim", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_smem_budget_tiles(monkeypatch, budget_kb, headdim, deterministic):
+    monkeypatch.setenv("FLASH_ATTN_EXT_SMEM_BUDGET_KB", str(budget_kb))
+    q = randn(2, 203, 4, headdim)
+    k = randn(2, 331, 2, headdim)
+    v = randn(2, 331, 2, headdim)
+    names = cuda_kernel_names(lambda: attn(q, k, v, causal=True))
+    if budget_kb == 99 and headdim != 64:  # the Hopper kernels for 128 and 256 need more
+        assert not any("sm90" in n for n in names), names
+    check_fwd_bwd([q, k, v], plain, causal=True, name=f"budget {budget_kb} KB hd{headdim}",
+                  deterministic=deterministic)
+
+
+def test_smem_budget_too_small_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_EXT_SMEM_BUDGET_KB", "16")
+    q = randn(1, 64, 2, 128)
+    with pytest.raises(RuntimeError, match="bytes of shared memory per block; this GPU allows 16384"):
+        attn(q, q, q)
+    monkeypatch.setenv("FLASH_ATTN_EXT_SMEM_BUDGET_KB", "lots")
+    with pytest.raises(RuntimeError, match="FLASH_ATTN_EXT_SMEM_BUDGET_KB must be a positive whole number"):
+        attn(q, q, q)
 
 
 @pytest.mark.parametrize("nheads_k", [8, 2], ids=["mha", "gqa"])

@@ -110,10 +110,13 @@ def test_bad_bias_and_lse():
         torch.ops.flash_attn_ext.fwd(q, k, v, bias, 0.1, False, -1, -1, False)
     with pytest.raises(RuntimeError, match="attn_bias must have the dtype of q"):
         torch.ops.flash_attn_ext.fwd(q, k, v, torch.randn(2, 4, 16, 16).double(), 0.1, False, -1, -1, False)
-    out, lse = torch.ops.flash_attn_ext.fwd(q, k, v, None, 0.1, False, -1, -1, False)
+    out, lse, res = torch.ops.flash_attn_ext.fwd(q, k, v, None, 0.1, False, -1, -1, False)
+    bwd = torch.ops.flash_attn_ext.bwd
     with pytest.raises(RuntimeError, match="softmax_lse must be"):
-        torch.ops.flash_attn_ext.bwd(out, q, k, v, out, lse[:, :2], None, None, 0.1, False, -1, -1, False, False)
+        bwd(out, q, k, v, out, lse[:, :2], res, None, None, 0.1, False, -1, -1, False, False)
+    with pytest.raises(RuntimeError, match="lse_residual must be"):
+        bwd(out, q, k, v, out, lse, torch.zeros_like(lse), None, None, 0.1, False, -1, -1, False, False)
     with pytest.raises(RuntimeError, match="dsoftmax_lse must be"):
-        torch.ops.flash_attn_ext.bwd(out, q, k, v, out, lse, lse.double(), None, 0.1, False, -1, -1, False, False)
+        bwd(out, q, k, v, out, lse, res, lse.double(), None, 0.1, False, -1, -1, False, False)
     with pytest.raises(RuntimeError, match="bias_requires_grad=True needs an attn_bias"):
-        torch.ops.flash_attn_ext.bwd(out, q, k, v, out, lse, None, None, 0.1, False, -1, -1, False, True)
+        bwd(out, q, k, v, out, lse, res, None, None, 0.1, False, -1, -1, False, True)

@@ -34,12 +34,12 @@ def test_opcheck_fwd(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_bwd(device):
     for q, k, v, bias, scale, causal, wl, wr, det in op_samples(device):
-        out, lse = torch.ops.flash_attn_ext.fwd(q, k, v, bias, scale, causal, wl, wr, det)
+        out, lse, residual = torch.ops.flash_attn_ext.fwd(q, k, v, bias, scale, causal, wl, wr, det)
         dout = torch.randn_like(out)
         dlse = torch.randn_like(lse)
         torch.library.opcheck(
             torch.ops.flash_attn_ext.bwd.default,
-            (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dlse,
+            (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), residual.detach(), dlse,
              None if bias is None else bias.detach(), scale, causal, wl, wr, det, bias is not None),
         )
 
@@ -52,7 +52,7 @@ def test_gradcheck_fp64(causal, window):
     def f(q, k, v, bias):
         # softmax_lse is float32 by contract, too coarse for finite differences
         # at eps=1e-6; its gradient is checked in test_flash_attn.test_lse_gradient.
-        out, _ = flash_attn_ext._ops.fwd(q, k, v, bias, 0.3, causal, window[0], window[1], False)
+        out, _, _ = flash_attn_ext._ops.fwd(q, k, v, bias, 0.3, causal, window[0], window[1], False)
         return out
 
     assert torch.autograd.gradcheck(f, (q, k, v, bias), eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -174,14 +174,18 @@ def test_scale_and_layouts(device):
 
 
 class _RecordingOps:
-    """Stands in for flash_attn_ext._ops and records what the op receives."""
+    """Stands in for flash_attn_ext._ops and records what the op receives
+    (through call_fwd, which the entry points call)."""
 
     def __init__(self, real):
         self.real, self.calls = real, []
 
-    def fwd(self, *args):
+    def call_fwd(self, *args):
         self.calls.append(args)
-        return self.real.fwd(*args)
+        return self.real.call_fwd(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

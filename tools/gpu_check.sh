@@ -12,6 +12,9 @@
 #                       passed to setup.py (restrict the build: all 48 kernel instantiations take
 #                       minutes even with 16 jobs). MAX_JOBS defaults to the core count.
 #   GPU_CHECK_STEPS     comma list of build,test,sanitize,main,bench (default build,test,main,bench)
+#   GPU_CHECK_SMEM_BUDGETS  comma list of KiB (e.g. 99,163): after the test run, run the tests again
+#                       with FLASH_ATTN_EXT_SMEM_BUDGET_KB set to each (the tiles of a GPU with that
+#                       much shared memory per block: 99 sm86/sm89/sm120, 163 A100)
 #   GPU_CHECK_K         pytest -k expression (default "cuda": every CUDA-parametrized test plus
 #                       tests/test_cuda.py); GPU_CHECK_PYTEST_ARGS adds pytest arguments
 #   GPU_CHECK_MAXFAIL   pytest --maxfail (default 10)
@@ -23,8 +26,8 @@
 #                       a reserve for the summary, and is cut off (timeout) past it
 #   OUT                 output folder (the device tool sets it; default /tmp/gpu_check_out)
 #
-# Writes at most 8 files under $OUT: build.log pytest.log sanitize.log main.log bench.log
-# bench.json bench.png summary.txt. Prints the summary last: build, test summary line
+# Writes under $OUT: build.log pytest.log (pytest_smem<KB>.log) sanitize.log main.log bench.log
+# bench.json bench.png summary.txt (the device tool brings back 8 files). Prints the summary last: build, test summary line
 # (and failing tests), sanitizer verdicts, main-job parity, then the benchmark tables.
 # Exit status: 0 when every step that ran passed, 1 otherwise.
 set -u
@@ -86,11 +89,15 @@ if has_step build; then
   note "build: ok ($((SECONDS - t0)) s)"
 fi
 
-# 2. Tests on CUDA.
-if has_step test; then
-  t0=$SECONDS
-  echo "== pytest -k '${GPU_CHECK_K:-cuda}'"
-  extra=()
+# 2. Tests on CUDA: once as the GPU is, then once per GPU_CHECK_SMEM_BUDGETS entry with the
+# shared-memory budget lowered to it (FLASH_ATTN_EXT_SMEM_BUDGET_KB: the tiles and kernels
+# a GPU with that much shared memory per block gets), logged to pytest_smem<KB>.log.
+run_tests() {  # run_tests LABEL LOG [VAR=VALUE...]
+  local label=$1 log=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== pytest -k '${GPU_CHECK_K:-cuda}' $label"
+  local extra=()
   $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=240)
   # One xdist worker: still one test at a time on the GPU, but a test that crashes the process
   # (segfault, abort) is reported as failed and the rest still run in a fresh worker.
@@ -98,22 +105,29 @@ if has_step test; then
     extra+=(-n 1 --max-worker-restart=20)
   fi
   # shellcheck disable=SC2086
-  run_step 400 "$OUT/pytest.log" $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
+  run_step 400 "$log" env "$@" $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
     --maxfail="${GPU_CHECK_MAXFAIL:-10}" "${extra[@]}" tests -k "${GPU_CHECK_K:-cuda}" ${GPU_CHECK_PYTEST_ARGS:-}
-  rc=$?
-  line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$OUT/pytest.log" | tail -1)
+  local rc=$?
+  local line
+  line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$log" | tail -1)
   if ((rc == 124 || rc == 137)); then
-    note "tests: TIMED OUT after $((SECONDS - t0)) s; last: $(tail -1 "$OUT/pytest.log")"
+    note "tests$label: TIMED OUT after $((SECONDS - t0)) s; last: $(tail -1 "$log")"
     STATUS=1
   elif ((rc != 0 && rc != 5)); then
-    note "tests: FAILED ($((SECONDS - t0)) s): ${line:-status $rc}"
+    note "tests$label: FAILED ($((SECONDS - t0)) s): ${line:-status $rc}"
     if [ -z "$line" ]; then  # the pytest process itself died: show where
-      note "$(grep -E "Fatal Python error|tests/.*line [0-9]+ in test_" "$OUT/pytest.log" | head -4)"
+      note "$(grep -E "Fatal Python error|tests/.*line [0-9]+ in test_" "$log" | head -4)"
     fi
     STATUS=1
   else
-    note "tests: ok ($((SECONDS - t0)) s): ${line:-status $rc}"
+    note "tests$label: ok ($((SECONDS - t0)) s): ${line:-status $rc}"
   fi
+}
+if has_step test; then
+  run_tests "" "$OUT/pytest.log"
+  for kb in ${GPU_CHECK_SMEM_BUDGETS//,/ }; do
+    run_tests " (smem budget ${kb} KB)" "$OUT/pytest_smem${kb}.log" FLASH_ATTN_EXT_SMEM_BUDGET_KB="$kb"
+  done
 fi
 
 # 3. compute-sanitizer memcheck + racecheck on a tiny workload, our kernels only.
@@ -183,7 +197,7 @@ fi
 echo
 echo "================ summary ($((SECONDS)) s) ================"
 if has_step test && [ -f "$OUT/pytest.log" ]; then
-  grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -25
+  grep -hE "^(FAILED|ERROR) " "$OUT"/pytest*.log | head -25
 fi
 if has_step main && [ -f "$OUT/main.log" ]; then
   grep -E "FAIL" "$OUT/main.log" | head -10

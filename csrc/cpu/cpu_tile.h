@@ -162,17 +162,19 @@ inline float exp_row_sum(float* row, int n, float ref) {
   return r;
 }
 
-// row[c] = exp(row[c] - ref) in place (the backward's P from the saved lse).
+// row[c] = exp((row[c] - lse) - residual) in place: the backward's P from
+// the saved log-sum-exp, in two parts (see FlashFwdParams::lse_residual) so
+// that rows with a large |lse| keep their normalisation.
 template <typename acc>
-void exp_row(acc* row, int n, acc ref) {
-  for (int c = 0; c < n; ++c) row[c] = exp_approx(row[c] - ref);
+void exp_row(acc* row, int n, acc lse, acc residual) {
+  for (int c = 0; c < n; ++c) row[c] = exp_approx((row[c] - lse) - residual);
 }
-inline void exp_row(float* row, int n, float ref) {
+inline void exp_row(float* row, int n, float lse, float residual) {
   using namespace vec_detail;
   constexpr int VL = kFloatLanes;
   int c = 0;
-  for (; c + VL <= n; c += VL) store(row + c, vec_detail::exp(load(row + c) - ref));
-  for (; c < n; ++c) row[c] = exp_approx(row[c] - ref);
+  for (; c + VL <= n; c += VL) store(row + c, vec_detail::exp((load(row + c) - lse) - residual));
+  for (; c < n; ++c) row[c] = exp_approx((row[c] - lse) - residual);
 }
 
 // Element conversion to the accumulation type. bf16 -> float is the 16 bits
@@ -223,8 +225,13 @@ void finish_score_row(acc_t<scalar_t>* s, int cols, int row, int col0, const Fla
                       const scalar_t* bias_bh, bool masked) {
   using acc = acc_t<scalar_t>;
   if (bias_bh != nullptr) {
+    // Bias below -kBiasFloor counts as -kBiasFloor, -inf stays -inf (flash_params.h).
     const scalar_t* b = bias_bh + row * p.bias_row_stride + col0 * p.bias_col_stride;
-    for (int c = 0; c < cols; ++c) s[c] += to_acc(b[c * p.bias_col_stride]);
+    const acc floor = -static_cast<acc>(kBiasFloor), neg_inf = -std::numeric_limits<acc>::infinity();
+    for (int c = 0; c < cols; ++c) {
+      const acc x = to_acc(b[c * p.bias_col_stride]);
+      s[c] += (x < floor && x != neg_inf) ? floor : x;
+    }
   }
   if (masked) {
     const flash::MaskGeometry mask(p);

@@ -98,6 +98,7 @@ void bwd_kernel(const FlashBwdParams& p) {
         for (int g = 0; g < group; ++g) {
           const int64_t h = h_k * group + g;
           const float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q;
+          const float* residual = p.lse_residual ? p.lse_residual + (b * p.nheads + h) * p.seqlen_q : nullptr;
           const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
           const acc* d_head = d_row.data() + static_cast<size_t>(g) * p.seqlen_q;
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
@@ -112,13 +113,13 @@ void bwd_kernel(const FlashBwdParams& p) {
             acc* ds = ds_t.data();
             const bool masked = !mask.tile_fully_visible(row0, rows, col0, cols);
 
-            // P = exp(S - lse) with S = (scale Q) K^T + bias, masked -> 0
+            // P = exp((S - lse) - residual) with S = (scale Q) K^T + bias, masked -> 0
             // (rows with lse = +inf, which saw no key, get P = 0 too).
             tile_gemm_packed<false, false>(rows, cols, D, q_i, D, k_tt.data(), D * W, prob, kBlockN);
             for (int r = 0; r < rows; ++r) {
               acc* row = prob + static_cast<int64_t>(r) * kBlockN;
               finish_score_row<scalar_t>(row, cols, row0 + r, col0, p, bias, masked);
-              exp_row(row, cols, static_cast<acc>(lse[row0 + r]));
+              exp_row(row, cols, static_cast<acc>(lse[row0 + r]), residual ? static_cast<acc>(residual[row0 + r]) : acc(0));
             }
             // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D)
             tile_gemm_packed<true, true>(cols, D, rows, prob, kBlockN, dO_p.data() + off_p, panel_stride, dv_t.data(), D);
@@ -160,10 +161,11 @@ void bwd_kernel(const FlashBwdParams& p) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
+    const at::Tensor& softmax_lse, const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
     const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad) {
-  check_bwd_inputs(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, bias_requires_grad);
+  check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
+                   bias_requires_grad);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -179,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     return {dq, dk, dv, dbias.has_value() ? *dbias : at::empty({0}, q.options())};
   }
   FlashBwdParams params;
-  set_bwd_params(params, dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, dq, dk, dv, dbias, softmax_scale,
-                 causal, window_left, window_right, /*deterministic=*/true);
+  set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv, dbias,
+                 softmax_scale, causal, window_left, window_right, /*deterministic=*/true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn_ext::bwd_cpu",
                                   [&] { cpu::bwd_kernel<scalar_t>(params); });
   return {dq, dk, dv, dbias.has_value() ? *dbias : at::empty({0}, q.options())};

@@ -69,7 +69,7 @@ void fwd_kernel(const FlashFwdParams& p) {
   const int group = p.nheads / p.nheads_k;
   const flash::MaskGeometry mask(p);
   const int64_t units = static_cast<int64_t>(p.batch) * p.nheads * num_m_blocks;
-  const acc scale = static_cast<acc>(p.softmax_scale);
+  const acc scale = static_cast<acc>(p.softmax_scale);  // exact for fp64 (params keep a double)
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
@@ -126,16 +126,20 @@ void fwd_kernel(const FlashFwdParams& p) {
         tile_gemm_packed<false, true>(rows, D, cols, s_t.data(), kBlockN, v, kv.v_panel_stride, o_t.data(), D);
       }
 
-      // Epilogue: normalise, and record lse = max + log(sum); rows that saw
-      // no key get 0 and +inf (the backward then gives them zero gradient).
+      // Epilogue: normalise, and record lse = max + log(sum) as fp32 lse plus
+      // the residual the rounding lost; rows that saw no key get 0, +inf and
+      // 0 (the backward then gives them zero gradient).
       acc* o = o_t.data();
-      float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q + row0;
+      const int64_t row_bh = (b * p.nheads + h) * p.seqlen_q + row0;
+      float* lse = p.softmax_lse + row_bh;
+      float* residual = p.lse_residual ? p.lse_residual + row_bh : nullptr;
       for (int r = 0; r < rows; ++r) {
         const bool empty = run_sum[r] == acc(0);
         const acc inv = empty ? acc(0) : acc(1) / run_sum[r];
         for (int d = 0; d < D; ++d) o[r * D + d] *= inv;
-        lse[r] = empty ? std::numeric_limits<float>::infinity()
-                       : static_cast<float>(run_max[r] + std::log(run_sum[r]));
+        const acc log_sum = std::log(run_sum[r]);
+        lse[r] = empty ? std::numeric_limits<float>::infinity() : static_cast<float>(run_max[r] + log_sum);
+        if (residual) residual[r] = empty ? 0.f : static_cast<float>((run_max[r] - static_cast<acc>(lse[r])) + log_sum);
       }
       auto* out = static_cast<scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
       store_rows<scalar_t>(o, rows, D, out, p.o_row_stride);
@@ -146,24 +150,25 @@ void fwd_kernel(const FlashFwdParams& p) {
 }  // namespace
 }  // namespace cpu
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& attn_bias, double softmax_scale,
                                            bool causal, int64_t window_left, int64_t window_right,
                                            bool /*deterministic: used by the backward only*/) {
-  check_fwd_inputs(q, k, v, attn_bias);
+  check_fwd_inputs(q, k, v, attn_bias, softmax_scale);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
+  at::Tensor residual = needs_lse_residual(q, attn_bias) ? at::zeros_like(lse) : at::empty({0}, lse.options());
+  if (q.numel() == 0) return {out, lse, residual};
   if (k.size(1) == 0) {  // no keys: every row is empty
     out.zero_();
     lse.fill_(std::numeric_limits<float>::infinity());
-    return {out, lse};
+    return {out, lse, residual};
   }
   FlashFwdParams params;
-  set_fwd_params(params, q, k, v, attn_bias, out, lse, softmax_scale, causal, window_left, window_right);
+  set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn_ext::fwd_cpu",
                                   [&] { cpu::fwd_kernel<scalar_t>(params); });
-  return {out, lse};
+  return {out, lse, residual};
 }
 
 }  // namespace flash_attn_ext

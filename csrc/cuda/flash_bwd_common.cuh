@@ -279,7 +279,7 @@ __device__ __forceinline__ void store_dkdv_strip(const FlashBwdParams& p, int b,
       if (key < p.seqlen_k) {
         const int col = col0 + 8 * j + 2 * t;
         *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
-            pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale, acc_dk[j][2 * half + 1] * p.softmax_scale);
+            pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale_f, acc_dk[j][2 * half + 1] * p.softmax_scale_f);
         *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
             pack2<Element>(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]);
       }

@@ -12,6 +12,7 @@
 #include "flash_bwd_common.cuh"
 #include "mask.cuh"
 #include "primitives.cuh"
+#include "softmax.cuh"
 
 namespace flash {
 
@@ -63,13 +64,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
   cp_async_commit();
 
   // This lane's two rows; rows past the end get lse = +inf, i.e. P = 0.
-  constexpr float kLog2e = 1.4426950408889634f;
   const int row_lo = m0 + warp * 16 + g;
-  float lse_log2[2], delta[2];
+  float lse_l2[2], res[2], delta[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_lo + 8 * half;
-    lse_log2[half] = row < p.seqlen_q ? p.softmax_lse[row_bh + row] * kLog2e : INFINITY;
+    lse_l2[half] = row < p.seqlen_q ? lse_log2(p.softmax_lse[row_bh + row]) : INFINITY;
+    res[half] = row < p.seqlen_q && p.lse_residual ? p.lse_residual[row_bh + row] : 0.f;
     delta[half] = row < p.seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
   }
   const Element* bias = p.bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride + h * p.bias_head_stride
@@ -93,12 +94,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
 
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
     if (!need_mask && bias == nullptr) {
-      // Interior tile without bias: P and dS in three instructions per element.
+      // Interior tile without bias: P and dS in four instructions per element.
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float prob = exp2_fast(acc_s[j][e] * p.softmax_scale_log2 - lse_log2[e / 2]);
+          const float prob = prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_l2[e / 2], res[e / 2]);
           acc_dp[j][e] = prob * (acc_dp[j][e] - delta[e / 2]);
         }
       }
@@ -110,10 +111,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
           const int row = row_lo + 8 * (e / 2);
           const int key = n0 + 8 * j + 2 * t + (e % 2);
           const bool inside = row < p.seqlen_q && key < p.seqlen_k;
-          float x = acc_s[j][e] * p.softmax_scale_log2 - lse_log2[e / 2];
-          if (bias != nullptr && inside) x += to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) * kLog2e;
+          const float bv =
+              bias != nullptr && inside ? to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) : 0.f;
+          const float pr = bias != nullptr
+                               ? prob_from_lse_biased(acc_s[j][e], p.softmax_scale_log2, bv, lse_l2[e / 2], res[e / 2])
+                               : prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_l2[e / 2], res[e / 2]);
           const bool keep = !need_mask || (inside && geo.visible(row, key));
-          const float prob = keep ? exp2_fast(x) : 0.f;
+          const float prob = keep ? pr : 0.f;
           acc_dp[j][e] = prob * (acc_dp[j][e] - delta[e / 2]);
         }
       }
@@ -130,7 +134,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
       const int row = row_lo + 8 * half;
       if (row < p.seqlen_q) {
         *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride + 8 * j + 2 * t) =
-            pack2<Element>(acc_dq[j][2 * half] * p.softmax_scale, acc_dq[j][2 * half + 1] * p.softmax_scale);
+            pack2<Element>(acc_dq[j][2 * half] * p.softmax_scale_f, acc_dq[j][2 * half + 1] * p.softmax_scale_f);
       }
     }
   }

@@ -63,10 +63,11 @@ struct Launch {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
+    const at::Tensor& softmax_lse, const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
     const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, bool bias_requires_grad) {
-  check_bwd_inputs(dout, q, k, v, out, softmax_lse, dsoftmax_lse, attn_bias, bias_requires_grad);
+  check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
+                   bias_requires_grad);
   TORCH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
 
@@ -82,8 +83,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "flash_attn_ext: the CUDA backward supports float16 and bfloat16 only, got ", q.scalar_type());
-  TORCH_CHECK(seqlen_q < (int64_t(1) << 31) && seqlen_k < (int64_t(1) << 31),
-              "flash_attn_ext: sequence lengths must fit in int32");
 
   const int padded = padded_head_dim(static_cast<int>(head_dim));
   const at::Tensor q_p = pad_or_align(q, padded), k_p = pad_or_align(k, padded), v_p = pad_or_align(v, padded);
@@ -103,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (bias_requires_grad) dbias = at::zeros({batch, nheads, seqlen_q, seqlen_k}, opts);
 
   FlashBwdParams params;
-  set_bwd_params(params, dout_p, q_p, k_p, v_p, out_p, softmax_lse, dsoftmax_lse, attn_bias,
+  set_bwd_params(params, dout_p, q_p, k_p, v_p, out_p, softmax_lse, lse_residual, dsoftmax_lse, attn_bias,
                  deterministic ? dq : dk /* dq is set below */, dk, dv, dbias, softmax_scale, causal, window_left,
                  window_right, deterministic);
   if (!deterministic) {

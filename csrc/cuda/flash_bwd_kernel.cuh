@@ -23,6 +23,7 @@
 #include "flash_bwd_common.cuh"
 #include "mask.cuh"
 #include "primitives.cuh"
+#include "softmax.cuh"
 
 namespace flash {
 
@@ -58,7 +59,8 @@ struct BwdTraits {
   static constexpr int kPOff = kDsOff + kBlockN * kLdM * 2;
   static constexpr int kLseOff = kPOff + (kPInSmem ? kBlockN * kLdM * 2 : 0);
   static constexpr int kDeltaOff = kLseOff + kStages * kBlockM * 4;
-  static constexpr int kSmemBytes = kDeltaOff + kStages * kBlockM * 4;
+  static constexpr int kResidualOff = kDeltaOff + kStages * kBlockM * 4;
+  static constexpr int kSmemBytes = kResidualOff + kStages * kBlockM * 4;
 
   static_assert(kBlockN % 16 == 0 && kNWarps % kWarpsN == 0, "warps must tile the key block");
   static_assert(kMPerWarp % 16 == 0 && kDPerWarp % 16 == 0, "warp tiles must be multiples of 16");
@@ -81,6 +83,10 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   const int n_block = blk.block, b = blk.b, h = blk.h;
   const Element *q = blk.q, *dout = blk.dout, *k = blk.k, *v = blk.v;
   const float* lse = p.softmax_lse + blk.row_bh;
+  // Null residual (no bias): load_vec over 0 rows fills the stage with zeros
+  // (and reads nothing; lse stands in as a valid address).
+  const float* residual = p.lse_residual ? p.lse_residual + blk.row_bh : lse;
+  const int residual_rows = p.lse_residual ? p.seqlen_q : 0;
   const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;  // MMA fragment row / column-pair of this lane
@@ -104,6 +110,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
                                     p.seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(base + T::kDeltaOff) + stage * kBlockM, delta, m0,
                                     p.seqlen_q, tid);
+    load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(base + T::kResidualOff) + stage * kBlockM, residual, m0,
+                                    residual_rows, tid);
   };
   if (m_begin < m_end && T::kStages == 2) load_q_stage(m_begin, 0);
   cp_async_commit();
@@ -125,8 +133,6 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
                                  : nullptr;
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
-  constexpr float kLog2e = 1.4426950408889634f;
-
   for (int m_block = m_begin; m_block < m_end; ++m_block) {
     const int stage = T::kStages == 2 ? (m_block - m_begin) % 2 : 0;
     if constexpr (T::kStages == 2) {
@@ -145,26 +151,32 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     const Element* sDo = reinterpret_cast<const Element*>(smem + T::kDoOff + stage * T::kTileM);
     const float* sLse = reinterpret_cast<const float*>(smem + T::kLseOff) + stage * kBlockM;
     const float* sDelta = reinterpret_cast<const float*>(smem + T::kDeltaOff) + stage * kBlockM;
+    const float* sResidual = reinterpret_cast<const float*>(smem + T::kResidualOff) + stage * kBlockM;
     const int m0 = m_block * kBlockM;
 
     // S^T = K_j Q_i^T for this warp's 16 keys x kMPerWarp queries, then
-    // P^T = exp(scale*s + bias - lse), 0 where masked.
+    // P^T = exp(scale*s + bias - lse), 0 where masked (prob_from_lse).
     float acc_s[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_s, sK + key_row0 * kLdD, sQ + q_col0 * kLdD, lane);
-    // Per-column (query) log2-scaled LSE, loaded once per tile (two columns per lane and n8 tile).
-    float lse_c[T::kMPerWarp / 8][2];
+    // Per-column (query) log2-domain LSE and residual, loaded once per tile
+    // (two columns per lane and n8 tile).
+    float lse_c[T::kMPerWarp / 8][2], res_c[T::kMPerWarp / 8][2];
 #pragma unroll
     for (int j = 0; j < T::kMPerWarp / 8; ++j) {
       const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
-      lse_c[j][0] = l.x * kLog2e, lse_c[j][1] = l.y * kLog2e;
+      const float2 r = *reinterpret_cast<const float2*>(sResidual + q_col0 + 8 * j + 2 * t);
+      lse_c[j][0] = lse_log2(l.x), lse_c[j][1] = lse_log2(l.y);
+      res_c[j][0] = r.x, res_c[j][1] = r.y;
     }
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
     if (!need_mask && !has_bias) {
-      // Interior tile without bias (the common case): one FFMA and one EX2 per element.
+      // Interior tile without bias (the common case): FFMA, FADD and EX2 per element.
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[j][e] = exp2_fast(acc_s[j][e] * p.softmax_scale_log2 - lse_c[j][e % 2]);
+        for (int e = 0; e < 4; ++e) {
+          acc_s[j][e] = prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_c[j][e % 2], res_c[j][e % 2]);
+        }
       }
     } else {
 #pragma unroll
@@ -174,10 +186,12 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
           const bool inside = row < p.seqlen_q && key < p.seqlen_k;
-          float x = acc_s[j][e] * p.softmax_scale_log2 - lse_c[j][e % 2];
-          if (has_bias && inside) x += to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) * kLog2e;
+          const float bv = has_bias && inside ? to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) : 0.f;
+          const float prob =
+              has_bias ? prob_from_lse_biased(acc_s[j][e], p.softmax_scale_log2, bv, lse_c[j][e % 2], res_c[j][e % 2])
+                       : prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_c[j][e % 2], res_c[j][e % 2]);
           const bool keep = !need_mask || (inside && geo.visible(row, key));
-          acc_s[j][e] = keep ? exp2_fast(x) : 0.f;
+          acc_s[j][e] = keep ? prob : 0.f;
         }
       }
     }

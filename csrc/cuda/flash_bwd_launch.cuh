@@ -10,6 +10,7 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include "device_props.cuh"
 #include "flash_bwd_dq_kernel.cuh"
 #include "flash_bwd_kernel.cuh"
 #include "flash_bwd_pre_post.cuh"
@@ -19,22 +20,51 @@
 
 namespace flash {
 
-// dK/dV kernel tiles. Every warp owns 16 keys and, while the dK/dV
-// accumulators of a whole head-dim row fit its registers (d <= 128), all of
-// the head dim. d <= 64: 64-key blocks of 4 warps, three blocks per SM (more
-// warps to hide the MMA/ldmatrix latency; measured 15% faster on H200 than
-// one 8-warp block). d <= 128: 128-key blocks of 8 warps, one per SM (the
-// 128 accumulator registers leave no room for a second block). Above, 64-key
-// blocks whose warps split the head dim in two and exchange P^T/dS^T in smem.
-template <typename Element, int kHeadDim, int kStages>
-using BwdTraitsFor = std::conditional_t<
-    (kHeadDim <= 64), BwdTraits<Element, kHeadDim, 64, 64, 4, kStages, 3>,
-    std::conditional_t<(kHeadDim <= 128), BwdTraits<Element, kHeadDim, 64, 128, 8, kStages, 1>,
-                       BwdTraits<Element, kHeadDim, 64, 64, 8, kStages, 1>>>;
-// Deterministic dQ kernel: 64 query rows (4 warps), key blocks of 64 (32 above
-// d = 128, where the dQ accumulator takes 128 registers).
+// dK/dV kernel tiles, largest first: the launcher takes the first that fits
+// the shared-memory budget (device_props.cuh). Every warp owns 16 keys and,
+// while the dK/dV accumulators of a whole head-dim row fit its registers
+// (d <= 128), all of the head dim. d <= 64: 64-key blocks of 4 warps, three
+// blocks per SM (more warps to hide the MMA/ldmatrix latency; measured 15%
+// faster on H200 than one 8-warp block); 64 KB. d <= 128: 128-key blocks of 8
+// warps, one per SM (the 128 accumulator registers leave no room for a
+// second block): 156 KB at d = 128, 124 KB at 96; for 99 KB GPUs 64-key
+// blocks of 4 warps with two Q/dO stages (89 KB at 96) or one (78 KB at
+// 128). Above, 64-key blocks whose warps split the head dim in two and
+// exchange P^T/dS^T in smem: two Q/dO stages (217 KB at d = 256, H100/H200),
+// one (151 KB, A100), and 32 x 32 tiles of 4 warps for 99 KB GPUs (71 KB).
 template <typename Element, int kHeadDim>
-using BwdDqTraitsFor = BwdDqTraits<Element, kHeadDim, (kHeadDim <= 128 ? 64 : 32), 4>;
+struct BwdConfigs {
+  template <typename Launch>
+  static void launch(int budget, Launch&& f) {
+    if constexpr (kHeadDim <= 64) {
+      launch_first_fitting<BwdTraits<Element, kHeadDim, 64, 64, 4, 2, 3>>("backward", kHeadDim, budget, f);
+    } else if constexpr (kHeadDim <= 128) {
+      launch_first_fitting<BwdTraits<Element, kHeadDim, 64, 128, 8, 2, 1>,
+                           BwdTraits<Element, kHeadDim, 64, 64, 4, 2, 1>,
+                           BwdTraits<Element, kHeadDim, 64, 64, 4, 1, 1>>("backward", kHeadDim, budget, f);
+    } else {
+      launch_first_fitting<BwdTraits<Element, kHeadDim, 64, 64, 8, 2, 1>,
+                           BwdTraits<Element, kHeadDim, 64, 64, 8, 1, 1>,
+                           BwdTraits<Element, kHeadDim, 32, 32, 4, 1, 1>>("backward", kHeadDim, budget, f);
+    }
+  }
+};
+// Deterministic dQ kernel: 64 query rows (4 warps), key blocks of 64 (32 above
+// d = 128, where the dQ accumulator takes 128 registers); smaller blocks for
+// 99 KB GPUs (102 KB at d = 128 and 132 KB at 256 otherwise).
+template <typename Element, int kHeadDim>
+struct BwdDqConfigs {
+  template <typename Launch>
+  static void launch(int budget, Launch&& f) {
+    if constexpr (kHeadDim <= 128) {
+      launch_first_fitting<BwdDqTraits<Element, kHeadDim, 64, 4>, BwdDqTraits<Element, kHeadDim, 32, 4>>(
+          "deterministic dQ", kHeadDim, budget, f);
+    } else {
+      launch_first_fitting<BwdDqTraits<Element, kHeadDim, 32, 4>, BwdDqTraits<Element, kHeadDim, 32, 2>>(
+          "deterministic dQ", kHeadDim, budget, f);
+    }
+  }
+};
 
 template <typename Kernel>
 inline void set_smem_limit(Kernel kernel, int bytes) {
@@ -87,42 +117,33 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     flash::flash_bwd_preprocess_kernel<Element, kHeadDim><<<dim3(pre_blocks), kPreThreads, 0, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // Hopper: the wgmma kernel. Elsewhere the mma.sync kernel, with two Q/dO
-    // stages when they fit the device's shared memory (A100 falls back to one
-    // stage for head dims 192/256).
+    // Hopper: the wgmma kernel. Elsewhere the mma.sync kernel, with the
+    // largest tiles that fit the shared-memory budget.
+    const int budget = flash::smem_budget();
     bool launched = false;
     if constexpr (flash::sm90::kHasBwd<kHeadDim>) {
-      if (flash::sm90::enabled()) {
-        flash::launch_dkdv_sm90<flash::Sm90BwdTraitsFor<Element, kHeadDim>>(params, stream);
+      using T90 = flash::Sm90BwdTraitsFor<Element, kHeadDim>;
+      if (flash::sm90::enabled() && T90::kSmemBytes <= budget) {
+        flash::launch_dkdv_sm90<T90>(params, stream);
         launched = true;
       }
     }
     if (!launched) {
-      using T2 = flash::BwdTraitsFor<Element, kHeadDim, 2>;
-      if constexpr (kHeadDim <= 128) {
-        flash::launch_dkdv<T2>(params, stream);
-      } else {
-        using T1 = flash::BwdTraitsFor<Element, kHeadDim, 1>;
-        int device = 0, max_smem = 0;
-        C10_CUDA_CHECK(cudaGetDevice(&device));
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        if (T2::kSmemBytes <= max_smem) {
-          flash::launch_dkdv<T2>(params, stream);
-        } else {
-          flash::launch_dkdv<T1>(params, stream);
-        }
-      }
+      flash::BwdConfigs<Element, kHeadDim>::launch(
+          budget, [&](auto tag) { flash::launch_dkdv<typename decltype(tag)::type>(params, stream); });
     }
 
     if (params.deterministic) {
       TORCH_CHECK(params.dq != nullptr, "flash_attn_ext: deterministic backward needs dq allocated");
-      using TQ = flash::BwdDqTraitsFor<Element, kHeadDim>;
-      const int64_t num_m_blocks = (params.seqlen_q + TQ::kBlockM - 1) / TQ::kBlockM;
-      const int64_t grid = num_m_blocks * params.batch * params.nheads;
-      auto kernel = &flash::flash_bwd_dq_kernel<TQ>;
-      flash::set_smem_limit(kernel, TQ::kSmemBytes);
-      kernel<<<dim3(grid), dim3(TQ::kNThreads), TQ::kSmemBytes, stream>>>(params);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      flash::BwdDqConfigs<Element, kHeadDim>::launch(budget, [&](auto tag) {
+        using TQ = typename decltype(tag)::type;
+        const int64_t num_m_blocks = (params.seqlen_q + TQ::kBlockM - 1) / TQ::kBlockM;
+        const int64_t grid = num_m_blocks * params.batch * params.nheads;
+        auto kernel = &flash::flash_bwd_dq_kernel<TQ>;
+        flash::set_smem_limit(kernel, TQ::kSmemBytes);
+        kernel<<<dim3(grid), dim3(TQ::kNThreads), TQ::kSmemBytes, stream>>>(params);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   }
   if (params.dq != nullptr && !params.deterministic) {

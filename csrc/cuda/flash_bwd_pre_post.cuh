@@ -58,7 +58,7 @@ __global__ void flash_bwd_postprocess_kernel(const FlashBwdParams p) {
   const int b = row / (int64_t(p.nheads) * p.seqlen_q);
   const float4* src = reinterpret_cast<const float4*>(p.dq_accum + idx * 8);
   const float4 lo = src[0], hi = src[1];
-  const float sc = p.softmax_scale;
+  const float sc = p.softmax_scale_f;
   uint4 out;
   out.x = pack2<Element>(lo.x * sc, lo.y * sc);
   out.y = pack2<Element>(lo.z * sc, lo.w * sc);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "../checks.h"
 #include "../flash_api.h"
@@ -34,17 +35,16 @@ at::Tensor prepare_qkv(const at::Tensor& t, int64_t padded) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                             const std::optional<at::Tensor>& attn_bias, double softmax_scale,
                                             bool causal, int64_t window_left, int64_t window_right,
                                             bool deterministic) {
   (void)deterministic;  // The forward pass is deterministic either way.
-  check_fwd_inputs(q_in, k_in, v_in, attn_bias);
+  check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale);
   TORCH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_cuda expects CUDA tensors, got ", q_in.device());
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "flash_attn_ext: the CUDA kernels support float16 and ",
               "bfloat16 only, got ", dtype, " (the CPU implementation also takes float32 and float64)");
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
   const int64_t batch = q_in.size(0), seqlen_q = q_in.size(1), nheads = q_in.size(2), head_dim = q_in.size(3);
@@ -52,18 +52,22 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   const auto opts = q_in.options();
 
   // Empty problems: nothing to launch.
+  const auto lse_opts = opts.dtype(at::kFloat);
+  const std::vector<int64_t> lse_shape = {batch, nheads, seqlen_q};
+  // lse_residual: shaped like softmax_lse where needed (checks.h), else (0,).
+  auto residual_like = [&](c10::IntArrayRef shape) {
+    return needs_lse_residual(q_in, attn_bias) ? at::zeros(shape, lse_opts) : at::empty({0}, lse_opts);
+  };
   if (batch == 0 || seqlen_q == 0 || nheads == 0) {
-    return {at::empty({batch, seqlen_q, nheads, head_dim}, opts),
-            at::empty({batch, nheads, seqlen_q}, opts.dtype(at::kFloat))};
+    return {at::empty({batch, seqlen_q, nheads, head_dim}, opts), at::empty({batch, nheads, seqlen_q}, lse_opts),
+            residual_like(lse_shape)};
   }
   if (seqlen_k == 0) {
     // No key at all: every row's softmax is empty.
     return {at::zeros({batch, seqlen_q, nheads, head_dim}, opts),
-            at::full({batch, nheads, seqlen_q}, std::numeric_limits<float>::infinity(), opts.dtype(at::kFloat))};
+            at::full({batch, nheads, seqlen_q}, std::numeric_limits<float>::infinity(), lse_opts),
+            residual_like(lse_shape)};
   }
-  TORCH_CHECK(seqlen_q <= std::numeric_limits<int>::max() / 2 && seqlen_k <= std::numeric_limits<int>::max() / 2 &&
-                  batch * nheads <= std::numeric_limits<int>::max(),
-              "flash_attn_ext: sequence lengths and batch * nheads must fit in 31 bits");
 
   const int padded = padded_head_dim(static_cast<int>(head_dim));
   at::Tensor q = prepare_qkv(q_in, padded);
@@ -82,10 +86,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   }
 
   at::Tensor out = at::empty({batch, seqlen_q, nheads, padded}, opts);
-  at::Tensor softmax_lse = at::empty({batch, nheads, seqlen_q}, opts.dtype(at::kFloat));
+  at::Tensor softmax_lse = at::empty({batch, nheads, seqlen_q}, lse_opts);
+  at::Tensor lse_residual = residual_like(lse_shape);
 
   FlashFwdParams params;
-  set_fwd_params(params, q, k, v, attn_bias, out, softmax_lse, softmax_scale, causal, window_left, window_right);
+  set_fwd_params(params, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
+                 window_right);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_dtype(dtype, [&](auto element) {
@@ -100,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   });
 
   if (padded != head_dim) out = out.narrow(3, 0, head_dim).contiguous();
-  return {out, softmax_lse};
+  return {out, softmax_lse, lse_residual};
 }
 
 }  // namespace flash_attn_ext

@@ -237,7 +237,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kN
             const float bv = (row_ok && col < params.seqlen_k)
                                  ? to_float(bias[row_off + static_cast<int64_t>(col) * params.bias_col_stride])
                                  : 0.f;
-            s[mi][nj][hr * 2 + e] = fmaf(s[mi][nj][hr * 2 + e], scale_log2, bv * float(M_LOG2E));
+            s[mi][nj][hr * 2 + e] = fmaf(s[mi][nj][hr * 2 + e], scale_log2, bias_log2(bv));
           }
         }
       }
@@ -296,9 +296,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     const int hk = h / (params.nheads / params.nheads_k);
     Element* out = static_cast<Element*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
     float* lse_out = params.softmax_lse + static_cast<int64_t>(bh) * params.seqlen_q;
+    float* residual_out = params.lse_residual ? params.lse_residual + static_cast<int64_t>(bh) * params.seqlen_q
+                                              : nullptr;
 
     if (n_begin >= n_end) {
-      // No key is visible to any row of this block: out = 0, lse = +inf.
+      // No key is visible to any row of this block: out = 0, lse = +inf, residual 0.
       for (int idx = tid; idx < kBlockM * Traits::kChunks; idx += Traits::kNThreads) {
         const int r = idx / Traits::kChunks, c = idx % Traits::kChunks;
         if (row0 + r < params.seqlen_q) {
@@ -307,7 +309,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
         }
       }
       for (int r = tid; r < kBlockM; r += Traits::kNThreads) {
-        if (row0 + r < params.seqlen_q) lse_out[row0 + r] = INFINITY;
+        if (row0 + r < params.seqlen_q) {
+          lse_out[row0 + r] = INFINITY;
+          if (residual_out) residual_out[row0 + r] = 0.f;
+        }
       }
       continue;
     }
@@ -412,15 +417,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     }
 
     // Epilogue.
-    float inv_sum[kMT][2], lse[kMT][2];
-    softmax.finalize(inv_sum, lse);
+    float inv_sum[kMT][2], lse[kMT][2], residual[kMT][2];
+    softmax.finalize(inv_sum, lse, residual);
     if (t == 0) {
 #pragma unroll
       for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           const int row = warp_row0 + mi * 16 + hr * 8 + g;
-          if (row < params.seqlen_q) lse_out[row] = lse[mi][hr];
+          if (row < params.seqlen_q) {
+            lse_out[row] = lse[mi][hr];
+            if (residual_out) residual_out[row] = residual[mi][hr];
+          }
         }
     }
     // The warp's own rows of the Q tile are read by this warp only, so they

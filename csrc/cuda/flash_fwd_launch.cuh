@@ -10,26 +10,13 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "device_props.cuh"
 #include "flash_fwd_kernel.cuh"
 #include "flash_launch.h"
 #include "hopper/flash_fwd_sm90_kernel.cuh"
 #include "hopper/sm90_dispatch.cuh"
 
 namespace flash {
-
-// Opt-in shared memory per block of the current device, cached per device.
-inline int max_smem_per_block() {
-  static int cache[64] = {0};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) dev = 0;
-  if (cache[dev] == 0) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    cache[dev] = v;
-  }
-  return cache[dev];
-}
 
 template <typename Traits, bool kHasBias>
 void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
@@ -100,7 +87,8 @@ struct FwdConfig<Element, 256> {
 };
 
 // For GPUs with less shared memory per block than the main configuration
-// needs (sm86 / sm89: 99 KB): 64 x 32 tiles, 4 warps x 16 rows.
+// needs (sm86 / sm89 / sm120: 99 KB; head dims 128 and up): 64 x 32 tiles,
+// 4 warps x 16 rows (99 KB at head dim 256).
 template <typename Element, int kHeadDim>
 using FwdSmallSmemTraits = FwdTraits<Element, kHeadDim, 64, 32, 4, false, 2>;
 
@@ -133,9 +121,11 @@ void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   // kIsCausal only selects the instantiation: masking (causal, sliding
   // window, ragged ends) is described at run time by MaskGeometry.
   using Traits = typename flash::FwdConfig<Element, kHeadDim>::Traits;
+  const int budget = flash::smem_budget();
   if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
-    if (flash::sm90::enabled()) {
-      return flash::launch_flash_fwd_sm90<flash::Sm90FwdTraitsFor<Element, kHeadDim>>(params, stream);
+    using T90 = flash::Sm90FwdTraitsFor<Element, kHeadDim>;
+    if (flash::sm90::enabled() && T90::kSmemBytes <= budget) {
+      return flash::launch_flash_fwd_sm90<T90>(params, stream);
     }
   }
 #ifdef FLASH_FWD_TUNE
@@ -155,10 +145,8 @@ void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
     }
   }
 #endif
-  if constexpr (Traits::kSmemBytes > 101376) {
-    if (Traits::kSmemBytes > flash::max_smem_per_block()) {
-      return flash::launch_flash_fwd_variants<flash::FwdSmallSmemTraits<Element, kHeadDim>>(params, stream);
-    }
-  }
-  flash::launch_flash_fwd_variants<Traits>(params, stream);
+  flash::launch_first_fitting<Traits, flash::FwdSmallSmemTraits<Element, kHeadDim>>(
+      "forward", kHeadDim, budget, [&](auto tag) {
+        flash::launch_flash_fwd_variants<typename decltype(tag)::type>(params, stream);
+      });
 }

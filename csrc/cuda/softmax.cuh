@@ -22,6 +22,34 @@
 
 namespace flash {
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// A bias value in the log2 domain of the scores, floored at -kBiasFloor
+// (flash_params.h) so that finite biases stay finite; -inf stays -inf.
+// Forward and backward must compute a biased score with the same
+// expression, fmaf(s, scale_log2, bias_log2(b)).
+__device__ __forceinline__ float bias_log2(float b) {
+  return b == -INFINITY ? b : fmaxf(b, -kBiasFloor) * kLog2e;
+}
+
+// softmax_lse in the log2 domain, as the backward uses it. __fmul_rn keeps
+// the compiler from fusing the product into a neighbouring add: the forward
+// computes the residual against exactly this rounded value.
+__device__ __forceinline__ float lse_log2(float lse) { return __fmul_rn(lse, kLog2e); }
+
+// The backward's P for one score from the saved row statistics:
+// exp2((s * scale_log2 [+ bias_log2] - lse_log2) - residual), 0 for rows that
+// saw no key (lse = +inf). Subtracting the two parts one after the other
+// keeps a row whose scores are all near a huge value (a -1e9 bias) at
+// P = 1 / keys instead of 1.
+__device__ __forceinline__ float prob_from_lse(float s, float scale_log2, float lse_log2_row, float residual) {
+  return exp2_fast(fmaf(s, scale_log2, -lse_log2_row) - residual);
+}
+__device__ __forceinline__ float prob_from_lse_biased(float s, float scale_log2, float bias, float lse_log2_row,
+                                                      float residual) {
+  return exp2_fast((fmaf(s, scale_log2, bias_log2(bias)) - lse_log2_row) - residual);
+}
+
 // Sets every element that `geo` hides to -inf. `row0` is the first row of the
 // warp's first m-tile, `col0` the first column of the tile.
 template <int kMT, int kNT>
@@ -148,41 +176,26 @@ struct OnlineSoftmax {
   }
 
   // After the last tile: inv_sum[mi][hr] multiplies the output rows (0 where
-  // a row saw no key) and lse[mi][hr] is the natural-log logsumexp of the
-  // scaled scores (+inf where a row saw no key).
-  __device__ __forceinline__ void finalize(float (&inv_sum)[kMT][2], float (&lse)[kMT][2]) {
+  // a row saw no key), lse[mi][hr] is the natural-log logsumexp of the
+  // scaled scores (+inf where a row saw no key) and residual[mi][hr] what its
+  // fp32 rounding lost, in the log2 domain: lse_log2(lse) + residual =
+  // max + log2(sum) to within an ulp of the residual (0 for empty rows).
+  __device__ __forceinline__ void finalize(float (&inv_sum)[kMT][2], float (&lse)[kMT][2],
+                                           float (&residual)[kMT][2]) {
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const float sum = quad_sum(row_sum[mi][hr]);
         const bool empty = !(sum > 0.f);
+        const float log2_sum = __log2f(sum);
         inv_sum[mi][hr] = empty ? 0.f : 1.f / sum;
-        lse[mi][hr] = empty ? INFINITY : (row_max[mi][hr] + __log2f(sum)) * float(M_LN2);
+        lse[mi][hr] = empty ? INFINITY : (row_max[mi][hr] + log2_sum) * float(M_LN2);
+        residual[mi][hr] = empty ? 0.f : __fadd_rn(__fsub_rn(row_max[mi][hr], lse_log2(lse[mi][hr])), log2_sum);
       }
     }
   }
 };
-
-// P = exp2(s * scale_log2 - lse_log2[row]) for a tile whose row statistics are
-// already known (the backward recomputation). lse_log2 = lse * log2(e); rows
-// with lse = +inf give 0.
-template <int kMT, int kNT>
-__device__ __forceinline__ void scale_apply_exp2(float (&s)[kMT][kNT][4], const float (&lse_log2)[kMT][2],
-                                                 float scale_log2) {
-#pragma unroll
-  for (int mi = 0; mi < kMT; ++mi) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const float neg = lse_log2[mi][hr] == INFINITY ? -INFINITY : -lse_log2[mi][hr];
-#pragma unroll
-      for (int nj = 0; nj < kNT; ++nj) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) s[mi][nj][hr * 2 + e] = exp2_fast(fmaf(s[mi][nj][hr * 2 + e], scale_log2, neg));
-      }
-    }
-  }
-}
 
 // Converts fp32 accumulators (kMT x kNT n-tiles of 8 columns) to bf16/fp16
 // A-operand fragments of m16n8k16 (kMT x kNT/2 k-steps of 16), without going

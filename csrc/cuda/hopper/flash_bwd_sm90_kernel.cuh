@@ -28,6 +28,7 @@
 #include "../../flash_params.h"
 #include "../flash_bwd_common.cuh"
 #include "../mask.cuh"
+#include "../softmax.cuh"
 #include "wgmma.cuh"
 
 namespace flash {
@@ -61,8 +62,9 @@ struct BwdTraits {
   static constexpr int kPOff = kDsOff + kTileDs;          // kPInSmem only
   static constexpr int kLseOff = kPOff + (kPInSmem ? kTileDs : 0);  // 2 stages of kBlockM floats
   static constexpr int kDeltaOff = kLseOff + 2 * kBlockM * 4;
+  static constexpr int kResidualOff = kDeltaOff + 2 * kBlockM * 4;
   // + 1024: the dynamic shared memory base is realigned to the swizzle atom.
-  static constexpr int kSmemBytes = kDeltaOff + 2 * kBlockM * 4 + 1024;
+  static constexpr int kSmemBytes = kResidualOff + 2 * kBlockM * 4 + 1024;
 };
 
 // Packed A fragments (k-slices of 16 columns) of a 16 x kN strip into an
@@ -108,6 +110,10 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   const int n_block = blk.block, b = blk.b, h = blk.h;
   const Element *q = blk.q, *dout = blk.dout, *k = blk.k, *v = blk.v;
   const float* lse = p.softmax_lse + blk.row_bh;
+  // Null residual (no bias): load_vec over 0 rows fills the stage with zeros
+  // (and reads nothing; lse stands in as a valid address).
+  const float* residual = p.lse_residual ? p.lse_residual + blk.row_bh : lse;
+  const int residual_rows = p.lse_residual ? p.seqlen_q : 0;
   const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wg = warp / 4, warp_in_wg = warp % 4;
@@ -130,6 +136,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
                                     p.seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kDeltaOff) + stage * kBlockM, delta, m0,
                                     p.seqlen_q, tid);
+    load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kResidualOff) + stage * kBlockM, residual, m0,
+                                    residual_rows, tid);
   };
   if (m_begin < m_end) load_q_stage(m_begin, 0);
   cp_async_commit();
@@ -153,7 +161,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
                                  : nullptr;
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
-  constexpr float kLog2e = 1.4426950408889634f;
   // Descriptor strides (bytes): 8-row groups are one swizzle atom apart; the
   // next 64 columns (MN-major operands) are the next panel.
   constexpr uint32_t kSbo = 8 * kLine;
@@ -172,6 +179,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     const uint32_t sDs = s_base + T::kDsOff, sP = s_base + T::kPOff;
     const float* sLse = reinterpret_cast<const float*>(smem + T::kLseOff) + stage * kBlockM;
     const float* sDelta = reinterpret_cast<const float*>(smem + T::kDeltaOff) + stage * kBlockM;
+    const float* sResidual = reinterpret_cast<const float*>(smem + T::kResidualOff) + stage * kBlockM;
     const int m0 = m_block * kBlockM;
 
     // S^T = K Q^T and dP^T = V dO^T for this warpgroup's keys x queries:
@@ -183,7 +191,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
 
-    // P^T = exp2(S^T * scale * log2e - lse * log2e) while dP^T is still running.
+    // P^T = exp2((S^T * scale * log2e - lse_log2) - residual) while dP^T is still running.
     wgmma_wait<1>();
     fence_regs(acc_s);
     const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
@@ -191,11 +199,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
-        const float l0 = l.x * kLog2e, l1 = l.y * kLog2e;
-        acc_s[j][0] = exp2_fast(acc_s[j][0] * p.softmax_scale_log2 - l0);
-        acc_s[j][1] = exp2_fast(acc_s[j][1] * p.softmax_scale_log2 - l1);
-        acc_s[j][2] = exp2_fast(acc_s[j][2] * p.softmax_scale_log2 - l0);
-        acc_s[j][3] = exp2_fast(acc_s[j][3] * p.softmax_scale_log2 - l1);
+        const float2 r = *reinterpret_cast<const float2*>(sResidual + q_col0 + 8 * j + 2 * t);
+        const float l0 = lse_log2(l.x), l1 = lse_log2(l.y);
+        acc_s[j][0] = prob_from_lse(acc_s[j][0], p.softmax_scale_log2, l0, r.x);
+        acc_s[j][1] = prob_from_lse(acc_s[j][1], p.softmax_scale_log2, l1, r.y);
+        acc_s[j][2] = prob_from_lse(acc_s[j][2], p.softmax_scale_log2, l0, r.x);
+        acc_s[j][3] = prob_from_lse(acc_s[j][3], p.softmax_scale_log2, l1, r.y);
       }
     } else {
 #pragma unroll
@@ -205,10 +214,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
           const bool inside = row < p.seqlen_q && key < p.seqlen_k;
-          float x = acc_s[j][e] * p.softmax_scale_log2 - sLse[col] * kLog2e;
-          if (has_bias && inside) x += to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) * kLog2e;
+          const float l = lse_log2(sLse[col]), r = sResidual[col];
+          const float bv = has_bias && inside ? to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) : 0.f;
+          const float prob = has_bias ? prob_from_lse_biased(acc_s[j][e], p.softmax_scale_log2, bv, l, r)
+                                      : prob_from_lse(acc_s[j][e], p.softmax_scale_log2, l, r);
           const bool keep = inside && (!need_mask || geo.visible(row, key));
-          acc_s[j][e] = keep ? exp2_fast(x) : 0.f;
+          acc_s[j][e] = keep ? prob : 0.f;
         }
       }
     }

@@ -90,14 +90,18 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
   Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
   float* lse_out = p.softmax_lse + int64_t(bh) * p.seqlen_q;
+  float* residual_out = p.lse_residual ? p.lse_residual + int64_t(bh) * p.seqlen_q : nullptr;
 
-  if (n_begin >= n_end) {  // no key visible to any row: out = 0, lse = +inf
+  if (n_begin >= n_end) {  // no key visible to any row: out = 0, lse = +inf, residual 0
     for (int idx = tid; idx < kBlockM * (kHeadDim / 8); idx += T::kNThreads) {
       const int r = idx / (kHeadDim / 8), c = idx % (kHeadDim / 8);
       if (row0 + r < p.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
     }
     for (int r = tid; r < kBlockM; r += T::kNThreads) {
-      if (row0 + r < p.seqlen_q) lse_out[row0 + r] = INFINITY;
+      if (row0 + r < p.seqlen_q) {
+        lse_out[row0 + r] = INFINITY;
+        if (residual_out) residual_out[row0 + r] = 0.f;
+      }
     }
     return;
   }
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
             const float bv = (row < p.seqlen_q && col < p.seqlen_k)
                                  ? to_float(bias[row_off + int64_t(col) * p.bias_col_stride])
                                  : 0.f;
-            s[0][nj][2 * hr + e] = fmaf(s[0][nj][2 * hr + e], scale_log2, bv * float(M_LOG2E));
+            s[0][nj][2 * hr + e] = fmaf(s[0][nj][2 * hr + e], scale_log2, bias_log2(bv));
           }
         }
       }
@@ -224,13 +228,16 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 
   // Epilogue: O / rowsum through this warpgroup's own rows of the Q tile (no
   // other warpgroup reads them), then coalesced 16-byte stores.
-  float inv_sum[1][2], lse[1][2];
-  softmax.finalize(inv_sum, lse);
+  float inv_sum[1][2], lse[1][2], residual[1][2];
+  softmax.finalize(inv_sum, lse, residual);
   if (t == 0) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int row = warp_row0 + 8 * hr + g;
-      if (row < p.seqlen_q) lse_out[row] = lse[0][hr];
+      if (row < p.seqlen_q) {
+        lse_out[row] = lse[0][hr];
+        if (residual_out) residual_out[row] = residual[0][hr];
+      }
     }
   }
 #pragma unroll
