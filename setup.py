@@ -81,38 +81,68 @@ def want_cuda() -> bool:
 
 def cpu_flags():
     # The C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.13).
-    # -fopenmp: at::parallel_for is a header template that compiles to an
-    # OpenMP loop only when the extension itself is built with OpenMP; without
-    # it the CPU kernels silently run on one thread. It also honours the
-    # `#pragma omp simd` row reductions.
+    # -fopenmp-simd: honours the `#pragma omp simd` row reductions. Threads
+    # come from libtorch (torch::stable::parallel_for), so the extension
+    # links no OpenMP runtime of its own.
     # -g0: Python's own CFLAGS (sysconfig), which setuptools puts first on every
     # compile line, carry -g. The debug info for the torch templates each file
     # instantiates made the five CPU files take 69-75 s to compile one after
     # the other instead of 46-47 s, and the pip build with ninja 61 s instead
     # of 35 s (idle 2-core machine); the .text of the two builds is
     # byte-identical. FLASH_ATTN_EXT_DEBUG=1 keeps -g.
-    flags = ["-O3", "-fopenmp"] + ([] if env_flag("FLASH_ATTN_EXT_DEBUG") else ["-g0"])
-    # The CPU kernels' inner loops are written for the compiler's vectoriser:
-    # build them for the vector units of the machine that compiles them (as a
-    # source build of an extension normally is). FLASH_ATTN_EXT_CPU_FLAGS
-    # overrides, e.g. "" for a binary that must run on any x86-64.
+    flags = ["-O3", "-fopenmp-simd"] + ([] if env_flag("FLASH_ATTN_EXT_DEBUG") else ["-g0"])
+    return flags + cpu_isa_flags()
+
+
+def building_wheel() -> bool:
+    """True under `pip wheel` / `python -m build`, which run setup.py's bdist_wheel."""
+    return "bdist_wheel" in sys.argv
+
+
+def cpu_isa_flags():
+    """The vector instruction sets the CPU kernels are compiled for.
+
+    Their inner loops are written for the compiler's vectoriser. A source
+    build targets the machine that compiles it, as a source build of an
+    extension normally does: AVX2 + FMA on most x86, plus AVX-512 where
+    present (cpu_tile.h then sets kVectorBytes = 64: on a Zen 5 EPYC the fp32
+    tile products ran at ~220 GFLOP/s per core instead of ~113 with 256-bit
+    vectors). A wheel, which must run on machines other than the one that
+    built it, targets AVX2 + FMA (x86-64-v3: Intel from Haswell, AMD from
+    Zen 1). FLASH_ATTN_EXT_CPU_FLAGS overrides both, e.g. "" for a binary
+    that runs on any x86-64. Whatever is chosen is recorded in
+    flash_attn_ext/_build_config.py, and the package refuses to load the
+    library, with a message naming the instruction sets, on a CPU without them.
+    """
     override = os.environ.get("FLASH_ATTN_EXT_CPU_FLAGS")
     if override is not None:
-        return flags + override.split()
-    if platform.machine() in ("x86_64", "AMD64"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_flags_present = set(f.read().split())
-        except OSError:
-            cpu_flags_present = set()
-        if {"avx2", "fma"} <= cpu_flags_present:
-            flags += ["-mavx2", "-mfma"]
-            # 512-bit vectors where the CPU has them (cpu_tile.h then sets
-            # kVectorBytes = 64): on a Zen 5 EPYC the fp32 tile products ran
-            # at ~220 GFLOP/s per core instead of ~113 with 256-bit vectors.
-            if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= cpu_flags_present:
-                flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
+        return override.split()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    if building_wheel():
+        return ["-mavx2", "-mfma"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            present = set(f.read().split())
+    except OSError:
+        present = set()
+    flags = []
+    if {"avx2", "fma"} <= present:
+        flags += ["-mavx2", "-mfma"]
+        if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= present:
+            flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
     return flags
+
+
+def write_build_config(isa_flags) -> None:
+    """Records, for flash_attn_ext/_ops.py, the CPU features the build needs (as /proc/cpuinfo names them)."""
+    features = tuple(f[2:] for f in isa_flags if f.startswith("-m") and "=" not in f)
+    with open(os.path.join(HERE, "flash_attn_ext", "_build_config.py"), "w") as f:
+        f.write(
+            "# Written by setup.py when the extension was built; not in git.\n"
+            "# The x86 instruction sets the CPU kernels were compiled for (/proc/cpuinfo names).\n"
+            f"CPU_FEATURES = {features!r}\n"
+        )
 
 
 def hopper_arch_list() -> bool:
@@ -124,18 +154,45 @@ def hopper_arch_list() -> bool:
     return any(a.startswith("9.0a") for a in archs)
 
 
-def extension():
+# The C++ code sees PyTorch only through its stable ABI (csrc/tensor.h) and
+# Python only through the limited API: the libraries built here load under
+# every torch from this version on and every CPython the package supports,
+# and the wheel is tagged abi3. A newer torch's headers keep the older
+# functions we call when told which version to target.
+TORCH_TARGET_VERSION = "0x020B000000000000"  # 2.11
+PYTHON_ABI = "cp310"  # the limited API of Python 3.10, pyproject's requires-python
+STABLE_ABI_DEFINES = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+
+
+def extensions():
+    """flash_attn_ext._C (schemas, CPU kernels) and, with CUDA, flash_attn_ext._C_cuda.
+
+    Two libraries so that a CUDA build still loads under a CPU-only torch: only
+    _C_cuda links libtorch_cuda and the CUDA runtime, and the package imports it
+    only under a CUDA build of torch (flash_attn_ext/_ops.py).
+    """
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
-    sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    extra = {"cxx": cpu_flags()}
+    shared = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    cpu_sources = shared + rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    flags = cpu_flags()
+    write_build_config(cpu_isa_flags())
+    log(f"CPU kernels compiled with: {' '.join(flags)}")
+    cpu = CppExtension(
+        "flash_attn_ext._C",
+        cpu_sources,
+        extra_compile_args={"cxx": flags + STABLE_ABI_DEFINES},
+        py_limited_api=True,
+    )
     if not want_cuda():
-        return CppExtension("flash_attn_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+        return [cpu]
 
     has_sm90a = hopper_arch_list()
     hdims = env_list("FLASH_ATTN_EXT_HDIMS", ALL_HDIMS, int)
     dtypes = env_list("FLASH_ATTN_EXT_DTYPES", ALL_DTYPES, str)
     directions = env_list("FLASH_ATTN_EXT_DIRECTIONS", ALL_DIRECTIONS, str)
     cuda_dir = os.path.join(HERE, "csrc", "cuda")
+    # checks.cpp (input validation, params filling) is linked into both libraries.
+    sources = [os.path.join("csrc", "checks.cpp")]
     # Files named flash_fwd_* / flash_bwd_* belong to one direction; the rest is shared.
     for path in sorted(glob.glob(os.path.join(cuda_dir, "*.cpp")) + glob.glob(os.path.join(cuda_dir, "*.cu"))):
         name = os.path.basename(path)
@@ -154,9 +211,9 @@ def extension():
         + [f"-DFLASH_ATTN_EXT_DTYPE_{t.upper()}" for t in dtypes]
         + [f"-DFLASH_ATTN_EXT_BUILD_{d.upper()}" for d in directions]
         + (["-DFLASH_ATTN_EXT_SM90"] if has_sm90a else [])
+        + STABLE_ABI_DEFINES
     )
-    extra["cxx"] += defines
-    extra["nvcc"] = [
+    nvcc = [
         "-O3",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
@@ -166,7 +223,14 @@ def extension():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + defines
-    return CUDAExtension("flash_attn_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    cuda = CUDAExtension(
+        "flash_attn_ext._C_cuda",
+        sources,
+        # USE_CUDA: the CUDA functions of the stable ABI (the current stream, cuda_context.h).
+        extra_compile_args={"cxx": ["-O3", "-g0", "-DUSE_CUDA"] + defines, "nvcc": nvcc},
+        py_limited_api=True,
+    )
+    return [cpu, cuda]
 
 
 def log(message: str) -> None:
@@ -192,6 +256,7 @@ class BuildExt(BuildExtension):
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
+    options={"bdist_wheel": {"py_limited_api": PYTHON_ABI}},
 )

@@ -8,8 +8,8 @@
 namespace flash_attn_ext {
 namespace {
 
-void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "flash_attn_ext: ", name,
+void check_last_dim_contiguous(const Tensor& t, const char* name) {
+  FLASH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "flash_attn_ext: ", name,
               " must have a contiguous last dimension (stride 1), got stride ", num(t.stride(-1)),
               "; call .contiguous() first");
 }
@@ -21,11 +21,11 @@ constexpr int64_t kMaxSeqlen = (int64_t{1} << 30) - 1;
 constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
 
 void check_sizes_fit(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads) {
-  TORCH_CHECK(seqlen_q <= kMaxSeqlen, "flash_attn_ext: seqlen_q = ", num(seqlen_q),
+  FLASH_CHECK(seqlen_q <= kMaxSeqlen, "flash_attn_ext: seqlen_q = ", num(seqlen_q),
               " is longer than the supported maximum of ", num(kMaxSeqlen), " (2**30 - 1)");
-  TORCH_CHECK(seqlen_k <= kMaxSeqlen, "flash_attn_ext: seqlen_k = ", num(seqlen_k),
+  FLASH_CHECK(seqlen_k <= kMaxSeqlen, "flash_attn_ext: seqlen_k = ", num(seqlen_k),
               " is longer than the supported maximum of ", num(kMaxSeqlen), " (2**30 - 1)");
-  TORCH_CHECK(batch <= kMaxInt && nheads <= kMaxInt && batch * nheads <= kMaxInt, "flash_attn_ext: batch * nheads = ",
+  FLASH_CHECK(batch <= kMaxInt && nheads <= kMaxInt && batch * nheads <= kMaxInt, "flash_attn_ext: batch * nheads = ",
               num(batch), " * ", num(nheads), " exceeds 2**31 - 1");
 }
 
@@ -37,119 +37,118 @@ int normalise_window_side(int64_t side, int64_t reach) { return (side < 0 || sid
 
 }  // namespace
 
-void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& attn_bias, double softmax_scale) {
-  TORCH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
+void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                      const std::optional<Tensor>& attn_bias, double softmax_scale) {
+  FLASH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
               num(q.dim()), "-D");
-  TORCH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
+  FLASH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
               num(k.dim()), "-D");
-  TORCH_CHECK(v.dim() == 4, "flash_attn_ext: v must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
+  FLASH_CHECK(v.dim() == 4, "flash_attn_ext: v must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
               num(v.dim()), "-D");
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-              "flash_attn_ext: unsupported dtype ", dtype, "; expected float16, bfloat16, float32 or float64");
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
-              "flash_attn_ext: q, k and v must have the same dtype, got ", dtype, ", ", k.scalar_type(),
-              " and ", v.scalar_type());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
-              "flash_attn_ext: q, k and v must be on the same device, got ", q.device(), ", ", k.device(),
-              " and ", v.device());
+  FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16 || dtype == ScalarType::Float || dtype == ScalarType::Double,
+              "flash_attn_ext: unsupported dtype ", dtype_name(dtype), "; expected float16, bfloat16, float32 or float64");
+  FLASH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "flash_attn_ext: q, k and v must have the same dtype, got ", dtype_name(dtype), ", ",
+              dtype_name(k.scalar_type()), " and ", dtype_name(v.scalar_type()));
+  FLASH_CHECK(same_device(k, q) && same_device(v, q), "flash_attn_ext: q, k and v must be on the same device, got ",
+              device_name(q), ", ", device_name(k), " and ", device_name(v));
   const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), headdim = q.size(3);
   const int64_t seqlen_k = k.size(1), nheads_k = k.size(2);
-  TORCH_CHECK(headdim >= 1 && headdim <= 256, "flash_attn_ext: head dim must be between 1 and 256, got ",
+  FLASH_CHECK(headdim >= 1 && headdim <= 256, "flash_attn_ext: head dim must be between 1 and 256, got ",
               num(headdim));
-  TORCH_CHECK(nheads >= 1, "flash_attn_ext: nheads must be at least 1, got ", num(nheads));
+  FLASH_CHECK(nheads >= 1, "flash_attn_ext: nheads must be at least 1, got ", num(nheads));
   check_sizes_fit(batch, seqlen_q, seqlen_k, nheads);
   // The scale must be finite, and representable in fp32 unless the inputs
   // are fp64 (every other path computes in fp32, where it would become inf).
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
-  TORCH_CHECK(dtype == at::kDouble || std::abs(softmax_scale) <= std::numeric_limits<float>::max(),
-              "flash_attn_ext: softmax_scale = ", num(softmax_scale), " overflows float32, the precision ", dtype,
+  FLASH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
+  FLASH_CHECK(dtype == ScalarType::Double || std::abs(softmax_scale) <= std::numeric_limits<float>::max(),
+              "flash_attn_ext: softmax_scale = ", num(softmax_scale), " overflows float32, the precision ", dtype_name(dtype),
               " inputs are computed in");
-  TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", num(batch),
+  FLASH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", num(batch),
               ", k has ", num(k.size(0)), ", v has ", num(v.size(0)));
-  TORCH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", num(seqlen_k),
+  FLASH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", num(seqlen_k),
               " and ", num(v.size(1)));
-  TORCH_CHECK(v.size(2) == nheads_k, "flash_attn_ext: k and v must have the same number of heads, got ",
+  FLASH_CHECK(v.size(2) == nheads_k, "flash_attn_ext: k and v must have the same number of heads, got ",
               num(nheads_k), " and ", num(v.size(2)));
-  TORCH_CHECK(k.size(3) == headdim && v.size(3) == headdim,
+  FLASH_CHECK(k.size(3) == headdim && v.size(3) == headdim,
               "flash_attn_ext: q, k and v must have the same head dim, got ", num(headdim), ", ", num(k.size(3)),
               " and ", num(v.size(3)));
-  TORCH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", num(nheads),
+  FLASH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", num(nheads),
               ") must be divisible by nheads_k (", num(nheads_k), ")");
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
   if (attn_bias.has_value()) {
-    const at::Tensor& b = *attn_bias;
-    TORCH_CHECK(b.scalar_type() == dtype, "flash_attn_ext: attn_bias must have the dtype of q (", dtype,
-                "), got ", b.scalar_type());
-    TORCH_CHECK(b.device() == q.device(), "flash_attn_ext: attn_bias must be on the device of q (",
-                q.device(), "), got ", b.device());
-    TORCH_CHECK(b.dim() == 4 && b.size(0) == batch && b.size(1) == nheads && b.size(2) == seqlen_q &&
+    const Tensor& b = *attn_bias;
+    FLASH_CHECK(b.scalar_type() == dtype, "flash_attn_ext: attn_bias must have the dtype of q (",
+                dtype_name(dtype), "), got ", dtype_name(b.scalar_type()));
+    FLASH_CHECK(same_device(b, q), "flash_attn_ext: attn_bias must be on the device of q (", device_name(q),
+                "), got ", device_name(b));
+    FLASH_CHECK(b.dim() == 4 && b.size(0) == batch && b.size(1) == nheads && b.size(2) == seqlen_q &&
                     b.size(3) == seqlen_k,
                 "flash_attn_ext: attn_bias must be expanded to (batch, nheads, seqlen_q, seqlen_k) = (", num(batch),
                 ", ", num(nheads), ", ", num(seqlen_q), ", ", num(seqlen_k), "), got ", shape(b.sizes()));
   }
 }
 
-void check_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                      const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
-                      const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad) {
+void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
+                      const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
+                      const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+                      const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad) {
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale);
-  TORCH_CHECK(!bias_requires_grad || attn_bias.has_value(),
+  FLASH_CHECK(!bias_requires_grad || attn_bias.has_value(),
               "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
-  TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
+  FLASH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
               shape(dout.sizes()));
-  TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",
+  FLASH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",
               shape(out.sizes()));
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "flash_attn_ext: dout and out must have the dtype of q (", q.scalar_type(), "), got ",
-              dout.scalar_type(), " and ", out.scalar_type());
-  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() && softmax_lse.device() == q.device(),
-              "flash_attn_ext: dout, out and softmax_lse must be on the device of q (", q.device(), ")");
+  FLASH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "flash_attn_ext: dout and out must have the dtype of q (", dtype_name(q.scalar_type()), "), got ",
+              dtype_name(dout.scalar_type()), " and ", dtype_name(out.scalar_type()));
+  FLASH_CHECK(same_device(dout, q) && same_device(out, q) && same_device(softmax_lse, q),
+              "flash_attn_ext: dout, out and softmax_lse must be on the device of q (", device_name(q), ")");
   check_last_dim_contiguous(dout, "dout");
   check_last_dim_contiguous(out, "out");
-  TORCH_CHECK(softmax_lse.scalar_type() == at::kFloat, "flash_attn_ext: softmax_lse must be float32, got ",
-              softmax_lse.scalar_type());
-  TORCH_CHECK(softmax_lse.dim() == 3 && softmax_lse.size(0) == q.size(0) && softmax_lse.size(1) == q.size(2) &&
+  FLASH_CHECK(softmax_lse.scalar_type() == ScalarType::Float, "flash_attn_ext: softmax_lse must be float32, got ",
+              dtype_name(softmax_lse.scalar_type()));
+  FLASH_CHECK(softmax_lse.dim() == 3 && softmax_lse.size(0) == q.size(0) && softmax_lse.size(1) == q.size(2) &&
                   softmax_lse.size(2) == q.size(1),
               "flash_attn_ext: softmax_lse must be (batch, nheads, seqlen_q) = (", num(q.size(0)), ", ", num(q.size(2)),
               ", ", num(q.size(1)), "), got ", shape(softmax_lse.sizes()));
-  TORCH_CHECK(softmax_lse.is_contiguous(), "flash_attn_ext: softmax_lse must be contiguous");
+  FLASH_CHECK(softmax_lse.is_contiguous(), "flash_attn_ext: softmax_lse must be contiguous");
   const bool residual_expected = needs_lse_residual(q, attn_bias);
-  TORCH_CHECK(lse_residual.scalar_type() == at::kFloat && lse_residual.is_contiguous() &&
-                  lse_residual.device() == q.device() &&
+  FLASH_CHECK(lse_residual.scalar_type() == ScalarType::Float && lse_residual.is_contiguous() &&
+                  same_device(lse_residual, q) &&
                   (residual_expected ? lse_residual.sizes() == softmax_lse.sizes() : lse_residual.numel() == 0),
               "flash_attn_ext: lse_residual must be the contiguous float32 tensor fwd returned for these inputs (",
               residual_expected ? "shaped like softmax_lse " + shape(softmax_lse.sizes()) : std::string("empty"),
-              ", on ", q.device(), "), got ", shape(lse_residual.sizes()), " ", lse_residual.scalar_type(), " on ",
-              lse_residual.device());
+              ", on ", device_name(q), "), got ", shape(lse_residual.sizes()), " ", dtype_name(lse_residual.scalar_type()),
+              " on ", device_name(lse_residual));
   if (dsoftmax_lse.has_value()) {
-    TORCH_CHECK(dsoftmax_lse->scalar_type() == at::kFloat && dsoftmax_lse->sizes() == softmax_lse.sizes() &&
-                    dsoftmax_lse->is_contiguous() && dsoftmax_lse->device() == q.device(),
+    FLASH_CHECK(dsoftmax_lse->scalar_type() == ScalarType::Float && dsoftmax_lse->sizes() == softmax_lse.sizes() &&
+                    dsoftmax_lse->is_contiguous() && same_device(*dsoftmax_lse, q),
                 "flash_attn_ext: dsoftmax_lse must be a contiguous float32 tensor shaped like softmax_lse ",
-                shape(softmax_lse.sizes()), " on ", q.device());
+                shape(softmax_lse.sizes()), " on ", device_name(q));
   }
 }
 
-void set_fwd_params(FlashFwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const std::optional<at::Tensor>& attn_bias, const at::Tensor& out,
-                    const at::Tensor& softmax_lse, const at::Tensor& lse_residual, double softmax_scale, bool causal,
+void set_fwd_params(FlashFwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const std::optional<Tensor>& attn_bias, const Tensor& out,
+                    const Tensor& softmax_lse, const Tensor& lse_residual, double softmax_scale, bool causal,
                     int64_t window_left, int64_t window_right) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out = out.data_ptr();
-  p.softmax_lse = softmax_lse.data_ptr<float>();
-  p.lse_residual = lse_residual.numel() > 0 ? lse_residual.data_ptr<float>() : nullptr;
+  p.softmax_lse = static_cast<float*>(softmax_lse.data_ptr());
+  p.lse_residual = lse_residual.numel() > 0 ? static_cast<float*>(lse_residual.data_ptr()) : nullptr;
   p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   if (attn_bias.has_value()) {
-    const at::Tensor& b = *attn_bias;
+    const Tensor& b = *attn_bias;
     p.bias = b.data_ptr();
     p.bias_batch_stride = b.stride(0), p.bias_head_stride = b.stride(1);
     p.bias_row_stride = b.stride(2), p.bias_col_stride = b.stride(3);
@@ -172,16 +171,16 @@ void set_fwd_params(FlashFwdParams& p, const at::Tensor& q, const at::Tensor& k,
   p.is_causal = causal || (p.window_left < 0 && p.window_right == 0);
 }
 
-void set_bwd_params(FlashBwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& softmax_lse,
-                    const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
-                    const std::optional<at::Tensor>& attn_bias, const at::Tensor& dq, const at::Tensor& dk,
-                    const at::Tensor& dv, const std::optional<at::Tensor>& dbias, double softmax_scale,
+void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, const Tensor& k,
+                    const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
+                    const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+                    const std::optional<Tensor>& attn_bias, const Tensor& dq, const Tensor& dk,
+                    const Tensor& dv, const std::optional<Tensor>& dbias, double softmax_scale,
                     bool causal, int64_t window_left, int64_t window_right, bool deterministic) {
   set_fwd_params(p, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
                  window_right);
   p.dout = dout.data_ptr();
-  p.dsoftmax_lse = dsoftmax_lse.has_value() ? dsoftmax_lse->data_ptr<float>() : nullptr;
+  p.dsoftmax_lse = dsoftmax_lse.has_value() ? static_cast<const float*>(dsoftmax_lse->data_ptr()) : nullptr;
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();

@@ -1,17 +1,18 @@
-// Numbers in our error messages are formatted here rather than streamed:
-// c10::str streams its arguments, and a number streamed from code compiled
-// into this extension instantiates ostream::operator<<(long) locally. On the
-// GPU machine's image (torch 2.11, g++ 13) that local instance crashed inside
-// libstdc++'s locale facets, turning a clear TORCH_CHECK into a segfault.
-// std::to_string touches no locale, so every number goes through it.
+// Numbers in our error messages are formatted here rather than streamed: a
+// number streamed from code compiled into this extension instantiates
+// ostream::operator<<(long) locally, and on the GPU machine's image (torch
+// 2.11, g++ 13) that local instance crashed inside libstdc++'s locale facets,
+// turning a clear error into a segfault. std::to_string touches no locale,
+// so every number goes through it (FLASH_CHECK in tensor.h joins strings).
 #pragma once
 
-#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 #include <cstdio>
 #include <string>
 #include <type_traits>
+
+#include "tensor.h"
 
 namespace flash_attn_ext {
 
@@ -28,7 +29,7 @@ inline std::string num(double value) {
 }
 
 // "(2, 4, 16, 16)", as torch prints sizes.
-inline std::string shape(c10::IntArrayRef sizes) {
+inline std::string shape(IntArrayRef sizes) {
   std::string s = "(";
   for (size_t i = 0; i < sizes.size(); ++i) {
     if (i) s += ", ";

@@ -1,19 +1,14 @@
 // The op schemas, defined once. Implementations are registered per dispatch
 // key in cpu/flash_api_cpu.cpp and cuda/flash_api_cuda.cpp; fake (meta) and
-// autograd registrations live in flash_attn_ext/_ops.py.
-#include <Python.h>
-#include <torch/library.h>
+// autograd registrations live in flash_attn_ext/_ops.py. Registration goes
+// through PyTorch's stable ABI (tensor.h).
+#include "python_module.h"
+#include "tensor.h"
 
-extern "C" {
-// `import flash_attn_ext._C` loads this library, which runs the static
-// registrations below; the module itself holds nothing.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+// `import flash_attn_ext._C` loads the schemas and the CPU kernels.
+FLASH_ATTN_EXT_EMPTY_PYTHON_MODULE(_C)
 
-TORCH_LIBRARY(flash_attn_ext, m) {
+STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
   // attn_bias: additive, expanded to (batch, nheads, seqlen_q, seqlen_k), dtype of q.
   // window_left/right < 0 mean unbounded; causal implies window_right = 0.

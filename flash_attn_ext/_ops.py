@@ -1,7 +1,8 @@
 """Python side of the two custom ops defined in csrc/ops.cpp.
 
-Loading `flash_attn_ext._C` registers the schemas and the CPU/CUDA kernels;
-this module adds what torch.compile and autograd need: fake (meta)
+Loading `flash_attn_ext._C` registers the schemas and the CPU kernels, and
+`flash_attn_ext._C_cuda` (present in CUDA builds, loaded under a CUDA build of
+torch only) the CUDA kernels; this module adds what torch.compile and autograd need: fake (meta)
 implementations that compute output shapes without running anything, and the
 backward formula of `fwd`, which calls the `bwd` op. At the end: what
 torch.func transforms need (`call_fwd`, vmap rules), and bwd's autograd
@@ -12,7 +13,54 @@ from __future__ import annotations
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function as _enable_single_level_autograd_function
 
-from . import _C  # noqa: F401  (loads the library: schemas and kernels)
+
+
+def _check_cpu_features() -> None:
+    """Refuses, with a message, to load CPU kernels built for instructions this CPU lacks.
+
+    setup.py records what the kernels were compiled for (AVX2 + FMA in a
+    wheel, the build machine's own in a source build); running them on a
+    CPU without it would die of an illegal instruction, not raise."""
+    try:
+        from ._build_config import CPU_FEATURES
+    except ImportError:  # a build from before the record existed
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            present = set(f.read().split())
+    except OSError:  # not Linux: nothing to compare against
+        return
+    missing = [name for name in CPU_FEATURES if name not in present]
+    if missing:
+        raise ImportError(
+            f"flash_attn_ext was built for CPUs with {', '.join(CPU_FEATURES)}, and this CPU lacks "
+            f"{', '.join(missing)}; rebuild it from source on this machine (pip install --no-build-isolation .), "
+            'or with FLASH_ATTN_EXT_CPU_FLAGS="" for any x86-64'
+        )
+
+
+_check_cpu_features()
+
+from . import _C  # noqa: F401, E402  (loads the library: schemas and CPU kernels)
+
+
+def _load_cuda_kernels() -> bool:
+    """Imports flash_attn_ext._C_cuda where it was built and torch can run CUDA.
+
+    The CUDA library links libtorch_cuda and the CUDA runtime, which a
+    CPU-only torch does not have: there it is left alone (the ops then say
+    they have no CUDA kernel, as with a CPU-only build). Under a CUDA torch a
+    library that fails to load is an error, not a silent CPU-only package."""
+    import importlib.util
+
+    if torch.version.cuda is None or importlib.util.find_spec(f"{__package__}._C_cuda") is None:
+        return False
+    from . import _C_cuda  # noqa: F401
+
+    return True
+
+
+HAS_CUDA_KERNELS = _load_cuda_kernels()
 
 fwd = torch.ops.flash_attn_ext.fwd.default
 bwd = torch.ops.flash_attn_ext.bwd.default

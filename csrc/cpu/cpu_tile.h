@@ -4,7 +4,8 @@
 // and the packing of their right-hand operands, are in tile_gemm.h.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,7 @@
 
 #include "../cuda/mask.cuh"
 #include "../flash_params.h"
+#include "../tensor.h"
 
 // Width of the vectors the inner loops are written for: setup.py compiles
 // the CPU code for the build machine's vector units (AVX2 + FMA on most x86,
@@ -33,9 +35,17 @@ namespace flash_attn_ext::cpu {
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-template <typename scalar_t>
-constexpr at::ScalarType acc_dtype() {
-  return std::is_same_v<scalar_t, double> ? at::kDouble : at::kFloat;
+// Calls fn(scalar_t{}) for the element type of `dtype` (checks.cpp has
+// already rejected the others).
+template <typename Fn>
+void dispatch_dtype(ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case ScalarType::Half: return fn(c10::Half{});
+    case ScalarType::BFloat16: return fn(c10::BFloat16{});
+    case ScalarType::Float: return fn(float{});
+    case ScalarType::Double: return fn(double{});
+    default: fail("flash_attn_ext: the CPU kernels do not take ", dtype_name(dtype));
+  }
 }
 
 // Tile sizes: a thread's Q, K, V and score tiles stay in L2.

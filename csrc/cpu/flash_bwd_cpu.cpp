@@ -6,9 +6,6 @@
 // with D_i = rowsum(dO_i * O_i) - dlse_i. One thread owns a (batch, kv head)
 // pair, so dK/dV of a GQA group and dQ accumulate without races and in a
 // fixed order: the CPU backward is always deterministic.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
 #include "../checks.h"
 #include "../flash_api.h"
 #include "cpu_tile.h"
@@ -42,7 +39,7 @@ void bwd_kernel(const FlashBwdParams& p) {
   const size_t head_packed = static_cast<size_t>((D + W - 1) / W) * panel_stride;
   static_assert(kBlockN % W == 0, "key blocks are whole panels");
 
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // Per (batch, kv head), for every query head g of its group: scale * Q
     // and dO, converted once and reused by every key block, both row-major
     // (left operands) and packed (right operands); dQ (unscaled) and D_i.
@@ -159,33 +156,32 @@ void bwd_kernel(const FlashBwdParams& p) {
 }  // namespace
 }  // namespace cpu
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& softmax_lse, const at::Tensor& lse_residual, const std::optional<at::Tensor>& dsoftmax_lse,
-    const std::optional<at::Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+    const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  std::optional<at::Tensor> dbias;
-  if (bias_requires_grad) {
-    // Every entry is written below, except where a whole tile is masked away.
-    dbias = at::zeros({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options());
-  }
+  const ScalarType dtype = q.scalar_type();
+  Tensor dq = empty_on(q, q.sizes(), dtype);
+  Tensor dk = empty_on(q, k.sizes(), dtype);
+  Tensor dv = empty_on(q, v.sizes(), dtype);
+  // Every entry of dbias is written below, except where a whole tile is masked away.
+  const std::array<int64_t, 4> dbias_shape{q.size(0), q.size(2), q.size(1), k.size(1)};
+  Tensor dbias = bias_requires_grad ? zeros_on(q, dbias_shape, dtype) : empty_on(q, {0}, dtype);
   if (q.numel() == 0 || k.numel() == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv, dbias.has_value() ? *dbias : at::empty({0}, q.options())};
+    torch::stable::zero_(dq);
+    torch::stable::zero_(dk);
+    torch::stable::zero_(dv);
+    return {dq, dk, dv, dbias};
   }
   FlashBwdParams params;
-  set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv, dbias,
-                 softmax_scale, causal, window_left, window_right, /*deterministic=*/true);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn_ext::bwd_cpu",
-                                  [&] { cpu::bwd_kernel<scalar_t>(params); });
-  return {dq, dk, dv, dbias.has_value() ? *dbias : at::empty({0}, q.options())};
+  set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv,
+                 bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
+                 window_right, /*deterministic=*/true);
+  cpu::dispatch_dtype(dtype, [&](auto element) { cpu::bwd_kernel<decltype(element)>(params); });
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace flash_attn_ext

@@ -3,9 +3,6 @@
 // running max m, a running sum l and an output accumulator rescaled whenever
 // m grows. Extra memory is a few tiles per thread; the seqlen_q x seqlen_k
 // score matrix never exists.
-#include <ATen/Parallel.h>
-#include <ATen/Dispatch.h>
-
 #include "../checks.h"
 #include "../flash_api.h"
 #include "cpu_tile.h"
@@ -52,7 +49,7 @@ struct HeadKV {
   }
 };
 
-// Query blocks in the order (0, last, 1, last - 1, ...): at::parallel_for
+// Query blocks in the order (0, last, 1, last - 1, ...): parallel_for
 // hands each thread a contiguous range of units, and with a causal mask the
 // cost of a block grows with its index, so pairing cheap and dear blocks
 // keeps the threads' shares even.
@@ -72,7 +69,7 @@ void fwd_kernel(const FlashFwdParams& p) {
   const acc scale = static_cast<acc>(p.softmax_scale);  // exact for fp64 (params keep a double)
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
 
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // Per-thread tiles, reused across the units this thread owns.
     HeadKV<scalar_t> kv;
     std::vector<acc> q_t(kBlockM * D), s_t(kBlockM * kBlockN), o_t(kBlockM * D);
@@ -150,24 +147,25 @@ void fwd_kernel(const FlashFwdParams& p) {
 }  // namespace
 }  // namespace cpu
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const std::optional<at::Tensor>& attn_bias, double softmax_scale,
-                                           bool causal, int64_t window_left, int64_t window_right,
+std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
+                                           int64_t window_left, int64_t window_right,
                                            bool /*deterministic: used by the backward only*/) {
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  at::Tensor residual = needs_lse_residual(q, attn_bias) ? at::zeros_like(lse) : at::empty({0}, lse.options());
+  Tensor out = empty_on(q, q.sizes(), q.scalar_type());
+  const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
+  Tensor lse = empty_on(q, lse_shape, ScalarType::Float);
+  Tensor residual = needs_lse_residual(q, attn_bias) ? zeros_on(q, lse_shape, ScalarType::Float)
+                                                     : empty_on(q, {0}, ScalarType::Float);
   if (q.numel() == 0) return {out, lse, residual};
   if (k.size(1) == 0) {  // no keys: every row is empty
-    out.zero_();
-    lse.fill_(std::numeric_limits<float>::infinity());
+    torch::stable::zero_(out);
+    torch::stable::fill_(lse, std::numeric_limits<float>::infinity());
     return {out, lse, residual};
   }
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_attn_ext::fwd_cpu",
-                                  [&] { cpu::fwd_kernel<scalar_t>(params); });
+  cpu::dispatch_dtype(q.scalar_type(), [&](auto element) { cpu::fwd_kernel<decltype(element)>(params); });
   return {out, lse, residual};
 }
 

@@ -1,5 +1,5 @@
 // Matrix products on the small dense tiles of the CPU kernels. A BLAS call
-// per tile costs a dispatcher round trip and, inside at::parallel_for, nested
+// per tile costs a dispatcher round trip and, inside parallel_for, nested
 // thread pools that spin against each other; these loops run on the calling
 // thread only.
 //

@@ -11,12 +11,12 @@
 // configurations other GPUs get.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <cstdlib>
 #include <string>
+
+#include "cuda_check.h"
 
 namespace flash {
 
@@ -29,15 +29,15 @@ inline const DeviceProps& current_device_props() {
   constexpr int kMaxDevices = 64;
   static DeviceProps cache[kMaxDevices];
   int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "flash_attn_ext: CUDA device index ", std::to_string(device),
+  FLASH_CUDA_CHECK(cudaGetDevice(&device));
+  FLASH_CHECK(device >= 0 && device < kMaxDevices, "flash_attn_ext: CUDA device index ", std::to_string(device),
               " is beyond the ", std::to_string(kMaxDevices), " devices this build caches properties for");
   DeviceProps& props = cache[device];
   if (props.smem_optin == 0) {
     DeviceProps fresh;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.cc_major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+    FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
+    FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     props = fresh;
   }
   return props;
@@ -51,7 +51,7 @@ inline int smem_budget() {
   if (env == nullptr || env[0] == '\0') return device_max;
   char* end = nullptr;
   const long kb = std::strtol(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && kb > 0 && kb < (1L << 20),
+  FLASH_CHECK(end != env && *end == '\0' && kb > 0 && kb < (1L << 20),
               "flash_attn_ext: FLASH_ATTN_EXT_SMEM_BUDGET_KB must be a positive whole number of KiB, got '", env, "'");
   return static_cast<int>(kb * 1024) < device_max ? static_cast<int>(kb * 1024) : device_max;
 }
@@ -79,7 +79,7 @@ void launch_first_fitting(const char* kernel_name, int head_dim, int budget, Lau
     }
   };
   (try_one(TypeTag<Configs>{}), ...);
-  TORCH_CHECK(launched, "flash_attn_ext: the ", kernel_name, " kernel for head dim ", std::to_string(head_dim),
+  FLASH_CHECK(launched, "flash_attn_ext: the ", kernel_name, " kernel for head dim ", std::to_string(head_dim),
               " needs at least ", std::to_string(smallest), " bytes of shared memory per block; this GPU allows ",
               std::to_string(budget), " (cudaDevAttrMaxSharedMemoryPerBlockOptin, or FLASH_ATTN_EXT_SMEM_BUDGET_KB)");
 }

@@ -5,13 +5,13 @@
 // clear error instead of failing to load with an undefined symbol.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <type_traits>
 
 #include "../format.h"
+#include "../tensor.h"
 
 namespace flash_attn_ext {
 
@@ -42,7 +42,7 @@ inline int padded_head_dim(int head_dim) {
   for (int d : kCompiledHeadDims) {
     if (d >= head_dim) return d;
   }
-  TORCH_CHECK(false, "flash_attn_ext: no CUDA kernel compiled for head dim ", num(head_dim),
+  fail("flash_attn_ext: no CUDA kernel compiled for head dim ", num(head_dim),
               " in this build (rebuild with FLASH_ATTN_EXT_HDIMS including a head dim >= ", num(head_dim), ")");
 }
 
@@ -69,20 +69,20 @@ void dispatch_head_dim(int padded, Fn&& fn) {
   FLASH_ATTN_EXT_TRY_HDIM(256)
 #endif
 #undef FLASH_ATTN_EXT_TRY_HDIM
-  TORCH_CHECK(false, "flash_attn_ext: head dim ", num(padded), " is not compiled in this build");
+  fail("flash_attn_ext: head dim ", num(padded), " is not compiled in this build");
 }
 
 template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+void dispatch_dtype(ScalarType dtype, Fn&& fn) {
 #ifdef FLASH_ATTN_EXT_DTYPE_FP16
-  if (dtype == at::kHalf) return fn(__half{});
+  if (dtype == ScalarType::Half) return fn(__half{});
 #endif
 #ifdef FLASH_ATTN_EXT_DTYPE_BF16
-  if (dtype == at::kBFloat16) return fn(__nv_bfloat16{});
+  if (dtype == ScalarType::BFloat16) return fn(__nv_bfloat16{});
 #endif
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "flash_attn_ext: the CUDA kernels support float16 and ",
-              "bfloat16 only, got ", dtype, " (the CPU implementation also takes float32 and float64)");
-  TORCH_CHECK(false, "flash_attn_ext: dtype ", dtype,
+  FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, "flash_attn_ext: the CUDA kernels support float16 and ",
+              "bfloat16 only, got ", dtype_name(dtype), " (the CPU implementation also takes float32 and float64)");
+  fail("flash_attn_ext: dtype ", dtype_name(dtype),
               " is not compiled in this build (rebuild with FLASH_ATTN_EXT_DTYPES including it)");
 }
 

@@ -1,16 +1,19 @@
 // Registers the CUDA implementation (flash_fwd_host.cpp, flash_bwd_host.cpp).
 // A development build may compile one direction only (setup.py's
 // FLASH_ATTN_EXT_DIRECTIONS); the other op then reports that it has no CUDA
-// kernel.
-#include <torch/library.h>
-
+// kernel. This file and everything else under cuda/ build the second
+// library, flash_attn_ext._C_cuda, which the package imports only under a
+// CUDA build of torch: the CPU library alone loads under a CPU-only torch.
 #include "../flash_api.h"
+#include "../python_module.h"
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
+FLASH_ATTN_EXT_EMPTY_PYTHON_MODULE(_C_cuda)
+
+STABLE_TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
 #ifdef FLASH_ATTN_EXT_BUILD_FWD
-  m.impl("fwd", &flash_attn_ext::fwd_cuda);
+  m.impl("fwd", TORCH_BOX(&flash_attn_ext::fwd_cuda));
 #endif
 #ifdef FLASH_ATTN_EXT_BUILD_BWD
-  m.impl("bwd", &flash_attn_ext::bwd_cuda);
+  m.impl("bwd", TORCH_BOX(&flash_attn_ext::bwd_cuda));
 #endif
 }

@@ -8,8 +8,8 @@
 // A call with both set runs both phases.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 
+#include "cuda_check.h"
 #include "device_props.cuh"
 #include "flash_bwd_dq_kernel.cuh"
 #include "flash_bwd_kernel.cuh"
@@ -69,7 +69,7 @@ struct BwdDqConfigs {
 template <typename Kernel>
 inline void set_smem_limit(Kernel kernel, int bytes) {
   if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   }
 }
 
@@ -77,11 +77,11 @@ template <typename T>
 void launch_dkdv(const FlashBwdParams& params, cudaStream_t stream) {
   const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * params.batch * params.nheads;
-  TORCH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
+  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
   auto kernel = params.deterministic ? &flash_bwd_dkdv_kernel<T, false> : &flash_bwd_dkdv_kernel<T, true>;
   set_smem_limit(kernel, T::kSmemBytes);
   kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FLASH_CUDA_LAUNCH_CHECK();
 }
 
 // Hopper: the wgmma kernel (hopper/flash_bwd_sm90_kernel.cuh); see hopper/sm90_dispatch.cuh.
@@ -92,11 +92,11 @@ template <typename T>
 void launch_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
   const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * params.batch * params.nheads;
-  TORCH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
+  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
   auto kernel = params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false> : &sm90::flash_bwd_sm90_kernel<T, true>;
   set_smem_limit(kernel, T::kSmemBytes);
   kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FLASH_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace flash
@@ -110,12 +110,12 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   if (params.softmax_d != nullptr) {
     const int64_t rows = int64_t(params.batch) * params.seqlen_q * params.nheads;
     if (!params.deterministic) {
-      C10_CUDA_CHECK(cudaMemsetAsync(params.dq_accum, 0, rows * kHeadDim * sizeof(float), stream));
+      FLASH_CUDA_CHECK(cudaMemsetAsync(params.dq_accum, 0, rows * kHeadDim * sizeof(float), stream));
     }
     constexpr int kPreThreads = 256;
     const int64_t pre_blocks = (rows * 8 + kPreThreads - 1) / kPreThreads;
     flash::flash_bwd_preprocess_kernel<Element, kHeadDim><<<dim3(pre_blocks), kPreThreads, 0, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FLASH_CUDA_LAUNCH_CHECK();
 
     // Hopper: the wgmma kernel. Elsewhere the mma.sync kernel, with the
     // largest tiles that fit the shared-memory budget.
@@ -134,7 +134,7 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     }
 
     if (params.deterministic) {
-      TORCH_CHECK(params.dq != nullptr, "flash_attn_ext: deterministic backward needs dq allocated");
+      FLASH_CHECK(params.dq != nullptr, "flash_attn_ext: deterministic backward needs dq allocated");
       flash::BwdDqConfigs<Element, kHeadDim>::launch(budget, [&](auto tag) {
         using TQ = typename decltype(tag)::type;
         const int64_t num_m_blocks = (params.seqlen_q + TQ::kBlockM - 1) / TQ::kBlockM;
@@ -142,7 +142,7 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
         auto kernel = &flash::flash_bwd_dq_kernel<TQ>;
         flash::set_smem_limit(kernel, TQ::kSmemBytes);
         kernel<<<dim3(grid), dim3(TQ::kNThreads), TQ::kSmemBytes, stream>>>(params);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FLASH_CUDA_LAUNCH_CHECK();
       });
     }
   }
@@ -151,6 +151,6 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     constexpr int kThreads = 256;
     flash::flash_bwd_postprocess_kernel<Element, kHeadDim>
         <<<dim3((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FLASH_CUDA_LAUNCH_CHECK();
   }
 }

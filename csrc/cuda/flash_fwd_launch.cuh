@@ -3,13 +3,13 @@
 // grid, shared-memory attribute and a checked launch.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
+#include "cuda_check.h"
 #include "device_props.cuh"
 #include "flash_fwd_kernel.cuh"
 #include "flash_launch.h"
@@ -23,7 +23,7 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   auto kernel = &flash_fwd_kernel<Traits, kHasBias>;
   constexpr int kSmem = Traits::kSmemBytes;
   if constexpr (kSmem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   }
   const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   // (batch, head) pairs go over grid.y, spilling into grid.z; the kernel
@@ -33,7 +33,7 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   const unsigned gz = static_cast<unsigned>(std::min<int64_t>((bh + gy - 1) / gy, 65535));
   const dim3 grid(num_m_blocks, gy, gz);
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FLASH_CUDA_LAUNCH_CHECK();
 }
 
 template <typename Traits>
@@ -106,12 +106,12 @@ using Sm90FwdTraitsFor = std::conditional_t<(kHeadDim == 64), sm90::FwdTraits<El
 template <typename T>
 void launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
   auto kernel = params.bias != nullptr ? &sm90::flash_fwd_sm90_kernel<T, true> : &sm90::flash_fwd_sm90_kernel<T, false>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
+  FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const int64_t num_m_blocks = (params.seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int64_t grid = num_m_blocks * params.batch * params.nheads;
-  TORCH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
+  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
   kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FLASH_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace flash
