@@ -14,7 +14,7 @@ from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkv
 from .mha import MultiheadAttention, replace_attention
 from .sdpa import scaled_dot_product_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # pyproject.toml says the same (tests/test_packaging.py)
 
 __all__ = [
     "flash_attn_func",

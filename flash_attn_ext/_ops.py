@@ -15,31 +15,39 @@ from torch._functorch.utils import enable_single_level_autograd_function as _ena
 
 
 
-def _check_cpu_features() -> None:
+def missing_cpu_features(required, cpuinfo: str | None = None):
+    """The features among `required` (/proc/cpuinfo names) this CPU lacks; [] where unknown."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux: nothing to compare against
+            return []
+    present = set(cpuinfo.split())
+    return [name for name in required if name not in present]
+
+
+def check_cpu_features(required=None, cpuinfo: str | None = None) -> None:
     """Refuses, with a message, to load CPU kernels built for instructions this CPU lacks.
 
     setup.py records what the kernels were compiled for (AVX2 + FMA in a
-    wheel, the build machine's own in a source build); running them on a
-    CPU without it would die of an illegal instruction, not raise."""
-    try:
-        from ._build_config import CPU_FEATURES
-    except ImportError:  # a build from before the record existed
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            present = set(f.read().split())
-    except OSError:  # not Linux: nothing to compare against
-        return
-    missing = [name for name in CPU_FEATURES if name not in present]
+    wheel, the build machine's own in a source build) in _build_config.py;
+    on a CPU without it they would die of an illegal instruction, not raise."""
+    if required is None:
+        try:
+            from ._build_config import CPU_FEATURES as required
+        except ImportError:  # a build from before the record existed
+            return
+    missing = missing_cpu_features(required, cpuinfo)
     if missing:
         raise ImportError(
-            f"flash_attn_ext was built for CPUs with {', '.join(CPU_FEATURES)}, and this CPU lacks "
+            f"flash_attn_ext was built for CPUs with {', '.join(required)}, and this CPU lacks "
             f"{', '.join(missing)}; rebuild it from source on this machine (pip install --no-build-isolation .), "
             'or with FLASH_ATTN_EXT_CPU_FLAGS="" for any x86-64'
         )
 
 
-_check_cpu_features()
+check_cpu_features()
 
 from . import _C  # noqa: F401, E402  (loads the library: schemas and CPU kernels)
 

@@ -12,6 +12,9 @@
 #                       passed to setup.py (restrict the build: all 48 kernel instantiations take
 #                       minutes even with 16 jobs). MAX_JOBS defaults to the core count.
 #   GPU_CHECK_STEPS     comma list of build,test,sanitize,main,bench (default build,test,main,bench)
+#   GPU_CHECK_WHEEL     path of a built wheel (e.g. .carry/flash_attn_ext-*-cp310-abi3-*.whl): the build
+#                       step installs it (pip --no-deps) instead of compiling, and moves the checkout's
+#                       flash_attn_ext/ aside, so that every later step imports the installed wheel
 #   GPU_CHECK_SMEM_BUDGETS  comma list of KiB (e.g. 99,163): after the test run, run the tests again
 #                       with FLASH_ATTN_EXT_SMEM_BUDGET_KB set to each (the tiles of a GPU with that
 #                       much shared memory per block: 99 sm86/sm89/sm120, 163 A100)
@@ -71,8 +74,25 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 note "device: $($PY -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>/dev/null)"
 note "build env: HDIMS=${FLASH_ATTN_EXT_HDIMS:-all} DTYPES=${FLASH_ATTN_EXT_DTYPES:-all} DIRECTIONS=${FLASH_ATTN_EXT_DIRECTIONS:-all}"
 
-# 1. Build the extension in place (the tests and benchmarks import it from the checkout).
-if has_step build; then
+# 1. Build the extension in place (the tests and benchmarks import it from the checkout), or
+# install a wheel built elsewhere and hide the checkout's package so that only the wheel is imported.
+if has_step build && [ -n "${GPU_CHECK_WHEEL:-}" ]; then
+  t0=$SECONDS
+  echo "== install $GPU_CHECK_WHEEL (no build)"
+  if $PY -m pip install --no-deps --no-index --force-reinstall "$GPU_CHECK_WHEEL" >"$OUT/build.log" 2>&1 \
+    && mv flash_attn_ext .flash_attn_ext_checkout \
+    && $PY -c "import flash_attn_ext, torch; from flash_attn_ext import _ops; \
+assert 'site-packages' in flash_attn_ext.__file__ or 'dist-packages' in flash_attn_ext.__file__, flash_attn_ext.__file__; \
+assert _ops.HAS_CUDA_KERNELS; print('wheel', flash_attn_ext.__version__, 'from', flash_attn_ext.__file__, 'torch', torch.__version__)" \
+      >>"$OUT/build.log" 2>&1; then
+    note "build: none; installed $(basename "$GPU_CHECK_WHEEL"): $(tail -1 "$OUT/build.log")"
+  else
+    note "build: installing the wheel FAILED, see build.log"
+    tail -20 "$OUT/build.log"
+    cat "$SUMMARY"
+    exit 1
+  fi
+elif has_step build; then
   t0=$SECONDS
   echo "== build (MAX_JOBS=${MAX_JOBS:-$(nproc)})"
   MAX_JOBS=${MAX_JOBS:-$(nproc)} run_step 420 "$OUT/build.log" $PY setup.py build_ext --inplace
@@ -125,7 +145,8 @@ run_tests() {  # run_tests LABEL LOG [VAR=VALUE...]
 }
 if has_step test; then
   run_tests "" "$OUT/pytest.log"
-  for kb in ${GPU_CHECK_SMEM_BUDGETS//,/ }; do
+  budgets=${GPU_CHECK_SMEM_BUDGETS:-}
+  for kb in ${budgets//,/ }; do
     run_tests " (smem budget ${kb} KB)" "$OUT/pytest_smem${kb}.log" FLASH_ATTN_EXT_SMEM_BUDGET_KB="$kb"
   done
 fi
