@@ -16,10 +16,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from flash_attn_ext.reference import attention_ref  # noqa: E402,F401  (the shared reference)
 from flash_attn_ext._bench_utils import (  # noqa: E402,F401
     CpuPeakMemory,
     attention_flops,
-    attention_ref,
     bwd_closure,
     cpu_cores,
     cpu_memory_probe_available,

@@ -34,6 +34,7 @@ import time
 import torch
 
 from . import _bench_utils as bu
+from .reference import attention_ref
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim): square, GQA with Sq < Sk, odd sizes.
 MAX_CALL_S = 4.0  # CPU speed table: skip a measurement predicted to take longer a call
@@ -99,10 +100,10 @@ def parity(device, dtypes):
                 leaves = lambda dt: [t.detach().to(dt).requires_grad_() for t in (q, k, v)]  # noqa: E731
                 # Reference (float64) and PyTorch's own attempt in this dtype.
                 ref_in = leaves(torch.float64)
-                ref_out = bu.attention_ref(*ref_in, causal=causal)
+                ref_out, _ = attention_ref(*ref_in, causal=causal)
                 ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
                 pt_in = leaves(dtype)
-                pt_out = bu.attention_ref(*pt_in, causal=causal, upcast=False)
+                pt_out, _ = attention_ref(*pt_in, causal=causal, upcast=False)
                 pt_grads = torch.autograd.grad(pt_out, pt_in, dout)
                 with torch.no_grad():
                     sdpa_out = sdpa_math(q, k, v, causal)

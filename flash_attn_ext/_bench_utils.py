@@ -389,41 +389,6 @@ def cpu_measure(impl: str, batch: int, seqlen: int, nheads: int, headdim: int, d
 # References and the accuracy rule
 
 
-def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, ref_dtype=torch.float64):
-    """Attention written out in PyTorch, on our (B, S, H, D) layout.
-
-    upcast=True computes in `ref_dtype` (the reference); upcast=False computes
-    the matmuls in the inputs' dtype with the softmax in float32 (the same
-    recipe as tests/conftest.py's attention_ref), which gives "PyTorch's own
-    error" in that dtype. (SDPA's CPU math backend upcasts bf16/fp16 to fp32
-    internally, so its error is only the final rounding: not the baseline the
-    2x rule means.)
-    Causal masking is bottom-right aligned (query i sees keys j <= i + Sk - Sq);
-    rows that see no key produce 0, as our kernels do. GQA: k/v heads are
-    repeated to match q's.
-    """
-    dtype = q.dtype
-    if upcast:
-        q, k, v = q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype)
-    seqlen_q, seqlen_k, nheads, headdim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-    if k.shape[2] != nheads:
-        k = k.repeat_interleave(nheads // k.shape[2], dim=2)
-        v = v.repeat_interleave(nheads // v.shape[2], dim=2)
-    scale = headdim ** -0.5 if softmax_scale is None else softmax_scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    visible = None
-    if causal:
-        rows = torch.arange(seqlen_q, device=q.device).view(-1, 1)
-        cols = torch.arange(seqlen_k, device=q.device).view(1, -1)
-        visible = cols <= rows + (seqlen_k - seqlen_q)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores.float() if not upcast else scores, dim=-1)
-    if visible is not None:
-        probs = probs.masked_fill(~visible.any(dim=-1).view(-1, 1), 0.0)  # empty rows: NaN -> 0
-    out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
-    return out if upcast else out.to(dtype)
-
-
 def slack_for(dtype: torch.dtype, ref: torch.Tensor) -> float:
     """The small absolute slack of the 2x rule: 1e-5 of the reference's scale (at least 1e-5),
     as in tests/conftest.py, so the main job and the tests judge alike."""

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import flash_attn_ext  # noqa: F401  (registers the ops)
+from flash_attn_ext.reference import alibi_bias, attention_ref, visible_mask  # noqa: F401  (the shared reference)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -45,50 +46,6 @@ def op_supports(device: str, dtype: torch.dtype) -> bool:
 
 def device_dtype_params():
     return [pytest.param(d, t, id=f"{d}-{str(t).split('.')[-1]}") for d in DEVICES for t in dtypes_for(d)]
-
-
-def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device="cpu"):
-    """Bool (seqlen_q, seqlen_k): which keys each query sees (bottom-right aligned)."""
-    left, right = window
-    if causal:
-        right = 0
-    i = torch.arange(seqlen_q, device=device)[:, None]
-    j = torch.arange(seqlen_k, device=device)[None, :]
-    offset = seqlen_k - seqlen_q
-    vis = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if right >= 0:
-        vis &= j <= i + offset + right
-    if left >= 0:
-        vis &= j >= i + offset - left
-    return vis
-
-
-def attention_ref(q, k, v, causal=False, window=(-1, -1), bias=None, softmax_scale=None, upcast=True):
-    """Attention on (batch, seqlen, nheads, headdim) tensors, explicitly.
-
-    upcast=True computes in float64 (the reference); upcast=False computes in
-    the inputs' dtype the way PyTorch's math attention does, to measure
-    PyTorch's own error. Returns (out, lse) with out in the computing dtype;
-    rows that see no key give out 0 and lse +inf.
-    """
-    dtype = torch.float64 if upcast else q.dtype
-    qd, kd, vd = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    kd = kd.repeat_interleave(group, dim=1)
-    vd = vd.repeat_interleave(group, dim=1)
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    scores = (qd @ kd.transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias.to(dtype)
-    vis = visible_mask(q.shape[1], k.shape[1], causal, window, device=q.device)
-    scores = scores.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
-    empty = torch.isneginf(lse)
-    probs = torch.softmax(scores.float() if not upcast else scores, dim=-1).to(dtype)
-    probs = probs.masked_fill(empty[..., None], 0.0)
-    out = (probs @ vd).transpose(1, 2)
-    lse = lse.masked_fill(empty, float("inf"))
-    return out, lse
 
 
 def sdpa_default(q, k, v, causal=False, window=(-1, -1), softmax_scale=None):

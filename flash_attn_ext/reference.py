@@ -1,0 +1,115 @@
+"""Attention written out in PyTorch: the one reference the tests, the main job
+(`python -m flash_attn_ext`) and the benchmarks compare our kernels with.
+
+It materialises the (seqlen_q, seqlen_k) score matrix, so it is for small
+problems only. It follows this package's conventions (flash-attn 2.x's):
+tensors are (batch, seqlen, nheads, headdim); causal masks and windows are
+aligned to the bottom-right corner (query i sees key j when
+j <= i + seqlen_k - seqlen_q [+ window right] and, with a left window,
+j >= i + seqlen_k - seqlen_q - window left); a row that sees no key gives
+output 0 and lse +inf. GQA/MQA repeat k and v heads. The score features are
+applied in the order the kernels apply them: scale, softcap, ALiBi, bias,
+mask; then softmax (with attention sinks in the denominator), then dropout.
+
+upcast=True computes in float64 (the reference). upcast=False computes the
+matrix products in the inputs' dtype and the softmax in float32, the way a
+PyTorch user's own attention does: its error against the reference is
+"PyTorch's own error" of the project's accuracy rule (our error may be at
+most twice it, plus a small slack).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["attention_ref", "visible_mask", "alibi_bias"]
+
+
+def visible_mask(seqlen_q: int, seqlen_k: int, causal: bool = False, window: Sequence[int] = (-1, -1),
+                 device="cpu") -> torch.Tensor:
+    """Bool (seqlen_q, seqlen_k): which keys each query sees (bottom-right aligned;
+    a negative window side is unbounded; causal means a right side of 0)."""
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    offset = seqlen_k - seqlen_q
+    vis = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        vis &= j <= i + offset + right
+    if left >= 0:
+        vis &= j >= i + offset - left
+    return vis
+
+
+def alibi_bias(slopes: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int,
+               dtype=torch.float64) -> torch.Tensor:
+    """flash-attn's ALiBi bias, (batch, nheads, seqlen_q, seqlen_k):
+    -slope * |i + seqlen_k - seqlen_q - j|. slopes: (nheads,) or (batch, nheads)."""
+    slopes = slopes.to(dtype)
+    slopes = slopes.expand(batch, nheads) if slopes.dim() == 1 else slopes
+    i = torch.arange(seqlen_q, device=slopes.device, dtype=dtype)[:, None]
+    j = torch.arange(seqlen_k, device=slopes.device, dtype=dtype)[None, :]
+    distance = (i + (seqlen_k - seqlen_q) - j).abs()
+    return -slopes[:, :, None, None] * distance
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    bias: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of attention on (batch, seqlen, nheads, headdim) tensors.
+
+    bias: additive, broadcastable to (batch, nheads, seqlen_q, seqlen_k).
+    softcap > 0: scores become softcap * tanh(scores / softcap) (after the scale).
+    alibi_slopes: (nheads,) or (batch, nheads); see alibi_bias.
+    sinks: (nheads,) logits that join each row's softmax denominator without a
+    value (gpt-oss's s_aux); lse then includes them.
+    dropout_mask: bool (batch, nheads, seqlen_q, seqlen_k), True = kept; kept
+    probabilities are divided by 1 - dropout_p. lse is that of the undropped softmax.
+    v may have its own head dim; out takes it. out is in the computing dtype
+    (float64 with upcast), lse in float64 / float32.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    softmax_dtype = torch.float64 if upcast else torch.float32
+    qd, kd, vd = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+    batch, nheads, seqlen_q, seqlen_k = q.shape[0], q.shape[2], q.shape[1], k.shape[1]
+    group = nheads // k.shape[2]
+    kd = kd.repeat_interleave(group, dim=1)
+    vd = vd.repeat_interleave(group, dim=1)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scores = (qd @ kd.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, batch, nheads, seqlen_q, seqlen_k, dtype=dtype)
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    vis = visible_mask(seqlen_q, seqlen_k, causal, window, device=q.device)
+    scores = scores.masked_fill(~vis, float("-inf")).to(softmax_dtype)
+    if sinks is not None:
+        # The sink is one more column of the softmax, whose probability is dropped.
+        sink_col = sinks.to(softmax_dtype).view(1, nheads, 1, 1).expand(batch, nheads, seqlen_q, 1)
+        scores = torch.cat([scores, sink_col], dim=-1)
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isneginf(lse)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty[..., None], 0.0)  # empty rows: NaN -> 0
+    if sinks is not None:
+        probs = probs[..., :seqlen_k]
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    out = (probs.to(dtype) @ vd).transpose(1, 2)
+    return out, lse.masked_fill(empty, float("inf"))
