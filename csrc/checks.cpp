@@ -35,10 +35,34 @@ void check_sizes_fit(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t 
 // that no int64 value (-2**32, 2**40) can wrap into a real window.
 int normalise_window_side(int64_t side, int64_t reach) { return (side < 0 || side >= reach) ? -1 : static_cast<int>(side); }
 
+// fp32 per-head values (ALiBi slopes, sink logits): (nheads,) or, where
+// per_batch, also (batch, nheads); on q's device, unit last stride.
+void check_per_head(const Tensor& t, const char* name, const Tensor& q, bool per_batch) {
+  const int64_t batch = q.size(0), nheads = q.size(2);
+  FLASH_CHECK(t.scalar_type() == ScalarType::Float, "flash_attn_ext: ", name, " must be float32, got ",
+              dtype_name(t.scalar_type()));
+  FLASH_CHECK(same_device(t, q), "flash_attn_ext: ", name, " must be on the device of q (", device_name(q),
+              "), got ", device_name(t));
+  const bool shape_ok = (t.dim() == 1 && t.size(0) == nheads) ||
+                        (per_batch && t.dim() == 2 && t.size(0) == batch && t.size(1) == nheads);
+  FLASH_CHECK(shape_ok, "flash_attn_ext: ", name, " must be (nheads,) = (", num(nheads), ",)",
+              per_batch ? " or (batch, nheads) = (" + num(batch) + ", " + num(nheads) + ")" : std::string(),
+              ", got ", shape(t.sizes()));
+  FLASH_CHECK(t.numel() == 0 || t.stride(-1) == 1, "flash_attn_ext: ", name,
+              " must have a contiguous last dimension (stride 1), got stride ", num(t.stride(-1)));
+}
+
+void check_score_features(const Tensor& q, const ScoreFeatures& f) {
+  FLASH_CHECK(std::isfinite(f.softcap) && f.softcap >= 0 && f.softcap <= std::numeric_limits<float>::max(),
+              "flash_attn_ext: softcap must be a finite number >= 0 (0 = off), got ", num(f.softcap));
+  if (f.alibi_slopes.has_value()) check_per_head(*f.alibi_slopes, "alibi_slopes", q, /*per_batch=*/true);
+  if (f.sinks.has_value()) check_per_head(*f.sinks, "sinks", q, /*per_batch=*/false);
+}
+
 }  // namespace
 
 void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
-                      const std::optional<Tensor>& attn_bias, double softmax_scale) {
+                      const std::optional<Tensor>& attn_bias, double softmax_scale, const ScoreFeatures& features) {
   FLASH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
               num(q.dim()), "-D");
   FLASH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
@@ -79,6 +103,7 @@ void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
+  check_score_features(q, features);
   if (attn_bias.has_value()) {
     const Tensor& b = *attn_bias;
     FLASH_CHECK(b.scalar_type() == dtype, "flash_attn_ext: attn_bias must have the dtype of q (",
@@ -95,8 +120,9 @@ void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
 void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                       const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
-                      const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad) {
-  check_fwd_inputs(q, k, v, attn_bias, softmax_scale);
+                      const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad,
+                      const ScoreFeatures& features) {
+  check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
   FLASH_CHECK(!bias_requires_grad || attn_bias.has_value(),
               "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
   FLASH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
@@ -136,7 +162,7 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
 void set_fwd_params(FlashFwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
                     const std::optional<Tensor>& attn_bias, const Tensor& out,
                     const Tensor& softmax_lse, const Tensor& lse_residual, double softmax_scale, bool causal,
-                    int64_t window_left, int64_t window_right) {
+                    int64_t window_left, int64_t window_right, const ScoreFeatures& features) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -169,6 +195,13 @@ void set_fwd_params(FlashFwdParams& p, const Tensor& q, const Tensor& k, const T
   p.window_left = normalise_window_side(window_left, p.seqlen_k);
   p.window_right = causal ? 0 : normalise_window_side(window_right, p.seqlen_q);
   p.is_causal = causal || (p.window_left < 0 && p.window_right == 0);
+  p.softcap = static_cast<float>(features.softcap);
+  if (features.alibi_slopes.has_value()) {
+    const Tensor& slopes = *features.alibi_slopes;
+    p.alibi_slopes = static_cast<const float*>(slopes.data_ptr());
+    p.alibi_batch_stride = slopes.dim() == 2 ? slopes.stride(0) : 0;
+  }
+  if (features.sinks.has_value()) p.sinks = static_cast<const float*>(features.sinks->data_ptr());
 }
 
 void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -176,9 +209,10 @@ void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, cons
                     const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
                     const std::optional<Tensor>& attn_bias, const Tensor& dq, const Tensor& dk,
                     const Tensor& dv, const std::optional<Tensor>& dbias, double softmax_scale,
-                    bool causal, int64_t window_left, int64_t window_right, bool deterministic) {
+                    bool causal, int64_t window_left, int64_t window_right, bool deterministic,
+                    const ScoreFeatures& features) {
   set_fwd_params(p, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
-                 window_right);
+                 window_right, features);
   p.dout = dout.data_ptr();
   p.dsoftmax_lse = dsoftmax_lse.has_value() ? static_cast<const float*>(dsoftmax_lse->data_ptr()) : nullptr;
   p.dq = dq.data_ptr();

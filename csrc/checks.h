@@ -16,25 +16,44 @@ inline bool needs_lse_residual(const Tensor& q, const std::optional<Tensor>& att
   return attn_bias.has_value() || q.scalar_type() == ScalarType::Double;
 }
 
-// Checks q, k, v, the optional bias and the scale, and returns nothing;
+// The optional score features of a call, as the host functions receive
+// them (flash_params.h says what each does). sinks is forward-only.
+struct ScoreFeatures {
+  double softcap = 0.0;
+  std::optional<Tensor> alibi_slopes;
+  std::optional<Tensor> sinks;
+};
+
+// Raises until the kernels of `where` ("CPU", "CUDA") implement the score
+// features (issue 9), naming the feature.
+inline void require_score_features_supported(const ScoreFeatures& f, const char* where) {
+  FLASH_CHECK(f.softcap == 0, "flash_attn_ext: softcap is not supported yet by the ", where, " kernels");
+  FLASH_CHECK(!f.alibi_slopes.has_value(), "flash_attn_ext: alibi_slopes is not supported yet by the ", where,
+              " kernels");
+  FLASH_CHECK(!f.sinks.has_value(), "flash_attn_ext: sinks is not supported yet by the ", where, " kernels");
+}
+
+// Checks q, k, v, the optional bias, the scale and the score features;
 // throws a std::runtime_error (a Python RuntimeError) naming the problem.
 void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
-                      const std::optional<Tensor>& attn_bias, double softmax_scale);
+                      const std::optional<Tensor>& attn_bias, double softmax_scale,
+                      const ScoreFeatures& features);
 
 // Additionally checks dout, out, softmax_lse, lse_residual and dsoftmax_lse
 // against q, and that a bias gradient is only asked for when there is a bias.
 void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                       const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
-                      const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad);
+                      const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad,
+                      const ScoreFeatures& features);
 
 // Fills shapes, strides, pointers and the mask description. `out`,
 // `softmax_lse` and `lse_residual` must already be allocated.
 void set_fwd_params(FlashFwdParams& params, const Tensor& q, const Tensor& k,
                     const Tensor& v, const std::optional<Tensor>& attn_bias,
                     const Tensor& out, const Tensor& softmax_lse, const Tensor& lse_residual,
-                    double softmax_scale,
-                    bool causal, int64_t window_left, int64_t window_right);
+                    double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                    const ScoreFeatures& features);
 
 void set_bwd_params(FlashBwdParams& params, const Tensor& dout, const Tensor& q,
                     const Tensor& k, const Tensor& v, const Tensor& out,
@@ -42,6 +61,7 @@ void set_bwd_params(FlashBwdParams& params, const Tensor& dout, const Tensor& q,
                     const std::optional<Tensor>& dsoftmax_lse,
                     const std::optional<Tensor>& attn_bias, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                     const std::optional<Tensor>& dbias, double softmax_scale, bool causal,
-                    int64_t window_left, int64_t window_right, bool deterministic);
+                    int64_t window_left, int64_t window_right, bool deterministic,
+                    const ScoreFeatures& features);
 
 }  // namespace flash_attn_ext

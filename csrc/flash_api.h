@@ -14,12 +14,15 @@ namespace flash_attn_ext {
   std::tuple<Tensor, Tensor, Tensor> fwd_##suffix(const Tensor& q, const Tensor& k, const Tensor& v,             \
                                                   const std::optional<Tensor>& attn_bias, double softmax_scale, \
                                                   bool causal, int64_t window_left, int64_t window_right,       \
-                                                  bool deterministic);                                          \
+                                                  bool deterministic, double softcap,                           \
+                                                  const std::optional<Tensor>& alibi_slopes,                    \
+                                                  const std::optional<Tensor>& sinks);                          \
   std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_##suffix(                                                      \
       const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,                 \
       const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,         \
       const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,           \
-      int64_t window_right, bool deterministic, bool bias_requires_grad);
+      int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,                         \
+      const std::optional<Tensor>& alibi_slopes);
 
 FLASH_ATTN_EXT_DECLARE_IMPL(cpu)
 FLASH_ATTN_EXT_DECLARE_IMPL(cuda)

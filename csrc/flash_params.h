@@ -70,6 +70,24 @@ struct FlashFwdParams {
   // window_right == 0; is_causal is kept so kernels can specialise on it.
   bool is_causal = false;
   int window_left = -1, window_right = -1;
+
+  // Score features, applied by the score rule after the scale and before
+  // the bias and the mask; each is off at its default.
+  // softcap > 0: a score s becomes softcap * tanh(s / softcap) (Gemma 2).
+  float softcap = 0.f;
+  // ALiBi (BLOOM, MPT; flash-attn's convention): score(i, j) gets
+  // -slope * |i + seqlen_k - seqlen_q - j|, with fp32 slopes per (batch,
+  // head) at alibi_slopes[b * alibi_batch_stride + h] (stride 0 when the
+  // slopes are (nheads,)). The slopes receive no gradient.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+  // Attention sinks (gpt-oss's s_aux): a fp32 logit per head that joins
+  // every row's softmax denominator with no value: out rows shrink by
+  // exp(lse_keys - lse), and softmax_lse includes the sink. Only the forward
+  // kernels read it: the backward recomputes P from that lse, which already
+  // holds the sink, and the sinks' gradient -sum_i P_sink_i * D_i is a
+  // reduction the autograd formula does (flash_attn_ext/_ops.py).
+  const float* sinks = nullptr;
 };
 
 struct FlashBwdParams : FlashFwdParams {

@@ -19,10 +19,13 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // softmax_lse cannot hold, for bwd (see FlashFwdParams::lse_residual).
   // Rows that see no key get out = 0, softmax_lse = +inf, lse_residual = 0.
   // Bias values below -1e38 act as -1e38 (see checks.h, kBiasFloor).
+  // softcap, alibi_slopes, sinks: the score features (csrc/flash_params.h):
+  // softcap >= 0 (0 = off); alibi_slopes fp32 (nheads,) or (batch, nheads);
+  // sinks fp32 (nheads,), whose logits join softmax_lse.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, float softmax_scale, bool causal, "
-      "int window_left, int window_right, bool deterministic) -> (Tensor out, Tensor softmax_lse, "
-      "Tensor lse_residual)");
+      "int window_left, int window_right, bool deterministic, float softcap=0., Tensor? alibi_slopes=None, "
+      "Tensor? sinks=None) -> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
   // Recomputes the probabilities from q, k, softmax_lse and lse_residual (both
   // as fwd returned them). dsoftmax_lse, the
   // gradient flowing into softmax_lse (None when unused), enters through
@@ -34,5 +37,6 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor? dsoftmax_lse, "
       "Tensor? attn_bias, "
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
-      "bool bias_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+      "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

@@ -88,7 +88,8 @@ def check_same_device(where, tensors):
 
 
 @torch.library.register_fake("flash_attn_ext::fwd")
-def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic):
+def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic, softcap=0.0,
+              alibi_slopes=None, sinks=None):
     check_same_device("flash_attn_ext::fwd", locals())
     batch, seqlen_q, nheads, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -100,8 +101,8 @@ def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_rig
 
 
 @torch.library.register_fake("flash_attn_ext::bwd")
-def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal, window_left, window_right,
-              deterministic, bias_requires_grad):
+def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
+              window_left, window_right, deterministic, bias_requires_grad, softcap=0.0, alibi_slopes=None):
     check_same_device("flash_attn_ext::bwd", locals())
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -114,21 +115,43 @@ def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_
     return dq, dk, dv, dbias
 
 
+_FWD_DEFAULTS = (0.0, None, None)  # softcap, alibi_slopes, sinks: the schema's defaults
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic = inputs
+    q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic = inputs[:9]
+    softcap, alibi_slopes, sinks = tuple(inputs[9:]) + _FWD_DEFAULTS[len(inputs) - 9:]
     out, softmax_lse, lse_residual = output
-    ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, attn_bias)
+    ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, attn_bias, alibi_slopes, sinks)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
     ctx.window = (window_left, window_right)
     ctx.deterministic = deterministic
+    ctx.softcap = softcap
+    ctx.num_inputs = len(inputs)
+
+
+def sinks_grad(sinks, dout, out, softmax_lse, lse_residual, dsoftmax_lse):
+    """d loss / d sinks, (nheads,): the sink of head h has probability
+    P_i = exp(sink_h - lse_i) in row i and no value, so it enters the output
+    only through lse: d out_i / d sink_h = -P_i out_i, and
+    d loss / d sink_h = -sum_{b, i} P_i D_i with D_i = rowsum(dout_i * out_i) - dlse_i
+    (the same D the backward kernels use)."""
+    lse = softmax_lse.double()
+    if lse_residual.numel():  # fp64 inputs: the part of lse fp32 could not hold
+        lse = lse + lse_residual.double()
+    d = (dout.double() * out.double()).sum(-1).transpose(1, 2)  # (batch, nheads, seqlen_q)
+    if dsoftmax_lse is not None:
+        d = d - dsoftmax_lse.double()
+    p_sink = torch.exp(sinks.double()[None, :, None] - lse)  # lse = +inf (no key, no sink): 0
+    return (-(p_sink * d).sum(dim=(0, 2))).to(sinks.dtype)
 
 
 def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
     # lse_residual is an internal output (the part of the log-sum-exp fp32
     # softmax_lse cannot hold, csrc/flash_params.h); no entry point exposes
     # it, and its gradient is not used.
-    q, k, v, out, softmax_lse, lse_residual, attn_bias = ctx.saved_tensors
+    q, k, v, out, softmax_lse, lse_residual, attn_bias, alibi_slopes, sinks = ctx.saved_tensors
     # Autograd may hand in an expanded gradient (e.g. from out.sum()): the
     # kernels need a contiguous last dimension.
     if dout.stride(-1) != 1:
@@ -137,10 +160,14 @@ def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
     if dsoftmax_lse is not None:
         dsoftmax_lse = dsoftmax_lse.float().contiguous()
     dq, dk, dv, dbias = bwd(
-        dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, ctx.softmax_scale, ctx.causal, ctx.window[0],
-        ctx.window[1], ctx.deterministic, bias_requires_grad,
+        dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, ctx.softmax_scale, ctx.causal,
+        ctx.window[0], ctx.window[1], ctx.deterministic, bias_requires_grad, ctx.softcap, alibi_slopes,
     )
-    return dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[11]:
+        dsinks = sinks_grad(sinks, dout, out, softmax_lse, lse_residual, dsoftmax_lse)
+    grads = (dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None, None, None, dsinks)
+    return grads[: ctx.num_inputs]
 
 
 torch.library.register_autograd("flash_attn_ext::fwd", _backward, setup_context=_setup_context)
@@ -242,17 +269,43 @@ _autograd_lib = torch.library.Library("flash_attn_ext", "IMPL")  # kept alive: d
 _autograd_lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
 
 
-def _vmap_by_folding(op):
+# Arguments that are per head, not per batch element: fwd's alibi_slopes
+# ((nheads,) or (batch, nheads)) and sinks ((nheads,)), bwd's alibi_slopes.
+_PER_HEAD_ARGS = {"fwd": {10: "alibi_slopes", 11: "sinks"}, "bwd": {16: "alibi_slopes"}}
+
+
+def _vmap_by_folding(op, name):
     """A vmap rule for `op` (fwd or bwd): every tensor argument and result has
     the batch as dim 0, so the vmapped dimension is folded into it and the op
-    runs once, instead of once per element (PyTorch's fallback)."""
+    runs once, instead of once per element (PyTorch's fallback). Per-head
+    arguments fold too where they can (ALiBi slopes become (n * batch,
+    nheads)); sinks that differ per vmapped element cannot, and then the op
+    runs once per element."""
+    per_head = _PER_HEAD_ARGS[name]
+
+    def run_per_element(info, in_dims, args):
+        outs = []
+        for i in range(info.batch_size):
+            outs.append(op(*[x.select(d, i) if isinstance(x, torch.Tensor) and d is not None else x
+                             for x, d in zip(args, in_dims)]))
+        return tuple(torch.stack(rs) for rs in zip(*outs)), (0,) * len(outs[0])
 
     def rule(info, in_dims, *args):
-        n, batch, folded = info.batch_size, None, []
-        for x, d in zip(args, in_dims):
-            if isinstance(x, torch.Tensor):
+        if any(per_head.get(i) == "sinks" and d is not None for i, d in enumerate(in_dims)):
+            return run_per_element(info, in_dims, args)
+        n = info.batch_size
+        # The batch size: dim 0 of the first batched argument, as the op sees it.
+        batch = next(x.shape[1 if d == 0 else 0] for i, (x, d) in enumerate(zip(args, in_dims))
+                     if isinstance(x, torch.Tensor) and i not in per_head)
+        folded = []
+        for i, (x, d) in enumerate(zip(args, in_dims)):
+            if isinstance(x, torch.Tensor) and per_head.get(i) == "alibi_slopes":
+                if d is not None or x.dim() == 2:  # per (element, batch, head): fold like the others
+                    x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
+                    x = x[:, None, :].expand(n, batch, x.shape[-1]) if x.dim() == 2 else x
+                    x = x.reshape(n * batch, x.shape[-1]).contiguous()
+            elif isinstance(x, torch.Tensor) and i not in per_head:
                 x = x.movedim(d, 0) if d is not None else x.expand(n, *x.shape)
-                batch = x.shape[1] if batch is None else batch
                 x = x.reshape(n * x.shape[1], *x.shape[2:])
                 if x.dim() == 3:  # softmax_lse and its companions: contiguous
                     x = x.contiguous()
@@ -272,5 +325,5 @@ def _vmap_by_folding(op):
     return rule
 
 
-torch.library.register_vmap("flash_attn_ext::fwd", _vmap_by_folding(fwd))
-torch.library.register_vmap("flash_attn_ext::bwd", _vmap_by_folding(bwd))
+torch.library.register_vmap("flash_attn_ext::fwd", _vmap_by_folding(fwd, "fwd"))
+torch.library.register_vmap("flash_attn_ext::bwd", _vmap_by_folding(bwd, "bwd"))

@@ -110,6 +110,8 @@ def _op_args(op, device, other, which):
             value = None
         elif name == "softmax_scale":
             value = 0.25
+        elif arg.has_default_value():  # the score features: off
+            value = arg.default_value
         elif str(arg.type) == "bool":
             value = False
         elif str(arg.type) == "int":

@@ -160,9 +160,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad) {
+    int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad,
+    double softcap, const std::optional<Tensor>& alibi_slopes) {
+  const ScoreFeatures features{softcap, alibi_slopes, std::nullopt};
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
-                   bias_requires_grad);
+                   bias_requires_grad, features);
+  require_score_features_supported(features, "CPU");
   const ScalarType dtype = q.scalar_type();
   Tensor dq = empty_on(q, q.sizes(), dtype);
   Tensor dk = empty_on(q, k.sizes(), dtype);
@@ -179,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   FlashBwdParams params;
   set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv,
                  bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
-                 window_right, /*deterministic=*/true);
+                 window_right, /*deterministic=*/true, features);
   cpu::dispatch_dtype(dtype, [&](auto element) { cpu::bwd_kernel<decltype(element)>(params); });
   return {dq, dk, dv, dbias};
 }

@@ -150,8 +150,12 @@ void fwd_kernel(const FlashFwdParams& p) {
 std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
                                            int64_t window_left, int64_t window_right,
-                                           bool /*deterministic: used by the backward only*/) {
-  check_fwd_inputs(q, k, v, attn_bias, softmax_scale);
+                                           bool /*deterministic: used by the backward only*/, double softcap,
+                                           const std::optional<Tensor>& alibi_slopes,
+                                           const std::optional<Tensor>& sinks) {
+  const ScoreFeatures features{softcap, alibi_slopes, sinks};
+  check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
+  require_score_features_supported(features, "CPU");
   Tensor out = empty_on(q, q.sizes(), q.scalar_type());
   const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
   Tensor lse = empty_on(q, lse_shape, ScalarType::Float);
@@ -164,7 +168,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
     return {out, lse, residual};
   }
   FlashFwdParams params;
-  set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right);
+  set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right,
+                 features);
   cpu::dispatch_dtype(q.scalar_type(), [&](auto element) { cpu::fwd_kernel<decltype(element)>(params); });
   return {out, lse, residual};
 }

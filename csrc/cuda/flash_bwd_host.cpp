@@ -57,9 +57,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, bool deterministic, bool bias_requires_grad) {
+    int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,
+    const std::optional<Tensor>& alibi_slopes) {
+  const ScoreFeatures features{softcap, alibi_slopes, std::nullopt};
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
-                   bias_requires_grad);
+                   bias_requires_grad, features);
+  require_score_features_supported(features, "CUDA");
   FLASH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", device_name(q));
   const CudaContext cuda(q);
 
@@ -99,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   FlashBwdParams params;
   set_bwd_params(params, dout_p, q_p, k_p, v_p, out_p, softmax_lse, lse_residual, dsoftmax_lse, attn_bias,
                  deterministic ? *dq : dk /* dq is set below */, dk, dv, dbias, softmax_scale, causal, window_left,
-                 window_right, deterministic);
+                 window_right, deterministic, features);
   if (!deterministic) {
     params.dq = nullptr;
     params.dq_accum = static_cast<float*>(dq_accum->data_ptr());

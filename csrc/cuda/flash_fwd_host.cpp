@@ -32,9 +32,13 @@ Tensor prepare_qkv(const Tensor& t, int64_t padded) {
 
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                             const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
-                                            int64_t window_left, int64_t window_right, bool deterministic) {
+                                            int64_t window_left, int64_t window_right, bool deterministic,
+                                            double softcap, const std::optional<Tensor>& alibi_slopes,
+                                            const std::optional<Tensor>& sinks) {
   (void)deterministic;  // The forward pass is deterministic either way.
-  check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale);
+  const ScoreFeatures features{softcap, alibi_slopes, sinks};
+  check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale, features);
+  require_score_features_supported(features, "CUDA");
   FLASH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_cuda expects CUDA tensors, got ", device_name(q_in));
   const ScalarType dtype = q_in.scalar_type();
   FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
@@ -84,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_
 
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
-                 window_right);
+                 window_right, features);
 
   const cudaStream_t stream = cuda.stream();
   dispatch_dtype(dtype, [&](auto element) {
