@@ -19,13 +19,26 @@ from ._autocast import autocast_inputs
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
 
 
-def _check_unsupported(dropout_p: float, softcap: float, alibi_slopes: Optional[torch.Tensor]) -> None:
+def _check_unsupported(dropout_p: float) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
-    if softcap != 0.0:
-        raise NotImplementedError(f"flash_attn_ext: softcap={softcap} is not supported yet (only 0.0)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("flash_attn_ext: alibi_slopes is not supported yet (only None)")
+
+
+def _softcap_value(softcap) -> float:
+    """softcap as the op takes it: a float >= 0 (0 = off)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"flash_attn_ext: softcap must be a number >= 0 (0.0 = off), got {softcap!r}")
+    if not softcap >= 0 or softcap == float("inf"):
+        raise ValueError(f"flash_attn_ext: softcap must be a finite number >= 0 (0.0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def _sinks_argument(s_aux, learnable_sink):
+    """The attention sinks, under either of the names the ecosystem uses:
+    `s_aux` (vLLM, transformers' gpt-oss) or `learnable_sink` (FlashAttention-4)."""
+    if s_aux is not None and learnable_sink is not None:
+        raise ValueError("flash_attn_ext: pass the attention sinks as s_aux or as learnable_sink, not both")
+    return s_aux if s_aux is not None else learnable_sink
 
 
 # A window side this wide reaches past any sequence the op accepts.
@@ -75,17 +88,19 @@ def _check_sizes(q, k, v):
         )
 
 
-def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs):
+def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap=0.0,
+               alibi_slopes=None, sinks=None):
     window_left, window_right = _window_sides(window_size)
+    softcap = _softcap_value(softcap)
     # Before autocast, which looks at q's device only.
-    _ops.check_same_device("flash_attn_ext", {"q": q, "k": k, "v": v})
+    _ops.check_same_device("flash_attn_ext", {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes, "sinks": sinks})
     _check_sizes(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     q, k, v = autocast_inputs(q, k, v)
     out, softmax_lse, _ = _ops.call_fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
-                                         deterministic)
+                                         deterministic, softcap, alibi_slopes, sinks)
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
         # information with dropout, which is not supported, so it is None.
@@ -105,6 +120,9 @@ def flash_attn_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
 ):
     """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
 
@@ -119,17 +137,26 @@ def flash_attn_func(
         window_size: (left, right) sliding window around the aligned diagonal,
             a pair of ints; a negative side, or one wider than any sequence,
             means unbounded (-1 by convention).
-        softcap, alibi_slopes: must be 0.0 / None (not supported yet).
+        softcap: > 0 caps the scores: s -> softcap * tanh(s / softcap), after
+            the scale (Gemma 2); 0.0 (default) is off.
+        alibi_slopes: fp32 (nheads,) or (batch, nheads): adds
+            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and
+            key j (flash-attn's ALiBi); the slopes get no gradient.
         deterministic: bit-reproducible backward on CUDA (the CPU backward
             always is); also implied by torch.use_deterministic_algorithms(True).
         return_attn_probs: also return softmax_lse (batch, nheads, seqlen_q)
             fp32 and None in place of the dropout mask.
+        s_aux / learnable_sink (keyword only, either name): attention sinks,
+            fp32 (nheads,) logits that join every row's softmax denominator
+            without a value (gpt-oss); softmax_lse includes them, and they
+            receive a gradient.
 
     Rows that see no key (causal with seqlen_q > seqlen_k, or a window) give
     output 0, softmax_lse +inf and zero gradients.
     """
-    _check_unsupported(dropout_p, softcap, alibi_slopes)
-    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs)
+    _check_unsupported(dropout_p)
+    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink))
 
 
 def flash_attn_qkvpacked_func(
@@ -142,6 +169,9 @@ def flash_attn_qkvpacked_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
 ):
     """flash_attn_func on qkv packed as (batch, seqlen, 3, nheads, headdim).
 
@@ -149,9 +179,10 @@ def flash_attn_qkvpacked_func(
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"flash_attn_ext: qkv must be (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
-    _check_unsupported(dropout_p, softcap, alibi_slopes)
+    _check_unsupported(dropout_p)
     q, k, v = qkv.unbind(2)
-    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs)
+    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink))
 
 
 def flash_attn_kvpacked_func(
@@ -165,10 +196,14 @@ def flash_attn_kvpacked_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
 ):
     """flash_attn_func with k and v packed as kv (batch, seqlen_k, 2, nheads_k, headdim)."""
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"flash_attn_ext: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
-    _check_unsupported(dropout_p, softcap, alibi_slopes)
+    _check_unsupported(dropout_p)
     k, v = kv.unbind(2)
-    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs)
+    return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink))

@@ -1,0 +1,217 @@
+"""The score features (issue 9) through flash_attn_func, on every device:
+softcap, ALiBi slopes and attention sinks, alone and together, with causal
+masks, windows, GQA and seqlen_q != seqlen_k; out, lse and every gradient
+(the sinks' included) against the float64 reference under the 2x rule; the
+errors that name a bad argument; the ops under opcheck and gradcheck."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flash_attn_ext
+from conftest import (
+    DEVICES,
+    assert_close_to_ref,
+    assert_fp32_close,
+    attention_ref,
+    device_dtype_params,
+    poison_allocator,
+    random_qkv,
+)
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
+SHAPES = [
+    (2, 65, 65, 4, 2, 64),
+    (1, 40, 129, 2, 2, 128),
+    (2, 130, 70, 4, 1, 96),
+    (1, 17, 300, 2, 1, 32),
+]
+
+
+def random_features(batch, nheads, device, softcap=0.0, alibi=None, sinks=False):
+    """Feature arguments for flash_attn_func: alibi in (None, "head", "batch")."""
+    slopes = None
+    if alibi == "head":
+        slopes = torch.rand(nheads, device=device) * 0.3 + 0.01
+    elif alibi == "batch":
+        slopes = torch.rand(batch, nheads, device=device) * 0.3 + 0.01
+    sink = (torch.randn(nheads, device=device) * 2).requires_grad_() if sinks else None
+    return dict(softcap=softcap, alibi_slopes=slopes, s_aux=sink)
+
+
+def ref_kwargs(f):
+    return dict(softcap=f["softcap"], alibi_slopes=f["alibi_slopes"], sinks=f["s_aux"])
+
+
+def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, **features):
+    f = dict(softcap=0.0, alibi_slopes=None, s_aux=None)
+    f.update(features)
+    sinks = f["s_aux"]
+    out_bytes = q.numel() * q.element_size()
+    poison_allocator(q.device, out_bytes)
+    out, lse, _ = flash_attn_ext.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                                 window_size=window, return_attn_probs=True, **f)
+    assert out.shape == q.shape and not torch.isnan(out).any()
+    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
+    ref_in = [x.detach().double().requires_grad_() for x in leaves]
+    low_in = [x.detach().clone().requires_grad_() for x in leaves]
+
+    def ref_call(xs, upcast):
+        kw = ref_kwargs(f)
+        if sinks is not None:
+            kw["sinks"] = xs[3]
+        return attention_ref(xs[0], xs[1], xs[2], causal, window, softmax_scale=softmax_scale, upcast=upcast, **kw)
+
+    ref_out, ref_lse = ref_call(ref_in, True)
+    low_out, _ = ref_call(low_in, False)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf rows differ"
+    finite = torch.isfinite(ref_lse)
+    if finite.any():
+        lse_err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
+        assert lse_err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item()), f"lse error {lse_err}"
+    fp32 = q.dtype == torch.float32
+    (assert_fp32_close(out, ref_out, "out") if fp32 else assert_close_to_ref(out, ref_out, low_out, "out"))
+
+    dout = torch.randn_like(out)
+    poison_allocator(q.device, 3 * out_bytes)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    low_grads = torch.autograd.grad(low_out, low_in, dout)
+    for name, ours, ref, low in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, low_grads):
+        assert ours.shape == ref.shape, name
+        if fp32 or name == "dsinks":  # the sinks' gradient is computed in fp64 from fp32 lse and D
+            rtol = 1e-5 if fp32 else 2e-2
+            assert_fp32_close(ours, ref, name, rtol=rtol)
+        else:
+            assert_close_to_ref(ours, ref, low, name)
+
+
+CASES = [
+    pytest.param(dict(softcap=5.0), id="softcap"),
+    pytest.param(dict(alibi="head"), id="alibi-head"),
+    pytest.param(dict(alibi="batch"), id="alibi-batch"),
+    pytest.param(dict(sinks=True), id="sinks"),
+    pytest.param(dict(softcap=8.0, alibi="head"), id="softcap-alibi"),
+    pytest.param(dict(softcap=4.0, alibi="batch", sinks=True), id="all"),
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (24, 8))],
+                         ids=["full", "causal", "window"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_features(device, dtype, case, causal, window, shape):
+    batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim = shape
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device)
+    q.data *= 3  # scores large enough for the cap and the slopes to matter
+    features = random_features(batch, nheads, device, **case)
+    check_features(q, k, v, causal=causal, window=window, **features)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_caps(device):
+    """With huge scores, softcap bounds them: the softmax stays soft."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = random_qkv(1, 33, 33, 2, 2, 64, dtype, device)
+    q.data *= 100
+    check_features(q, k, v, softcap=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinks_on_rows_without_keys(device):
+    """A row that sees no key (causal, seqlen_q > seqlen_k) has only the sink: out 0, lse = sink."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = random_qkv(1, 40, 8, 2, 2, 32, dtype, device)
+    sinks = torch.tensor([0.5, -1.5], device=device, requires_grad=True)
+    out, lse, _ = flash_attn_ext.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, s_aux=sinks)
+    assert (out[:, :32] == 0).all()
+    torch.testing.assert_close(lse[0, :, :32], sinks.detach()[:, None].expand(2, 32))
+    check_features(q, k, v, causal=True, s_aux=sinks)
+    # A sink of -inf is no sink.
+    no_sink = torch.full((2,), -math.inf, device=device)
+    torch.testing.assert_close(flash_attn_ext.flash_attn_func(q, k, v, s_aux=no_sink), flash_attn_ext.flash_attn_func(q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sink_names(device):
+    q, k, v = random_qkv(1, 16, 16, 2, 2, 32, torch.float32 if device == "cpu" else torch.bfloat16, device)
+    sinks = torch.randn(2, device=device)
+    a = flash_attn_ext.flash_attn_func(q, k, v, s_aux=sinks)
+    b = flash_attn_ext.flash_attn_func(q, k, v, learnable_sink=sinks)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="s_aux or as learnable_sink"):
+        flash_attn_ext.flash_attn_func(q, k, v, s_aux=sinks, learnable_sink=sinks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_feature_arguments(device):
+    q, k, v = random_qkv(2, 16, 16, 4, 2, 32, torch.float32 if device == "cpu" else torch.bfloat16, device)
+    f = flash_attn_ext.flash_attn_func
+    for bad, err in [(-1.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), (True, TypeError),
+                     ("5", TypeError), (None, TypeError)]:
+        with pytest.raises(err, match="softcap"):
+            f(q, k, v, softcap=bad)
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must be \(nheads,\) = \(4,\) or \(batch, nheads\)"):
+        f(q, k, v, alibi_slopes=torch.ones(3, device=device))
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must be \(nheads,\)"):
+        f(q, k, v, alibi_slopes=torch.ones(3, 4, device=device))
+    with pytest.raises(RuntimeError, match="alibi_slopes must be float32"):
+        f(q, k, v, alibi_slopes=torch.ones(4, device=device, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="alibi_slopes must have a contiguous last dimension"):
+        f(q, k, v, alibi_slopes=torch.ones(4, 2, device=device)[:, 0])
+    with pytest.raises(RuntimeError, match=r"sinks must be \(nheads,\) = \(4,\), got \(2, 4\)"):
+        f(q, k, v, s_aux=torch.ones(2, 4, device=device))
+    with pytest.raises(RuntimeError, match="sinks must be float32"):
+        f(q, k, v, s_aux=torch.ones(4, device=device, dtype=torch.bfloat16))
+    other = "meta"
+    with pytest.raises(RuntimeError, match=rf"same device.*alibi_slopes on {other}"):
+        f(q, k, v, alibi_slopes=torch.ones(4, device=other))
+    with pytest.raises(RuntimeError, match=rf"same device.*sinks on {other}"):
+        f(q, k, v, s_aux=torch.ones(4, device=other))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_with_features(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = random_qkv(2, 20, 30, 4, 2, 32, dtype, device)
+    slopes = torch.rand(2, 4, device=device)
+    sinks = torch.randn(4, device=device, requires_grad=True)
+    args = (q, k, v, None, 0.2, True, -1, -1, False, 6.0, slopes, sinks)
+    torch.library.opcheck(torch.ops.flash_attn_ext.fwd.default, args)
+    out, lse, residual = torch.ops.flash_attn_ext.fwd(*args)
+    torch.library.opcheck(
+        torch.ops.flash_attn_ext.bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, residual, None, None, 0.2, True, -1, -1,
+         False, False, 6.0, slopes),
+    )
+
+
+def test_gradcheck_fp64_features():
+    q, k, v = random_qkv(1, 9, 13, 2, 1, 8, torch.float64, "cpu")
+    sinks = torch.randn(2, dtype=torch.float64).float().requires_grad_()
+    slopes = torch.rand(2)
+
+    def f(q, k, v):
+        out, _, _ = flash_attn_ext._ops.fwd(q, k, v, None, 0.7, True, -1, -1, False, 3.0, slopes, sinks.detach())
+        return out
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_with_features(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = random_qkv(3, 16, 16, 2, 2, 32, dtype, device, requires_grad=False)
+    slopes = torch.rand(3, 2, device=device)  # one set of slopes per vmapped element
+    sinks = torch.randn(3, 2, device=device)
+
+    def one(q, k, v, slopes, sinks):
+        return flash_attn_ext.flash_attn_func(q[None], k[None], v[None], softcap=3.0, alibi_slopes=slopes,
+                                              s_aux=sinks)[0]
+
+    batched = torch.func.vmap(one)(q, k, v, slopes, sinks)
+    looped = torch.stack([one(q[i], k[i], v[i], slopes[i], sinks[i]) for i in range(3)])
+    torch.testing.assert_close(batched, looped)
