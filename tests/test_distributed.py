@@ -638,3 +638,15 @@ def test_ring_flash_attn_library_runs_on_our_functions():
             err = (ours.double() - ref_grad64).abs().max().item()
             ref_err = (ref_grad.double() - ref_grad64).abs().max().item()
             assert err <= 4 * ref_err + 2e-2, f"{fname} {name}: {err:.3e} vs flash_attn_func's {ref_err:.3e}"
+
+
+def test_readme_example_runs_under_torchrun():
+    """examples/context_parallel.py, as the README launches it (2 gloo ranks)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "examples", "context_parallel.py"), "--seqlen", "256"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ring attention over 2 ranks" in result.stdout
