@@ -7,6 +7,10 @@ Entry points:
       torch.nn.functional.scaled_dot_product_attention compatible, with masks.
   MultiheadAttention, replace_attention
       a drop-in for torch.nn.MultiheadAttention, and a model-wide swap.
+  flash_attn_ext.distributed (imported on its own)
+      context parallelism: ring / all-gather attention over torch.distributed.
+  flash_attn_ext.flash_attn_interface (imported on its own)
+      flash-attn 2.8's low-level _flash_attn_forward / _flash_attn_backward.
 The ops themselves are torch.ops.flash_attn_ext.fwd / bwd.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)

@@ -1,0 +1,293 @@
+"""flash-attn's low-level functions, for libraries built on them.
+
+Ring-attention libraries (ring-flash-attention and others) do not call
+flash_attn_func: they import `_flash_attn_forward` / `_flash_attn_backward`
+(and the varlen pair) from `flash_attn.flash_attn_interface`, merge the lse
+they return themselves, and hand the merged lse back to the backward. This
+module has those four functions with flash-attn 2.8's exact signatures and
+return values, backed by the `flash_attn_ext::fwd` / `bwd` ops, and
+`install_as_flash_attn()`, which makes `import flash_attn` find this package
+where flash-attn itself is not installed, so such libraries run unchanged.
+
+What flash-attn's functions return and flash_attn_ext has no use for comes
+back shaped as flash-attn shapes it: S_dmask is an empty tensor (it only
+exists with dropout), rng_state two zeros. Arguments whose feature is not
+implemented (dropout_p, softcap, alibi_slopes, return_softmax, paged or
+left-padded KV) raise NotImplementedError naming the argument.
+
+lse: flash-attn's softmax_lse is fp32, and these functions neither return
+nor take the op's lse_residual. For fp16/bf16/fp32 inputs the op has none;
+for fp64 inputs (CPU) the backward recomputes the probabilities from the
+fp32 lse it is given, so its gradients are accurate to about 1e-7 relative,
+not to fp64 (flash_attn_func and flash_attn_ext.distributed keep the
+residual and are exact).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops
+from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+__all__ = [
+    "_flash_attn_forward",
+    "_flash_attn_backward",
+    "_flash_attn_varlen_forward",
+    "_flash_attn_varlen_backward",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "install_as_flash_attn",
+]
+
+# The flash-attn release whose signatures these are.
+FLASH_ATTN_VERSION = "2.8.3"
+
+
+def _maybe_contiguous(x):
+    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+
+
+def _round_multiple(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _reject(dropout_p, softcap, alibi_slopes, return_softmax=False, **paged) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
+    if softcap != 0.0:
+        raise NotImplementedError(f"flash_attn_ext: softcap={softcap} is not supported yet (only 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("flash_attn_ext: alibi_slopes is not supported yet (only None)")
+    if return_softmax:
+        # flash-attn itself only allows it with dropout.
+        raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported (it needs dropout_p > 0)")
+    for name, value in paged.items():
+        if value is not None:
+            raise NotImplementedError(f"flash_attn_ext: {name} is not supported yet (only None)")
+
+
+def _residual_for(q: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The lse_residual argument of the bwd op when only the fp32 lse is known:
+    zeros where the op wants one (fp64), else the empty tensor."""
+    if q.dtype == torch.float64:
+        return torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+    return lse.new_empty((0,), dtype=torch.float32)
+
+
+def _write(dst: Optional[torch.Tensor], src: torch.Tensor) -> torch.Tensor:
+    return src if dst is None else dst.copy_(src)
+
+
+def _softmax_d(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(dout * out) as (batch, nheads, seqlen_q), fp32."""
+    return (dout.float() * out.float()).sum(-1).transpose(1, 2)
+
+
+def _flash_attn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    return_softmax: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flash-attn 2.8's forward: (out, softmax_lse, S_dmask, rng_state) for q
+    (batch, seqlen_q, nheads, headdim), k, v (batch, seqlen_k, nheads_k,
+    headdim); softmax_lse (batch, nheads, seqlen_q) fp32, +inf for rows that
+    see no key. No autograd: libraries wrap it in their own."""
+    _reject(dropout_p, softcap, alibi_slopes, return_softmax)
+    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    with torch.no_grad():
+        out, softmax_lse, _ = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), int(window_size_left),
+                                       int(window_size_right), False)
+    s_dmask = q.new_empty((0,))
+    rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
+    return out, softmax_lse, s_dmask, rng_state
+
+
+def _flash_attn_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: Optional[torch.Tensor],
+    dk: Optional[torch.Tensor],
+    dv: Optional[torch.Tensor],
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    deterministic: bool,
+    rng_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """flash-attn 2.8's backward: writes the gradients into dq, dk, dv (any of
+    them may be None, then that gradient is dropped, as in flash-attn) and
+    returns softmax_d = rowsum(dout * out), (batch, nheads, seqlen_q rounded up
+    to a multiple of 128) fp32, zero past seqlen_q. softmax_lse may be another
+    call's (ring attention passes the merged lse with the merged out)."""
+    _reject(dropout_p, softcap, alibi_slopes)
+    dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
+    lse = softmax_lse.float().contiguous()
+    with torch.no_grad():
+        gq, gk, gv, _ = _ops.bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, None, float(softmax_scale),
+                                 bool(causal), int(window_size_left), int(window_size_right),
+                                 bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False)
+        _write(dq, gq), _write(dk, gk), _write(dv, gv)
+        batch, seqlen_q, nheads, _ = q.shape
+        softmax_d = torch.zeros((batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device)
+        softmax_d[:, :, :seqlen_q] = _softmax_d(dout, out)
+    return softmax_d
+
+
+def _bounds(cu_seqlens: torch.Tensor, name: str):
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise RuntimeError(f"flash_attn_ext: {name} must be a 1-d int32 tensor, got {cu_seqlens.dtype} "
+                           f"{tuple(cu_seqlens.shape)}")
+    return cu_seqlens.tolist()
+
+
+def _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+    """(q start, q end, k start, k end) of each sequence of a varlen batch."""
+    cq, ck = _bounds(cu_seqlens_q, "cu_seqlens_q"), _bounds(cu_seqlens_k, "cu_seqlens_k")
+    if len(cq) != len(ck):
+        raise RuntimeError(f"flash_attn_ext: cu_seqlens_q and cu_seqlens_k must have one length, got {len(cq)} and "
+                           f"{len(ck)}")
+    if cq[-1] > q.shape[0] or ck[-1] > k.shape[0]:
+        raise RuntimeError(f"flash_attn_ext: cu_seqlens reach past the tokens ({cq[-1]} of {q.shape[0]} queries, "
+                           f"{ck[-1]} of {k.shape[0]} keys)")
+    return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+
+
+def _flash_attn_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int = -1,
+    window_size_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    return_softmax: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    leftpad_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    zero_tensors: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flash-attn 2.8's varlen forward: q (total_q, nheads, headdim), k, v
+    (total_k, nheads_k, headdim), sequence i at rows cu_seqlens[i] to
+    cu_seqlens[i + 1]; returns (out, softmax_lse (nheads, total_q) fp32,
+    S_dmask, rng_state). One op call per sequence (the op has no varlen kernel
+    yet): correct, not fast. zero_tensors has nothing to do (every output row
+    is written)."""
+    _reject(dropout_p, softcap, alibi_slopes, return_softmax, block_table=block_table, leftpad_k=leftpad_k,
+            seqused_k=seqused_k)
+    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    out = torch.zeros_like(q)
+    softmax_lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for q0, q1, k0, k1 in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+            if q1 == q0 or k1 == k0:
+                continue  # no queries, or no keys: out 0, lse +inf
+            o, lse, _ = _ops.fwd(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, float(softmax_scale),
+                                 bool(causal), int(window_size_left), int(window_size_right), False)
+            out[q0:q1] = o[0]
+            softmax_lse[:, q0:q1] = lse[0]
+    rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
+    return out, softmax_lse, q.new_empty((0,)), rng_state
+
+
+def _flash_attn_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: Optional[torch.Tensor],
+    dk: Optional[torch.Tensor],
+    dv: Optional[torch.Tensor],
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    deterministic: bool,
+    rng_state: Optional[torch.Tensor] = None,
+    zero_tensors: bool = False,
+) -> torch.Tensor:
+    """flash-attn 2.8's varlen backward: writes into dq, dk, dv and returns
+    softmax_d (nheads, total_q + 128 * batch) fp32, zero past total_q (the
+    shape flash-attn allocates). One op call per sequence."""
+    _reject(dropout_p, softcap, alibi_slopes)
+    dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
+    lse_all = softmax_lse.float()
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    sequences = _sequences(q, k, cu_seqlens_q, cu_seqlens_k)
+    with torch.no_grad():
+        gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for q0, q1, k0, k1 in sequences:
+            if q1 == q0 or k1 == k0:
+                continue
+            lse = lse_all[None, :, q0:q1].contiguous()
+            g = _ops.bwd(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1], lse,
+                         _residual_for(q, lse), None, None, float(softmax_scale), bool(causal), int(window_size_left),
+                         int(window_size_right), deterministic, False)
+            gq[q0:q1], gk[k0:k1], gv[k0:k1] = g[0][0], g[1][0], g[2][0]
+        _write(dq, gq), _write(dk, gk), _write(dv, gv)
+        softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * len(sequences)), dtype=torch.float32,
+                                device=q.device)
+        softmax_d[:, :q.shape[0]] = (dout.float() * out.float()).sum(-1).t()
+    return softmax_d
+
+
+def install_as_flash_attn(force: bool = False) -> types.ModuleType:
+    """Makes `import flash_attn` and `from flash_attn.flash_attn_interface
+    import ...` find flash_attn_ext (this module, flash_attn_func and the
+    packed variants, __version__ = FLASH_ATTN_VERSION), for libraries written
+    against flash-attn. Refuses (RuntimeError) where a real flash_attn is
+    installed or imported, unless force=True. Returns the `flash_attn` module."""
+    existing = sys.modules.get("flash_attn")
+    if existing is not None and getattr(existing, "__flash_attn_ext__", False):
+        return existing
+    if not force and (existing is not None or importlib.util.find_spec("flash_attn") is not None):
+        raise RuntimeError(
+            "flash_attn_ext: a flash_attn package is installed; install_as_flash_attn() would hide it "
+            "(pass force=True to do so anyway)")
+    package = types.ModuleType("flash_attn", "flash_attn_ext standing in for flash-attn (install_as_flash_attn)")
+    package.__version__ = FLASH_ATTN_VERSION
+    package.__flash_attn_ext__ = True
+    package.__path__ = []  # a package, so that its submodule imports resolve through sys.modules
+    package.flash_attn_interface = sys.modules[__name__]
+    for name in ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func"):
+        setattr(package, name, globals()[name])
+    sys.modules["flash_attn"] = package
+    sys.modules["flash_attn.flash_attn_interface"] = sys.modules[__name__]
+    return package
