@@ -13,8 +13,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "../cuda/mask.cuh"
 #include "../flash_params.h"
+#include "../mask.h"
 #include "../tensor.h"
 
 // Width of the vectors the inner loops are written for: setup.py compiles

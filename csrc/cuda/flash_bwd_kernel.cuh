@@ -20,8 +20,8 @@
 #pragma once
 
 #include "../flash_params.h"
+#include "../mask.h"
 #include "flash_bwd_common.cuh"
-#include "mask.cuh"
 #include "primitives.cuh"
 #include "softmax.cuh"
 

@@ -33,7 +33,7 @@
 #include <cstdint>
 
 #include "../flash_params.h"
-#include "mask.cuh"
+#include "../mask.h"
 #include "primitives.cuh"
 #include "softmax.cuh"
 

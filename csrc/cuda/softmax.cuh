@@ -17,7 +17,7 @@
 
 #include <cmath>
 
-#include "mask.cuh"
+#include "../mask.h"
 #include "primitives.cuh"
 
 namespace flash {

@@ -26,8 +26,8 @@
 #pragma once
 
 #include "../../flash_params.h"
+#include "../../mask.h"
 #include "../flash_bwd_common.cuh"
-#include "../mask.cuh"
 #include "../softmax.cuh"
 #include "wgmma.cuh"
 

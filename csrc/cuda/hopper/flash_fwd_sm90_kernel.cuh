@@ -13,7 +13,7 @@
 #pragma once
 
 #include "../../flash_params.h"
-#include "../mask.cuh"
+#include "../../mask.h"
 #include "../softmax.cuh"
 #include "wgmma.cuh"
 

@@ -1,18 +1,13 @@
-// Which keys a query row may see, shared by the forward and backward kernels
-// on CUDA and by the CPU implementation (the functions compile as plain C++
-// outside nvcc).
+// Which keys a query row may see: the geometry of the causal / sliding-window
+// mask, shared by every kernel, CUDA forward and backward and the CPU
+// implementation alike (plain C++, __host__ __device__ under nvcc).
 // The rule is the one documented on FlashFwdParams: bottom-right aligned
 // causal / sliding-window masks, so that with seqlen_q != seqlen_k the last
 // query row always lines up with the last key.
 #pragma once
 
-#include "../flash_params.h"
-
-#if defined(__CUDACC__)
-#define FLASH_HOST_DEVICE __host__ __device__
-#else
-#define FLASH_HOST_DEVICE
-#endif
+#include "flash_params.h"
+#include "host_device.h"
 
 namespace flash {
 
