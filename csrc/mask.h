@@ -48,10 +48,6 @@ struct MaskGeometry {
   // if they existed; kernels that read statistics for them (the backward)
   // exclude them themselves.
   FLASH_HOST_DEVICE KeyRange keys(int row) const { return KeyRange{key_begin(row), key_end(row)}; }
-  // The CUDA kernels' per-element test until they apply the score rule.
-  FLASH_HOST_DEVICE bool visible(int row, int col) const {
-    return col < seqlen_k && col >= key_begin(row) && col < key_end(row);
-  }
 
   // Key blocks of size block_n that the query block [row0, row0 + block_m)
   // touches: [n_block_begin, n_block_end). Blocks outside are skipped whole.

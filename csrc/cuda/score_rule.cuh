@@ -1,8 +1,9 @@
 // The score rule (../score_rule.h) as the CUDA kernels apply it: in log2
 // units, on mma.sync / wgmma accumulator fragments. The forward kernels
 // (sm80 and sm90) call apply_score_rule on their S fragments before the
-// online softmax. What a score means lives in the rule; only the walking
-// over fragments is here.
+// online softmax; the three backward kernels call BwdScoreRule::prob per
+// score and the rule's score_grad for dS. What a score means lives in the
+// rule; only the walking over fragments and the exp2 are here.
 #pragma once
 
 #include "../score_rule.h"
@@ -64,5 +65,44 @@ __device__ __forceinline__ void apply_score_rule(float (&s)[kMT][kNT][4], const 
                    [&](float& x, const Row& row, int col) { x = row.masked(x, col); });
   }
 }
+
+// The backward's P for the raw score s of (row, col), whose bias is `bias`,
+// from the saved row statistics, before the mask: exp2((logit - lse_log2) -
+// residual). Subtracting the two parts one after the other keeps a row whose
+// logits all sit near a huge value (a -1e9 bias) at P = 1 / keys instead of
+// 1; with a deferred scale the first subtraction is the FFMA that scales.
+// Rows that saw no key (lse = +inf) get P = 0.
+template <typename Rule>
+__device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, int row, int col, float bias,
+                                               float lse_log2_row, float residual) {
+  if constexpr (Rule::kDefersScale) {
+    return exp2_fast(fmaf(s, rule.exp_scale(), -lse_log2_row) - residual);
+  } else {
+    return exp2_fast((rule.logit(s, row, col, bias) - lse_log2_row) - residual);
+  }
+}
+
+// The backward kernels take the bias at run time (one instantiation serves
+// calls with and without it).
+template <typename Element>
+struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2> {
+  using ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2>::ScoreRuleAnyBias;
+
+  // P of the raw score s at (row, col). `need_mask`: the tile is not fully
+  // visible, so P is 0 where the mask hides the score or it does not exist.
+  // The bias is read only when the call has one.
+  __device__ __forceinline__ float prob(float s, int row, int col, float lse_log2_row, float residual,
+                                        bool need_mask) const {
+    const float bias = this->has_bias ? this->biased.bias_at(row, col) : 0.f;
+    const float prob = this->has_bias ? unmasked_prob(this->biased, s, row, col, bias, lse_log2_row, residual)
+                                      : unmasked_prob(this->unbiased, s, row, col, bias, lse_log2_row, residual);
+    return !need_mask || this->unbiased.visible(row, col) ? prob : 0.f;
+  }
+  // Interior tiles without a bias (the common case) need no coordinates:
+  // one FFMA, one FADD and the EX2 per score.
+  __device__ __forceinline__ float prob_unbiased_visible(float s, float lse_log2_row, float residual) const {
+    return unmasked_prob(this->unbiased, s, 0, 0, 0.f, lse_log2_row, residual);
+  }
+};
 
 }  // namespace flash

@@ -24,31 +24,10 @@
 
 namespace flash {
 
-// A bias value in the log2 domain of the scores, floored at -kBiasFloor
-// (flash_params.h) so that finite biases stay finite; -inf stays -inf.
-// Forward and backward must compute a biased score with the same
-// expression, fmaf(s, scale_log2, bias_log2(b)).
-__device__ __forceinline__ float bias_log2(float b) {
-  return b == -INFINITY ? b : fmaxf(b, -kBiasFloor) * kLog2e;
-}
-
 // softmax_lse in the log2 domain, as the backward uses it. __fmul_rn keeps
 // the compiler from fusing the product into a neighbouring add: the forward
 // computes the residual against exactly this rounded value.
 __device__ __forceinline__ float lse_log2(float lse) { return __fmul_rn(lse, kLog2e); }
-
-// The backward's P for one score from the saved row statistics:
-// exp2((s * scale_log2 [+ bias_log2] - lse_log2) - residual), 0 for rows that
-// saw no key (lse = +inf). Subtracting the two parts one after the other
-// keeps a row whose scores are all near a huge value (a -1e9 bias) at
-// P = 1 / keys instead of 1.
-__device__ __forceinline__ float prob_from_lse(float s, float scale_log2, float lse_log2_row, float residual) {
-  return exp2_fast(fmaf(s, scale_log2, -lse_log2_row) - residual);
-}
-__device__ __forceinline__ float prob_from_lse_biased(float s, float scale_log2, float bias, float lse_log2_row,
-                                                      float residual) {
-  return exp2_fast((fmaf(s, scale_log2, bias_log2(bias)) - lse_log2_row) - residual);
-}
 
 // Running row max / row sum of the online softmax for kMT m-tiles (two rows,
 // g and g + 8, per m-tile and lane). row_max is in the scaled log2 domain
