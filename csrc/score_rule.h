@@ -75,7 +75,8 @@ struct ScoreRule {
   // The rule reads the call's parameters and the kernel's own MaskGeometry
   // where it uses them, as the kernels did before it existed: on the GPU a
   // parameter read at its use is a constant-bank operand, where a copy would
-  // take a register across the main loop.
+  // take a register across the main loop. Only the bias pointer is worked
+  // out once, per (batch, head).
   const FlashFwdParams& params;
   const MaskGeometry& geo;
   const Element* bias_matrix;  // this (batch, head)'s bias; null without kHasBias
@@ -114,8 +115,8 @@ struct ScoreRule {
   }
 
   // Steps 1-4: the logit of the raw score s at (row, col), in the rule's
-  // units; `bias` is the bias there (bias_at), which kernels may load ahead
-  // (unused without kHasBias). Steps 2 and 3 (kSoftcap, kAlibi; ALiBi is
+  // units; `bias` is the bias there as stored (bias_at, Row::bias or
+  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3 (kSoftcap, kAlibi; ALiBi is
   // what row and col are for) go between the scale and the bias; in log2
   // units the scale is then no longer fused with the bias, and softcap needs
   // the scaled score in natural units (scale / softcap before the tanh,
@@ -135,9 +136,6 @@ struct ScoreRule {
       }
     }
   }
-  FLASH_HOST_DEVICE T logit(T s, int row, int col) const {
-    return logit(s, row, col, kHasBias ? bias_at(row, col) : T(0));
-  }
 
   // What a kernel keeps in place of the raw score before the mask: the
   // logit, or with kDefersScale the raw score itself, which the FFMA in
@@ -148,9 +146,6 @@ struct ScoreRule {
     } else {
       return logit(s, row, col, bias);
     }
-  }
-  FLASH_HOST_DEVICE T prepared(T s, int row, int col) const {
-    return prepared(s, row, col, kHasBias ? bias_at(row, col) : T(0));
   }
 
   // Step 5: whether the mask shows the score at (row, col), which must exist
@@ -191,7 +186,6 @@ struct ScoreRule {
       return BiasRun{rule_.bias_matrix + bias_row_ + col0 * stride, stride};
     }
 
-    FLASH_HOST_DEVICE T logit(T s, int col) const { return rule_.logit(s, row_, col, kHasBias ? bias(col) : T(0)); }
     FLASH_HOST_DEVICE T prepared(T s, int col) const {
       return rule_.prepared(s, row_, col, kHasBias ? bias(col) : T(0));
     }
