@@ -10,7 +10,8 @@
 #include <cstdint>
 
 // Additive bias values below -kBiasFloor act as -kBiasFloor (-inf stays
-// -inf), in every kernel, CPU and CUDA, forward and backward. Masks are often
+// -inf, and NaN acts as -kBiasFloor too), in every kernel, CPU and CUDA,
+// forward and backward: floored_bias in score_rule.h. Masks are often
 // built from torch.finfo(dtype).min (-3.4e38), which the CUDA kernels'
 // log2-domain scores (bias * log2(e)) would overflow to -inf, turning "every
 // key equally unlikely" (PyTorch's math path: the uniform average) into "no

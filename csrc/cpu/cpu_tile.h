@@ -1,7 +1,8 @@
 // Building blocks shared by the CPU forward and backward: tile sizes, row
-// loads and stores with dtype conversion, the score rows (bias, mask) and the
-// softmax row operations with a vectorised exp. Matrix products on tiles,
-// and the packing of their right-hand operands, are in tile_gemm.h.
+// loads and stores with dtype conversion, the score rule applied to a row of
+// scores and the softmax row operations with a vectorised exp. Matrix
+// products on tiles, and the packing of their right-hand operands, are in
+// tile_gemm.h.
 #pragma once
 
 #include <torch/headeronly/util/BFloat16.h>
@@ -13,8 +14,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "../cuda/mask.cuh"
 #include "../flash_params.h"
+#include "../score_rule.h"
 #include "../tensor.h"
 
 // Width of the vectors the inner loops are written for: setup.py compiles
@@ -230,36 +231,26 @@ void store_rows(const acc_t<scalar_t>* src, int rows, int D, scalar_t* dst, int6
   }
 }
 
-// Finishes one row of a score tile in place: the row holds scale * q.k for
-// keys [col0, col0 + cols) of query `row`; adds the bias (if any) and puts
-// -inf where the mask hides the key. `masked` is false when the whole tile
-// is visible (the common case: no per-element work then).
+// The score rule (../score_rule.h) in the CPU's units: natural log, scores
+// arriving scaled (load_rows multiplies Q by the scale). One kernel serves
+// calls with and without a bias; rule.visit picks the form per row.
 template <typename scalar_t>
-void finish_score_row(acc_t<scalar_t>* s, int cols, int row, int col0, const FlashFwdParams& p,
-                      const scalar_t* bias_bh, bool masked) {
-  using acc = acc_t<scalar_t>;
-  if (bias_bh != nullptr) {
-    // Bias below -kBiasFloor counts as -kBiasFloor, -inf stays -inf (flash_params.h).
-    const scalar_t* b = bias_bh + row * p.bias_row_stride + col0 * p.bias_col_stride;
-    const acc floor = -static_cast<acc>(kBiasFloor), neg_inf = -std::numeric_limits<acc>::infinity();
-    for (int c = 0; c < cols; ++c) {
-      const acc x = to_acc(b[c * p.bias_col_stride]);
-      s[c] += (x < floor && x != neg_inf) ? floor : x;
-    }
+using CpuScoreRule = flash::ScoreRuleAnyBias<acc_t<scalar_t>, scalar_t, flash::ScoreUnits::kNaturalPrescaled>;
+
+// Applies the score rule (one of CpuScoreRule's forms) to one row of a score
+// tile in place: the row holds scale * q.k for keys [col0, col0 + cols) of
+// query `row`. `masked` is false when the whole tile is visible (the common
+// case: the mask step is skipped).
+template <typename Rule, typename acc>
+void apply_score_rule(const Rule& rule, acc* s, int cols, int row, int col0, bool masked) {
+  const typename Rule::Row r = rule.row(row);
+  if constexpr (!Rule::kScaleOnly) {
+    const auto bias = r.bias_run(col0);
+    for (int c = 0; c < cols; ++c) s[c] = rule.logit(s[c], row, col0 + c, Rule::kHasBias ? bias[c] : acc(0));
   }
   if (masked) {
-    const flash::MaskGeometry mask(p);
-    const int begin = mask.key_begin(row) - col0, end = mask.key_end(row) - col0;
-    const acc neg_inf = -std::numeric_limits<acc>::infinity();
-    for (int c = 0; c < cols; ++c) s[c] = (c >= begin && c < end) ? s[c] : neg_inf;
+    for (int c = 0; c < cols; ++c) s[c] = r.masked(s[c], col0 + c);
   }
-}
-
-// Pointer to the (batch, head) slice of the expanded bias, or null.
-template <typename scalar_t>
-const scalar_t* bias_slice(const FlashFwdParams& p, int64_t b, int64_t h) {
-  if (p.bias == nullptr) return nullptr;
-  return static_cast<const scalar_t*>(p.bias) + b * p.bias_batch_stride + h * p.bias_head_stride;
 }
 
 }  // namespace flash_attn_ext::cpu

@@ -15,11 +15,11 @@ namespace flash_attn_ext {
 namespace cpu {
 namespace {
 
-// dp holds dP on entry, dS = P * (dP - d) on exit (one row).
-template <typename acc>
-void probs_grad_to_scores_grad(const acc* prob, acc* dp, int cols, acc d) {
+// dp holds dP on entry, dS on exit (one row): the score rule's backward twin.
+template <typename Rule, typename acc>
+void probs_grad_to_scores_grad(const Rule& rule, const acc* prob, acc* dp, int cols, acc d) {
 #pragma omp simd
-  for (int c = 0; c < cols; ++c) dp[c] = prob[c] * (dp[c] - d);
+  for (int c = 0; c < cols; ++c) dp[c] = rule.score_grad(prob[c], dp[c], d);
 }
 
 template <typename scalar_t>
@@ -96,7 +96,7 @@ void bwd_kernel(const FlashBwdParams& p) {
           const int64_t h = h_k * group + g;
           const float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q;
           const float* residual = p.lse_residual ? p.lse_residual + (b * p.nheads + h) * p.seqlen_q : nullptr;
-          const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
+          const CpuScoreRule<scalar_t> rule(p, mask, b, h);
           const acc* d_head = d_row.data() + static_cast<size_t>(g) * p.seqlen_q;
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int row0 = m_block * kBlockM;
@@ -115,7 +115,7 @@ void bwd_kernel(const FlashBwdParams& p) {
             tile_gemm_packed<false, false>(rows, cols, D, q_i, D, k_tt.data(), D * W, prob, kBlockN);
             for (int r = 0; r < rows; ++r) {
               acc* row = prob + static_cast<int64_t>(r) * kBlockN;
-              finish_score_row<scalar_t>(row, cols, row0 + r, col0, p, bias, masked);
+              rule.visit([&](const auto& form) { apply_score_rule(form, row, cols, row0 + r, col0, masked); });
               exp_row(row, cols, static_cast<acc>(lse[row0 + r]), residual ? static_cast<acc>(residual[row0 + r]) : acc(0));
             }
             // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D)
@@ -123,7 +123,7 @@ void bwd_kernel(const FlashBwdParams& p) {
             tile_gemm_packed<false, false>(rows, cols, D, do_i, D, v_tt.data(), D * W, ds, kBlockN);
             for (int r = 0; r < rows; ++r) {
               const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
-              probs_grad_to_scores_grad(prob + o_r, ds + o_r, cols, d_head[row0 + r]);
+              probs_grad_to_scores_grad(rule, prob + o_r, ds + o_r, cols, d_head[row0 + r]);
             }
             if (p.dbias != nullptr) {
               // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous.

@@ -83,7 +83,7 @@ void fwd_kernel(const FlashFwdParams& p) {
       const int rows = std::min(kBlockM, p.seqlen_q - row0);
 
       const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-      const scalar_t* bias = bias_slice<scalar_t>(p, b, h);
+      const CpuScoreRule<scalar_t> rule(p, mask, b, h);
       kv.load(p, b, h_k);
 
       load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data(), scale);
@@ -105,7 +105,7 @@ void fwd_kernel(const FlashFwdParams& p) {
         // O *= exp(m_old - m_new); then O += P V below.
         for (int r = 0; r < rows; ++r) {
           acc* row = s_t.data() + static_cast<int64_t>(r) * kBlockN;
-          finish_score_row<scalar_t>(row, cols, row0 + r, col0, p, bias, masked);
+          rule.visit([&](const auto& form) { apply_score_rule(form, row, cols, row0 + r, col0, masked); });
           const acc tile_max = row_max(row, cols);
           const acc new_max = std::max(run_max[r], tile_max);
           // A row that has seen only masked keys keeps max -inf; exponentiate

@@ -1,7 +1,7 @@
 // Deterministic dQ: one thread block per (query block, head, batch) keeps
 // Q_i, dO_i in shared memory and dQ_i in registers and walks over the key
-// blocks that row block i can see, recomputing
-//     P = exp(scale * Q_i K_j^T + bias - lse),  dS = P ∘ (dO_i V_j^T - D_i),
+// blocks that row block i can see, recomputing with the score rule
+//     P = exp(logit(Q_i K_j^T) - lse),  dS = P ∘ (dO_i V_j^T - D_i),
 //     dQ_i += dS K_j.
 // No atomics: the sum over key blocks happens in a fixed order inside one
 // block, so dq is bit-identical run after run. Costs two extra products
@@ -9,9 +9,10 @@
 #pragma once
 
 #include "../flash_params.h"
+#include "../mask.h"
 #include "flash_bwd_common.cuh"
-#include "mask.cuh"
 #include "primitives.cuh"
+#include "score_rule.cuh"
 #include "softmax.cuh"
 
 namespace flash {
@@ -73,8 +74,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     res[half] = row < p.seqlen_q && p.lse_residual ? p.lse_residual[row_bh + row] : 0.f;
     delta[half] = row < p.seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
   }
-  const Element* bias = p.bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride + h * p.bias_head_stride
-                               : nullptr;
+  const BwdScoreRule<Element> rule(p, geo, b, h);
 
   float acc_dq[kHeadDim / 8][4] = {};
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -93,14 +93,14 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     warp_gemm_abt<kHeadDim, kBlockN, kLdD, kLdD, Element>(acc_dp, sDo + warp * 16 * kLdD, sV, lane);
 
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
-    if (!need_mask && bias == nullptr) {
+    if (!need_mask && !rule.has_bias) {
       // Interior tile without bias: P and dS in four instructions per element.
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float prob = prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_l2[e / 2], res[e / 2]);
-          acc_dp[j][e] = prob * (acc_dp[j][e] - delta[e / 2]);
+          const float prob = rule.prob_unbiased_visible(acc_s[j][e], lse_l2[e / 2], res[e / 2]);
+          acc_dp[j][e] = rule.score_grad(prob, acc_dp[j][e], delta[e / 2]);
         }
       }
     } else {
@@ -110,15 +110,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
         for (int e = 0; e < 4; ++e) {
           const int row = row_lo + 8 * (e / 2);
           const int key = n0 + 8 * j + 2 * t + (e % 2);
-          const bool inside = row < p.seqlen_q && key < p.seqlen_k;
-          const float bv =
-              bias != nullptr && inside ? to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) : 0.f;
-          const float pr = bias != nullptr
-                               ? prob_from_lse_biased(acc_s[j][e], p.softmax_scale_log2, bv, lse_l2[e / 2], res[e / 2])
-                               : prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_l2[e / 2], res[e / 2]);
-          const bool keep = !need_mask || (inside && geo.visible(row, key));
-          const float prob = keep ? pr : 0.f;
-          acc_dp[j][e] = prob * (acc_dp[j][e] - delta[e / 2]);
+          const float prob = rule.prob(acc_s[j][e], row, key, lse_l2[e / 2], res[e / 2], need_mask);
+          acc_dp[j][e] = rule.score_grad(prob, acc_dp[j][e], delta[e / 2]);
         }
       }
     }

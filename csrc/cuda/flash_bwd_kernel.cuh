@@ -20,9 +20,10 @@
 #pragma once
 
 #include "../flash_params.h"
+#include "../mask.h"
 #include "flash_bwd_common.cuh"
-#include "mask.cuh"
 #include "primitives.cuh"
+#include "score_rule.cuh"
 #include "softmax.cuh"
 
 namespace flash {
@@ -127,10 +128,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   float acc_dk[T::kDPerWarp / 8][4] = {};
   float acc_dv[T::kDPerWarp / 8][4] = {};
 
-  const bool has_bias = p.bias != nullptr;
-  const Element* bias = has_bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride +
-                                       h * p.bias_head_stride
-                                 : nullptr;
+  const BwdScoreRule<Element> rule(p, geo, b, h);
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
   for (int m_block = m_begin; m_block < m_end; ++m_block) {
@@ -155,7 +153,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     const int m0 = m_block * kBlockM;
 
     // S^T = K_j Q_i^T for this warp's 16 keys x kMPerWarp queries, then
-    // P^T = exp(scale*s + bias - lse), 0 where masked (prob_from_lse).
+    // P^T from the score rule and the saved statistics, 0 where masked.
     float acc_s[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_s, sK + key_row0 * kLdD, sQ + q_col0 * kLdD, lane);
     // Per-column (query) log2-domain LSE and residual, loaded once per tile
@@ -169,13 +167,13 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       res_c[j][0] = r.x, res_c[j][1] = r.y;
     }
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
-    if (!need_mask && !has_bias) {
+    if (!need_mask && !rule.has_bias) {
       // Interior tile without bias (the common case): FFMA, FADD and EX2 per element.
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          acc_s[j][e] = prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_c[j][e % 2], res_c[j][e % 2]);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], lse_c[j][e % 2], res_c[j][e % 2]);
         }
       }
     } else {
@@ -185,13 +183,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          const bool inside = row < p.seqlen_q && key < p.seqlen_k;
-          const float bv = has_bias && inside ? to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) : 0.f;
-          const float prob =
-              has_bias ? prob_from_lse_biased(acc_s[j][e], p.softmax_scale_log2, bv, lse_c[j][e % 2], res_c[j][e % 2])
-                       : prob_from_lse(acc_s[j][e], p.softmax_scale_log2, lse_c[j][e % 2], res_c[j][e % 2]);
-          const bool keep = !need_mask || (inside && geo.visible(row, key));
-          acc_s[j][e] = keep ? prob : 0.f;
+          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], need_mask);
         }
       }
     }
@@ -203,15 +195,15 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       store_frag_smem<T::kMPerWarp, kLdM, Element>(sP + key_row0 * kLdM + q_col0, acc_s, lane);
     }
 
-    // dP^T = V_j dO_i^T, dS^T = P^T ∘ (dP^T - D) (the gradient of the scores; also dbias).
+    // dP^T = V_j dO_i^T, dS^T = P^T ∘ (dP^T - D) (the rule's score_grad; also dbias).
     float acc_dp[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_dp, sV + key_row0 * kLdD, sDo + q_col0 * kLdD,
                                                                lane);
 #pragma unroll
     for (int j = 0; j < T::kMPerWarp / 8; ++j) {
       const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
-      acc_dp[j][0] = acc_s[j][0] * (acc_dp[j][0] - d.x), acc_dp[j][1] = acc_s[j][1] * (acc_dp[j][1] - d.y);
-      acc_dp[j][2] = acc_s[j][2] * (acc_dp[j][2] - d.x), acc_dp[j][3] = acc_s[j][3] * (acc_dp[j][3] - d.y);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.score_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
     }
     if (dbias != nullptr) {
 #pragma unroll

@@ -33,8 +33,9 @@
 #include <cstdint>
 
 #include "../flash_params.h"
-#include "mask.cuh"
+#include "../mask.h"
 #include "primitives.cuh"
+#include "score_rule.cuh"
 #include "softmax.cuh"
 
 namespace flash {
@@ -206,50 +207,17 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[Traits::kMT][Traits::kDT]
   }
 }
 
-// Scores of key block [col0, col0 + kBlockN) to probabilities: optional bias,
-// masking (only where the tile is not fully visible), online softmax update.
-template <typename Traits, bool kHasBias>
+// Scores of key block [col0, col0 + kBlockN) to probabilities: the score
+// rule (bias; the mask only where the tile is not fully visible), then the
+// online softmax update.
+template <typename Traits, typename Rule>
 __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kNT][4],
                                               float (&acc_o)[Traits::kMT][Traits::kDT][4],
-                                              OnlineSoftmax<Traits::kMT>& softmax, const FlashFwdParams& params,
-                                              const MaskGeometry& geo, int b, int h, int row0, int warp_row0,
-                                              int col0, int lane) {
-  using Element = typename Traits::Element;
-  constexpr int kMT = Traits::kMT, kNT = Traits::kNT;
-  const float scale_log2 = params.softmax_scale_log2;
-  if constexpr (kHasBias) {
-    // Scores to the log2 domain with the bias added: s*scale_log2 + bias*log2(e).
-    const int g = lane >> 2, t = lane & 3;
-    const auto* bias =
-        static_cast<const Element*>(params.bias) + b * params.bias_batch_stride + h * params.bias_head_stride;
-#pragma unroll
-    for (int mi = 0; mi < kMT; ++mi) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int row = warp_row0 + mi * 16 + hr * 8 + g;
-        const bool row_ok = row < params.seqlen_q;
-        const int64_t row_off = static_cast<int64_t>(row) * params.bias_row_stride;
-#pragma unroll
-        for (int nj = 0; nj < kNT; ++nj) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = col0 + nj * 8 + 2 * t + e;
-            const float bv = (row_ok && col < params.seqlen_k)
-                                 ? to_float(bias[row_off + static_cast<int64_t>(col) * params.bias_col_stride])
-                                 : 0.f;
-            s[mi][nj][hr * 2 + e] = fmaf(s[mi][nj][hr * 2 + e], scale_log2, bias_log2(bv));
-          }
-        }
-      }
-    }
-  }
-  if (!geo.tile_fully_visible(row0, Traits::kBlockM, col0, Traits::kBlockN)) {
-    // The empty volatile asm keeps this a (block-uniform) branch: without it
-    // the compiler may turn the mask into selects executed on every tile.
-    asm volatile("");
-    apply_mask(s, geo, warp_row0, col0, lane);
-  }
-  softmax.template update<Traits::kCheckRescale>(s, acc_o, kHasBias ? 1.f : scale_log2);
+                                              OnlineSoftmax<Traits::kMT>& softmax, const Rule& rule, int row0,
+                                              int warp_row0, int col0, int lane) {
+  const float exp_scale = rule.exp_scale();
+  apply_score_rule<Traits::kBlockM, Traits::kBlockN>(s, rule, row0, warp_row0, col0, lane);
+  softmax.template update<Traits::kCheckRescale>(s, acc_o, exp_scale);
 }
 
 }  // namespace fwd
@@ -294,6 +262,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   for (int bh = blockIdx.y + blockIdx.z * gridDim.y; bh < total_bh; bh += gridDim.y * gridDim.z) {
     const int b = bh / params.nheads, h = bh - b * params.nheads;
     const int hk = h / (params.nheads / params.nheads_k);
+    const CudaScoreRule<Element, kHasBias> rule(params, geo, b, h);
     Element* out = static_cast<Element*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
     float* lse_out = params.softmax_lse + static_cast<int64_t>(bh) * params.seqlen_q;
     float* residual_out = params.lse_residual ? params.lse_residual + static_cast<int64_t>(bh) * params.seqlen_q
@@ -374,8 +343,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
           cp_async_commit();
         }
         fwd::gemm_qk<Traits>(s, q_frag, sQ_lane, sK_lane + stage * kKVBytes);
-        fwd::softmax_block<Traits, kHasBias>(s, acc_o, softmax, params, geo, b, h, row0, warp_row0,
-                                             n_block * kBlockN, lane);
+        fwd::softmax_block<Traits>(s, acc_o, softmax, rule, row0, warp_row0, n_block * kBlockN, lane);
         fwd::gemm_pv<Traits>(acc_o, s, sV_lane + stage * kKVBytes);
         if (--n_block < n_begin) break;
         stage ^= 1;
@@ -397,8 +365,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       __syncthreads();
       load_q_frags();
       fwd::gemm_qk<Traits>(s, q_frag, sQ_lane, sK_lane);
-      fwd::softmax_block<Traits, kHasBias>(s, acc_o, softmax, params, geo, b, h, row0, warp_row0, n_block * kBlockN,
-                                           lane);
+      fwd::softmax_block<Traits>(s, acc_o, softmax, rule, row0, warp_row0, n_block * kBlockN, lane);
       int stage = 0;  // stage of block n_block
       for (; n_block > n_begin; --n_block, stage ^= 1) {
         cp_async_wait<0>();
@@ -408,8 +375,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
         cp_async_commit();
         fwd::gemm_pv<Traits>(acc_o, s, sV_lane + stage * kKVBytes);
         fwd::gemm_qk<Traits>(s, q_frag, sQ_lane, sK_lane + (stage ^ 1) * kKVBytes);
-        fwd::softmax_block<Traits, kHasBias>(s, acc_o, softmax, params, geo, b, h, row0, warp_row0,
-                                             (n_block - 1) * kBlockN, lane);
+        fwd::softmax_block<Traits>(s, acc_o, softmax, rule, row0, warp_row0, (n_block - 1) * kBlockN, lane);
       }
       cp_async_wait<0>();
       __syncthreads();

@@ -1,5 +1,6 @@
 // Online-softmax helpers that work directly on mma.sync m16n8k16 accumulator
 // fragments, shared by the forward and (where they apply) backward kernels.
+// The scores they take have been through the score rule (score_rule.cuh).
 //
 // Fragment layout (PTX ISA, "mma.m16n8k16 ... .f32"): a warp's 16x8 fp32
 // accumulator tile is held as float[4] per lane; with g = lane / 4 and
@@ -12,68 +13,21 @@
 // one quad, so row reductions are per-thread partials plus quad_max/quad_sum.
 //
 // Scores live in the log2 domain: exp(x * scale) = exp2(x * scale_log2), and
-// the scale is folded into the one FFMA in front of each ex2.approx.
+// the scale is folded into the one FFMA in front of each ex2.approx (the
+// score rule's exp_scale()).
 #pragma once
 
 #include <cmath>
 
-#include "mask.cuh"
+#include "../score_rule.h"
 #include "primitives.cuh"
 
 namespace flash {
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// A bias value in the log2 domain of the scores, floored at -kBiasFloor
-// (flash_params.h) so that finite biases stay finite; -inf stays -inf.
-// Forward and backward must compute a biased score with the same
-// expression, fmaf(s, scale_log2, bias_log2(b)).
-__device__ __forceinline__ float bias_log2(float b) {
-  return b == -INFINITY ? b : fmaxf(b, -kBiasFloor) * kLog2e;
-}
 
 // softmax_lse in the log2 domain, as the backward uses it. __fmul_rn keeps
 // the compiler from fusing the product into a neighbouring add: the forward
 // computes the residual against exactly this rounded value.
 __device__ __forceinline__ float lse_log2(float lse) { return __fmul_rn(lse, kLog2e); }
-
-// The backward's P for one score from the saved row statistics:
-// exp2((s * scale_log2 [+ bias_log2] - lse_log2) - residual), 0 for rows that
-// saw no key (lse = +inf). Subtracting the two parts one after the other
-// keeps a row whose scores are all near a huge value (a -1e9 bias) at
-// P = 1 / keys instead of 1.
-__device__ __forceinline__ float prob_from_lse(float s, float scale_log2, float lse_log2_row, float residual) {
-  return exp2_fast(fmaf(s, scale_log2, -lse_log2_row) - residual);
-}
-__device__ __forceinline__ float prob_from_lse_biased(float s, float scale_log2, float bias, float lse_log2_row,
-                                                      float residual) {
-  return exp2_fast((fmaf(s, scale_log2, bias_log2(bias)) - lse_log2_row) - residual);
-}
-
-// Sets every element that `geo` hides to -inf. `row0` is the first row of the
-// warp's first m-tile, `col0` the first column of the tile.
-template <int kMT, int kNT>
-__device__ __forceinline__ void apply_mask(float (&s)[kMT][kNT][4], const MaskGeometry& geo, int row0, int col0,
-                                           int lane) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int mi = 0; mi < kMT; ++mi) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = row0 + mi * 16 + hr * 8 + g;
-      const int kb = geo.key_begin(row);
-      const int ke = geo.key_end(row);  // <= seqlen_k
-#pragma unroll
-      for (int nj = 0; nj < kNT; ++nj) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = col0 + nj * 8 + 2 * t + e;
-          if (col < kb || col >= ke) s[mi][nj][hr * 2 + e] = -INFINITY;
-        }
-      }
-    }
-  }
-}
 
 // Running row max / row sum of the online softmax for kMT m-tiles (two rows,
 // g and g + 8, per m-tile and lane). row_max is in the scaled log2 domain

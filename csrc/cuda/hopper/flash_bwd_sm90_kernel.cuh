@@ -26,8 +26,9 @@
 #pragma once
 
 #include "../../flash_params.h"
+#include "../../mask.h"
 #include "../flash_bwd_common.cuh"
-#include "../mask.cuh"
+#include "../score_rule.cuh"
 #include "../softmax.cuh"
 #include "wgmma.cuh"
 
@@ -155,10 +156,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   float acc_dk[kDkvN / 8][4] = {};
   float acc_dv[kDkvN / 8][4] = {};
 
-  const bool has_bias = p.bias != nullptr;
-  const Element* bias = has_bias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride +
-                                       h * p.bias_head_stride
-                                 : nullptr;
+  const BwdScoreRule<Element> rule(p, geo, b, h);
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
   // Descriptor strides (bytes): 8-row groups are one swizzle atom apart; the
@@ -191,20 +189,20 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
 
-    // P^T = exp2((S^T * scale * log2e - lse_log2) - residual) while dP^T is still running.
+    // P^T from the score rule and the saved statistics while dP^T is still running.
     wgmma_wait<1>();
     fence_regs(acc_s);
     const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
-    if (!need_mask && !has_bias) {
+    if (!need_mask && !rule.has_bias) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
         const float2 r = *reinterpret_cast<const float2*>(sResidual + q_col0 + 8 * j + 2 * t);
         const float l0 = lse_log2(l.x), l1 = lse_log2(l.y);
-        acc_s[j][0] = prob_from_lse(acc_s[j][0], p.softmax_scale_log2, l0, r.x);
-        acc_s[j][1] = prob_from_lse(acc_s[j][1], p.softmax_scale_log2, l1, r.y);
-        acc_s[j][2] = prob_from_lse(acc_s[j][2], p.softmax_scale_log2, l0, r.x);
-        acc_s[j][3] = prob_from_lse(acc_s[j][3], p.softmax_scale_log2, l1, r.y);
+        acc_s[j][0] = rule.prob_unbiased_visible(acc_s[j][0], l0, r.x);
+        acc_s[j][1] = rule.prob_unbiased_visible(acc_s[j][1], l1, r.y);
+        acc_s[j][2] = rule.prob_unbiased_visible(acc_s[j][2], l0, r.x);
+        acc_s[j][3] = rule.prob_unbiased_visible(acc_s[j][3], l1, r.y);
       }
     } else {
 #pragma unroll
@@ -213,13 +211,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
-          const bool inside = row < p.seqlen_q && key < p.seqlen_k;
-          const float l = lse_log2(sLse[col]), r = sResidual[col];
-          const float bv = has_bias && inside ? to_float(bias[row * p.bias_row_stride + key * p.bias_col_stride]) : 0.f;
-          const float prob = has_bias ? prob_from_lse_biased(acc_s[j][e], p.softmax_scale_log2, bv, l, r)
-                                      : prob_from_lse(acc_s[j][e], p.softmax_scale_log2, l, r);
-          const bool keep = inside && (!need_mask || geo.visible(row, key));
-          acc_s[j][e] = keep ? prob : 0.f;
+          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_log2(sLse[col]), sResidual[col], need_mask);
         }
       }
     }
@@ -231,8 +223,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
 #pragma unroll
     for (int j = 0; j < kSN / 8; ++j) {
       const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
-      acc_dp[j][0] = acc_s[j][0] * (acc_dp[j][0] - d.x), acc_dp[j][1] = acc_s[j][1] * (acc_dp[j][1] - d.y);
-      acc_dp[j][2] = acc_s[j][2] * (acc_dp[j][2] - d.x), acc_dp[j][3] = acc_s[j][3] * (acc_dp[j][3] - d.y);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.score_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
     }
     if (dbias != nullptr) {
 #pragma unroll

@@ -13,7 +13,8 @@
 #pragma once
 
 #include "../../flash_params.h"
-#include "../mask.cuh"
+#include "../../mask.h"
+#include "../score_rule.cuh"
 #include "../softmax.cuh"
 #include "wgmma.cuh"
 
@@ -118,40 +119,15 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
                                                      nb * kBlockN, p.seqlen_k, tid);
   };
 
-  const Element* bias = kHasBias ? static_cast<const Element*>(p.bias) + b * p.bias_batch_stride +
-                                       h * p.bias_head_stride
-                                 : nullptr;
-  // Scores of key block nb to probabilities (P in place), returning the
-  // factors O must be rescaled by.
+  // Scores of key block nb to probabilities (P in place): the score rule,
+  // then the softmax statistics, returning the factors O must be rescaled by.
+  const CudaScoreRule<Element, kHasBias> rule(p, geo, b, h);
   OnlineSoftmax<1> softmax;
   softmax.init();
   auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
     const int col0 = nb * kBlockN;
-    float scale_log2 = p.softmax_scale_log2;
-    if constexpr (kHasBias) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int row = warp_row0 + 8 * hr + g;
-        const int64_t row_off = int64_t(row) * p.bias_row_stride;
-#pragma unroll
-        for (int nj = 0; nj < kNT; ++nj) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = col0 + 8 * nj + 2 * t + e;
-            const float bv = (row < p.seqlen_q && col < p.seqlen_k)
-                                 ? to_float(bias[row_off + int64_t(col) * p.bias_col_stride])
-                                 : 0.f;
-            s[0][nj][2 * hr + e] = fmaf(s[0][nj][2 * hr + e], scale_log2, bias_log2(bv));
-          }
-        }
-      }
-      scale_log2 = 1.f;
-    }
-    if (!geo.tile_fully_visible(wg_row0, 64, col0, kBlockN)) {
-      asm volatile("");  // keep a warpgroup-uniform branch
-      apply_mask(s, geo, warp_row0, col0, lane);
-    }
-    softmax.update_stats(s, factor, scale_log2);
+    apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
+    softmax.update_stats(s, factor, rule.exp_scale());
   };
 
   // Prologue: Q and the first K, then V of the first block and K of the second.

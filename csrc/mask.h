@@ -1,20 +1,25 @@
-// Which keys a query row may see, shared by the forward and backward kernels
-// on CUDA and by the CPU implementation (the functions compile as plain C++
-// outside nvcc).
+// Which keys a query row may see: the geometry of the causal / sliding-window
+// mask, shared by every kernel, CUDA forward and backward and the CPU
+// implementation alike (plain C++, __host__ __device__ under nvcc).
 // The rule is the one documented on FlashFwdParams: bottom-right aligned
 // causal / sliding-window masks, so that with seqlen_q != seqlen_k the last
-// query row always lines up with the last key.
+// query row always lines up with the last key. Kernels use it twice: per
+// tile, to skip key or query blocks nobody sees and to know when a tile needs
+// no per-element mask (tile_fully_visible), and per element, through the
+// score rule's mask step (score_rule.h), which is the one place that asks
+// whether a row's keys contain a column.
 #pragma once
 
-#include "../flash_params.h"
-
-#if defined(__CUDACC__)
-#define FLASH_HOST_DEVICE __host__ __device__
-#else
-#define FLASH_HOST_DEVICE
-#endif
+#include "flash_params.h"
+#include "host_device.h"
 
 namespace flash {
+
+// Keys [begin, end) of one query row.
+struct KeyRange {
+  int begin, end;
+  FLASH_HOST_DEVICE bool contains(int col) const { return col >= begin && col < end; }
+};
 
 struct MaskGeometry {
   int seqlen_q, seqlen_k;
@@ -26,7 +31,8 @@ struct MaskGeometry {
   // Diagonal offset: query row i is aligned with key column i + offset.
   FLASH_HOST_DEVICE int offset() const { return seqlen_k - seqlen_q; }
 
-  // Visible keys of row `row` are [key_begin(row), key_end(row)) ∩ [0, seqlen_k).
+  // Visible keys of row `row` are [key_begin(row), key_end(row)), a subset of
+  // [0, seqlen_k).
   FLASH_HOST_DEVICE int key_begin(int row) const {
     if (window_left < 0) return 0;
     const int b = row + offset() - window_left;
@@ -37,9 +43,11 @@ struct MaskGeometry {
     const int e = row + offset() + window_right + 1;
     return e < seqlen_k ? (e > 0 ? e : 0) : seqlen_k;
   }
-  FLASH_HOST_DEVICE bool visible(int row, int col) const {
-    return col < seqlen_k && col >= key_begin(row) && col < key_end(row);
-  }
+  // The keys row `row` sees (empty past key_end, so never a key past
+  // seqlen_k). Rows past seqlen_q, which partial tiles carry, are answered as
+  // if they existed; kernels that read statistics for them (the backward)
+  // exclude them themselves.
+  FLASH_HOST_DEVICE KeyRange keys(int row) const { return KeyRange{key_begin(row), key_end(row)}; }
 
   // Key blocks of size block_n that the query block [row0, row0 + block_m)
   // touches: [n_block_begin, n_block_end). Blocks outside are skipped whole.

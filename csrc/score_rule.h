@@ -1,0 +1,249 @@
+// The score rule: how the raw score s = q.k of query row `row` and key `col`
+// becomes the logit that the softmax exponentiates. Written once here and
+// called by every kernel: CUDA sm80 and sm90, forward and backward (through
+// the fragment helpers in cuda/score_rule.cuh), and the CPU (cpu_tile.h).
+// The steps, in this order:
+//   1. scale    s * softmax_scale
+//   2. softcap  slot (kSoftcap, not implemented): softcap * tanh(s / softcap)
+//   3. ALiBi    slot (kAlibi, not implemented): - slope_h * |row + seqlen_k - seqlen_q - col|
+//   4. bias     + the additive bias at (row, col), floored (floored_bias)
+//   5. mask     -inf where MaskGeometry (mask.h) hides the key
+// and the backward's twin, score_grad: the gradient with respect to the raw
+// score, where the derivative of a step goes (softcap's 1 - tanh^2) and
+// backward dropout's scaling. A feature is one compile-time switch here; a
+// kernel built without it carries no instruction for it.
+//
+// Units. Kernels keep scores in the units their exponential wants:
+//  * log2 (CUDA): the logit times log2(e), since the SFU computes exp2. Step
+//    1 multiplies by softmax_scale_log2 = scale * log2(e), natural-unit terms
+//    (the bias) are multiplied by log2(e), and steps 1 and 4 are one FFMA.
+//    With nothing but the scale before the mask (kDefersScale), kernels keep
+//    the raw score and the FFMA in front of each exp2 applies the scale
+//    (exp_scale()), which saves an instruction per score; masking the raw
+//    score to -inf then relies on softmax_scale > 0.
+//  * natural, prescaled (CPU): natural log, and the raw scores arrive with
+//    step 1 done, because the CPU kernels load Q times the scale.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "flash_params.h"
+#include "host_device.h"
+#include "mask.h"
+
+namespace flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Step 4's bias value, times `unit` (log2(e) in log2 units, 1 in natural
+// ones): below -kBiasFloor it counts as -kBiasFloor (flash_params.h), so that
+// finite masks built from finfo.min stay finite in the log2 domain; -inf
+// stays -inf (a hidden key). A NaN counts as -kBiasFloor too (the comparison
+// below is fmaxf's, which the CUDA kernels have always used).
+template <typename T>
+FLASH_HOST_DEVICE T floored_bias(T b, T unit) {
+  const T floor = -static_cast<T>(kBiasFloor);
+  return b == -std::numeric_limits<T>::infinity() ? b : (b > floor ? b : floor) * unit;
+}
+
+enum class ScoreUnits {
+  kLog2,              // CUDA: logit * log2(e), raw scores unscaled
+  kNaturalPrescaled,  // CPU: logit, raw scores already scaled
+};
+
+// T: the score type (float; double for fp64 on the CPU). Element: the bias
+// dtype. kHasBias: step 4 is compiled in; the bias pointer is then the
+// (batch, head) slice of FlashFwdParams::bias, which must be set.
+template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_>
+struct ScoreRule {
+  static constexpr bool kHasBias = kHasBias_;
+  // The features to come, at the steps named above. Each stays false until
+  // its issue fills in the marked places (logit(), score_grad()) and adds
+  // what it reads to FlashFwdParams.
+  static constexpr bool kSoftcap = false;
+  static constexpr bool kAlibi = false;
+  static constexpr bool kDropout = false;  // backward only: score_grad; the forward drops P outside this rule
+  static_assert(!kSoftcap && !kAlibi && !kDropout, "softcap, ALiBi and dropout are not implemented yet");
+
+  // Only step 1 comes before the mask. In log2 units the kernels then defer
+  // the scale to their exp2 FFMA (see the units above).
+  static constexpr bool kScaleOnly = !kHasBias && !kSoftcap && !kAlibi;
+  static constexpr bool kDefersScale = kScaleOnly && kUnits == ScoreUnits::kLog2;
+
+  // The rule reads the call's parameters and the kernel's own MaskGeometry
+  // where it uses them, as the kernels did before it existed: on the GPU a
+  // parameter read at its use is a constant-bank operand, where a copy would
+  // take a register across the main loop. Only the bias pointer is worked
+  // out once, per (batch, head).
+  const FlashFwdParams& params;
+  const MaskGeometry& geo;
+  const Element* bias_matrix;  // this (batch, head)'s bias; null without kHasBias
+
+  FLASH_HOST_DEVICE ScoreRule(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch, int64_t head)
+      : params(p),
+        geo(geometry),
+        bias_matrix(kHasBias ? static_cast<const Element*>(p.bias) + batch * p.bias_batch_stride +
+                                   head * p.bias_head_stride
+                             : nullptr) {}
+
+  // Step 1's factor: softmax_scale_log2 in log2 units, 1 in prescaled units.
+  FLASH_HOST_DEVICE T scale() const {
+    if constexpr (kUnits == ScoreUnits::kLog2) {
+      return params.softmax_scale_log2;
+    } else {
+      return T(1);
+    }
+  }
+
+  FLASH_HOST_DEVICE T exp_scale() const { return kDefersScale ? scale() : T(1); }
+
+  // Whether (row, col) is a score of the call: partial tiles at the ends of
+  // the sequences carry scores that are not.
+  FLASH_HOST_DEVICE bool exists(int row, int col) const { return row < params.seqlen_q && col < params.seqlen_k; }
+
+  // The bias of a score that exists, at `offset` (bias_offset) in the
+  // (batch, head) matrix.
+  FLASH_HOST_DEVICE int64_t bias_offset(int row, int col) const {
+    return row * params.bias_row_stride + col * params.bias_col_stride;
+  }
+  FLASH_HOST_DEVICE T stored_bias(int64_t offset) const { return static_cast<T>(bias_matrix[offset]); }
+  // The bias at (row, col); 0 where the score does not exist.
+  FLASH_HOST_DEVICE T bias_at(int row, int col) const {
+    return exists(row, col) ? stored_bias(bias_offset(row, col)) : T(0);
+  }
+
+  // Steps 1-4: the logit of the raw score s at (row, col), in the rule's
+  // units; `bias` is the bias there as stored (bias_at, Row::bias or
+  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3 (kSoftcap, kAlibi; ALiBi is
+  // what row and col are for) go between the scale and the bias; in log2
+  // units the scale is then no longer fused with the bias, and softcap needs
+  // the scaled score in natural units (scale / softcap before the tanh,
+  // softcap * log2(e) after).
+  FLASH_HOST_DEVICE T logit(T s, [[maybe_unused]] int row, [[maybe_unused]] int col, T bias) const {
+    if constexpr (kUnits == ScoreUnits::kLog2) {
+      if constexpr (kHasBias) {
+        return fmaf(s, scale(), floored_bias(bias, kLog2e));
+      } else {
+        return s * scale();
+      }
+    } else {
+      if constexpr (kHasBias) {
+        return s + floored_bias(bias, T(1));
+      } else {
+        return s;
+      }
+    }
+  }
+
+  // What a kernel keeps in place of the raw score before the mask: the
+  // logit, or with kDefersScale the raw score itself, which the FFMA in
+  // front of the exponential multiplies by exp_scale().
+  FLASH_HOST_DEVICE T prepared(T s, int row, int col, T bias) const {
+    if constexpr (kDefersScale) {
+      return s;
+    } else {
+      return logit(s, row, col, bias);
+    }
+  }
+
+  // Step 5: whether the mask shows the score at (row, col), which must exist
+  // to be shown. The backward, which exponentiates against the saved row
+  // statistics (placeholders on rows that do not exist), zeroes P where it
+  // is false; the forward masks whole rows at once (Row::masked).
+  FLASH_HOST_DEVICE bool visible(int row, int col) const { return exists(row, col) && geo.keys(row).contains(col); }
+
+  // The rule for one query row, for kernels that walk their scores row by
+  // row (the forward's fragments, the CPU's rows): the row's visible keys
+  // are worked out once, when the row is.
+  class Row {
+   public:
+    FLASH_HOST_DEVICE Row(const ScoreRule& rule, int row)
+        : rule_(rule),
+          row_(row),
+          keys_(rule.geo.keys(row)),
+          exists_(row < rule.params.seqlen_q),
+          bias_row_(rule.bias_offset(row, 0)) {}
+
+    // bias_at(row, col) with the row's part worked out.
+    FLASH_HOST_DEVICE T bias(int col) const {
+      return exists_ && col < rule_.params.seqlen_k
+                 ? rule_.stored_bias(bias_row_ + col * rule_.params.bias_col_stride)
+                 : T(0);
+    }
+    // The bias of keys col0, col0 + 1, ... of a row that exists, as stored
+    // (run[c] is key col0 + c's; kHasBias only), for loops over a run of keys
+    // that all exist (the CPU's): no test, and an index the compiler sees
+    // step by a constant stride, which keeps such loops vectorised.
+    struct BiasRun {
+      const Element* first;
+      int64_t stride;
+      FLASH_HOST_DEVICE T operator[](int c) const { return static_cast<T>(first[c * stride]); }
+    };
+    FLASH_HOST_DEVICE BiasRun bias_run(int col0) const {
+      const int64_t stride = rule_.params.bias_col_stride;
+      return BiasRun{rule_.bias_matrix + bias_row_ + col0 * stride, stride};
+    }
+
+    FLASH_HOST_DEVICE T prepared(T s, int col) const {
+      return rule_.prepared(s, row_, col, kHasBias ? bias(col) : T(0));
+    }
+    // Step 5 in the forward: -inf where the mask hides the key (the softmax
+    // then gives 0). Keys past seqlen_k are outside every row's keys; a row
+    // past seqlen_q, padding a tile, keeps its scores, since nothing of it is
+    // stored.
+    FLASH_HOST_DEVICE T masked(T x, int col) const {
+      return keys_.contains(col) ? x : -std::numeric_limits<T>::infinity();
+    }
+
+   private:
+    const ScoreRule& rule_;
+    int row_;
+    KeyRange keys_;
+    bool exists_;       // the row is one of the call's (not tile padding)
+    int64_t bias_row_;  // bias_offset(row, 0)
+  };
+  FLASH_HOST_DEVICE Row row(int r) const { return Row(*this, r); }
+
+  // The backward twin of steps 1-4: dS, the gradient of the loss with
+  // respect to the raw score without the scale (the kernels apply it once to
+  // dQ and dK), from P, dP = dO V^T and the row's D = rowsum(dO * O) - dlse.
+  // The bias and ALiBi add constants and the mask only zeroes P, so today it
+  // is the softmax's P * (dP - D). The slots:
+  //   kDropout: dP of a kept entry times 1 / (1 - p), 0 for a dropped one
+  //             (and the dropped P in dV += P^T dO);
+  //   kSoftcap: the result times 1 - tanh^2 of step 2's tanh, which the
+  //             caller then keeps from the recomputed P.
+  FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d) { return prob * (dprob - row_d); }
+};
+
+// The rule of a call whose bias is known only at run time, for kernels
+// compiled once for calls with and without one (the CUDA backward, the
+// CPU): both forms, and visit(fn) calls fn with the one that applies.
+template <typename T, typename Element, ScoreUnits kUnits>
+struct ScoreRuleAnyBias {
+  ScoreRule<T, Element, kUnits, false> unbiased;
+  ScoreRule<T, Element, kUnits, true> biased;
+  bool has_bias;
+
+  FLASH_HOST_DEVICE ScoreRuleAnyBias(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch,
+                                     int64_t head)
+      : unbiased(p, geometry, batch, head), biased(p, geometry, batch, head), has_bias(p.bias != nullptr) {
+    // Unused without a bias. Its pointer would already be null (null plus
+    // zero strides), but the compiler cannot see that; saying so kept the
+    // CUDA backward kernels' bias loads, and their registers, where they were.
+    if (!has_bias) biased.bias_matrix = nullptr;
+  }
+
+  template <typename Fn>
+  FLASH_HOST_DEVICE decltype(auto) visit(Fn&& fn) const {
+    return has_bias ? fn(biased) : fn(unbiased);
+  }
+  // The twin is the same with or without the bias, which adds a constant.
+  FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d) {
+    return ScoreRule<T, Element, kUnits, false>::score_grad(prob, dprob, row_d);
+  }
+};
+
+}  // namespace flash
