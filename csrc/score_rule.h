@@ -4,8 +4,9 @@
 // the fragment helpers in cuda/score_rule.cuh), and the CPU (cpu_tile.h).
 // The steps, in this order:
 //   1. scale    s * softmax_scale
-//   2. softcap  slot (kSoftcap, not implemented): softcap * tanh(s / softcap)
-//   3. ALiBi    slot (kAlibi, not implemented): - slope_h * |row + seqlen_k - seqlen_q - col|
+//   2. softcap  softcap * tanh(s / softcap), when params.softcap > 0 (kMods)
+//   3. ALiBi    - slope_h * |row + seqlen_k - seqlen_q - col|, when
+//               params.alibi_slopes is set (kMods)
 //   4. bias     + the additive bias at (row, col), floored (floored_bias)
 //   5. mask     -inf where MaskGeometry (mask.h) hides the key
 // and the backward's twin, score_grad: the gradient with respect to the raw
@@ -53,23 +54,38 @@ enum class ScoreUnits {
   kNaturalPrescaled,  // CPU: logit, raw scores already scaled
 };
 
+// tanh for softcap: the SFU's tanh.approx on the GPU (max relative error
+// about 2^-11, below bf16's rounding of the inputs), the library's elsewhere.
+template <typename T>
+FLASH_HOST_DEVICE T fast_tanh(T x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
+#endif
+  return std::tanh(x);
+}
+
 // T: the score type (float; double for fp64 on the CPU). Element: the bias
 // dtype. kHasBias: step 4 is compiled in; the bias pointer is then the
-// (batch, head) slice of FlashFwdParams::bias, which must be set.
-template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_>
+// (batch, head) slice of FlashFwdParams::bias, which must be set. kMods:
+// steps 2 and 3 are compiled in; each then runs when the call asks for it
+// (params.softcap > 0, params.alibi_slopes set), tested once per (batch,
+// head) and uniformly across a kernel's threads. Kernels instantiate the
+// rule without kMods for calls that use neither, which then carry no
+// instruction for them.
+template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_, bool kMods_ = false>
 struct ScoreRule {
   static constexpr bool kHasBias = kHasBias_;
-  // The features to come, at the steps named above. Each stays false until
-  // its issue fills in the marked places (logit(), score_grad()) and adds
-  // what it reads to FlashFwdParams.
-  static constexpr bool kSoftcap = false;
-  static constexpr bool kAlibi = false;
-  static constexpr bool kDropout = false;  // backward only: score_grad; the forward drops P outside this rule
-  static_assert(!kSoftcap && !kAlibi && !kDropout, "softcap, ALiBi and dropout are not implemented yet");
+  static constexpr bool kMods = kMods_;
+  // Backward dropout, to come: score_grad's slot below.
+  static constexpr bool kDropout = false;
 
   // Only step 1 comes before the mask. In log2 units the kernels then defer
   // the scale to their exp2 FFMA (see the units above).
-  static constexpr bool kScaleOnly = !kHasBias && !kSoftcap && !kAlibi;
+  static constexpr bool kScaleOnly = !kHasBias && !kMods;
   static constexpr bool kDefersScale = kScaleOnly && kUnits == ScoreUnits::kLog2;
 
   // The rule reads the call's parameters and the kernel's own MaskGeometry
@@ -80,13 +96,31 @@ struct ScoreRule {
   const FlashFwdParams& params;
   const MaskGeometry& geo;
   const Element* bias_matrix;  // this (batch, head)'s bias; null without kHasBias
+  // Steps 2 and 3 for this (batch, head), in the rule's units (kMods only):
+  // softcap is softcap_out * tanh(s * softcap_in) of the raw score s (log2:
+  // softmax_scale / softcap in, softcap * log2(e) out; prescaled: 1 /
+  // softcap in, softcap out); ALiBi subtracts alibi_slope * |distance|
+  // (the slope times log2(e) in log2 units; 0 without ALiBi).
+  bool has_softcap = false;
+  T softcap_in = T(0), softcap_out = T(0), alibi_slope = T(0);
 
   FLASH_HOST_DEVICE ScoreRule(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch, int64_t head)
       : params(p),
         geo(geometry),
         bias_matrix(kHasBias ? static_cast<const Element*>(p.bias) + batch * p.bias_batch_stride +
                                    head * p.bias_head_stride
-                             : nullptr) {}
+                             : nullptr) {
+    if constexpr (kMods) {
+      const T unit = kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1);
+      has_softcap = p.softcap > 0;
+      if (has_softcap) {
+        const T scale_in = kUnits == ScoreUnits::kLog2 ? static_cast<T>(p.softmax_scale_f) : T(1);
+        softcap_in = scale_in / static_cast<T>(p.softcap);
+        softcap_out = static_cast<T>(p.softcap) * unit;
+      }
+      if (p.alibi_slopes != nullptr) alibi_slope = static_cast<T>(p.alibi_slopes[batch * p.alibi_batch_stride + head]) * unit;
+    }
+  }
 
   // Step 1's factor: softmax_scale_log2 in log2 units, 1 in prescaled units.
   FLASH_HOST_DEVICE T scale() const {
@@ -116,13 +150,16 @@ struct ScoreRule {
 
   // Steps 1-4: the logit of the raw score s at (row, col), in the rule's
   // units; `bias` is the bias there as stored (bias_at, Row::bias or
-  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3 (kSoftcap, kAlibi; ALiBi is
+  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3 (kMods; ALiBi is
   // what row and col are for) go between the scale and the bias; in log2
   // units the scale is then no longer fused with the bias, and softcap needs
   // the scaled score in natural units (scale / softcap before the tanh,
   // softcap * log2(e) after).
   FLASH_HOST_DEVICE T logit(T s, [[maybe_unused]] int row, [[maybe_unused]] int col, T bias) const {
-    if constexpr (kUnits == ScoreUnits::kLog2) {
+    if constexpr (kMods) {
+      T unused;
+      return logit(s, row, col, bias, unused);
+    } else if constexpr (kUnits == ScoreUnits::kLog2) {
       if constexpr (kHasBias) {
         return fmaf(s, scale(), floored_bias(bias, kLog2e));
       } else {
@@ -134,6 +171,29 @@ struct ScoreRule {
       } else {
         return s;
       }
+    }
+  }
+
+  // logit() that also gives d logit / d (scaled raw score) of step 2, the
+  // factor the backward twin needs: 1 - tanh^2 with softcap, else 1.
+  FLASH_HOST_DEVICE T logit(T s, int row, int col, T bias, T& dsoftcap) const {
+    if constexpr (!kMods) {
+      dsoftcap = T(1);
+      return logit(s, row, col, bias);
+    } else {
+      T x;
+      if (has_softcap) {
+        const T t = fast_tanh(s * softcap_in);
+        dsoftcap = T(1) - t * t;
+        x = softcap_out * t;
+      } else {
+        dsoftcap = T(1);
+        x = s * scale();
+      }
+      const int distance = row + (params.seqlen_k - params.seqlen_q) - col;
+      x -= alibi_slope * static_cast<T>(distance < 0 ? -distance : distance);
+      if constexpr (kHasBias) x += floored_bias(bias, kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1));
+      return x;
     }
   }
 
@@ -213,18 +273,21 @@ struct ScoreRule {
   // is the softmax's P * (dP - D). The slots:
   //   kDropout: dP of a kept entry times 1 / (1 - p), 0 for a dropped one
   //             (and the dropped P in dV += P^T dO);
-  //   kSoftcap: the result times 1 - tanh^2 of step 2's tanh, which the
-  //             caller then keeps from the recomputed P.
+  //   softcap: the result times 1 - tanh^2 of step 2's tanh (`dsoftcap`,
+  //            from logit()), which the caller keeps from recomputing P.
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d) { return prob * (dprob - row_d); }
+  FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d, T dsoftcap) {
+    return prob * (dprob - row_d) * dsoftcap;
+  }
 };
 
 // The rule of a call whose bias is known only at run time, for kernels
 // compiled once for calls with and without one (the CUDA backward, the
 // CPU): both forms, and visit(fn) calls fn with the one that applies.
-template <typename T, typename Element, ScoreUnits kUnits>
+template <typename T, typename Element, ScoreUnits kUnits, bool kMods = false>
 struct ScoreRuleAnyBias {
-  ScoreRule<T, Element, kUnits, false> unbiased;
-  ScoreRule<T, Element, kUnits, true> biased;
+  ScoreRule<T, Element, kUnits, false, kMods> unbiased;
+  ScoreRule<T, Element, kUnits, true, kMods> biased;
   bool has_bias;
 
   FLASH_HOST_DEVICE ScoreRuleAnyBias(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch,
@@ -243,6 +306,9 @@ struct ScoreRuleAnyBias {
   // The twin is the same with or without the bias, which adds a constant.
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d) {
     return ScoreRule<T, Element, kUnits, false>::score_grad(prob, dprob, row_d);
+  }
+  FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d, T dsoftcap) {
+    return ScoreRule<T, Element, kUnits, false>::score_grad(prob, dprob, row_d, dsoftcap);
   }
 };
 

@@ -184,7 +184,8 @@ def test_opcheck_with_features(device):
     out, lse, residual = torch.ops.flash_attn_ext.fwd(*args)
     torch.library.opcheck(
         torch.ops.flash_attn_ext.bwd.default,
-        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, residual, None, None, 0.2, True, -1, -1,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), residual.detach(), None,
+         None, 0.2, True, -1, -1,
          False, False, 6.0, slopes),
     )
 

@@ -233,9 +233,12 @@ void store_rows(const acc_t<scalar_t>* src, int rows, int D, scalar_t* dst, int6
 
 // The score rule (../score_rule.h) in the CPU's units: natural log, scores
 // arriving scaled (load_rows multiplies Q by the scale). One kernel serves
-// calls with and without a bias; rule.visit picks the form per row.
-template <typename scalar_t>
-using CpuScoreRule = flash::ScoreRuleAnyBias<acc_t<scalar_t>, scalar_t, flash::ScoreUnits::kNaturalPrescaled>;
+// calls with and without a bias; rule.visit picks the form per row. kMods:
+// the kernel instantiation for calls with softcap or ALiBi (has_score_mods).
+template <typename scalar_t, bool kMods>
+using CpuScoreRule = flash::ScoreRuleAnyBias<acc_t<scalar_t>, scalar_t, flash::ScoreUnits::kNaturalPrescaled, kMods>;
+
+inline bool has_score_mods(const FlashFwdParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
 
 // Applies the score rule (one of CpuScoreRule's forms) to one row of a score
 // tile in place: the row holds scale * q.k for keys [col0, col0 + cols) of
@@ -248,6 +251,18 @@ void apply_score_rule(const Rule& rule, acc* s, int cols, int row, int col0, boo
     const auto bias = r.bias_run(col0);
     for (int c = 0; c < cols; ++c) s[c] = rule.logit(s[c], row, col0 + c, Rule::kHasBias ? bias[c] : acc(0));
   }
+  if (masked) {
+    for (int c = 0; c < cols; ++c) s[c] = r.masked(s[c], col0 + c);
+  }
+}
+
+// apply_score_rule that also writes, for the backward, softcap's derivative
+// factor of each score (dsoftcap[c], score_rule.h); for rules with kMods.
+template <typename Rule, typename acc>
+void apply_score_rule(const Rule& rule, acc* s, acc* dsoftcap, int cols, int row, int col0, bool masked) {
+  const typename Rule::Row r = rule.row(row);
+  const auto bias = r.bias_run(col0);
+  for (int c = 0; c < cols; ++c) s[c] = rule.logit(s[c], row, col0 + c, Rule::kHasBias ? bias[c] : acc(0), dsoftcap[c]);
   if (masked) {
     for (int c = 0; c < cols; ++c) s[c] = r.masked(s[c], col0 + c);
   }

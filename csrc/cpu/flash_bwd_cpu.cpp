@@ -15,14 +15,20 @@ namespace flash_attn_ext {
 namespace cpu {
 namespace {
 
-// dp holds dP on entry, dS on exit (one row): the score rule's backward twin.
+// dp holds dP on entry, dS on exit (one row): the score rule's backward twin,
+// with softcap's factor per score where the rule has one (dsoftcap non-null).
 template <typename Rule, typename acc>
-void probs_grad_to_scores_grad(const Rule& rule, const acc* prob, acc* dp, int cols, acc d) {
+void probs_grad_to_scores_grad(const Rule& rule, const acc* prob, acc* dp, const acc* dsoftcap, int cols, acc d) {
+  if (dsoftcap != nullptr) {
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) dp[c] = rule.score_grad(prob[c], dp[c], d, dsoftcap[c]);
+    return;
+  }
 #pragma omp simd
   for (int c = 0; c < cols; ++c) dp[c] = rule.score_grad(prob[c], dp[c], d);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kMods>
 void bwd_kernel(const FlashBwdParams& p) {
   using acc = acc_t<scalar_t>;
   const int D = p.headdim;
@@ -52,6 +58,8 @@ void bwd_kernel(const FlashBwdParams& p) {
     std::vector<acc> k_p(static_cast<size_t>(d_panels) * kBlockN * W), k_tt(D * kBlockN), v_tt(D * kBlockN);
     std::vector<acc> dk_t(kBlockN * D), dv_t(kBlockN * D);
     std::vector<acc> p_t(kBlockM * kBlockN), ds_t(kBlockM * kBlockN);
+    // Softcap's derivative factor per score of the tile (kMods only).
+    std::vector<acc> dsoftcap_t(kMods ? kBlockM * kBlockN : 0);
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.nheads_k, h_k = unit % p.nheads_k;
@@ -96,7 +104,7 @@ void bwd_kernel(const FlashBwdParams& p) {
           const int64_t h = h_k * group + g;
           const float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q;
           const float* residual = p.lse_residual ? p.lse_residual + (b * p.nheads + h) * p.seqlen_q : nullptr;
-          const CpuScoreRule<scalar_t> rule(p, mask, b, h);
+          const CpuScoreRule<scalar_t, kMods> rule(p, mask, b, h);
           const acc* d_head = d_row.data() + static_cast<size_t>(g) * p.seqlen_q;
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int row0 = m_block * kBlockM;
@@ -115,7 +123,12 @@ void bwd_kernel(const FlashBwdParams& p) {
             tile_gemm_packed<false, false>(rows, cols, D, q_i, D, k_tt.data(), D * W, prob, kBlockN);
             for (int r = 0; r < rows; ++r) {
               acc* row = prob + static_cast<int64_t>(r) * kBlockN;
-              rule.visit([&](const auto& form) { apply_score_rule(form, row, cols, row0 + r, col0, masked); });
+              if constexpr (kMods) {
+                acc* dsoftcap = dsoftcap_t.data() + static_cast<int64_t>(r) * kBlockN;
+                rule.visit([&](const auto& form) { apply_score_rule(form, row, dsoftcap, cols, row0 + r, col0, masked); });
+              } else {
+                rule.visit([&](const auto& form) { apply_score_rule(form, row, cols, row0 + r, col0, masked); });
+              }
               exp_row(row, cols, static_cast<acc>(lse[row0 + r]), residual ? static_cast<acc>(residual[row0 + r]) : acc(0));
             }
             // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D)
@@ -123,7 +136,8 @@ void bwd_kernel(const FlashBwdParams& p) {
             tile_gemm_packed<false, false>(rows, cols, D, do_i, D, v_tt.data(), D * W, ds, kBlockN);
             for (int r = 0; r < rows; ++r) {
               const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
-              probs_grad_to_scores_grad(rule, prob + o_r, ds + o_r, cols, d_head[row0 + r]);
+              probs_grad_to_scores_grad(rule, prob + o_r, ds + o_r, kMods ? dsoftcap_t.data() + o_r : nullptr, cols,
+                                        d_head[row0 + r]);
             }
             if (p.dbias != nullptr) {
               // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous.
@@ -165,7 +179,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   const ScoreFeatures features{softcap, alibi_slopes, std::nullopt};
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad, features);
-  require_score_features_supported(features, "CPU");
   const ScalarType dtype = q.scalar_type();
   Tensor dq = empty_on(q, q.sizes(), dtype);
   Tensor dk = empty_on(q, k.sizes(), dtype);
@@ -183,7 +196,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv,
                  bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
                  window_right, /*deterministic=*/true, features);
-  cpu::dispatch_dtype(dtype, [&](auto element) { cpu::bwd_kernel<decltype(element)>(params); });
+  cpu::dispatch_dtype(dtype, [&](auto element) {
+    if (cpu::has_score_mods(params)) {
+      cpu::bwd_kernel<decltype(element), true>(params);
+    } else {
+      cpu::bwd_kernel<decltype(element), false>(params);
+    }
+  });
   return {dq, dk, dv, dbias};
 }
 

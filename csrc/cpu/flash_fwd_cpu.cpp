@@ -57,7 +57,7 @@ inline int balanced_m_block(int i, int num_m_blocks) {
   return (i % 2 == 0) ? i / 2 : num_m_blocks - 1 - i / 2;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kMods>
 void fwd_kernel(const FlashFwdParams& p) {
   using acc = acc_t<scalar_t>;
   const int D = p.headdim;
@@ -83,7 +83,7 @@ void fwd_kernel(const FlashFwdParams& p) {
       const int rows = std::min(kBlockM, p.seqlen_q - row0);
 
       const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-      const CpuScoreRule<scalar_t> rule(p, mask, b, h);
+      const CpuScoreRule<scalar_t, kMods> rule(p, mask, b, h);
       kv.load(p, b, h_k);
 
       load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data(), scale);
@@ -125,14 +125,24 @@ void fwd_kernel(const FlashFwdParams& p) {
 
       // Epilogue: normalise, and record lse = max + log(sum) as fp32 lse plus
       // the residual the rounding lost; rows that saw no key get 0, +inf and
-      // 0 (the backward then gives them zero gradient).
+      // 0 (the backward then gives them zero gradient). An attention sink
+      // joins the sum first, with no value: a row that saw no key then has
+      // out 0 and lse = the sink.
       acc* o = o_t.data();
       const int64_t row_bh = (b * p.nheads + h) * p.seqlen_q + row0;
       float* lse = p.softmax_lse + row_bh;
       float* residual = p.lse_residual ? p.lse_residual + row_bh : nullptr;
+      const acc sink = p.sinks ? static_cast<acc>(p.sinks[h]) : neg_inf;
       for (int r = 0; r < rows; ++r) {
+        acc o_scale = acc(1);
+        if (sink != neg_inf) {
+          const acc new_max = std::max(run_max[r], sink);
+          o_scale = run_max[r] == neg_inf ? acc(0) : std::exp(run_max[r] - new_max);
+          run_sum[r] = run_sum[r] * o_scale + std::exp(sink - new_max);
+          run_max[r] = new_max;
+        }
         const bool empty = run_sum[r] == acc(0);
-        const acc inv = empty ? acc(0) : acc(1) / run_sum[r];
+        const acc inv = empty ? acc(0) : o_scale / run_sum[r];
         for (int d = 0; d < D; ++d) o[r * D + d] *= inv;
         const acc log_sum = std::log(run_sum[r]);
         lse[r] = empty ? std::numeric_limits<float>::infinity() : static_cast<float>(run_max[r] + log_sum);
@@ -155,7 +165,6 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
                                            const std::optional<Tensor>& sinks) {
   const ScoreFeatures features{softcap, alibi_slopes, sinks};
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
-  require_score_features_supported(features, "CPU");
   Tensor out = empty_on(q, q.sizes(), q.scalar_type());
   const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
   Tensor lse = empty_on(q, lse_shape, ScalarType::Float);
@@ -170,7 +179,13 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right,
                  features);
-  cpu::dispatch_dtype(q.scalar_type(), [&](auto element) { cpu::fwd_kernel<decltype(element)>(params); });
+  cpu::dispatch_dtype(q.scalar_type(), [&](auto element) {
+    if (cpu::has_score_mods(params)) {
+      cpu::fwd_kernel<decltype(element), true>(params);
+    } else {
+      cpu::fwd_kernel<decltype(element), false>(params);
+    }
+  });
   return {out, lse, residual};
 }
 
