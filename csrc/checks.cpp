@@ -125,9 +125,9 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
   FLASH_CHECK(!bias_requires_grad || attn_bias.has_value(),
               "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
-  FLASH_CHECK(dout.sizes() == q.sizes(), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
+  FLASH_CHECK(same_shape(dout.sizes(), q.sizes()), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
               shape(dout.sizes()));
-  FLASH_CHECK(out.sizes() == q.sizes(), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",
+  FLASH_CHECK(same_shape(out.sizes(), q.sizes()), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",
               shape(out.sizes()));
   FLASH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "flash_attn_ext: dout and out must have the dtype of q (", dtype_name(q.scalar_type()), "), got ",
@@ -146,13 +146,13 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
   const bool residual_expected = needs_lse_residual(q, attn_bias);
   FLASH_CHECK(lse_residual.scalar_type() == ScalarType::Float && lse_residual.is_contiguous() &&
                   same_device(lse_residual, q) &&
-                  (residual_expected ? lse_residual.sizes() == softmax_lse.sizes() : lse_residual.numel() == 0),
+                  (residual_expected ? same_shape(lse_residual.sizes(), softmax_lse.sizes()) : lse_residual.numel() == 0),
               "flash_attn_ext: lse_residual must be the contiguous float32 tensor fwd returned for these inputs (",
               residual_expected ? "shaped like softmax_lse " + shape(softmax_lse.sizes()) : std::string("empty"),
               ", on ", device_name(q), "), got ", shape(lse_residual.sizes()), " ", dtype_name(lse_residual.scalar_type()),
               " on ", device_name(lse_residual));
   if (dsoftmax_lse.has_value()) {
-    FLASH_CHECK(dsoftmax_lse->scalar_type() == ScalarType::Float && dsoftmax_lse->sizes() == softmax_lse.sizes() &&
+    FLASH_CHECK(dsoftmax_lse->scalar_type() == ScalarType::Float && same_shape(dsoftmax_lse->sizes(), softmax_lse.sizes()) &&
                     dsoftmax_lse->is_contiguous() && same_device(*dsoftmax_lse, q),
                 "flash_attn_ext: dsoftmax_lse must be a contiguous float32 tensor shaped like softmax_lse ",
                 shape(softmax_lse.sizes()), " on ", device_name(q));

@@ -57,6 +57,16 @@ inline std::string device_name(const Tensor& t) {
 
 inline bool same_device(const Tensor& a, const Tensor& b) { return a.device() == b.device(); }
 
+// Element-wise equality of two shapes (torch 2.11's IntHeaderOnlyArrayRef
+// has no operator==).
+inline bool same_shape(IntArrayRef a, IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
 // Factories on the device of `like`.
 inline Tensor empty_on(const Tensor& like, IntArrayRef shape, ScalarType dtype) {
   return torch::stable::empty(shape, dtype, std::nullopt, like.device());
@@ -76,7 +86,10 @@ inline Tensor contiguous_copy(const Tensor& t) { return torch::stable::clone(t);
 // -t.
 inline Tensor neg(const Tensor& t) {
   std::array<StableIValue, 1> stack{torch::stable::detail::from(t)};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::neg", "", stack.data(), TORCH_ABI_VERSION));
+  // Checked by hand: the stable headers' own check macros differ between
+  // torch 2.11 and later releases.
+  FLASH_CHECK(torch_call_dispatcher("aten::neg", "", stack.data(), TORCH_ABI_VERSION) == 0,
+              "flash_attn_ext: aten::neg failed inside PyTorch");
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 

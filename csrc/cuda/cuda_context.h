@@ -16,7 +16,9 @@ class CudaContext {
  public:
   explicit CudaContext(const Tensor& on) : guard_(on.get_device_index()) {
     void* stream = nullptr;
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(on.get_device_index(), &stream));
+    // Checked by hand: the stable headers' check macros differ between torch 2.11 and later.
+    FLASH_CHECK(aoti_torch_get_current_cuda_stream(on.get_device_index(), &stream) == 0,
+                "flash_attn_ext: could not get the current CUDA stream from PyTorch");
     stream_ = static_cast<cudaStream_t>(stream);
   }
   cudaStream_t stream() const { return stream_; }
