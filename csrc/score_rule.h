@@ -269,16 +269,21 @@ struct ScoreRule {
   // The backward twin of steps 1-4: dS, the gradient of the loss with
   // respect to the raw score without the scale (the kernels apply it once to
   // dQ and dK), from P, dP = dO V^T and the row's D = rowsum(dO * O) - dlse.
-  // The bias and ALiBi add constants and the mask only zeroes P, so today it
-  // is the softmax's P * (dP - D). The slots:
+  // The bias and ALiBi add constants and the mask only zeroes P, so without
+  // softcap it is the softmax's P * (dP - D), which is also the gradient of
+  // the logit and so of the bias (dbias). The slots:
   //   kDropout: dP of a kept entry times 1 / (1 - p), 0 for a dropped one
   //             (and the dropped P in dV += P^T dO);
   //   softcap: the result times 1 - tanh^2 of step 2's tanh (`dsoftcap`,
   //            from logit()), which the caller keeps from recomputing P.
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d) { return prob * (dprob - row_d); }
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d, T dsoftcap) {
-    return prob * (dprob - row_d) * dsoftcap;
+    return through_softcap(score_grad(prob, dprob, row_d), dsoftcap);
   }
+  // The gradient of the logit (score_grad without `dsoftcap`) carried back
+  // through step 2 to the raw score. Kernels that also write dbias need the
+  // two apart: the bias joins after the cap, so its gradient is the logit's.
+  FLASH_HOST_DEVICE static T through_softcap(T logit_grad, T dsoftcap) { return logit_grad * dsoftcap; }
 };
 
 // The rule of a call whose bias is known only at run time, for kernels
@@ -309,6 +314,9 @@ struct ScoreRuleAnyBias {
   }
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d, T dsoftcap) {
     return ScoreRule<T, Element, kUnits, false>::score_grad(prob, dprob, row_d, dsoftcap);
+  }
+  FLASH_HOST_DEVICE static T through_softcap(T logit_grad, T dsoftcap) {
+    return ScoreRule<T, Element, kUnits, false>::through_softcap(logit_grad, dsoftcap);
   }
 };
 
