@@ -76,6 +76,12 @@ FLASH_HOST_DEVICE T fast_tanh(T x) {
 // head) and uniformly across a kernel's threads. Kernels instantiate the
 // rule without kMods for calls that use neither, which then carry no
 // instruction for them.
+// Whether a call needs a kernel's kMods instantiation: softcap or ALiBi.
+// Every launcher (CPU and CUDA) picks the variant with it. Attention sinks
+// need none: the forward's epilogue takes them at run time and the backward
+// does not see them.
+inline bool has_score_mods(const FlashFwdParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
+
 template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_, bool kMods_ = false>
 struct ScoreRule {
   static constexpr bool kHasBias = kHasBias_;

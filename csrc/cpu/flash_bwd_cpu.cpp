@@ -205,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
                  bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
                  window_right, /*deterministic=*/true, features);
   cpu::dispatch_dtype(dtype, [&](auto element) {
-    if (cpu::has_score_mods(params)) {
+    if (flash::has_score_mods(params)) {
       cpu::bwd_kernel<decltype(element), true>(params);
     } else {
       cpu::bwd_kernel<decltype(element), false>(params);

@@ -179,7 +179,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
   set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right,
                  features);
   cpu::dispatch_dtype(q.scalar_type(), [&](auto element) {
-    if (cpu::has_score_mods(params)) {
+    if (flash::has_score_mods(params)) {
       cpu::fwd_kernel<decltype(element), true>(params);
     } else {
       cpu::fwd_kernel<decltype(element), false>(params);

@@ -19,10 +19,6 @@ namespace flash {
 template <typename Element, bool kHasBias, bool kMods = false>
 using CudaScoreRule = ScoreRule<float, Element, ScoreUnits::kLog2, kHasBias, kMods>;
 
-// Whether a call needs the kMods kernels: softcap or ALiBi (the CPU's
-// has_score_mods). Sinks need no variant: the forward's epilogue takes them
-// at run time and the backward does not see them.
-inline bool has_score_mods(const FlashFwdParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
 
 // Calls fn(score, row, col) for every element of one warp's accumulator
 // fragments s[kMT][kNT][4] (layout: softmax.cuh), with `row` the rule's Row
