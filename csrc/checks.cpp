@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -224,6 +225,22 @@ void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, cons
   p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
   p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
   p.deterministic = deterministic;
+}
+
+Tensor lse_without_keys(const Tensor& q, const std::optional<Tensor>& sinks) {
+  const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
+  Tensor lse = full_on(q, lse_shape, ScalarType::Float, std::numeric_limits<double>::infinity());
+  if (!sinks.has_value()) return lse;
+  // lse[b, h, i] = sinks[h] (copy_ broadcasts), then -inf (no sink) -> +inf.
+  const std::array<int64_t, 3> per_head{1, q.size(2), 1};
+  torch::stable::copy_(lse, torch::stable::reshape(*sinks, per_head));
+  const double inf = std::numeric_limits<double>::infinity();
+  std::array<StableIValue, 4> stack{torch::stable::detail::from(lse),
+                                    torch::stable::detail::from(std::optional<double>()),
+                                    torch::stable::detail::from(std::optional<double>(inf)),
+                                    torch::stable::detail::from(std::optional<double>(inf))};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::nan_to_num", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
 }  // namespace flash_attn_ext

@@ -24,14 +24,11 @@ struct ScoreFeatures {
   std::optional<Tensor> sinks;
 };
 
-// Raises until the kernels of `where` ("CPU", "CUDA") implement the score
-// features (issue 9), naming the feature.
-inline void require_score_features_supported(const ScoreFeatures& f, const char* where) {
-  FLASH_CHECK(f.softcap == 0, "flash_attn_ext: softcap is not supported yet by the ", where, " kernels");
-  FLASH_CHECK(!f.alibi_slopes.has_value(), "flash_attn_ext: alibi_slopes is not supported yet by the ", where,
-              " kernels");
-  FLASH_CHECK(!f.sinks.has_value(), "flash_attn_ext: sinks is not supported yet by the ", where, " kernels");
-}
+// softmax_lse (batch, nheads, seqlen_q) of a call without keys (seqlen_k =
+// 0), where every row's softmax has only the head's sink: the sink, or +inf
+// without sinks (a sink of -inf is none: +inf too), as the kernels write it
+// for rows that see no key.
+Tensor lse_without_keys(const Tensor& q, const std::optional<Tensor>& sinks);
 
 // Checks q, k, v, the optional bias, the scale and the score features;
 // throws a std::runtime_error (a Python RuntimeError) naming the problem.

@@ -76,6 +76,12 @@ FLASH_HOST_DEVICE T fast_tanh(T x) {
 // head) and uniformly across a kernel's threads. Kernels instantiate the
 // rule without kMods for calls that use neither, which then carry no
 // instruction for them.
+// Whether a call needs a kernel's kMods instantiation: softcap or ALiBi.
+// Every launcher (CPU and CUDA) picks the variant with it. Attention sinks
+// need none: the forward's epilogue takes them at run time and the backward
+// does not see them.
+inline bool has_score_mods(const FlashFwdParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
+
 template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_, bool kMods_ = false>
 struct ScoreRule {
   static constexpr bool kHasBias = kHasBias_;
@@ -269,16 +275,21 @@ struct ScoreRule {
   // The backward twin of steps 1-4: dS, the gradient of the loss with
   // respect to the raw score without the scale (the kernels apply it once to
   // dQ and dK), from P, dP = dO V^T and the row's D = rowsum(dO * O) - dlse.
-  // The bias and ALiBi add constants and the mask only zeroes P, so today it
-  // is the softmax's P * (dP - D). The slots:
+  // The bias and ALiBi add constants and the mask only zeroes P, so without
+  // softcap it is the softmax's P * (dP - D), which is also the gradient of
+  // the logit and so of the bias (dbias). The slots:
   //   kDropout: dP of a kept entry times 1 / (1 - p), 0 for a dropped one
   //             (and the dropped P in dV += P^T dO);
   //   softcap: the result times 1 - tanh^2 of step 2's tanh (`dsoftcap`,
   //            from logit()), which the caller keeps from recomputing P.
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d) { return prob * (dprob - row_d); }
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d, T dsoftcap) {
-    return prob * (dprob - row_d) * dsoftcap;
+    return through_softcap(score_grad(prob, dprob, row_d), dsoftcap);
   }
+  // The gradient of the logit (score_grad without `dsoftcap`) carried back
+  // through step 2 to the raw score. Kernels that also write dbias need the
+  // two apart: the bias joins after the cap, so its gradient is the logit's.
+  FLASH_HOST_DEVICE static T through_softcap(T logit_grad, T dsoftcap) { return logit_grad * dsoftcap; }
 };
 
 // The rule of a call whose bias is known only at run time, for kernels
@@ -309,6 +320,9 @@ struct ScoreRuleAnyBias {
   }
   FLASH_HOST_DEVICE static T score_grad(T prob, T dprob, T row_d, T dsoftcap) {
     return ScoreRule<T, Element, kUnits, false>::score_grad(prob, dprob, row_d, dsoftcap);
+  }
+  FLASH_HOST_DEVICE static T through_softcap(T logit_grad, T dsoftcap) {
+    return ScoreRule<T, Element, kUnits, false>::through_softcap(logit_grad, dsoftcap);
   }
 };
 

@@ -44,8 +44,8 @@ def ref_kwargs(f):
     return dict(softcap=f["softcap"], alibi_slopes=f["alibi_slopes"], sinks=f["s_aux"])
 
 
-def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, **features):
-    f = dict(softcap=0.0, alibi_slopes=None, s_aux=None)
+def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, deterministic=False, **features):
+    f = dict(softcap=0.0, alibi_slopes=None, s_aux=None, deterministic=deterministic)
     f.update(features)
     sinks = f["s_aux"]
     out_bytes = q.numel() * q.element_size()
@@ -224,3 +224,104 @@ def test_vmap_with_features(device):
     batched = torch.func.vmap(one)(q, k, v, slopes, sinks)
     looped = torch.stack([one(q[i], k[i], v[i], slopes[i], sinks[i]) for i in range(3)])
     torch.testing.assert_close(batched, looped)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", [pytest.param(dict(softcap=3.0), id="softcap"),
+                                  pytest.param(dict(softcap=3.0, alibi="batch"), id="softcap-alibi")])
+def test_bias_grad_with_features(device, dtype, case):
+    """dbias is the gradient of the logit: the bias joins after the cap, so
+    softcap's factor belongs to dq and dk, not to dbias."""
+    batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim = 2, 70, 90, 2, 1, 64
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device)
+    q.data *= 3
+    bias = torch.randn(batch, nheads, seqlen_q, seqlen_k, device=device, dtype=dtype, requires_grad=True)
+    f = random_features(batch, nheads, device, **case)
+    scale = headdim ** -0.5
+
+    def ours(q, k, v, bias):
+        return flash_attn_ext._ops.fwd(q, k, v, bias, scale, True, -1, -1, False, f["softcap"], f["alibi_slopes"],
+                                       None)[0]
+
+    def ref(q, k, v, bias, upcast):
+        return attention_ref(q, k, v, True, bias=bias, softmax_scale=scale, upcast=upcast, **ref_kwargs(f))[0]
+
+    leaves = [q, k, v, bias]
+    out = ours(*leaves)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_in = [x.detach().double().requires_grad_() for x in leaves]
+    low_in = [x.detach().clone().requires_grad_() for x in leaves]
+    ref_out, low_out = ref(*ref_in, True), ref(*low_in, False)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    low_grads = torch.autograd.grad(low_out, low_in, dout)
+    fp32 = dtype in (torch.float32, torch.float64)
+    for name, a, r, lo in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, low_grads):
+        if fp32:
+            assert_fp32_close(a, r, name)
+        else:
+            assert_close_to_ref(a, r, lo, name)
+
+
+# --------------------------------------------------------------------------
+# Every CUDA kernel family with the features: on an H100/H200 the Hopper
+# kernels take head dims 64/128/256 and FLASH_ATTN_EXT_DISABLE_SM90=1 hands
+# them to the mma.sync ones (which alone serve 96); deterministic=True adds
+# the separate dQ kernel. The shapes have a query block that sees no key
+# (causal, seqlen_q > seqlen_k: the forward's empty-block path, where a sink
+# is the whole lse) and ragged tile ends.
+
+FAMILY_CASES = [
+    pytest.param(dict(softcap=5.0), id="softcap"),
+    pytest.param(dict(alibi="batch"), id="alibi"),
+    pytest.param(dict(sinks=True), id="sinks"),
+    pytest.param(dict(softcap=4.0, alibi="head", sinks=True), id="all"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels")
+@pytest.mark.parametrize("case", FAMILY_CASES)
+@pytest.mark.parametrize("headdim", [64, 96, 128, 256])
+@pytest.mark.parametrize("sm90", [True, False], ids=["default", "sm90-disabled"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_features_cuda_kernel_families(monkeypatch, case, headdim, sm90, deterministic, causal):
+    if not sm90:
+        monkeypatch.setenv("FLASH_ATTN_EXT_DISABLE_SM90", "1")
+    seqlen_q, seqlen_k = (300, 100) if causal else (130, 257)
+    q, k, v = random_qkv(2, seqlen_q, seqlen_k, 4, 2, headdim, torch.bfloat16, "cuda")
+    q.data *= 3
+    check_features(q, k, v, causal=causal, deterministic=deterministic, **random_features(2, 4, "cuda", **case))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels")
+@pytest.mark.parametrize("sm90", [True, False], ids=["default", "sm90-disabled"])
+def test_features_cuda_deterministic_bit_identical(monkeypatch, sm90):
+    """The kMods dQ kernel keeps deterministic=True bit-identical."""
+    if not sm90:
+        monkeypatch.setenv("FLASH_ATTN_EXT_DISABLE_SM90", "1")
+    q, k, v = random_qkv(2, 200, 200, 4, 2, 128, torch.bfloat16, "cuda")
+    f = random_features(2, 4, "cuda", softcap=5.0, alibi="head", sinks=True)
+    runs = []
+    for _ in range(3):
+        out = flash_attn_ext.flash_attn_func(q, k, v, causal=True, deterministic=True, **f)
+        runs.append(torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinks_without_keys(device):
+    """seqlen_k = 0: every row has only its sink (lse = the sink, +inf for a -inf sink), out 0, and the
+    sinks' gradient comes from dlse alone."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(2, 5, 3, 32, device=device, dtype=dtype)
+    k = v = torch.randn(2, 0, 3, 32, device=device, dtype=dtype)
+    sinks = torch.tensor([0.5, -math.inf, -2.0], device=device, requires_grad=True)
+    out, lse, _ = flash_attn_ext._ops.fwd(q, k, v, None, 0.3, False, -1, -1, False, 0.0, None, sinks)
+    assert (out == 0).all()
+    expected = torch.tensor([0.5, math.inf, -2.0], device=device)[None, :, None].expand(2, 3, 5)
+    torch.testing.assert_close(lse, expected)
+    (dsinks,) = torch.autograd.grad(lse.masked_fill(lse.isinf(), 0).sum(), [sinks])
+    torch.testing.assert_close(dsinks, torch.tensor([10.0, 0.0, 10.0], device=device))

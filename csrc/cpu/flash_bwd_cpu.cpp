@@ -15,17 +15,20 @@ namespace flash_attn_ext {
 namespace cpu {
 namespace {
 
-// dp holds dP on entry, dS on exit (one row): the score rule's backward twin,
-// with softcap's factor per score where the rule has one (dsoftcap non-null).
+// dp holds dP on entry, the logit's gradient on exit (one row): the score
+// rule's backward twin before softcap's factor, which is also dbias (the
+// bias joins after the cap).
 template <typename Rule, typename acc>
-void probs_grad_to_scores_grad(const Rule& rule, const acc* prob, acc* dp, const acc* dsoftcap, int cols, acc d) {
-  if (dsoftcap != nullptr) {
-#pragma omp simd
-    for (int c = 0; c < cols; ++c) dp[c] = rule.score_grad(prob[c], dp[c], d, dsoftcap[c]);
-    return;
-  }
+void probs_grad_to_logits_grad(const Rule& rule, const acc* prob, acc* dp, int cols, acc d) {
 #pragma omp simd
   for (int c = 0; c < cols; ++c) dp[c] = rule.score_grad(prob[c], dp[c], d);
+}
+// ... and on to the raw score's gradient, dS: times softcap's factor per
+// score (rules with kMods).
+template <typename Rule, typename acc>
+void logits_grad_to_scores_grad(const Rule& rule, acc* ds, const acc* dsoftcap, int cols) {
+#pragma omp simd
+  for (int c = 0; c < cols; ++c) ds[c] = rule.through_softcap(ds[c], dsoftcap[c]);
 }
 
 template <typename scalar_t, bool kMods>
@@ -135,15 +138,20 @@ void bwd_kernel(const FlashBwdParams& p) {
             tile_gemm_packed<true, true>(cols, D, rows, prob, kBlockN, dO_p.data() + off_p, panel_stride, dv_t.data(), D);
             tile_gemm_packed<false, false>(rows, cols, D, do_i, D, v_tt.data(), D * W, ds, kBlockN);
             for (int r = 0; r < rows; ++r) {
-              const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
-              probs_grad_to_scores_grad(rule, prob + o_r, ds + o_r, kMods ? dsoftcap_t.data() + o_r : nullptr, cols,
-                                        d_head[row0 + r]);
+              probs_grad_to_logits_grad(rule, prob + static_cast<int64_t>(r) * kBlockN,
+                                        ds + static_cast<int64_t>(r) * kBlockN, cols, d_head[row0 + r]);
             }
             if (p.dbias != nullptr) {
               // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous.
               auto* db = static_cast<scalar_t*>(p.dbias) + ((b * p.nheads + h) * p.seqlen_q + row0) * p.seqlen_k + col0;
               for (int r = 0; r < rows; ++r) {
                 store_rows<scalar_t>(ds + static_cast<int64_t>(r) * kBlockN, 1, cols, db + r * p.seqlen_k, 0);
+              }
+            }
+            if constexpr (kMods) {
+              for (int r = 0; r < rows; ++r) {
+                const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
+                logits_grad_to_scores_grad(rule, ds + o_r, dsoftcap_t.data() + o_r, cols);
               }
             }
             // dK += dS^T (scale Q);  dQ += dS K (scaled when stored)
@@ -197,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
                  bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
                  window_right, /*deterministic=*/true, features);
   cpu::dispatch_dtype(dtype, [&](auto element) {
-    if (cpu::has_score_mods(params)) {
+    if (flash::has_score_mods(params)) {
       cpu::bwd_kernel<decltype(element), true>(params);
     } else {
       cpu::bwd_kernel<decltype(element), false>(params);

@@ -171,16 +171,15 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
   Tensor residual = needs_lse_residual(q, attn_bias) ? zeros_on(q, lse_shape, ScalarType::Float)
                                                      : empty_on(q, {0}, ScalarType::Float);
   if (q.numel() == 0) return {out, lse, residual};
-  if (k.size(1) == 0) {  // no keys: every row is empty
+  if (k.size(1) == 0) {  // no keys: every row is empty (but for its sink)
     torch::stable::zero_(out);
-    torch::stable::fill_(lse, std::numeric_limits<float>::infinity());
-    return {out, lse, residual};
+    return {out, lse_without_keys(q, sinks), residual};
   }
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right,
                  features);
   cpu::dispatch_dtype(q.scalar_type(), [&](auto element) {
-    if (cpu::has_score_mods(params)) {
+    if (flash::has_score_mods(params)) {
       cpu::fwd_kernel<decltype(element), true>(params);
     } else {
       cpu::fwd_kernel<decltype(element), false>(params);

@@ -6,6 +6,9 @@
 // No atomics: the sum over key blocks happens in a fixed order inside one
 // block, so dq is bit-identical run after run. Costs two extra products
 // (S and dP are computed again here) compared with the atomic path.
+// kMods (softcap, ALiBi) is a compile-time variant, as in the dK/dV kernel:
+// P comes from the kMods rule, whose softcap factor per score stays in
+// registers until dS.
 #pragma once
 
 #include "../flash_params.h"
@@ -33,7 +36,7 @@ struct BwdDqTraits {
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles must be multiples of 16");
 };
 
-template <typename T>
+template <typename T, bool kMods>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const FlashBwdParams p) {
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kLdD = T::kLdD;
@@ -74,7 +77,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     res[half] = row < p.seqlen_q && p.lse_residual ? p.lse_residual[row_bh + row] : 0.f;
     delta[half] = row < p.seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
   }
-  const BwdScoreRule<Element> rule(p, geo, b, h);
+  const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
 
   float acc_dq[kHeadDim / 8][4] = {};
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -93,14 +96,14 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     warp_gemm_abt<kHeadDim, kBlockN, kLdD, kLdD, Element>(acc_dp, sDo + warp * 16 * kLdD, sV, lane);
 
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
-    if (!need_mask && !rule.has_bias) {
+    if (rule.fast_tile(need_mask)) {
       // Interior tile without bias: P and dS in four instructions per element.
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float prob = rule.prob_unbiased_visible(acc_s[j][e], lse_l2[e / 2], res[e / 2]);
-          acc_dp[j][e] = rule.score_grad(prob, acc_dp[j][e], delta[e / 2]);
+          acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], 1.f);
         }
       }
     } else {
@@ -110,8 +113,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
         for (int e = 0; e < 4; ++e) {
           const int row = row_lo + 8 * (e / 2);
           const int key = n0 + 8 * j + 2 * t + (e % 2);
-          const float prob = rule.prob(acc_s[j][e], row, key, lse_l2[e / 2], res[e / 2], need_mask);
-          acc_dp[j][e] = rule.score_grad(prob, acc_dp[j][e], delta[e / 2]);
+          float dsoftcap;  // softcap's factor (kMods)
+          const float prob = rule.prob(acc_s[j][e], row, key, lse_l2[e / 2], res[e / 2], need_mask, dsoftcap);
+          acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], dsoftcap);
         }
       }
     }

@@ -17,6 +17,12 @@
 // dQ_i is reduced over key blocks of different thread blocks: with kDq it is
 // accumulated in fp32 into params.dq_accum with atomics (fast path); the
 // deterministic path leaves dQ to flash_bwd_dq_kernel.cuh.
+//
+// kMods (softcap, ALiBi): a compile-time variant. Recomputing P through the
+// kMods rule also gives each score's softcap factor, kept in registers next
+// to P^T until dS^T is formed; dbias is written before that factor (the bias
+// joins after the cap). The variant without kMods is the kernel as it was:
+// its fast path for interior tiles without a bias is only there.
 #pragma once
 
 #include "../flash_params.h"
@@ -69,7 +75,7 @@ struct BwdTraits {
   static_assert(kStages == 1 || kStages == 2, "one or two Q/dO stages");
 };
 
-template <typename T, bool kDq>
+template <typename T, bool kDq, bool kMods>
 __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_kernel(const FlashBwdParams p) {
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   float acc_dk[T::kDPerWarp / 8][4] = {};
   float acc_dv[T::kDPerWarp / 8][4] = {};
 
-  const BwdScoreRule<Element> rule(p, geo, b, h);
+  const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
   for (int m_block = m_begin; m_block < m_end; ++m_block) {
@@ -167,7 +173,9 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       res_c[j][0] = r.x, res_c[j][1] = r.y;
     }
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
-    if (!need_mask && !rule.has_bias) {
+    // Softcap's factor per score of acc_s (kMods; unused and gone otherwise).
+    float dsoftcap[T::kMPerWarp / 8][4];
+    if (rule.fast_tile(need_mask)) {
       // Interior tile without bias (the common case): FFMA, FADD and EX2 per element.
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
@@ -183,7 +191,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], need_mask);
+          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], need_mask, dsoftcap[j][e]);
         }
       }
     }
@@ -195,7 +203,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       store_frag_smem<T::kMPerWarp, kLdM, Element>(sP + key_row0 * kLdM + q_col0, acc_s, lane);
     }
 
-    // dP^T = V_j dO_i^T, dS^T = P^T ∘ (dP^T - D) (the rule's score_grad; also dbias).
+    // dP^T = V_j dO_i^T, dS^T = P^T ∘ (dP^T - D) (the rule's score_grad; also
+    // dbias), then times softcap's factor (kMods).
     float acc_dp[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_dp, sV + key_row0 * kLdD, sDo + q_col0 * kLdD,
                                                                lane);
@@ -203,7 +212,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     for (int j = 0; j < T::kMPerWarp / 8; ++j) {
       const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.score_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
+      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.logit_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
     }
     if (dbias != nullptr) {
 #pragma unroll
@@ -215,6 +224,13 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
             dbias[int64_t(row) * p.seqlen_k + key] = from_float<Element>(acc_dp[j][e]);
           }
         }
+      }
+    }
+    if constexpr (kMods) {
+#pragma unroll
+      for (int j = 0; j < T::kMPerWarp / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], dsoftcap[j][e]);
       }
     }
 

@@ -1,6 +1,7 @@
-// run_flash_bwd: tile choice per head dim and the launch sequence of the
-// backward. The host (flash_bwd_host.cpp) calls it in two phases so that the
-// fp32 scratch is freed before dq is allocated:
+// run_flash_bwd: tile choice per head dim, kernel variants (kMods for calls
+// with softcap or ALiBi, score_rule.cuh; bias and masks are run-time) and
+// the launch sequence of the backward. The host (flash_bwd_host.cpp) calls
+// it in two phases so that the fp32 scratch is freed before dq is allocated:
 //   phase 1 (params.softmax_d set):  preprocess (D, zeroed dq_accum) and the
 //            dK/dV kernel; deterministic: also the dQ kernel (needs params.dq)
 //   phase 2 (params.softmax_d null, params.dq set, not deterministic):
@@ -78,7 +79,10 @@ void launch_dkdv(const FlashBwdParams& params, cudaStream_t stream) {
   const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * params.batch * params.nheads;
   FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
-  auto kernel = params.deterministic ? &flash_bwd_dkdv_kernel<T, false> : &flash_bwd_dkdv_kernel<T, true>;
+  auto kernel = has_score_mods(params)
+                    ? (params.deterministic ? &flash_bwd_dkdv_kernel<T, false, true> : &flash_bwd_dkdv_kernel<T, true, true>)
+                    : (params.deterministic ? &flash_bwd_dkdv_kernel<T, false, false>
+                                            : &flash_bwd_dkdv_kernel<T, true, false>);
   set_smem_limit(kernel, T::kSmemBytes);
   kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
@@ -93,7 +97,10 @@ void launch_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
   const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * params.batch * params.nheads;
   FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
-  auto kernel = params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false> : &sm90::flash_bwd_sm90_kernel<T, true>;
+  auto kernel = has_score_mods(params) ? (params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false, true>
+                                                               : &sm90::flash_bwd_sm90_kernel<T, true, true>)
+                                       : (params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false, false>
+                                                               : &sm90::flash_bwd_sm90_kernel<T, true, false>);
   set_smem_limit(kernel, T::kSmemBytes);
   kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
@@ -139,7 +146,8 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
         using TQ = typename decltype(tag)::type;
         const int64_t num_m_blocks = (params.seqlen_q + TQ::kBlockM - 1) / TQ::kBlockM;
         const int64_t grid = num_m_blocks * params.batch * params.nheads;
-        auto kernel = &flash::flash_bwd_dq_kernel<TQ>;
+        auto kernel = flash::has_score_mods(params) ? &flash::flash_bwd_dq_kernel<TQ, true>
+                                                    : &flash::flash_bwd_dq_kernel<TQ, false>;
         flash::set_smem_limit(kernel, TQ::kSmemBytes);
         kernel<<<dim3(grid), dim3(TQ::kNThreads), TQ::kSmemBytes, stream>>>(params);
         FLASH_CUDA_LAUNCH_CHECK();

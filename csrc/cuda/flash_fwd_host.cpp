@@ -38,7 +38,6 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_
   (void)deterministic;  // The forward pass is deterministic either way.
   const ScoreFeatures features{softcap, alibi_slopes, sinks};
   check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale, features);
-  require_score_features_supported(features, "CUDA");
   FLASH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_cuda expects CUDA tensors, got ", device_name(q_in));
   const ScalarType dtype = q_in.scalar_type();
   FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
@@ -60,9 +59,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_
     return {empty_on(q_in, q_in.sizes(), dtype), empty_on(q_in, lse_shape, ScalarType::Float), residual()};
   }
   if (seqlen_k == 0) {
-    // No key at all: every row's softmax is empty.
-    return {zeros_on(q_in, q_in.sizes(), dtype),
-            full_on(q_in, lse_shape, ScalarType::Float, std::numeric_limits<float>::infinity()), residual()};
+    // No key at all: every row's softmax is empty (but for its sink).
+    return {zeros_on(q_in, q_in.sizes(), dtype), lse_without_keys(q_in, sinks), residual()};
   }
 
   const int padded = padded_head_dim(static_cast<int>(head_dim));

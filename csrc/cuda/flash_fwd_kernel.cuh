@@ -23,6 +23,12 @@
 //  * epilogue: O / rowsum written through the warp's own rows of the Q tile in
 //    shared memory, then to global memory with coalesced 16-byte stores;
 //    lse = (max + log2 sum) * ln 2, +inf and O = 0 for rows that saw no key.
+//    An attention sink (params.sinks, read at run time) joins the row's sum
+//    there (OnlineSoftmax::add_sink): lse includes it, and rows that saw no
+//    key get O = 0 and lse = the sink.
+// Variants (template arguments): kHasBias (an additive bias) and kMods
+// (softcap and ALiBi): the score rule with those steps compiled in, each
+// instantiated only for the calls that use it (flash_fwd_launch.cuh).
 // Key blocks are visited from the last to the first, so the blocks that need
 // masking (past seqlen_k, the causal diagonal) come first.
 #pragma once
@@ -222,7 +228,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kN
 
 }  // namespace fwd
 
-template <typename Traits, bool kHasBias>
+template <typename Traits, bool kHasBias, bool kMods>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
   using Element = typename Traits::Element;
@@ -262,14 +268,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   for (int bh = blockIdx.y + blockIdx.z * gridDim.y; bh < total_bh; bh += gridDim.y * gridDim.z) {
     const int b = bh / params.nheads, h = bh - b * params.nheads;
     const int hk = h / (params.nheads / params.nheads_k);
-    const CudaScoreRule<Element, kHasBias> rule(params, geo, b, h);
+    const CudaScoreRule<Element, kHasBias, kMods> rule(params, geo, b, h);
     Element* out = static_cast<Element*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
     float* lse_out = params.softmax_lse + static_cast<int64_t>(bh) * params.seqlen_q;
     float* residual_out = params.lse_residual ? params.lse_residual + static_cast<int64_t>(bh) * params.seqlen_q
                                               : nullptr;
 
     if (n_begin >= n_end) {
-      // No key is visible to any row of this block: out = 0, lse = +inf, residual 0.
+      // No key is visible to any row of this block: out = 0, lse = +inf (the
+      // sink, where the head has one), residual 0.
       for (int idx = tid; idx < kBlockM * Traits::kChunks; idx += Traits::kNThreads) {
         const int r = idx / Traits::kChunks, c = idx % Traits::kChunks;
         if (row0 + r < params.seqlen_q) {
@@ -277,9 +284,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
               make_uint4(0, 0, 0, 0);
         }
       }
+      const float empty_lse = empty_row_lse(params, h);
       for (int r = tid; r < kBlockM; r += Traits::kNThreads) {
         if (row0 + r < params.seqlen_q) {
-          lse_out[row0 + r] = INFINITY;
+          lse_out[row0 + r] = empty_lse;
           if (residual_out) residual_out[row0 + r] = 0.f;
         }
       }
@@ -384,6 +392,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
     // Epilogue.
     float inv_sum[kMT][2], lse[kMT][2], residual[kMT][2];
+    if (params.sinks != nullptr) {
+      // The head again, from an opaque copy of bh: reusing h would keep it
+      // alive across the key loop of every call, with a sink or without.
+      int sink_bh = bh;
+      asm volatile("" : "+r"(sink_bh));
+      softmax.add_sink(sink_log2(params, sink_bh % params.nheads), acc_o, t == 0);
+    }
     softmax.finalize(inv_sum, lse, residual);
     if (t == 0) {
 #pragma unroll

@@ -1,6 +1,7 @@
-// run_flash_fwd: tile sizes per head dim, runtime variants (additive bias;
-// sliding windows go through the same kernel, whose MaskGeometry is runtime),
-// grid, shared-memory attribute and a checked launch.
+// run_flash_fwd: tile sizes per head dim, kernel variants (additive bias;
+// softcap and ALiBi, kMods; sliding windows and sinks go through the same
+// kernel, whose MaskGeometry and epilogue take them at run time), grid,
+// shared-memory attribute and a checked launch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "cuda_check.h"
 #include "device_props.cuh"
@@ -18,9 +20,9 @@
 
 namespace flash {
 
-template <typename Traits, bool kHasBias>
+template <typename Traits, bool kHasBias, bool kMods>
 void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
-  auto kernel = &flash_fwd_kernel<Traits, kHasBias>;
+  auto kernel = &flash_fwd_kernel<Traits, kHasBias, kMods>;
   constexpr int kSmem = Traits::kSmemBytes;
   if constexpr (kSmem > 48 * 1024) {
     FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
@@ -36,13 +38,29 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   FLASH_CUDA_LAUNCH_CHECK();
 }
 
+// Calls fn(has_bias, has_mods) with the variant a call needs as
+// std::integral_constant<bool, ...> values: four instantiations per tiling.
+template <typename Fn>
+void dispatch_fwd_variant(const FlashFwdParams& params, Fn&& fn) {
+  auto with_mods = [&](auto has_bias) {
+    if (has_score_mods(params)) {
+      fn(has_bias, std::true_type{});
+    } else {
+      fn(has_bias, std::false_type{});
+    }
+  };
+  if (params.bias != nullptr) {
+    with_mods(std::true_type{});
+  } else {
+    with_mods(std::false_type{});
+  }
+}
+
 template <typename Traits>
 void launch_flash_fwd_variants(const FlashFwdParams& params, cudaStream_t stream) {
-  if (params.bias != nullptr) {
-    launch_flash_fwd<Traits, true>(params, stream);
-  } else {
-    launch_flash_fwd<Traits, false>(params, stream);
-  }
+  dispatch_fwd_variant(params, [&](auto has_bias, auto has_mods) {
+    launch_flash_fwd<Traits, decltype(has_bias)::value, decltype(has_mods)::value>(params, stream);
+  });
 }
 
 // Tile configuration per head dim, tuned on an H200 against PyTorch SDPA's
@@ -103,9 +121,9 @@ template <typename Element, int kHeadDim>
 using Sm90FwdTraitsFor = std::conditional_t<(kHeadDim == 64), sm90::FwdTraits<Element, 64, 128, 1>,
                                             sm90::FwdTraits<Element, kHeadDim, (kHeadDim <= 128 ? 128 : 64), 2>>;
 
-template <typename T>
+template <typename T, bool kHasBias, bool kMods>
 void launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
-  auto kernel = params.bias != nullptr ? &sm90::flash_fwd_sm90_kernel<T, true> : &sm90::flash_fwd_sm90_kernel<T, false>;
+  auto kernel = &sm90::flash_fwd_sm90_kernel<T, kHasBias, kMods>;
   FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const int64_t num_m_blocks = (params.seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int64_t grid = num_m_blocks * params.batch * params.nheads;
@@ -125,7 +143,9 @@ void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
     using T90 = flash::Sm90FwdTraitsFor<Element, kHeadDim>;
     if (flash::sm90::enabled() && T90::kSmemBytes <= budget) {
-      return flash::launch_flash_fwd_sm90<T90>(params, stream);
+      return flash::dispatch_fwd_variant(params, [&](auto has_bias, auto has_mods) {
+        flash::launch_flash_fwd_sm90<T90, decltype(has_bias)::value, decltype(has_mods)::value>(params, stream);
+      });
     }
   }
 #ifdef FLASH_FWD_TUNE

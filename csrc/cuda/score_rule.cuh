@@ -4,6 +4,11 @@
 // online softmax; the three backward kernels call BwdScoreRule::prob per
 // score and the rule's score_grad for dS. What a score means lives in the
 // rule; only the walking over fragments and the exp2 are here.
+//
+// kMods (softcap, ALiBi) is a compile-time variant of every kernel, next to
+// the forward's kHasBias: the launchers pick it for calls that use either
+// (has_score_mods), so that the kernels of calls without them carry no
+// instruction or register for them.
 #pragma once
 
 #include "../score_rule.h"
@@ -11,8 +16,9 @@
 
 namespace flash {
 
-template <typename Element, bool kHasBias>
-using CudaScoreRule = ScoreRule<float, Element, ScoreUnits::kLog2, kHasBias>;
+template <typename Element, bool kHasBias, bool kMods = false>
+using CudaScoreRule = ScoreRule<float, Element, ScoreUnits::kLog2, kHasBias, kMods>;
+
 
 // Calls fn(score, row, col) for every element of one warp's accumulator
 // fragments s[kMT][kNT][4] (layout: softmax.cuh), with `row` the rule's Row
@@ -72,36 +78,73 @@ __device__ __forceinline__ void apply_score_rule(float (&s)[kMT][kNT][4], const 
 // logits all sit near a huge value (a -1e9 bias) at P = 1 / keys instead of
 // 1; with a deferred scale the first subtraction is the FFMA that scales.
 // Rows that saw no key (lse = +inf) get P = 0.
+// `dsoftcap` receives softcap's derivative factor of the score (logit()'s;
+// 1 without softcap), for dS; rules without kMods leave it alone.
 template <typename Rule>
 __device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, int row, int col, float bias,
-                                               float lse_log2_row, float residual) {
+                                               float lse_log2_row, float residual, float& dsoftcap) {
   if constexpr (Rule::kDefersScale) {
     return exp2_fast(fmaf(s, rule.exp_scale(), -lse_log2_row) - residual);
+  } else if constexpr (Rule::kMods) {
+    return exp2_fast((rule.logit(s, row, col, bias, dsoftcap) - lse_log2_row) - residual);
   } else {
     return exp2_fast((rule.logit(s, row, col, bias) - lse_log2_row) - residual);
   }
 }
 
 // The backward kernels take the bias at run time (one instantiation serves
-// calls with and without it).
-template <typename Element>
-struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2> {
-  using ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2>::ScoreRuleAnyBias;
+// calls with and without it) and kMods at compile time. With kMods, prob()
+// also gives each score's softcap factor, which the kernel keeps in
+// registers (one float per score of its S fragment, as flash-attn 2 keeps
+// dtanh) until ds() turns dP into dS; without kMods the factor is never
+// written or read, so the kernels' arrays for it vanish.
+template <typename Element, bool kMods = false>
+struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods> {
+  using Base = ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>;
+  using Base::Base;
 
   // P of the raw score s at (row, col). `need_mask`: the tile is not fully
   // visible, so P is 0 where the mask hides the score or it does not exist.
   // The bias is read only when the call has one.
-  __device__ __forceinline__ float prob(float s, int row, int col, float lse_log2_row, float residual,
-                                        bool need_mask) const {
+  __device__ __forceinline__ float prob(float s, int row, int col, float lse_log2_row, float residual, bool need_mask,
+                                        float& dsoftcap) const {
     const float bias = this->has_bias ? this->biased.bias_at(row, col) : 0.f;
-    const float prob = this->has_bias ? unmasked_prob(this->biased, s, row, col, bias, lse_log2_row, residual)
-                                      : unmasked_prob(this->unbiased, s, row, col, bias, lse_log2_row, residual);
+    const float prob = this->has_bias
+                           ? unmasked_prob(this->biased, s, row, col, bias, lse_log2_row, residual, dsoftcap)
+                           : unmasked_prob(this->unbiased, s, row, col, bias, lse_log2_row, residual, dsoftcap);
     return !need_mask || this->unbiased.visible(row, col) ? prob : 0.f;
   }
-  // Interior tiles without a bias (the common case) need no coordinates:
-  // one FFMA, one FADD and the EX2 per score.
+  // Interior tiles without a bias (the common case without kMods, whose
+  // scores then need no coordinates): one FFMA, one FADD and the EX2 per
+  // score. Only for tiles where fast_tile() holds: with kMods none does
+  // (ALiBi needs the coordinates), and prob() serves every tile.
   __device__ __forceinline__ float prob_unbiased_visible(float s, float lse_log2_row, float residual) const {
-    return unmasked_prob(this->unbiased, s, 0, 0, 0.f, lse_log2_row, residual);
+    float unused;
+    return unmasked_prob(this->unbiased, s, 0, 0, 0.f, lse_log2_row, residual, unused);
+  }
+  // Whether the tile at hand can take prob_unbiased_visible.
+  __device__ __forceinline__ bool fast_tile(bool need_mask) const { return !kMods && !need_mask && !this->has_bias; }
+
+  // dS of a score from its P, dP, the row's D and the factor prob() gave:
+  // the rule's score_grad. `logit_grad` receives the gradient before
+  // softcap's factor, which is the bias's (dbias); kernels that write dbias
+  // read it there and then call finish_ds.
+  __device__ __forceinline__ static float logit_grad(float prob, float dprob, float row_d) {
+    return Base::score_grad(prob, dprob, row_d);
+  }
+  __device__ __forceinline__ static float finish_ds(float logit_grad, float dsoftcap) {
+    if constexpr (kMods) {
+      return Base::through_softcap(logit_grad, dsoftcap);
+    } else {
+      return logit_grad;
+    }
+  }
+  __device__ __forceinline__ static float ds(float prob, float dprob, float row_d, float dsoftcap) {
+    if constexpr (kMods) {
+      return Base::score_grad(prob, dprob, row_d, dsoftcap);
+    } else {
+      return Base::score_grad(prob, dprob, row_d);
+    }
   }
 };
 

@@ -19,6 +19,7 @@
 
 #include <cmath>
 
+#include "../flash_params.h"
 #include "../score_rule.h"
 #include "primitives.cuh"
 
@@ -129,6 +130,33 @@ struct OnlineSoftmax {
     }
   }
 
+  // The head's attention sink, after the last tile and before finalize():
+  // one more key with no value. sink_log2 is the sink times log2(e)
+  // (sink_log2() below), -inf for none, which changes nothing. Like a key
+  // block it raises the max, rescales the sums and acc_o (which the keys
+  // alone accumulated) to it, and adds its term, exp2(sink - max), to one
+  // lane's partial sum of the quad (`first_in_quad`). A row that saw no key
+  // then has sum 1 at max = the sink: finalize() gives it out 0 (acc_o
+  // rescaled by exp2(-inf)) and lse = the sink. Kept out of finalize() so
+  // that calls without a sink run the epilogue as before; the branch on the
+  // sink is uniform (one sink per head).
+  template <int kDT>
+  __device__ __forceinline__ void add_sink(float sink_log2, float (&acc_o)[kMT][kDT][4], bool first_in_quad) {
+    if (sink_log2 == -INFINITY) return;
+    float factor[kMT][2];
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float m_new = fmaxf(row_max[mi][hr], sink_log2);
+        factor[mi][hr] = exp2_fast(row_max[mi][hr] - m_new);
+        row_sum[mi][hr] = fmaf(row_sum[mi][hr], factor[mi][hr], first_in_quad ? exp2_fast(sink_log2 - m_new) : 0.f);
+        row_max[mi][hr] = m_new;
+      }
+    }
+    rescale(acc_o, factor);
+  }
+
   // After the last tile: inv_sum[mi][hr] multiplies the output rows (0 where
   // a row saw no key), lse[mi][hr] is the natural-log logsumexp of the
   // scaled scores (+inf where a row saw no key) and residual[mi][hr] what its
@@ -150,6 +178,19 @@ struct OnlineSoftmax {
     }
   }
 };
+
+// The attention sink of head h in the units of the online softmax's
+// statistics (log2), or -inf where the call has none: add_sink's argument.
+// A sink of -inf is no sink.
+__device__ __forceinline__ float sink_log2(const FlashFwdParams& p, int h) {
+  return p.sinks != nullptr ? p.sinks[h] * kLog2e : -INFINITY;
+}
+
+// softmax_lse of a row that saw no key: the sink where the head has one
+// (its only term), else +inf.
+__device__ __forceinline__ float empty_row_lse(const FlashFwdParams& p, int h) {
+  return p.sinks != nullptr && p.sinks[h] != -INFINITY ? p.sinks[h] : INFINITY;
+}
 
 // Converts fp32 accumulators (kMT x kNT n-tiles of 8 columns) to bf16/fp16
 // A-operand fragments of m16n8k16 (kMT x kNT/2 k-steps of 16), without going

@@ -23,6 +23,10 @@
 // head-dim halves otherwise) and added into the fp32 dq_accum with vector
 // atomics. Q_i / dO_i (with their LSE / D) are double-buffered with cp.async:
 // block i + 1 loads while i computes.
+//
+// kMods (softcap, ALiBi): a compile-time variant, as in the mma.sync kernel:
+// P^T through the kMods rule, whose softcap factor per score stays in
+// registers until dS^T (after dbias, which takes the gradient before it).
 #pragma once
 
 #include "../../flash_params.h"
@@ -96,7 +100,7 @@ __device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const fl
   }
 }
 
-template <typename T, bool kDq>
+template <typename T, bool kDq, bool kMods>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const FlashBwdParams p) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -156,7 +160,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   float acc_dk[kDkvN / 8][4] = {};
   float acc_dv[kDkvN / 8][4] = {};
 
-  const BwdScoreRule<Element> rule(p, geo, b, h);
+  const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
   // Descriptor strides (bytes): 8-row groups are one swizzle atom apart; the
@@ -193,7 +197,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_wait<1>();
     fence_regs(acc_s);
     const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
-    if (!need_mask && !rule.has_bias) {
+    // Softcap's factor per score of acc_s (kMods; unused and gone otherwise).
+    float dsoftcap[kSN / 8][4];
+    if (rule.fast_tile(need_mask)) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
@@ -211,7 +217,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
-          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_log2(sLse[col]), sResidual[col], need_mask);
+          acc_s[j][e] =
+              rule.prob(acc_s[j][e], row, key, lse_log2(sLse[col]), sResidual[col], need_mask, dsoftcap[j][e]);
         }
       }
     }
@@ -224,7 +231,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     for (int j = 0; j < kSN / 8; ++j) {
       const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.score_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
+      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.logit_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
     }
     if (dbias != nullptr) {
 #pragma unroll
@@ -234,6 +241,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
           const int key = n0 + key_row0 + g + 8 * (e / 2), row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
           if (row < p.seqlen_q && key < p.seqlen_k) dbias[int64_t(row) * p.seqlen_k + key] = from_float<Element>(acc_dp[j][e]);
         }
+      }
+    }
+    if constexpr (kMods) {  // dS^T: through softcap
+#pragma unroll
+      for (int j = 0; j < kSN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], dsoftcap[j][e]);
       }
     }
     uint32_t ds_frag[kSN / 16][4];

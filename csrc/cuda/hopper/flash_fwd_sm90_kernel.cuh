@@ -10,6 +10,9 @@
 // product is still on the tensor cores; only the rescale of O by the new row
 // maxima waits for it (OnlineSoftmax::update_stats / rescale). K and V are
 // double-buffered with cp.async, one barrier per key block.
+// Score features as in the mma.sync forward (flash_fwd_kernel.cuh): kHasBias
+// and kMods (softcap, ALiBi) are template variants of the score rule, an
+// attention sink joins the row sums in the epilogue (OnlineSoftmax::add_sink).
 #pragma once
 
 #include "../../flash_params.h"
@@ -64,7 +67,7 @@ __device__ __forceinline__ void gemm_qk(float (&s)[kBlockN / 8][4], uint32_t sQ_
   wgmma_abt_kmajor<Element, kBlockN, kHeadDim>(s, sQ_wg, kBlockM * kLineBytes, sK, kBlockN * kLineBytes);
 }
 
-template <typename T, bool kHasBias>
+template <typename T, bool kHasBias, bool kMods>
 __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_kernel(const __grid_constant__ FlashFwdParams p) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -93,14 +96,15 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   float* lse_out = p.softmax_lse + int64_t(bh) * p.seqlen_q;
   float* residual_out = p.lse_residual ? p.lse_residual + int64_t(bh) * p.seqlen_q : nullptr;
 
-  if (n_begin >= n_end) {  // no key visible to any row: out = 0, lse = +inf, residual 0
+  if (n_begin >= n_end) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
     for (int idx = tid; idx < kBlockM * (kHeadDim / 8); idx += T::kNThreads) {
       const int r = idx / (kHeadDim / 8), c = idx % (kHeadDim / 8);
       if (row0 + r < p.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
     }
+    const float empty_lse = empty_row_lse(p, h);
     for (int r = tid; r < kBlockM; r += T::kNThreads) {
       if (row0 + r < p.seqlen_q) {
-        lse_out[row0 + r] = INFINITY;
+        lse_out[row0 + r] = empty_lse;
         if (residual_out) residual_out[row0 + r] = 0.f;
       }
     }
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 
   // Scores of key block nb to probabilities (P in place): the score rule,
   // then the softmax statistics, returning the factors O must be rescaled by.
-  const CudaScoreRule<Element, kHasBias> rule(p, geo, b, h);
+  const CudaScoreRule<Element, kHasBias, kMods> rule(p, geo, b, h);
   OnlineSoftmax<1> softmax;
   softmax.init();
   auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
@@ -205,6 +209,13 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   // Epilogue: O / rowsum through this warpgroup's own rows of the Q tile (no
   // other warpgroup reads them), then coalesced 16-byte stores.
   float inv_sum[1][2], lse[1][2], residual[1][2];
+  if (p.sinks != nullptr) {
+    // The head again, from an opaque copy of the block index: reusing h would
+    // keep it alive across the key loop of every call, with a sink or without.
+    int sink_block = blockIdx.x;
+    asm volatile("" : "+r"(sink_block));
+    softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
+  }
   softmax.finalize(inv_sum, lse, residual);
   if (t == 0) {
 #pragma unroll
