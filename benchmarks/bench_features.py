@@ -1,0 +1,106 @@
+"""What the score features cost (issue 9), on the GPU, in one process.
+
+Times flash_attn_func's forward and forward+backward with no feature, with
+softcap, ALiBi, attention sinks and all three, and reports each as a
+fraction of the plain kernel's time; beside them, PyTorch SDPA's FLASH and
+cuDNN backends (plain) and compiled FlexAttention with the same softcap as a
+score_mod. bf16, head dim 128, causal off by default.
+
+    python benchmarks/bench_features.py [--seqlen 8192] [--batch 2] [--heads 16] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402,F401  (puts the checkout first on the path)
+import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import flash_attn_ext  # noqa: E402
+
+
+def time_ms(fn, backward):
+    """Median ms of fn() (backward: of fn() and its backward), on random gradients."""
+    if not backward:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    grad = torch.randn_like(fn())
+    return do_bench(lambda: fn().backward(grad), warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqlen", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    b, s, h, d = args.batch, args.seqlen, args.heads, args.headdim
+    dev = "cuda"
+    mk = lambda: torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    q, k, v = mk(), mk(), mk()
+    slopes = torch.rand(h, device=dev) * 0.1
+    sinks = torch.randn(h, device=dev, requires_grad=True)
+    cap = 30.0
+    ours = {
+        "plain": dict(),
+        "softcap": dict(softcap=cap),
+        "alibi": dict(alibi_slopes=slopes),
+        "sinks": dict(s_aux=sinks),
+        "all": dict(softcap=cap, alibi_slopes=slopes, s_aux=sinks),
+    }
+    rows = {}
+    for name, kw in ours.items():
+        fn = lambda kw=kw: flash_attn_ext.flash_attn_func(q, k, v, causal=args.causal, **kw)  # noqa: E731
+        rows[f"ours {name}"] = (time_ms(fn, False), time_ms(fn, True))
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def fn(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal)
+        try:
+            rows[f"{name} plain"] = (time_ms(fn, False), time_ms(fn, True))
+        except RuntimeError as e:  # a backend that declines the shape
+            print(f"{name}: {e}".splitlines()[0])
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention)
+        block_mask = None
+        if args.causal:
+            block_mask = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, s, s, device=dev)
+
+        def softcap_mod(score, b_, h_, qi, ki):
+            return cap * torch.tanh(score / cap)
+
+        fn = lambda: flex(qt, kt, vt, score_mod=softcap_mod, block_mask=block_mask)  # noqa: E731
+        rows["flex softcap"] = (time_ms(fn, False), time_ms(fn, True))
+    except Exception as e:  # noqa: BLE001  (FlexAttention missing or failing to compile)
+        print(f"flex: {type(e).__name__}: {e}".splitlines()[0])
+
+    plain_f, plain_fb = rows["ours plain"]
+    print(f"bf16, batch {b}, seqlen {s}, heads {h}, head dim {d}, causal {args.causal}; median ms; "
+          f"overhead = time / ours plain - 1")
+    print("| kernel | fwd ms | fwd+bwd ms | fwd overhead | fwd+bwd overhead |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (f, fb) in rows.items():
+        print(f"| {name} | {f:.3f} | {fb:.3f} | {f / plain_f - 1:+.1%} | {fb / plain_fb - 1:+.1%} |")
+    if "flex softcap" in rows:
+        ff, ffb = rows["flex softcap"]
+        sf, sfb = rows["ours softcap"]
+        print(f"ours softcap vs compiled FlexAttention softcap: fwd {ff / sf:.2f}x, fwd+bwd {ffb / sfb:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "ms": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
