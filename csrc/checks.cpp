@@ -239,7 +239,8 @@ Tensor lse_without_keys(const Tensor& q, const std::optional<Tensor>& sinks) {
                                     torch::stable::detail::from(std::optional<double>()),
                                     torch::stable::detail::from(std::optional<double>(inf)),
                                     torch::stable::detail::from(std::optional<double>(inf))};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::nan_to_num", "", stack.data(), TORCH_ABI_VERSION));
+  FLASH_CHECK(torch_call_dispatcher("aten::nan_to_num", "", stack.data(), TORCH_ABI_VERSION) == 0,
+              "flash_attn_ext: aten::nan_to_num failed inside PyTorch");
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
