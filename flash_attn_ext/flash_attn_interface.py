@@ -12,8 +12,9 @@ where flash-attn itself is not installed, so such libraries run unchanged.
 What flash-attn's functions return and flash_attn_ext has no use for comes
 back shaped as flash-attn shapes it: S_dmask is an empty tensor (it only
 exists with dropout), rng_state two zeros. Arguments whose feature is not
-implemented (dropout_p, softcap, alibi_slopes, return_softmax, paged or
-left-padded KV) raise NotImplementedError naming the argument.
+implemented (dropout_p, return_softmax, paged or left-padded KV) raise
+NotImplementedError naming the argument; softcap and alibi_slopes go to the
+kernels.
 
 lse: flash-attn's softmax_lse is fp32, and these functions neither return
 nor take the op's lse_residual. For fp16/bf16/fp32 inputs the op has none;
@@ -57,19 +58,23 @@ def _round_multiple(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def _reject(dropout_p, softcap, alibi_slopes, return_softmax=False, **paged) -> None:
+def _reject(dropout_p, return_softmax=False, **paged) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
-    if softcap != 0.0:
-        raise NotImplementedError(f"flash_attn_ext: softcap={softcap} is not supported yet (only 0.0)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("flash_attn_ext: alibi_slopes is not supported yet (only None)")
     if return_softmax:
         # flash-attn itself only allows it with dropout.
         raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported (it needs dropout_p > 0)")
     for name, value in paged.items():
         if value is not None:
             raise NotImplementedError(f"flash_attn_ext: {name} is not supported yet (only None)")
+
+
+def _slopes_of(alibi_slopes: Optional[torch.Tensor], sequence: int) -> Optional[torch.Tensor]:
+    """The ALiBi slopes of one sequence of a varlen batch: (batch, nheads) slopes
+    are per sequence, (nheads,) ones shared."""
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[sequence:sequence + 1]
 
 
 def _residual_for(q: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -106,11 +111,11 @@ def _flash_attn_forward(
     (batch, seqlen_q, nheads, headdim), k, v (batch, seqlen_k, nheads_k,
     headdim); softmax_lse (batch, nheads, seqlen_q) fp32, +inf for rows that
     see no key. No autograd: libraries wrap it in their own."""
-    _reject(dropout_p, softcap, alibi_slopes, return_softmax)
+    _reject(dropout_p, return_softmax)
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
     with torch.no_grad():
         out, softmax_lse, _ = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), int(window_size_left),
-                                       int(window_size_right), False)
+                                       int(window_size_right), False, float(softcap), alibi_slopes)
     s_dmask = q.new_empty((0,))
     rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
     return out, softmax_lse, s_dmask, rng_state
@@ -141,13 +146,14 @@ def _flash_attn_backward(
     returns softmax_d = rowsum(dout * out), (batch, nheads, seqlen_q rounded up
     to a multiple of 128) fp32, zero past seqlen_q. softmax_lse may be another
     call's (ring attention passes the merged lse with the merged out)."""
-    _reject(dropout_p, softcap, alibi_slopes)
+    _reject(dropout_p)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse = softmax_lse.float().contiguous()
     with torch.no_grad():
         gq, gk, gv, _ = _ops.bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, None, float(softmax_scale),
                                  bool(causal), int(window_size_left), int(window_size_right),
-                                 bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False)
+                                 bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False,
+                                 float(softcap), alibi_slopes)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch, seqlen_q, nheads, _ = q.shape
         softmax_d = torch.zeros((batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device)
@@ -201,17 +207,17 @@ def _flash_attn_varlen_forward(
     S_dmask, rng_state). One op call per sequence (the op has no varlen kernel
     yet): correct, not fast. zero_tensors has nothing to do (every output row
     is written)."""
-    _reject(dropout_p, softcap, alibi_slopes, return_softmax, block_table=block_table, leftpad_k=leftpad_k,
-            seqused_k=seqused_k)
+    _reject(dropout_p, return_softmax, block_table=block_table, leftpad_k=leftpad_k, seqused_k=seqused_k)
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
     out = torch.zeros_like(q)
     softmax_lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     with torch.no_grad():
-        for q0, q1, k0, k1 in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+        for i, (q0, q1, k0, k1) in enumerate(_sequences(q, k, cu_seqlens_q, cu_seqlens_k)):
             if q1 == q0 or k1 == k0:
                 continue  # no queries, or no keys: out 0, lse +inf
             o, lse, _ = _ops.fwd(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, float(softmax_scale),
-                                 bool(causal), int(window_size_left), int(window_size_right), False)
+                                 bool(causal), int(window_size_left), int(window_size_right), False, float(softcap),
+                                 _slopes_of(alibi_slopes, i))
             out[q0:q1] = o[0]
             softmax_lse[:, q0:q1] = lse[0]
     rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
@@ -246,20 +252,20 @@ def _flash_attn_varlen_backward(
     """flash-attn 2.8's varlen backward: writes into dq, dk, dv and returns
     softmax_d (nheads, total_q + 128 * batch) fp32, zero past total_q (the
     shape flash-attn allocates). One op call per sequence."""
-    _reject(dropout_p, softcap, alibi_slopes)
+    _reject(dropout_p)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse_all = softmax_lse.float()
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     sequences = _sequences(q, k, cu_seqlens_q, cu_seqlens_k)
     with torch.no_grad():
         gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for q0, q1, k0, k1 in sequences:
+        for i, (q0, q1, k0, k1) in enumerate(sequences):
             if q1 == q0 or k1 == k0:
                 continue
             lse = lse_all[None, :, q0:q1].contiguous()
             g = _ops.bwd(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1], lse,
                          _residual_for(q, lse), None, None, float(softmax_scale), bool(causal), int(window_size_left),
-                         int(window_size_right), deterministic, False)
+                         int(window_size_right), deterministic, False, float(softcap), _slopes_of(alibi_slopes, i))
             gq[q0:q1], gk[k0:k1], gv[k0:k1] = g[0][0], g[1][0], g[2][0]
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * len(sequences)), dtype=torch.float32,
