@@ -20,6 +20,8 @@ __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_
 
 
 def _check_unsupported(dropout_p: float) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flash_attn_ext: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
 

@@ -162,6 +162,9 @@ def test_bad_feature_arguments(device):
                      ("5", TypeError), (None, TypeError)]:
         with pytest.raises(err, match="softcap"):
             f(q, k, v, softcap=bad)
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "0.1", None):
+        with pytest.raises(ValueError, match="dropout_p must be a number in"):
+            f(q, k, v, dropout_p=bad)
     with pytest.raises(RuntimeError, match=r"alibi_slopes must be \(nheads,\) = \(4,\) or \(batch, nheads\)"):
         f(q, k, v, alibi_slopes=torch.ones(3, device=device))
     with pytest.raises(RuntimeError, match=r"alibi_slopes must be \(nheads,\)"):
