@@ -131,19 +131,27 @@ def _setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
 
 
+def rowsum_product(a, b):
+    """rowsum(a * b) over the last dimension, in fp32 (fp64 for fp64 inputs):
+    the D = rowsum(dout * out) of the backward, which the kernels also form in
+    fp32 from the rounded output."""
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a.to(dtype) * b.to(dtype)).sum(-1)
+
+
 def sinks_grad(sinks, dout, out, softmax_lse, lse_residual, dsoftmax_lse):
     """d loss / d sinks, (nheads,): the sink of head h has probability
     P_i = exp(sink_h - lse_i) in row i and no value, so it enters the output
     only through lse: d out_i / d sink_h = -P_i out_i, and
     d loss / d sink_h = -sum_{b, i} P_i D_i with D_i = rowsum(dout_i * out_i) - dlse_i
-    (the same D the backward kernels use)."""
-    lse = softmax_lse.double()
+    (the same D the backward kernels use). In fp32, fp64 for fp64 inputs."""
+    d = rowsum_product(dout, out).transpose(1, 2)  # (batch, nheads, seqlen_q)
+    lse = softmax_lse.to(d.dtype)
     if lse_residual.numel():  # fp64 inputs: the part of lse fp32 could not hold
-        lse = lse + lse_residual.double()
-    d = (dout.double() * out.double()).sum(-1).transpose(1, 2)  # (batch, nheads, seqlen_q)
+        lse = lse + lse_residual.to(d.dtype)
     if dsoftmax_lse is not None:
-        d = d - dsoftmax_lse.double()
-    p_sink = torch.exp(sinks.double()[None, :, None] - lse)  # lse = +inf (no key, no sink): 0
+        d = d - dsoftmax_lse.to(d.dtype)
+    p_sink = torch.exp(sinks.to(d.dtype)[None, :, None] - lse)  # lse = +inf (no key, no sink): 0
     return (-(p_sink * d).sum(dim=(0, 2))).to(sinks.dtype)
 
 

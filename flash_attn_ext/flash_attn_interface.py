@@ -89,11 +89,6 @@ def _write(dst: Optional[torch.Tensor], src: torch.Tensor) -> torch.Tensor:
     return src if dst is None else dst.copy_(src)
 
 
-def _softmax_d(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """rowsum(dout * out) as (batch, nheads, seqlen_q), fp32."""
-    return (dout.float() * out.float()).sum(-1).transpose(1, 2)
-
-
 def _flash_attn_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,7 +152,7 @@ def _flash_attn_backward(
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch, seqlen_q, nheads, _ = q.shape
         softmax_d = torch.zeros((batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device)
-        softmax_d[:, :, :seqlen_q] = _softmax_d(dout, out)
+        softmax_d[:, :, :seqlen_q] = _ops.rowsum_product(dout, out).transpose(1, 2)
     return softmax_d
 
 
@@ -270,7 +265,7 @@ def _flash_attn_varlen_backward(
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * len(sequences)), dtype=torch.float32,
                                 device=q.device)
-        softmax_d[:, :q.shape[0]] = (dout.float() * out.float()).sum(-1).t()
+        softmax_d[:, :q.shape[0]] = _ops.rowsum_product(dout, out).t()
     return softmax_d
 
 
