@@ -252,7 +252,12 @@ def test_multi_rank_matches_single_process(world_size, name):
             assert_fp32_close(ours[i], single.double(), what + " vs flash_attn_func")
         else:
             lowps = tuple(refs[k][i] for k in ("lowp_math", "lowp_sdpa"))
-            assert_close_to_ref(ours[i], ref64, lowps, what)
+            # Every op call returns its partial out / dq / dk / dv rounded to the
+            # dtype before the fp32 merge or sum, so a rank's result carries one
+            # rounding per contributing block (up to 2 * world_size pieces)
+            # where flash_attn_func's carries one: that much more slack.
+            block_roundings = 2 * world_size * torch.finfo(dtype).eps / 2
+            assert_close_to_ref(ours[i], ref64, lowps, what, slack=1e-5 + block_roundings)
             assert_close_to_ref(single, ref64, lowps, what + " (flash_attn_func itself)")
 
 
