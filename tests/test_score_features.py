@@ -93,7 +93,10 @@ def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, d
         baselines[3] = (low_grads[3], grad_of(low_out, low_lse), grad_of(ref_out, ref_lse))
     for name, ours, ref, low in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, baselines):
         assert ours.shape == ref.shape, name
-        assert_close_to_ref(ours, ref, low, name)
+        # dsinks is a handful of sums (one per head), so the baselines' own
+        # rounding draws are noisy: one unit of the dtype's precision on top.
+        slack = max(1e-5, torch.finfo(q.dtype).eps) if name == "dsinks" else 1e-5
+        assert_close_to_ref(ours, ref, low, name, slack=slack)
 
 
 CASES = [
