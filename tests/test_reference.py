@@ -41,7 +41,7 @@ def test_softcap():
     cap = 2.5
     out, lse = attention_ref(q, k, v, softcap=cap, softmax_scale=0.5)
     scores = cap * torch.tanh(torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.5 / cap)
-    assert scores.abs().max() < cap
+    assert scores.abs().max() <= cap  # tanh saturates to exactly 1 for the largest scores
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
     torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v))
 
