@@ -38,8 +38,8 @@ int normalise_window_side(int64_t side, int64_t reach) { return (side < 0 || sid
 
 // fp32 per-head values (ALiBi slopes, sink logits): (nheads,) or, where
 // per_batch, also (batch, nheads); on q's device, unit last stride.
-void check_per_head(const Tensor& t, const char* name, const Tensor& q, bool per_batch) {
-  const int64_t batch = q.size(0), nheads = q.size(2);
+void check_per_head(const Tensor& t, const char* name, const Tensor& q, bool per_batch, int64_t batch) {
+  const int64_t nheads = q.size(2);
   FLASH_CHECK(t.scalar_type() == ScalarType::Float, "flash_attn_ext: ", name, " must be float32, got ",
               dtype_name(t.scalar_type()));
   FLASH_CHECK(same_device(t, q), "flash_attn_ext: ", name, " must be on the device of q (", device_name(q),
@@ -53,17 +53,18 @@ void check_per_head(const Tensor& t, const char* name, const Tensor& q, bool per
               " must have a contiguous last dimension (stride 1), got stride ", num(t.stride(-1)));
 }
 
-void check_score_features(const Tensor& q, const ScoreFeatures& f) {
+void check_score_features(const Tensor& q, const ScoreFeatures& f, int64_t batch) {
   FLASH_CHECK(std::isfinite(f.softcap) && f.softcap >= 0 && f.softcap <= std::numeric_limits<float>::max(),
               "flash_attn_ext: softcap must be a finite number >= 0 (0 = off), got ", num(f.softcap));
-  if (f.alibi_slopes.has_value()) check_per_head(*f.alibi_slopes, "alibi_slopes", q, /*per_batch=*/true);
-  if (f.sinks.has_value()) check_per_head(*f.sinks, "sinks", q, /*per_batch=*/false);
+  if (f.alibi_slopes.has_value()) check_per_head(*f.alibi_slopes, "alibi_slopes", q, /*per_batch=*/true, batch);
+  if (f.sinks.has_value()) check_per_head(*f.sinks, "sinks", q, /*per_batch=*/false, batch);
 }
 
 }  // namespace
 
 void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
-                      const std::optional<Tensor>& attn_bias, double softmax_scale, const ScoreFeatures& features) {
+                      const std::optional<Tensor>& attn_bias, double softmax_scale, const ScoreFeatures& features,
+                      const VarlenLayout* varlen) {
   FLASH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ",
               num(q.dim()), "-D");
   FLASH_CHECK(k.dim() == 4, "flash_attn_ext: k must be 4-D (batch, seqlen_k, nheads_k, headdim), got ",
@@ -104,7 +105,9 @@ void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
-  check_score_features(q, features);
+  check_score_features(q, features, varlen != nullptr ? varlen->batch() : batch);
+  FLASH_CHECK(varlen == nullptr || !attn_bias.has_value(),
+              "flash_attn_ext: attn_bias is not supported with variable-length (cu_seqlens) inputs");
   if (attn_bias.has_value()) {
     const Tensor& b = *attn_bias;
     FLASH_CHECK(b.scalar_type() == dtype, "flash_attn_ext: attn_bias must have the dtype of q (",
@@ -122,8 +125,8 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                       const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
                       const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad,
-                      const ScoreFeatures& features) {
-  check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
+                      const ScoreFeatures& features, const VarlenLayout* varlen) {
+  check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features, varlen);
   FLASH_CHECK(!bias_requires_grad || attn_bias.has_value(),
               "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
   FLASH_CHECK(same_shape(dout.sizes(), q.sizes()), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
@@ -163,7 +166,8 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
 void set_fwd_params(FlashFwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
                     const std::optional<Tensor>& attn_bias, const Tensor& out,
                     const Tensor& softmax_lse, const Tensor& lse_residual, double softmax_scale, bool causal,
-                    int64_t window_left, int64_t window_right, const ScoreFeatures& features) {
+                    int64_t window_left, int64_t window_right, const ScoreFeatures& features,
+                    const VarlenLayout* varlen) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -188,6 +192,23 @@ void set_fwd_params(FlashFwdParams& p, const Tensor& q, const Tensor& k, const T
   p.nheads = static_cast<int>(q.size(2));
   p.nheads_k = static_cast<int>(k.size(2));
   p.headdim = static_cast<int>(q.size(3));
+  p.lse_batch_stride = int64_t(p.nheads) * p.seqlen_q;
+  p.lse_head_stride = p.seqlen_q;
+  if (varlen != nullptr) {
+    // The tensors are (1, total, heads, dim) views; the sequences come from
+    // the cumulative lengths, and softmax_lse is (1, nheads, total_q).
+    p.cu_seqlens_q = static_cast<const int*>(varlen->cu_seqlens_q.data_ptr());
+    p.cu_seqlens_k = static_cast<const int*>(varlen->cu_seqlens_k.data_ptr());
+    p.seqused_k = varlen->seqused_k.has_value() ? static_cast<const int*>(varlen->seqused_k->data_ptr()) : nullptr;
+    p.total_q = p.seqlen_q;
+    p.total_k = p.seqlen_k;
+    p.batch = static_cast<int>(varlen->batch());
+    p.seqlen_q = static_cast<int>(varlen->max_seqlen_q);
+    p.seqlen_k = static_cast<int>(varlen->max_seqlen_k);
+    p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = 0;
+    p.lse_batch_stride = 0;
+    p.lse_head_stride = p.total_q;
+  }
   p.softmax_scale = softmax_scale;
   p.softmax_scale_f = static_cast<float>(softmax_scale);
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
@@ -211,9 +232,9 @@ void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, cons
                     const std::optional<Tensor>& attn_bias, const Tensor& dq, const Tensor& dk,
                     const Tensor& dv, const std::optional<Tensor>& dbias, double softmax_scale,
                     bool causal, int64_t window_left, int64_t window_right, bool deterministic,
-                    const ScoreFeatures& features) {
+                    const ScoreFeatures& features, const VarlenLayout* varlen) {
   set_fwd_params(p, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
-                 window_right, features);
+                 window_right, features, varlen);
   p.dout = dout.data_ptr();
   p.dsoftmax_lse = dsoftmax_lse.has_value() ? static_cast<const float*>(dsoftmax_lse->data_ptr()) : nullptr;
   p.dq = dq.data_ptr();
@@ -224,7 +245,118 @@ void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, cons
   p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
   p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
   p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+  if (varlen != nullptr) p.do_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
   p.deterministic = deterministic;
+}
+
+namespace {
+
+// An int32 vector of `length` on q's device, contiguous.
+void check_int_vector(const Tensor& t, const char* name, int64_t length, const char* what, const Tensor& q) {
+  FLASH_CHECK(t.scalar_type() == ScalarType::Int, "flash_attn_ext: ", name, " must be int32, got ",
+              dtype_name(t.scalar_type()));
+  FLASH_CHECK(same_device(t, q), "flash_attn_ext: ", name, " must be on the device of q (", device_name(q), "), got ",
+              device_name(t));
+  FLASH_CHECK(t.dim() == 1 && (length < 0 || t.size(0) == length), "flash_attn_ext: ", name, " must be 1-D ", what,
+              length >= 0 ? " = (" + num(length) + ",)" : std::string(), ", got ", shape(t.sizes()));
+  FLASH_CHECK(t.is_contiguous(), "flash_attn_ext: ", name, " must be contiguous");
+}
+
+// The values of cumulative lengths that are on the CPU: they start at >= 0,
+// never decrease, end within `total`, and no step exceeds `max_len`.
+void check_cu_seqlens_values(const Tensor& cu, const char* name, int64_t total, int64_t max_len,
+                             const char* max_name) {
+  const int* v = static_cast<const int*>(cu.data_ptr());
+  const int64_t n = cu.size(0);
+  FLASH_CHECK(v[0] >= 0, "flash_attn_ext: ", name, "[0] must be >= 0, got ", num(v[0]));
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t len = int64_t(v[i + 1]) - v[i];
+    FLASH_CHECK(len >= 0, "flash_attn_ext: ", name, " must be non-decreasing, but ", name, "[", num(i + 1), "] = ",
+                num(v[i + 1]), " < ", name, "[", num(i), "] = ", num(v[i]));
+    FLASH_CHECK(len <= max_len, "flash_attn_ext: sequence ", num(i), " has length ", num(len), " (from ", name,
+                "), more than ", max_name, " = ", num(max_len));
+  }
+  FLASH_CHECK(v[n - 1] <= total, "flash_attn_ext: ", name, "[-1] = ", num(v[n - 1]),
+              " exceeds the number of rows of the tensor it indexes (", num(total), ")");
+}
+
+}  // namespace
+
+void check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const VarlenLayout& layout) {
+  FLASH_CHECK(q.dim() == 3, "flash_attn_ext: varlen q must be 3-D (total_q, nheads, headdim), got ", num(q.dim()),
+              "-D");
+  FLASH_CHECK(k.dim() == 3, "flash_attn_ext: varlen k must be 3-D (total_k, nheads_k, headdim), got ", num(k.dim()),
+              "-D");
+  FLASH_CHECK(v.dim() == 3, "flash_attn_ext: varlen v must be 3-D (total_k, nheads_k, headdim), got ", num(v.dim()),
+              "-D");
+  check_int_vector(layout.cu_seqlens_q, "cu_seqlens_q", -1, "(batch + 1,)", q);
+  FLASH_CHECK(layout.cu_seqlens_q.size(0) >= 1, "flash_attn_ext: cu_seqlens_q must have batch + 1 >= 1 entries");
+  const int64_t batch = layout.batch();
+  check_int_vector(layout.cu_seqlens_k, "cu_seqlens_k", batch + 1, "(batch + 1,), like cu_seqlens_q", q);
+  if (layout.seqused_k.has_value()) check_int_vector(*layout.seqused_k, "seqused_k", batch, "(batch,)", q);
+  FLASH_CHECK(layout.max_seqlen_q >= 0 && layout.max_seqlen_q <= kMaxSeqlen, "flash_attn_ext: max_seqlen_q must be in [0, ",
+              num(kMaxSeqlen), "], got ", num(layout.max_seqlen_q));
+  FLASH_CHECK(layout.max_seqlen_k >= 0 && layout.max_seqlen_k <= kMaxSeqlen, "flash_attn_ext: max_seqlen_k must be in [0, ",
+              num(kMaxSeqlen), "], got ", num(layout.max_seqlen_k));
+  FLASH_CHECK(q.size(0) <= kMaxInt && k.size(0) <= kMaxInt, "flash_attn_ext: total_q and total_k must be below 2**31");
+  if (layout.cu_seqlens_q.is_cpu()) {
+    check_cu_seqlens_values(layout.cu_seqlens_q, "cu_seqlens_q", q.size(0), layout.max_seqlen_q, "max_seqlen_q");
+  }
+  if (layout.cu_seqlens_k.is_cpu()) {
+    // With seqused_k a sequence's span of k may be longer than the keys it uses.
+    const int64_t max_k = layout.seqused_k.has_value() ? k.size(0) : layout.max_seqlen_k;
+    check_cu_seqlens_values(layout.cu_seqlens_k, "cu_seqlens_k", k.size(0), max_k,
+                            layout.seqused_k.has_value() ? "total_k" : "max_seqlen_k");
+  }
+  if (layout.seqused_k.has_value() && layout.seqused_k->is_cpu()) {
+    const int* used = static_cast<const int*>(layout.seqused_k->data_ptr());
+    const int* cu = static_cast<const int*>(layout.cu_seqlens_k.data_ptr());
+    for (int64_t i = 0; i < batch; ++i) {
+      FLASH_CHECK(used[i] >= 0 && used[i] <= layout.max_seqlen_k && used[i] <= cu[i + 1] - cu[i],
+                  "flash_attn_ext: seqused_k[", num(i), "] = ", num(used[i]),
+                  " must be in [0, min(max_seqlen_k, its sequence's length in cu_seqlens_k)]");
+    }
+  }
+}
+
+Tensor as_one_sequence(const Tensor& t) {
+  const std::array<int64_t, 4> shape4{1, t.size(0), t.size(1), t.size(2)};
+  return torch::stable::view(t, shape4);
+}
+
+Tensor drop_batch_dim(const Tensor& t) {
+  if (t.dim() <= 1) return t;  // an empty placeholder
+  if (t.dim() == 3) {
+    const std::array<int64_t, 2> shape2{t.size(1), t.size(2)};
+    return torch::stable::view(t, shape2);
+  }
+  const std::array<int64_t, 3> shape3{t.size(1), t.size(2), t.size(3)};
+  return torch::stable::view(t, shape3);
+}
+
+namespace {
+
+Tensor rows_view(const Tensor& t, const char* name) {
+  FLASH_CHECK(t.dim() == 3, "flash_attn_ext: varlen ", name, " must be 3-D (total_q, nheads, headdim), got ",
+              num(t.dim()), "-D");
+  return as_one_sequence(t);
+}
+
+Tensor lse_view(const Tensor& t, const char* name) {
+  FLASH_CHECK(t.dim() == 2, "flash_attn_ext: varlen ", name, " must be 2-D (nheads, total_q), got ", num(t.dim()), "-D");
+  const std::array<int64_t, 3> shape3{1, t.size(0), t.size(1)};
+  return torch::stable::view(t, shape3);
+}
+
+}  // namespace
+
+VarlenViews::VarlenViews(const Tensor& dout_, const Tensor& out_, const Tensor& softmax_lse,
+                         const Tensor& lse_residual_, const std::optional<Tensor>& dsoftmax_lse)
+    : dout(rows_view(dout_, "dout")),
+      out(rows_view(out_, "out")),
+      lse(lse_view(softmax_lse, "softmax_lse")),
+      lse_residual(lse_residual_.numel() == 0 ? lse_residual_ : lse_view(lse_residual_, "lse_residual")) {
+  if (dsoftmax_lse.has_value()) dlse = lse_view(*dsoftmax_lse, "dsoftmax_lse");
 }
 
 Tensor lse_without_keys(const Tensor& q, const std::optional<Tensor>& sinks) {

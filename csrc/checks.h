@@ -24,6 +24,45 @@ struct ScoreFeatures {
   std::optional<Tensor> sinks;
 };
 
+// A variable-length batch (flash-attn's varlen layout; csrc/seq_info.h):
+// q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim),
+// sequence b owning rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and
+// [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int32, batch + 1), and
+// using only its first seqused_k[b] keys where seqused_k (int32, batch) is
+// given. max_seqlen_q / _k bound the lengths. The host functions run such a
+// call as a dense one over views of batch 1 (1, total, heads, headdim),
+// whose FlashParams then describe the sequences (set_fwd_params).
+struct VarlenLayout {
+  const Tensor& cu_seqlens_q;
+  const Tensor& cu_seqlens_k;
+  const std::optional<Tensor>& seqused_k;
+  int64_t max_seqlen_q, max_seqlen_k;
+  int64_t batch() const { return cu_seqlens_q.size(0) - 1; }
+};
+
+// Checks the varlen tensors q, k, v (3-D) and the layout: dtypes, shapes
+// and devices always; the values of cu_seqlens_* and seqused_k (monotone,
+// within total_q / total_k, lengths at most max_seqlen_*) when they are on
+// the CPU, where reading them costs no synchronisation. Whatever the values,
+// the kernels stay inside the tensors (seq_info.h clamps).
+void check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const VarlenLayout& layout);
+
+// The (1, rows, heads, dim) view of a varlen (rows, heads, dim) tensor,
+// and back.
+Tensor as_one_sequence(const Tensor& t);
+Tensor drop_batch_dim(const Tensor& t);
+
+// The backward's other tensors of a varlen call as batch-1 views: dout and
+// out (total_q, nheads, headdim), softmax_lse, lse_residual (unless empty)
+// and dsoftmax_lse (nheads, total_q). Checks their ranks first, naming the
+// tensor; check_bwd_inputs then checks the views.
+struct VarlenViews {
+  Tensor dout, out, lse, lse_residual;
+  std::optional<Tensor> dlse;
+  VarlenViews(const Tensor& dout, const Tensor& out, const Tensor& softmax_lse, const Tensor& lse_residual,
+              const std::optional<Tensor>& dsoftmax_lse);
+};
+
 // softmax_lse (batch, nheads, seqlen_q) of a call without keys (seqlen_k =
 // 0), where every row's softmax has only the head's sink: the sink, or +inf
 // without sinks (a sink of -inf is none: +inf too), as the kernels write it
@@ -32,9 +71,12 @@ Tensor lse_without_keys(const Tensor& q, const std::optional<Tensor>& sinks);
 
 // Checks q, k, v, the optional bias, the scale and the score features;
 // throws a std::runtime_error (a Python RuntimeError) naming the problem.
+// With `varlen`, q, k and v are the (1, total, heads, dim) views of a
+// varlen call (as_one_sequence) and the per-batch features have one entry
+// per sequence.
 void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                       const std::optional<Tensor>& attn_bias, double softmax_scale,
-                      const ScoreFeatures& features);
+                      const ScoreFeatures& features, const VarlenLayout* varlen = nullptr);
 
 // Additionally checks dout, out, softmax_lse, lse_residual and dsoftmax_lse
 // against q, and that a bias gradient is only asked for when there is a bias.
@@ -42,15 +84,17 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
                       const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                       const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
                       const std::optional<Tensor>& attn_bias, double softmax_scale, bool bias_requires_grad,
-                      const ScoreFeatures& features);
+                      const ScoreFeatures& features, const VarlenLayout* varlen = nullptr);
 
 // Fills shapes, strides, pointers and the mask description. `out`,
-// `softmax_lse` and `lse_residual` must already be allocated.
+// `softmax_lse` and `lse_residual` must already be allocated. With
+// `varlen`, the tensors are the batch-1 views and the params get the
+// sequences (batch = number of sequences, seqlen_* = max_seqlen_*).
 void set_fwd_params(FlashFwdParams& params, const Tensor& q, const Tensor& k,
                     const Tensor& v, const std::optional<Tensor>& attn_bias,
                     const Tensor& out, const Tensor& softmax_lse, const Tensor& lse_residual,
                     double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                    const ScoreFeatures& features);
+                    const ScoreFeatures& features, const VarlenLayout* varlen = nullptr);
 
 void set_bwd_params(FlashBwdParams& params, const Tensor& dout, const Tensor& q,
                     const Tensor& k, const Tensor& v, const Tensor& out,
@@ -59,6 +103,6 @@ void set_bwd_params(FlashBwdParams& params, const Tensor& dout, const Tensor& q,
                     const std::optional<Tensor>& attn_bias, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                     const std::optional<Tensor>& dbias, double softmax_scale, bool causal,
                     int64_t window_left, int64_t window_right, bool deterministic,
-                    const ScoreFeatures& features);
+                    const ScoreFeatures& features, const VarlenLayout* varlen = nullptr);
 
 }  // namespace flash_attn_ext

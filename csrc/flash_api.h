@@ -1,4 +1,4 @@
-// The host functions behind the two ops, one pair per dispatch key. Their
+// The host functions behind the ops (dense and varlen), one pair per dispatch key. Their
 // signatures mirror the schemas in ops.cpp; they are registered boxed
 // (TORCH_BOX) through the stable ABI.
 #pragma once
@@ -24,9 +24,25 @@ namespace flash_attn_ext {
       int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,                         \
       const std::optional<Tensor>& alibi_slopes);
 
+#define FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL(suffix)                                                               \
+  std::tuple<Tensor, Tensor, Tensor> varlen_fwd_##suffix(                                                        \
+      const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, \
+      const std::optional<Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, \
+      bool causal, int64_t window_left, int64_t window_right, bool deterministic, double softcap,               \
+      const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks);                            \
+  std::tuple<Tensor, Tensor, Tensor> varlen_bwd_##suffix(                                                        \
+      const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,                 \
+      const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,         \
+      const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,           \
+      int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,       \
+      int64_t window_right, bool deterministic, double softcap, const std::optional<Tensor>& alibi_slopes);
+
 FLASH_ATTN_EXT_DECLARE_IMPL(cpu)
 FLASH_ATTN_EXT_DECLARE_IMPL(cuda)
+FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL(cpu)
+FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL(cuda)
 
 #undef FLASH_ATTN_EXT_DECLARE_IMPL
+#undef FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL
 
 }  // namespace flash_attn_ext

@@ -53,7 +53,22 @@ struct FlashFwdParams {
   int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
 
+  // softmax_lse (and lse_residual, softmax_d, dsoftmax_lse): (batch, nheads,
+  // seqlen_q) dense, (nheads, total_q) varlen; see SeqInfo::lse_offset.
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;
+
+  // Variable-length batches (seq_info.h says how kernels read them): int32
+  // (batch + 1,) cumulative lengths, sequence b owning rows [cu[b], cu[b + 1])
+  // of q (total_q rows) or of k and v (total_k rows); null for dense calls.
+  // seqused_k (batch,), dense or varlen: sequence b uses only its first
+  // seqused_k[b] keys.
+  const int* cu_seqlens_q = nullptr;
+  const int* cu_seqlens_k = nullptr;
+  const int* seqused_k = nullptr;
+  int total_q = 0, total_k = 0;
+
   int batch = 0;
+  // Per sequence when dense; the largest lengths (max_seqlen_q / _k) varlen.
   int seqlen_q = 0, seqlen_k = 0;
   int nheads = 0, nheads_k = 0;  // nheads % nheads_k == 0 (MQA/GQA).
   int headdim = 0;               // The real head dim (kernels may pad it).

@@ -12,6 +12,7 @@
 
 #include "flash_params.h"
 #include "host_device.h"
+#include "seq_info.h"
 
 namespace flash {
 
@@ -25,8 +26,10 @@ struct MaskGeometry {
   int seqlen_q, seqlen_k;
   int window_left, window_right;  // < 0: unbounded on that side.
 
-  FLASH_HOST_DEVICE explicit MaskGeometry(const FlashFwdParams& p)
-      : seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k), window_left(p.window_left), window_right(p.window_right) {}
+  // The geometry of one sequence (seq_info.h): its own lengths, so that
+  // varlen and seqused_k sequences are aligned bottom-right on their own.
+  FLASH_HOST_DEVICE MaskGeometry(const FlashFwdParams& p, const SeqInfo& seq)
+      : seqlen_q(seq.seqlen_q), seqlen_k(seq.seqlen_k), window_left(p.window_left), window_right(p.window_right) {}
 
   // Diagonal offset: query row i is aligned with key column i + offset.
   FLASH_HOST_DEVICE int offset() const { return seqlen_k - seqlen_q; }

@@ -39,4 +39,24 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
       "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // Variable-length batches (flash-attn's varlen layout, csrc/seq_info.h):
+  // q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim);
+  // sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and
+  // [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (int32, batch + 1)
+  // and uses only its first seqused_k[b] keys where seqused_k (int32,
+  // (batch,)) is given; max_seqlen_q / _k bound the lengths. Masks align
+  // bottom-right per sequence. Returns out (like q), softmax_lse
+  // (nheads, total_q) and lse_residual ((nheads, total_q) for fp64 inputs,
+  // else empty); rows of q outside every sequence get out 0, lse +inf.
+  // No attn_bias; everything else as fwd / bwd.
+  m.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, "
+      "bool deterministic, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) "
+      "-> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
+  m.def(
+      "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor lse_residual, "
+      "Tensor? dsoftmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
+      "float softcap=0., Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

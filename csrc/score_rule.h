@@ -141,7 +141,7 @@ struct ScoreRule {
 
   // Whether (row, col) is a score of the call: partial tiles at the ends of
   // the sequences carry scores that are not.
-  FLASH_HOST_DEVICE bool exists(int row, int col) const { return row < params.seqlen_q && col < params.seqlen_k; }
+  FLASH_HOST_DEVICE bool exists(int row, int col) const { return row < geo.seqlen_q && col < geo.seqlen_k; }
 
   // The bias of a score that exists, at `offset` (bias_offset) in the
   // (batch, head) matrix.
@@ -196,7 +196,7 @@ struct ScoreRule {
         dsoftcap = T(1);
         x = s * scale();
       }
-      const int distance = row + (params.seqlen_k - params.seqlen_q) - col;
+      const int distance = row + geo.offset() - col;
       x -= alibi_slope * static_cast<T>(distance < 0 ? -distance : distance);
       if constexpr (kHasBias) x += floored_bias(bias, kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1));
       return x;
@@ -229,12 +229,12 @@ struct ScoreRule {
         : rule_(rule),
           row_(row),
           keys_(rule.geo.keys(row)),
-          exists_(row < rule.params.seqlen_q),
+          exists_(row < rule.geo.seqlen_q),
           bias_row_(rule.bias_offset(row, 0)) {}
 
     // bias_at(row, col) with the row's part worked out.
     FLASH_HOST_DEVICE T bias(int col) const {
-      return exists_ && col < rule_.params.seqlen_k
+      return exists_ && col < rule_.geo.seqlen_k
                  ? rule_.stored_bias(bias_row_ + col * rule_.params.bias_col_stride)
                  : T(0);
     }

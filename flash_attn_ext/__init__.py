@@ -3,6 +3,9 @@
 Entry points:
   flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func
       flash-attn 2.x compatible (layout batch, seqlen, nheads, headdim).
+  flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func
+      the same over variable-length batches (total_tokens, nheads, headdim)
+      described by cumulative lengths, with paged keys (block_table).
   scaled_dot_product_attention
       torch.nn.functional.scaled_dot_product_attention compatible, with masks.
   MultiheadAttention, replace_attention
@@ -11,12 +14,13 @@ Entry points:
       context parallelism: ring / all-gather attention over torch.distributed.
   flash_attn_ext.flash_attn_interface (imported on its own)
       flash-attn 2.8's low-level _flash_attn_forward / _flash_attn_backward.
-The ops themselves are torch.ops.flash_attn_ext.fwd / bwd.
+The ops themselves are torch.ops.flash_attn_ext.fwd / bwd and varlen_fwd / varlen_bwd.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)
 from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from .mha import MultiheadAttention, replace_attention
 from .sdpa import scaled_dot_product_attention
+from .varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 
 __version__ = "0.2.0"  # pyproject.toml says the same (tests/test_packaging.py)
 
@@ -24,6 +28,9 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "MultiheadAttention",
     "replace_attention",
     "scaled_dot_product_attention",

@@ -335,3 +335,87 @@ def _vmap_by_folding(op, name):
 
 torch.library.register_vmap("flash_attn_ext::fwd", _vmap_by_folding(fwd, "fwd"))
 torch.library.register_vmap("flash_attn_ext::bwd", _vmap_by_folding(bwd, "bwd"))
+
+
+# ---------------------------------------------------------------------------
+# Variable-length batches: varlen_fwd / varlen_bwd (csrc/ops.cpp), the ops
+# behind flash_attn_ext.varlen. Shapes: q (total_q, nheads, d), k and v
+# (total_k, nheads_k, d), softmax_lse (nheads, total_q).
+
+varlen_fwd = torch.ops.flash_attn_ext.varlen_fwd.default
+varlen_bwd = torch.ops.flash_attn_ext.varlen_bwd.default
+
+
+@torch.library.register_fake("flash_attn_ext::varlen_fwd")
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     causal, window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None, sinks=None):
+    check_same_device("flash_attn_ext::varlen_fwd", locals())
+    total_q, nheads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    softmax_lse = q.new_empty((nheads, total_q), dtype=torch.float32)
+    lse_residual = q.new_empty((nheads, total_q) if q.dtype == torch.float64 else (0,), dtype=torch.float32)
+    return out, softmax_lse, lse_residual
+
+
+@torch.library.register_fake("flash_attn_ext::varlen_bwd")
+def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k,
+                     seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                     deterministic, softcap=0.0, alibi_slopes=None):
+    check_same_device("flash_attn_ext::varlen_bwd", locals())
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+_VARLEN_FWD_DEFAULTS = (0.0, None, None)  # softcap, alibi_slopes, sinks
+_VARLEN_FIXED = 13  # varlen_fwd's arguments before the score features
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+     window_left, window_right, deterministic) = inputs[:_VARLEN_FIXED]
+    softcap, alibi_slopes, sinks = tuple(inputs[_VARLEN_FIXED:]) + _VARLEN_FWD_DEFAULTS[len(inputs) - _VARLEN_FIXED:]
+    out, softmax_lse, lse_residual = output
+    ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                          alibi_slopes, sinks)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, deterministic, softcap)
+    ctx.num_inputs = len(inputs)
+
+
+def _varlen_backward(ctx, dout, dsoftmax_lse, _dlse_residual):
+    (q, k, v, out, softmax_lse, lse_residual, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes,
+     sinks) = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, deterministic, softcap = ctx.args
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if dsoftmax_lse is not None:
+        dsoftmax_lse = dsoftmax_lse.float().contiguous()
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k,
+                            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                            deterministic, softcap, alibi_slopes)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[15]:
+        # The dense formula over the one-sequence view: rows outside every
+        # sequence have lse = +inf and add nothing.
+        dsinks = sinks_grad(sinks, dout[None], out[None], softmax_lse[None],
+                            lse_residual[None] if lse_residual.numel() else lse_residual,
+                            None if dsoftmax_lse is None else dsoftmax_lse[None])
+    grads = (dq, dk, dv) + (None,) * 12 + (dsinks,)
+    return grads[: ctx.num_inputs]
+
+
+torch.library.register_autograd("flash_attn_ext::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _varlen_bwd_autograd(keyset, *args):
+    # As _bwd_autograd: the gradients are not themselves differentiable.
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        raise RuntimeError(
+            "flash_attn_ext: double backward through flash_attn_varlen_func is not supported: the attention "
+            "backward is not itself differentiable"
+        )
+    with torch._C._AutoDispatchBelowAutograd():
+        return varlen_bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_autograd_lib.impl("varlen_bwd", _varlen_bwd_autograd, "Autograd", with_keyset=True)

@@ -4,4 +4,6 @@
 STABLE_TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
   m.impl("fwd", TORCH_BOX(&flash_attn_ext::fwd_cpu));
   m.impl("bwd", TORCH_BOX(&flash_attn_ext::bwd_cpu));
+  m.impl("varlen_fwd", TORCH_BOX(&flash_attn_ext::varlen_fwd_cpu));
+  m.impl("varlen_bwd", TORCH_BOX(&flash_attn_ext::varlen_bwd_cpu));
 }

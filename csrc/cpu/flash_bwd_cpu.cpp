@@ -36,10 +36,9 @@ void bwd_kernel(const FlashBwdParams& p) {
   using acc = acc_t<scalar_t>;
   const int D = p.headdim;
   const int group = p.nheads / p.nheads_k;
-  const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  const flash::MaskGeometry mask(p);
   const int64_t units = static_cast<int64_t>(p.batch) * p.nheads_k;
   const acc scale = static_cast<acc>(p.softmax_scale);
+  // Buffers are sized for the longest sequence (varlen) and reused.
   const size_t head_elems = static_cast<size_t>(p.seqlen_q) * D;
   // Packed copies (tile_gemm_packed's B operand) of a head's Q and dO: panels
   // over the head dim, panel_stride apart, query row r at r * W in each.
@@ -66,22 +65,32 @@ void bwd_kernel(const FlashBwdParams& p) {
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.nheads_k, h_k = unit % p.nheads_k;
-      const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
-      const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+      const flash::SeqInfo seq(p, static_cast<int>(b));
+      const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+      if (seqlen_q == 0 || seqlen_k == 0) continue;  // its gradients stay zero (zero-filled by bwd_cpu)
+      const flash::MaskGeometry mask(p, seq);
+      const int num_n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;
+      const auto* k = static_cast<const scalar_t*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride,
+                                                                         p.k_head_stride, b, h_k);
+      const auto* v = static_cast<const scalar_t*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride,
+                                                                         p.v_head_stride, b, h_k);
 
       for (int g = 0; g < group; ++g) {
         const int64_t h = h_k * group + g;
-        const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-        const auto* o = static_cast<const scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
-        const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-        const float* dlse = p.dsoftmax_lse ? p.dsoftmax_lse + (b * p.nheads + h) * p.seqlen_q : nullptr;
+        const auto* q = static_cast<const scalar_t*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride,
+                                                                           p.q_head_stride, b, h);
+        const auto* o = static_cast<const scalar_t*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride,
+                                                                             p.o_head_stride, b, h);
+        const auto* dout = static_cast<const scalar_t*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride,
+                                                                                 p.do_head_stride, b, h);
+        const float* dlse = p.dsoftmax_lse ? p.dsoftmax_lse + seq.lse_offset(p, b, h) : nullptr;
         acc* dO_g = dO.data() + g * head_elems;
-        load_rows(q, p.q_row_stride, p.seqlen_q, D, qs.data() + g * head_elems, scale);
-        load_rows(dout, p.do_row_stride, p.seqlen_q, D, dO_g);
-        pack_rows(q, p.q_row_stride, p.seqlen_q, D, qs_p.data() + g * head_packed, panel_stride, scale);
-        pack_rows(dout, p.do_row_stride, p.seqlen_q, D, dO_p.data() + g * head_packed, panel_stride);
+        load_rows(q, p.q_row_stride, seqlen_q, D, qs.data() + g * head_elems, scale);
+        load_rows(dout, p.do_row_stride, seqlen_q, D, dO_g);
+        pack_rows(q, p.q_row_stride, seqlen_q, D, qs_p.data() + g * head_packed, panel_stride, scale);
+        pack_rows(dout, p.do_row_stride, seqlen_q, D, dO_p.data() + g * head_packed, panel_stride);
         // D_i = rowsum(dO_i * O_i) - dlse_i.
-        for (int r = 0; r < p.seqlen_q; ++r) {
+        for (int r = 0; r < seqlen_q; ++r) {
           const scalar_t* o_r = o + r * p.o_row_stride;
           const acc* do_r = dO_g + static_cast<int64_t>(r) * D;
           acc sum = 0;
@@ -94,7 +103,7 @@ void bwd_kernel(const FlashBwdParams& p) {
 
       for (int n_block = 0; n_block < num_n_blocks; ++n_block) {
         const int col0 = n_block * kBlockN;
-        const int cols = std::min(kBlockN, p.seqlen_k - col0);
+        const int cols = std::min(kBlockN, seqlen_k - col0);
         pack_rows(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_p.data(), kBlockN * W);
         pack_rows_transposed(k + col0 * p.k_row_stride, p.k_row_stride, cols, D, k_tt.data());
         pack_rows_transposed(v + col0 * p.v_row_stride, p.v_row_stride, cols, D, v_tt.data());
@@ -105,13 +114,13 @@ void bwd_kernel(const FlashBwdParams& p) {
 
         for (int g = 0; g < group; ++g) {
           const int64_t h = h_k * group + g;
-          const float* lse = p.softmax_lse + (b * p.nheads + h) * p.seqlen_q;
-          const float* residual = p.lse_residual ? p.lse_residual + (b * p.nheads + h) * p.seqlen_q : nullptr;
+          const float* lse = p.softmax_lse + seq.lse_offset(p, b, h);
+          const float* residual = p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr;
           const CpuScoreRule<scalar_t, kMods> rule(p, mask, b, h);
           const acc* d_head = d_row.data() + static_cast<size_t>(g) * p.seqlen_q;
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int row0 = m_block * kBlockM;
-            const int rows = std::min(kBlockM, p.seqlen_q - row0);
+            const int rows = std::min(kBlockM, seqlen_q - row0);
             const int64_t off = g * head_elems + static_cast<int64_t>(row0) * D;
             const acc* q_i = qs.data() + off;
             const acc* do_i = dO.data() + off;
@@ -142,7 +151,7 @@ void bwd_kernel(const FlashBwdParams& p) {
                                         ds + static_cast<int64_t>(r) * kBlockN, cols, d_head[row0 + r]);
             }
             if (p.dbias != nullptr) {
-              // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous.
+              // dbias is (batch, nheads, seqlen_q, seqlen_k) contiguous (dense calls only).
               auto* db = static_cast<scalar_t*>(p.dbias) + ((b * p.nheads + h) * p.seqlen_q + row0) * p.seqlen_k + col0;
               for (int r = 0; r < rows; ++r) {
                 store_rows<scalar_t>(ds + static_cast<int64_t>(r) * kBlockN, 1, cols, db + r * p.seqlen_k, 0);
@@ -159,17 +168,20 @@ void bwd_kernel(const FlashBwdParams& p) {
             tile_gemm_packed<false, true>(rows, D, cols, ds, kBlockN, k_p.data(), kBlockN * W, dq_i, D);
           }
         }
-        auto* dk = static_cast<scalar_t*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride + col0 * p.dk_row_stride;
-        auto* dv = static_cast<scalar_t*>(p.dv) + b * p.dv_batch_stride + h_k * p.dv_head_stride + col0 * p.dv_row_stride;
+        auto* dk = static_cast<scalar_t*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h_k) +
+                   col0 * p.dk_row_stride;
+        auto* dv = static_cast<scalar_t*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, h_k) +
+                   col0 * p.dv_row_stride;
         store_rows<scalar_t>(dk_t.data(), cols, D, dk, p.dk_row_stride);
         store_rows<scalar_t>(dv_t.data(), cols, D, dv, p.dv_row_stride);
       }
       for (int g = 0; g < group; ++g) {
         const int64_t h = h_k * group + g;
-        auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+        auto* dq = static_cast<scalar_t*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, h);
         acc* dq_g = dq_t.data() + g * head_elems;
-        for (size_t i = 0; i < head_elems; ++i) dq_g[i] *= scale;
-        store_rows<scalar_t>(dq_g, p.seqlen_q, D, dq, p.dq_row_stride);
+        const size_t seq_elems = static_cast<size_t>(seqlen_q) * D;
+        for (size_t i = 0; i < seq_elems; ++i) dq_g[i] *= scale;
+        store_rows<scalar_t>(dq_g, seqlen_q, D, dq, p.dq_row_stride);
       }
     }
   });
@@ -178,19 +190,22 @@ void bwd_kernel(const FlashBwdParams& p) {
 }  // namespace
 }  // namespace cpu
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu_impl(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad,
-    double softcap, const std::optional<Tensor>& alibi_slopes) {
-  const ScoreFeatures features{softcap, alibi_slopes, std::nullopt};
+    int64_t window_right, bool bias_requires_grad, const ScoreFeatures& features, const VarlenLayout* varlen) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
-                   bias_requires_grad, features);
+                   bias_requires_grad, features, varlen);
   const ScalarType dtype = q.scalar_type();
-  Tensor dq = empty_on(q, q.sizes(), dtype);
-  Tensor dk = empty_on(q, k.sizes(), dtype);
-  Tensor dv = empty_on(q, v.sizes(), dtype);
+  // Sequences of a varlen call may leave rows to nobody (and empty sequences
+  // are skipped): their gradients are zero.
+  auto make = [&](const Tensor& like) {
+    return varlen ? zeros_on(q, like.sizes(), dtype) : empty_on(q, like.sizes(), dtype);
+  };
+  Tensor dq = make(q), dk = make(k), dv = make(v);
   // Every entry of dbias is written below, except where a whole tile is masked away.
   const std::array<int64_t, 4> dbias_shape{q.size(0), q.size(2), q.size(1), k.size(1)};
   Tensor dbias = bias_requires_grad ? zeros_on(q, dbias_shape, dtype) : empty_on(q, {0}, dtype);
@@ -203,7 +218,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   FlashBwdParams params;
   set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv,
                  bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
-                 window_right, /*deterministic=*/true, features);
+                 window_right, /*deterministic=*/true, features, varlen);
+  if (params.batch == 0 || params.seqlen_q == 0 || params.seqlen_k == 0) return {dq, dk, dv, dbias};
   cpu::dispatch_dtype(dtype, [&](auto element) {
     if (flash::has_score_mods(params)) {
       cpu::bwd_kernel<decltype(element), true>(params);
@@ -212,6 +228,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
     }
   });
   return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+    const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad,
+    double softcap, const std::optional<Tensor>& alibi_slopes) {
+  return bwd_cpu_impl(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
+                      window_left, window_right, bias_requires_grad, ScoreFeatures{softcap, alibi_slopes, std::nullopt},
+                      nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, bool /*deterministic: the CPU backward always is*/, double softcap,
+    const std::optional<Tensor>& alibi_slopes) {
+  const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
+  check_varlen_inputs(q, k, v, layout);
+  const VarlenViews views(dout, out, softmax_lse, lse_residual, dsoftmax_lse);
+  auto [dq, dk, dv, dbias] =
+      bwd_cpu_impl(views.dout, as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), views.out, views.lse,
+                   views.lse_residual, views.dlse, std::nullopt, softmax_scale, causal, window_left, window_right,
+                   /*bias_requires_grad=*/false, ScoreFeatures{softcap, alibi_slopes, std::nullopt}, &layout);
+  return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv)};
 }
 
 }  // namespace flash_attn_ext

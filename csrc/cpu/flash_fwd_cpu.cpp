@@ -27,25 +27,27 @@ struct HeadKV {
   int64_t b = -1, h_k = -1;
   int64_t v_panel_stride = 0;
 
-  void load(const FlashFwdParams& p, int64_t batch, int64_t head_k) {
+  void load(const FlashFwdParams& p, const flash::SeqInfo& seq, int64_t batch, int64_t head_k) {
     if (batch == b && head_k == h_k) return;
     b = batch;
     h_k = head_k;
     const int D = p.headdim;
-    const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    const int num_n_blocks = (seq.seqlen_k + kBlockN - 1) / kBlockN;
     const int d_panels = (D + W - 1) / W;
-    v_panel_stride = static_cast<int64_t>(p.seqlen_k) * W;
+    v_panel_stride = static_cast<int64_t>(seq.seqlen_k) * W;
     kt.resize(static_cast<size_t>(num_n_blocks) * D * kBlockN);
     v.resize(static_cast<size_t>(d_panels) * v_panel_stride);
-    const auto* k_src = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
-    const auto* v_src = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+    const auto* k_src = static_cast<const scalar_t*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride,
+                                                                          p.k_head_stride, b, h_k);
+    const auto* v_src = static_cast<const scalar_t*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride,
+                                                                          p.v_head_stride, b, h_k);
     for (int n = 0; n < num_n_blocks; ++n) {
       const int col0 = n * kBlockN;
-      const int cols = std::min(kBlockN, p.seqlen_k - col0);
+      const int cols = std::min(kBlockN, seq.seqlen_k - col0);
       pack_rows_transposed(k_src + col0 * p.k_row_stride, p.k_row_stride, cols, D,
                            kt.data() + static_cast<size_t>(n) * D * kBlockN);
     }
-    pack_rows(v_src, p.v_row_stride, p.seqlen_k, D, v.data(), v_panel_stride);
+    pack_rows(v_src, p.v_row_stride, seq.seqlen_k, D, v.data(), v_panel_stride);
   }
 };
 
@@ -61,10 +63,8 @@ template <typename scalar_t, bool kMods>
 void fwd_kernel(const FlashFwdParams& p) {
   using acc = acc_t<scalar_t>;
   const int D = p.headdim;
-  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // of the longest sequence
   const int group = p.nheads / p.nheads_k;
-  const flash::MaskGeometry mask(p);
   const int64_t units = static_cast<int64_t>(p.batch) * p.nheads * num_m_blocks;
   const acc scale = static_cast<acc>(p.softmax_scale);  // exact for fp64 (params keep a double)
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
@@ -79,12 +79,17 @@ void fwd_kernel(const FlashFwdParams& p) {
       const int m_block = balanced_m_block(unit % num_m_blocks, num_m_blocks);
       const int64_t bh = unit / num_m_blocks;
       const int64_t b = bh / p.nheads, h = bh % p.nheads, h_k = h / group;
+      const flash::SeqInfo seq(p, static_cast<int>(b));
       const int row0 = m_block * kBlockM;
-      const int rows = std::min(kBlockM, p.seqlen_q - row0);
+      const int rows = std::min(kBlockM, seq.seqlen_q - row0);
+      if (rows <= 0) continue;  // a block past the end of a shorter sequence (varlen)
+      const flash::MaskGeometry mask(p, seq);
+      const int num_n_blocks = (seq.seqlen_k + kBlockN - 1) / kBlockN;
 
-      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+      const auto* q = static_cast<const scalar_t*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride,
+                                                                         p.q_head_stride, b, h);
       const CpuScoreRule<scalar_t, kMods> rule(p, mask, b, h);
-      kv.load(p, b, h_k);
+      kv.load(p, seq, b, h_k);
 
       load_rows(q + row0 * p.q_row_stride, p.q_row_stride, rows, D, q_t.data(), scale);
       std::fill(o_t.begin(), o_t.end(), acc(0));
@@ -95,7 +100,7 @@ void fwd_kernel(const FlashFwdParams& p) {
       const int n_end = std::min(mask.n_block_end(row0, kBlockM, kBlockN), num_n_blocks);
       for (int n_block = n_begin; n_block < n_end; ++n_block) {
         const int col0 = n_block * kBlockN;
-        const int cols = std::min(kBlockN, p.seqlen_k - col0);
+        const int cols = std::min(kBlockN, seq.seqlen_k - col0);
         const acc* kt = kv.kt.data() + static_cast<size_t>(n_block) * D * kBlockN;
         const acc* v = kv.v.data() + static_cast<size_t>(col0) * HeadKV<scalar_t>::W;
         // S = (scale Q) K^T (rows x cols, row stride kBlockN).
@@ -129,7 +134,7 @@ void fwd_kernel(const FlashFwdParams& p) {
       // joins the sum first, with no value: a row that saw no key then has
       // out 0 and lse = the sink.
       acc* o = o_t.data();
-      const int64_t row_bh = (b * p.nheads + h) * p.seqlen_q + row0;
+      const int64_t row_bh = seq.lse_offset(p, b, h) + row0;
       float* lse = p.softmax_lse + row_bh;
       float* residual = p.lse_residual ? p.lse_residual + row_bh : nullptr;
       const acc sink = p.sinks ? static_cast<acc>(p.sinks[h]) : neg_inf;
@@ -148,7 +153,8 @@ void fwd_kernel(const FlashFwdParams& p) {
         lse[r] = empty ? std::numeric_limits<float>::infinity() : static_cast<float>(run_max[r] + log_sum);
         if (residual) residual[r] = empty ? 0.f : static_cast<float>((run_max[r] - static_cast<acc>(lse[r])) + log_sum);
       }
-      auto* out = static_cast<scalar_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
+      auto* out = static_cast<scalar_t*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h) +
+                  row0 * p.o_row_stride;
       store_rows<scalar_t>(o, rows, D, out, p.o_row_stride);
     }
   });
@@ -157,27 +163,31 @@ void fwd_kernel(const FlashFwdParams& p) {
 }  // namespace
 }  // namespace cpu
 
-std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                           const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
-                                           int64_t window_left, int64_t window_right,
-                                           bool /*deterministic: used by the backward only*/, double softcap,
-                                           const std::optional<Tensor>& alibi_slopes,
-                                           const std::optional<Tensor>& sinks) {
-  const ScoreFeatures features{softcap, alibi_slopes, sinks};
-  check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
-  Tensor out = empty_on(q, q.sizes(), q.scalar_type());
+namespace {
+
+// The forward of a dense call, or of a varlen call given as its batch-1
+// views (checks.h, VarlenLayout); rows of a varlen q outside every sequence
+// get out 0 and lse +inf.
+std::tuple<Tensor, Tensor, Tensor> fwd_cpu_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const std::optional<Tensor>& attn_bias, double softmax_scale,
+                                                bool causal, int64_t window_left, int64_t window_right,
+                                                const ScoreFeatures& features, const VarlenLayout* varlen) {
+  check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features, varlen);
   const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
-  Tensor lse = empty_on(q, lse_shape, ScalarType::Float);
+  Tensor out = varlen ? zeros_on(q, q.sizes(), q.scalar_type()) : empty_on(q, q.sizes(), q.scalar_type());
+  Tensor lse = varlen ? full_on(q, lse_shape, ScalarType::Float, std::numeric_limits<double>::infinity())
+                      : empty_on(q, lse_shape, ScalarType::Float);
   Tensor residual = needs_lse_residual(q, attn_bias) ? zeros_on(q, lse_shape, ScalarType::Float)
                                                      : empty_on(q, {0}, ScalarType::Float);
   if (q.numel() == 0) return {out, lse, residual};
   if (k.size(1) == 0) {  // no keys: every row is empty (but for its sink)
     torch::stable::zero_(out);
-    return {out, lse_without_keys(q, sinks), residual};
+    return {out, lse_without_keys(q, features.sinks), residual};
   }
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, lse, residual, softmax_scale, causal, window_left, window_right,
-                 features);
+                 features, varlen);
+  if (params.batch == 0 || params.seqlen_q == 0) return {out, lse, residual};
   cpu::dispatch_dtype(q.scalar_type(), [&](auto element) {
     if (flash::has_score_mods(params)) {
       cpu::fwd_kernel<decltype(element), true>(params);
@@ -186,6 +196,34 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
     }
   });
   return {out, lse, residual};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
+                                           int64_t window_left, int64_t window_right,
+                                           bool /*deterministic: used by the backward only*/, double softcap,
+                                           const std::optional<Tensor>& alibi_slopes,
+                                           const std::optional<Tensor>& sinks) {
+  return fwd_cpu_impl(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right,
+                      ScoreFeatures{softcap, alibi_slopes, sinks}, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                  const std::optional<Tensor>& seqused_k, int64_t max_seqlen_q,
+                                                  int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                                  int64_t window_left, int64_t window_right,
+                                                  bool /*deterministic: used by the backward only*/, double softcap,
+                                                  const std::optional<Tensor>& alibi_slopes,
+                                                  const std::optional<Tensor>& sinks) {
+  const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
+  check_varlen_inputs(q, k, v, layout);
+  auto [out, lse, residual] = fwd_cpu_impl(as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), std::nullopt,
+                                           softmax_scale, causal, window_left, window_right,
+                                           ScoreFeatures{softcap, alibi_slopes, sinks}, &layout);
+  return {drop_batch_dim(out), drop_batch_dim(lse), drop_batch_dim(residual)};
 }
 
 }  // namespace flash_attn_ext

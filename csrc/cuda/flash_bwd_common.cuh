@@ -10,6 +10,7 @@
 #pragma once
 
 #include "../flash_params.h"
+#include "../seq_info.h"
 #include "primitives.cuh"
 
 namespace flash {
@@ -208,52 +209,57 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 }
 
 // What every backward kernel derives from its block index: blockIdx.x
-// enumerates (batch, head, block) with the block (of kBlock rows along
-// `seqlen`, keys or queries) fastest, so neighbouring blocks read the same
-// tiles from L2 and one flat index has no 65535 limit on batch * heads.
-// Also the (batch, head) base pointers of the inputs and the row offset of
-// this head's LSE / D vectors.
+// enumerates (batch, head, block) with the block (of kBlock rows along the
+// longest sequence's keys or queries) fastest, so neighbouring blocks read
+// the same tiles from L2 and one flat index has no 65535 limit on batch *
+// heads. Also the sequence (seq_info.h), the base pointers of its rows in
+// the inputs, and the offset of this (sequence, head)'s LSE / D vectors.
+// Blocks past the end of a shorter sequence (varlen) have nothing to do:
+// `past_end` tells the kernel to return.
 template <typename Element>
 struct BwdBlock {
   int block, b, h, hk;
+  SeqInfo seq;
   const Element *q, *dout, *k, *v;
-  int64_t row_bh;  // (b * nheads + h) * seqlen_q
+  int64_t row_bh;  // lse_offset of (b, h)
 
-  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int block_rows, int seqlen) {
-    const int num_blocks = (seqlen + block_rows - 1) / block_rows;
+  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int block_rows, int max_rows) {
+    const int num_blocks = (max_rows + block_rows - 1) / block_rows;
     block = blockIdx.x % num_blocks;
     const int bh = blockIdx.x / num_blocks;
     h = bh % p.nheads, b = bh / p.nheads;
     hk = h / (p.nheads / p.nheads_k);
-    q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    dout = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-    k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-    v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-    row_bh = (int64_t(b) * p.nheads + h) * p.seqlen_q;
+    seq = SeqInfo(p, b);
+    q = static_cast<const Element*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h);
+    dout = static_cast<const Element*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h);
+    k = static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk);
+    v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk);
+    row_bh = seq.lse_offset(p, b, h);
   }
 };
 
-// dq_accum (fp32, (B, Sq, H, kHeadDim)) += one warp's 16 x kN strip of
-// accumulator fragments at query rows row0.. and columns col0..; lane (g, t)
-// adds rows g and g + 8, columns 8j + 2t, 8j + 2t + 1. Strips that end before
-// seqlen_q (all but the last) add without per-row checks, so the reductions
-// issue back to back instead of each behind a branch.
+// dq_accum (fp32, (query rows of all sequences, H, kHeadDim)) += one
+// warp's 16 x kN strip of accumulator fragments at the sequence's query rows
+// row0.. and columns col0..; lane (g, t) adds rows g and g + 8, columns
+// 8j + 2t, 8j + 2t + 1. Strips that end before the sequence does (all but the
+// last) add without per-row checks, so the reductions issue back to back
+// instead of each behind a branch.
 template <int kHeadDim, int kN>
-__device__ __forceinline__ void add_dq_strip(const FlashBwdParams& p, int b, int h, int row0, int col0,
-                                             const float (&acc)[kN / 8][4], int lane) {
+__device__ __forceinline__ void add_dq_strip(const FlashBwdParams& p, const SeqInfo& seq, int b, int h, int row0,
+                                             int col0, const float (&acc)[kN / 8][4], int lane) {
   const int g = lane / 4, t = lane % 4;
   const int64_t row_stride = int64_t(p.nheads) * kHeadDim;
   const int row = row0 + g;
-  float* dst = p.dq_accum + (int64_t(b) * p.seqlen_q * p.nheads + h) * kHeadDim + row * row_stride + col0 + 2 * t;
+  float* dst = p.dq_accum + (seq.q_row(p, b) * p.nheads + h) * kHeadDim + row * row_stride + col0 + 2 * t;
   float* dst8 = dst + 8 * row_stride;
-  if (row0 + 16 <= p.seqlen_q) {
+  if (row0 + 16 <= seq.seqlen_q) {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
       atomic_add2(dst + 8 * j, acc[j][0], acc[j][1]);
       atomic_add2(dst8 + 8 * j, acc[j][2], acc[j][3]);
     }
   } else {
-    const bool in0 = row < p.seqlen_q, in8 = row + 8 < p.seqlen_q;
+    const bool in0 = row < seq.seqlen_q, in8 = row + 8 < seq.seqlen_q;
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
       if (in0) atomic_add2(dst + 8 * j, acc[j][0], acc[j][1]);
@@ -265,18 +271,18 @@ __device__ __forceinline__ void add_dq_strip(const FlashBwdParams& p, int b, int
 // Epilogue of the dK/dV kernels: one warp's 16 keys (key0..) x kN columns
 // (col0..) of dK = scale * (dS^T Q) and dV, in the input dtype.
 template <typename Element, int kN>
-__device__ __forceinline__ void store_dkdv_strip(const FlashBwdParams& p, int b, int h, int key0, int col0,
-                                                 const float (&acc_dk)[kN / 8][4], const float (&acc_dv)[kN / 8][4],
-                                                 int lane) {
+__device__ __forceinline__ void store_dkdv_strip(const FlashBwdParams& p, const SeqInfo& seq, int b, int h, int key0,
+                                                 int col0, const float (&acc_dk)[kN / 8][4],
+                                                 const float (&acc_dv)[kN / 8][4], int lane) {
   const int g = lane / 4, t = lane % 4;
-  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
-  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
+  Element* dk = static_cast<Element*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h);
+  Element* dv = static_cast<Element*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, h);
 #pragma unroll
   for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int key = key0 + g + 8 * half;
-      if (key < p.seqlen_k) {
+      if (key < seq.seqlen_k) {
         const int col = col0 + 8 * j + 2 * t;
         *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
             pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale_f, acc_dk[j][2 * half + 1] * p.softmax_scale_f);

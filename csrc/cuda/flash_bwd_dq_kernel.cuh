@@ -51,18 +51,20 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
 
-  const MaskGeometry geo(p);
   const int m0 = m_block * kBlockM;
+  const int seqlen_q = blk.seq.seqlen_q, seqlen_k = blk.seq.seqlen_k;
+  if (m0 >= seqlen_q) return;  // past the end of a shorter sequence (varlen)
+  const MaskGeometry geo(p, blk.seq);
   const int n_begin = geo.n_block_begin(m0, kBlockN);
   const int n_end = geo.n_block_end(m0, kBlockM, kBlockN);
 
-  load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(sQ, q, p.q_row_stride, m0, p.seqlen_q, tid);
-  load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(sDo, dout, p.do_row_stride, m0, p.seqlen_q, tid);
+  load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(sQ, q, p.q_row_stride, m0, seqlen_q, tid);
+  load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(sDo, dout, p.do_row_stride, m0, seqlen_q, tid);
   auto load_kv_stage = [&](int n_block, int stage) {
     load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(reinterpret_cast<Element*>(smem + T::kKOff + stage * T::kTileN),
-                                                     k, p.k_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+                                                     k, p.k_row_stride, n_block * kBlockN, seqlen_k, tid);
     load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(reinterpret_cast<Element*>(smem + T::kVOff + stage * T::kTileN),
-                                                     v, p.v_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+                                                     v, p.v_row_stride, n_block * kBlockN, seqlen_k, tid);
   };
   if (n_begin < n_end) load_kv_stage(n_begin, 0);
   cp_async_commit();
@@ -73,9 +75,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_lo + 8 * half;
-    lse_l2[half] = row < p.seqlen_q ? lse_log2(p.softmax_lse[row_bh + row]) : INFINITY;
-    res[half] = row < p.seqlen_q && p.lse_residual ? p.lse_residual[row_bh + row] : 0.f;
-    delta[half] = row < p.seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
+    lse_l2[half] = row < seqlen_q ? lse_log2(p.softmax_lse[row_bh + row]) : INFINITY;
+    res[half] = row < seqlen_q && p.lse_residual ? p.lse_residual[row_bh + row] : 0.f;
+    delta[half] = row < seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
   }
   const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
 
@@ -123,13 +125,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     warp_gemm_regA_b<kBlockN, kHeadDim, kLdD, Element>(acc_dq, acc_dp, sK, lane);
   }
 
-  Element* dq = static_cast<Element*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  Element* dq = static_cast<Element*>(p.dq) + blk.seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, h);
 #pragma unroll
   for (int j = 0; j < kHeadDim / 8; ++j) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row_lo + 8 * half;
-      if (row < p.seqlen_q) {
+      if (row < seqlen_q) {
         *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride + 8 * j + 2 * t) =
             pack2<Element>(acc_dq[j][2 * half] * p.softmax_scale_f, acc_dq[j][2 * half + 1] * p.softmax_scale_f);
       }

@@ -51,17 +51,16 @@ struct Launch {
   }
 };
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
+// The backward of a dense call, or of a varlen call given as its batch-1
+// views (checks.h, VarlenLayout).
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,
-    const std::optional<Tensor>& alibi_slopes) {
-  const ScoreFeatures features{softcap, alibi_slopes, std::nullopt};
+    int64_t window_right, bool deterministic, bool bias_requires_grad, const ScoreFeatures& features,
+    const VarlenLayout* varlen) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
-                   bias_requires_grad, features);
+                   bias_requires_grad, features, varlen);
   FLASH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", device_name(q));
   const CudaContext cuda(q);
 
@@ -90,10 +89,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   std::optional<Tensor> softmax_d = empty_on(q, rows_shape, ScalarType::Float);
   std::optional<Tensor> dq_accum;
   if (!deterministic) dq_accum = empty_on(q, q_shape, ScalarType::Float);
-  Tensor dk = empty_on(q, kv_shape, dtype);
-  Tensor dv = empty_on(q, kv_shape, dtype);
+  // A varlen call's kernels write only the rows of its sequences' keys (and,
+  // deterministic, queries); rows outside every sequence, and keys past a
+  // sequence's seqused_k, get zero gradients.
+  auto make = [&](const auto& shape) { return varlen ? zeros_on(q, shape, dtype) : empty_on(q, shape, dtype); };
+  Tensor dk = make(kv_shape);
+  Tensor dv = make(kv_shape);
   std::optional<Tensor> dq;
-  if (deterministic) dq = empty_on(q, q_shape, dtype);
+  if (deterministic) dq = make(q_shape);
   std::optional<Tensor> dbias;
   // Zero-filled: tiles the mask skips whole are never written.
   if (bias_requires_grad) dbias = zeros_on(q, dbias_shape, dtype);
@@ -101,7 +104,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   FlashBwdParams params;
   set_bwd_params(params, dout_p, q_p, k_p, v_p, out_p, softmax_lse, lse_residual, dsoftmax_lse, attn_bias,
                  deterministic ? *dq : dk /* dq is set below */, dk, dv, dbias, softmax_scale, causal, window_left,
-                 window_right, deterministic, features);
+                 window_right, deterministic, features, varlen);
+  if (params.batch == 0 || params.seqlen_q == 0 || params.seqlen_k == 0) {  // varlen: no sequence has both
+    return {zeros_on(q, q.sizes(), dtype), zeros_on(q, k.sizes(), dtype), zeros_on(q, v.sizes(), dtype),
+            empty_on(q, {0}, dtype)};
+  }
   if (!deterministic) {
     params.dq = nullptr;
     params.dq_accum = static_cast<float*>(dq_accum->data_ptr());
@@ -116,7 +123,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     params.softmax_d = nullptr;
     dq = empty_on(q, q_shape, dtype);
     params.dq = dq->data_ptr();
-    params.dq_batch_stride = dq->stride(0), params.dq_row_stride = dq->stride(1), params.dq_head_stride = dq->stride(2);
+    params.dq_batch_stride = varlen ? 0 : dq->stride(0);
+    params.dq_row_stride = dq->stride(1), params.dq_head_stride = dq->stride(2);
     dispatch_bwd(dtype, padded, params.is_causal, launch);  // phase 2: dq = scale * dq_accum
     dq_accum.reset();
   }
@@ -129,6 +137,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
   }
   return {resize_last_dim(*dq, head_dim), resize_last_dim(dk, head_dim), resize_last_dim(dv, head_dim),
           dbias.has_value() ? *dbias : empty_on(q, {0}, dtype)};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+    const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,
+    const std::optional<Tensor>& alibi_slopes) {
+  return bwd_cuda_impl(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
+                       window_left, window_right, deterministic, bias_requires_grad,
+                       ScoreFeatures{softcap, alibi_slopes, std::nullopt}, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
+    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, bool deterministic, double softcap, const std::optional<Tensor>& alibi_slopes) {
+  const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
+  check_varlen_inputs(q, k, v, layout);
+  const VarlenViews views(dout, out, softmax_lse, lse_residual, dsoftmax_lse);
+  auto [dq, dk, dv, dbias] =
+      bwd_cuda_impl(views.dout, as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), views.out, views.lse,
+                    views.lse_residual, views.dlse, std::nullopt, softmax_scale, causal, window_left, window_right,
+                    deterministic, /*bias_requires_grad=*/false, ScoreFeatures{softcap, alibi_slopes, std::nullopt},
+                    &layout);
+  return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv)};
 }
 
 }  // namespace flash_attn_ext

@@ -93,30 +93,32 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   // Null residual (no bias): load_vec over 0 rows fills the stage with zeros
   // (and reads nothing; lse stands in as a valid address).
   const float* residual = p.lse_residual ? p.lse_residual + blk.row_bh : lse;
-  const int residual_rows = p.lse_residual ? p.seqlen_q : 0;
+  const int seqlen_q = blk.seq.seqlen_q, seqlen_k = blk.seq.seqlen_k;
+  const int residual_rows = p.lse_residual ? seqlen_q : 0;
   const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;  // MMA fragment row / column-pair of this lane
 
-  const MaskGeometry geo(p);
   const int n0 = n_block * kBlockN;
+  if (n0 >= seqlen_k) return;  // past the end of a shorter sequence (varlen)
+  const MaskGeometry geo(p, blk.seq);
   const int m_begin = geo.m_block_begin(n0, kBlockM);
   const int m_end = geo.m_block_end(n0, kBlockN, kBlockM);
 
   // Prologue: K_j, V_j (one group), then the first Q/dO stage.
-  load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(sK, k, p.k_row_stride, n0, p.seqlen_k, tid);
-  load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(sV, v, p.v_row_stride, n0, p.seqlen_k, tid);
+  load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(sK, k, p.k_row_stride, n0, seqlen_k, tid);
+  load_tile<kBlockN, kHeadDim, kLdD, T::kNThreads>(sV, v, p.v_row_stride, n0, seqlen_k, tid);
   auto load_q_stage = [&](int m_block, int stage) {
     const int m0 = m_block * kBlockM;
     char* base = smem;
     load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(
-        reinterpret_cast<Element*>(base + T::kQOff + stage * T::kTileM), q, p.q_row_stride, m0, p.seqlen_q, tid);
+        reinterpret_cast<Element*>(base + T::kQOff + stage * T::kTileM), q, p.q_row_stride, m0, seqlen_q, tid);
     load_tile<kBlockM, kHeadDim, kLdD, T::kNThreads>(
-        reinterpret_cast<Element*>(base + T::kDoOff + stage * T::kTileM), dout, p.do_row_stride, m0, p.seqlen_q, tid);
+        reinterpret_cast<Element*>(base + T::kDoOff + stage * T::kTileM), dout, p.do_row_stride, m0, seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(base + T::kLseOff) + stage * kBlockM, lse, m0,
-                                    p.seqlen_q, tid);
+                                    seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(base + T::kDeltaOff) + stage * kBlockM, delta, m0,
-                                    p.seqlen_q, tid);
+                                    seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(base + T::kResidualOff) + stage * kBlockM, residual, m0,
                                     residual_rows, tid);
   };
@@ -135,6 +137,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   float acc_dv[T::kDPerWarp / 8][4] = {};
 
   const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
+  // dbias (batch, nheads, seqlen_q, seqlen_k): dense calls only.
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
   for (int m_block = m_begin; m_block < m_end; ++m_block) {
@@ -254,11 +257,11 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       // dQ_i (kBlockM x D) += dS (kBlockM x kBlockN) K_j; dS is read transposed from sDs.
       float acc_dq[T::kDqDPerWarp / 8][4] = {};
       warp_gemm_smemAt_b<kBlockN, T::kDqDPerWarp, kLdM, kLdD, Element>(acc_dq, sDs + dq_row0, sK + dq_col0, lane);
-      add_dq_strip<kHeadDim, T::kDqDPerWarp>(p, b, h, m0 + dq_row0, dq_col0, acc_dq, lane);
+      add_dq_strip<kHeadDim, T::kDqDPerWarp>(p, blk.seq, b, h, m0 + dq_row0, dq_col0, acc_dq, lane);
     }
   }
 
-  store_dkdv_strip<Element, T::kDPerWarp>(p, b, h, n0 + key_row0, d_col0, acc_dk, acc_dv, lane);
+  store_dkdv_strip<Element, T::kDPerWarp>(p, blk.seq, b, h, n0 + key_row0, d_col0, acc_dk, acc_dv, lane);
 }
 
 }  // namespace flash

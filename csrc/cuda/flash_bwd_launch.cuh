@@ -106,6 +106,20 @@ void launch_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
   FLASH_CUDA_LAUNCH_CHECK();
 }
 
+// The row-wise kernels (preprocess, postprocess, the dq_accum memset) walk
+// every query row of the call and need no sequence boundaries: a varlen
+// call's rows are one sequence of total_q rows to them, laid out as its
+// softmax_lse (nheads, total_q) and dq_accum (total_q, nheads, D) are.
+inline FlashBwdParams all_rows(const FlashBwdParams& params) {
+  FlashBwdParams rows = params;
+  if (params.cu_seqlens_q != nullptr) {
+    rows.batch = 1;
+    rows.seqlen_q = params.total_q;
+    rows.cu_seqlens_q = nullptr;
+  }
+  return rows;
+}
+
 }  // namespace flash
 
 template <typename Element, int kHeadDim, bool kIsCausal>
@@ -114,14 +128,15 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
   // (per-tile: fully visible tiles skip the element mask), so kIsCausal only
   // selects the instantiation.
   (void)kIsCausal;
+  const FlashBwdParams row_params = flash::all_rows(params);
   if (params.softmax_d != nullptr) {
-    const int64_t rows = int64_t(params.batch) * params.seqlen_q * params.nheads;
+    const int64_t rows = int64_t(row_params.batch) * row_params.seqlen_q * params.nheads;
     if (!params.deterministic) {
       FLASH_CUDA_CHECK(cudaMemsetAsync(params.dq_accum, 0, rows * kHeadDim * sizeof(float), stream));
     }
     constexpr int kPreThreads = 256;
     const int64_t pre_blocks = (rows * 8 + kPreThreads - 1) / kPreThreads;
-    flash::flash_bwd_preprocess_kernel<Element, kHeadDim><<<dim3(pre_blocks), kPreThreads, 0, stream>>>(params);
+    flash::flash_bwd_preprocess_kernel<Element, kHeadDim><<<dim3(pre_blocks), kPreThreads, 0, stream>>>(row_params);
     FLASH_CUDA_LAUNCH_CHECK();
 
     // Hopper: the wgmma kernel. Elsewhere the mma.sync kernel, with the
@@ -155,10 +170,10 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     }
   }
   if (params.dq != nullptr && !params.deterministic) {
-    const int64_t chunks = int64_t(params.batch) * params.seqlen_q * params.nheads * (kHeadDim / 8);
+    const int64_t chunks = int64_t(row_params.batch) * row_params.seqlen_q * params.nheads * (kHeadDim / 8);
     constexpr int kThreads = 256;
     flash::flash_bwd_postprocess_kernel<Element, kHeadDim>
-        <<<dim3((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(params);
+        <<<dim3((chunks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(row_params);
     FLASH_CUDA_LAUNCH_CHECK();
   }
 }

@@ -28,16 +28,15 @@ Tensor prepare_qkv(const Tensor& t, int64_t padded) {
   return x;
 }
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                            const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
-                                            int64_t window_left, int64_t window_right, bool deterministic,
-                                            double softcap, const std::optional<Tensor>& alibi_slopes,
-                                            const std::optional<Tensor>& sinks) {
-  (void)deterministic;  // The forward pass is deterministic either way.
-  const ScoreFeatures features{softcap, alibi_slopes, sinks};
-  check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale, features);
+// The forward of a dense call, or of a varlen call given as its batch-1
+// views (checks.h, VarlenLayout); rows of a varlen q outside every sequence
+// get out 0 and lse +inf.
+std::tuple<Tensor, Tensor, Tensor> fwd_cuda_impl(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                 const std::optional<Tensor>& attn_bias, double softmax_scale,
+                                                 bool causal, int64_t window_left, int64_t window_right,
+                                                 const ScoreFeatures& features, const VarlenLayout* varlen) {
+  const std::optional<Tensor>& sinks = features.sinks;
+  check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale, features, varlen);
   FLASH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_cuda expects CUDA tensors, got ", device_name(q_in));
   const ScalarType dtype = q_in.scalar_type();
   FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
@@ -80,13 +79,15 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_
   }
 
   const std::array<int64_t, 4> out_shape{batch, seqlen_q, nheads, padded};
-  Tensor out = empty_on(q_in, out_shape, dtype);
-  Tensor softmax_lse = empty_on(q_in, lse_shape, ScalarType::Float);
+  Tensor out = varlen ? zeros_on(q_in, out_shape, dtype) : empty_on(q_in, out_shape, dtype);
+  Tensor softmax_lse = varlen ? full_on(q_in, lse_shape, ScalarType::Float, std::numeric_limits<double>::infinity())
+                              : empty_on(q_in, lse_shape, ScalarType::Float);
   Tensor lse_residual = residual();
 
   FlashFwdParams params;
   set_fwd_params(params, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
-                 window_right, features);
+                 window_right, features, varlen);
+  if (params.batch == 0 || params.seqlen_q == 0) return {resize_last_dim(out, head_dim), softmax_lse, lse_residual};
 
   const cudaStream_t stream = cuda.stream();
   dispatch_dtype(dtype, [&](auto element) {
@@ -102,6 +103,34 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_
 
   out = resize_last_dim(out, head_dim);
   return {out, softmax_lse, lse_residual};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
+                                            int64_t window_left, int64_t window_right,
+                                            bool /*deterministic: the forward is deterministic either way*/,
+                                            double softcap, const std::optional<Tensor>& alibi_slopes,
+                                            const std::optional<Tensor>& sinks) {
+  return fwd_cuda_impl(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right,
+                       ScoreFeatures{softcap, alibi_slopes, sinks}, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                   const std::optional<Tensor>& seqused_k, int64_t max_seqlen_q,
+                                                   int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                                   int64_t window_left, int64_t window_right,
+                                                   bool /*deterministic: the forward is deterministic either way*/,
+                                                   double softcap, const std::optional<Tensor>& alibi_slopes,
+                                                   const std::optional<Tensor>& sinks) {
+  const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
+  check_varlen_inputs(q, k, v, layout);
+  auto [out, lse, residual] = fwd_cuda_impl(as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), std::nullopt,
+                                            softmax_scale, causal, window_left, window_right,
+                                            ScoreFeatures{softcap, alibi_slopes, sinks}, &layout);
+  return {drop_batch_dim(out), drop_batch_dim(lse), drop_batch_dim(residual)};
 }
 
 }  // namespace flash_attn_ext

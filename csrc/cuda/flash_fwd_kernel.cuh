@@ -251,9 +251,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   // Heaviest query blocks first (causal), so short ones fill the tail.
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int row0 = m_block * kBlockM;
-  const MaskGeometry geo(params);
-  const int n_begin = geo.n_block_begin(row0, kBlockN);
-  const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
   const int warp_row0 = row0 + warp * kRowsPerWarp;  // first row of this warp
 
   // Per-lane ldmatrix byte offsets (fragment layouts: see softmax.cuh):
@@ -268,25 +265,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   for (int bh = blockIdx.y + blockIdx.z * gridDim.y; bh < total_bh; bh += gridDim.y * gridDim.z) {
     const int b = bh / params.nheads, h = bh - b * params.nheads;
     const int hk = h / (params.nheads / params.nheads_k);
+    const SeqInfo seq(params, b);
+    if (row0 >= seq.seqlen_q) continue;  // past the end of a shorter sequence (varlen); block-uniform
+    const MaskGeometry geo(params, seq);
+    const int n_begin = geo.n_block_begin(row0, kBlockN);
+    const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
     const CudaScoreRule<Element, kHasBias, kMods> rule(params, geo, b, h);
-    Element* out = static_cast<Element*>(params.out) + b * params.o_batch_stride + h * params.o_head_stride;
-    float* lse_out = params.softmax_lse + static_cast<int64_t>(bh) * params.seqlen_q;
-    float* residual_out = params.lse_residual ? params.lse_residual + static_cast<int64_t>(bh) * params.seqlen_q
-                                              : nullptr;
+    Element* out = static_cast<Element*>(params.out) +
+                   seq.q_offset(params.o_batch_stride, params.o_row_stride, params.o_head_stride, b, h);
+    const int64_t lse_offset = seq.lse_offset(params, b, h);
+    float* lse_out = params.softmax_lse + lse_offset;
+    float* residual_out = params.lse_residual ? params.lse_residual + lse_offset : nullptr;
 
     if (n_begin >= n_end) {
       // No key is visible to any row of this block: out = 0, lse = +inf (the
       // sink, where the head has one), residual 0.
       for (int idx = tid; idx < kBlockM * Traits::kChunks; idx += Traits::kNThreads) {
         const int r = idx / Traits::kChunks, c = idx % Traits::kChunks;
-        if (row0 + r < params.seqlen_q) {
+        if (row0 + r < seq.seqlen_q) {
           *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + r) * params.o_row_stride + c * 8) =
               make_uint4(0, 0, 0, 0);
         }
       }
       const float empty_lse = empty_row_lse(params, h);
       for (int r = tid; r < kBlockM; r += Traits::kNThreads) {
-        if (row0 + r < params.seqlen_q) {
+        if (row0 + r < seq.seqlen_q) {
           lse_out[row0 + r] = empty_lse;
           if (residual_out) residual_out[row0 + r] = 0.f;
         }
@@ -294,15 +297,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       continue;
     }
 
-    const Element* q = static_cast<const Element*>(params.q) + b * params.q_batch_stride + h * params.q_head_stride +
+    const Element* q = static_cast<const Element*>(params.q) +
+                       seq.q_offset(params.q_batch_stride, params.q_row_stride, params.q_head_stride, b, h) +
                        static_cast<int64_t>(row0) * params.q_row_stride;
-    const Element* k = static_cast<const Element*>(params.k) + b * params.k_batch_stride + hk * params.k_head_stride;
-    const Element* v = static_cast<const Element*>(params.v) + b * params.v_batch_stride + hk * params.v_head_stride;
+    const Element* k = static_cast<const Element*>(params.k) +
+                       seq.k_offset(params.k_batch_stride, params.k_row_stride, params.k_head_stride, b, hk);
+    const Element* v = static_cast<const Element*>(params.v) +
+                       seq.k_offset(params.v_batch_stride, params.v_row_stride, params.v_head_stride, b, hk);
     const int64_t k_step = static_cast<int64_t>(kBlockN) * params.k_row_stride;
     const int64_t v_step = static_cast<int64_t>(kBlockN) * params.v_row_stride;
     // Rows of key block nb that exist (0 for a block outside [n_begin, n_end),
     // whose copy then only zero-fills and reads nothing).
-    auto rows_of = [&](int nb) { return nb >= n_begin ? params.seqlen_k - nb * kBlockN : 0; };
+    auto rows_of = [&](int nb) { return nb >= n_begin ? seq.seqlen_k - nb * kBlockN : 0; };
     auto load_k = [&](int nb, int stage) {
       fwd::load_tile<Traits, kBlockN>(sK + stage * kKVBytes, k + nb * k_step, params.k_row_stride, rows_of(nb), tid);
     };
@@ -334,7 +340,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if constexpr (!Traits::kBarrierBeforePV) {
       // Pipeline A. Iteration j: [barrier] issue K/V(j+1) -> stage^1;
       // S = Q K(j)^T; softmax; O += P V(j).
-      fwd::load_tile<Traits, kBlockM>(sQ, q, params.q_row_stride, params.seqlen_q - row0, tid);
+      fwd::load_tile<Traits, kBlockM>(sQ, q, params.q_row_stride, seq.seqlen_q - row0, tid);
       load_k(n_block, 0);
       load_v(n_block, 0);
       cp_async_commit();
@@ -363,7 +369,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       // Iteration j: [barrier: V(j), K(j+1) landed; everyone is done with
       // S(j) and P V(j-1)] issue V(j+1), K(j+2); O += P(j) V(j);
       // S(j+1) = Q K(j+1)^T; softmax(j+1).
-      fwd::load_tile<Traits, kBlockM>(sQ, q, params.q_row_stride, params.seqlen_q - row0, tid);
+      fwd::load_tile<Traits, kBlockM>(sQ, q, params.q_row_stride, seq.seqlen_q - row0, tid);
       load_k(n_block, 0);
       cp_async_commit();
       load_v(n_block, 0);
@@ -406,7 +412,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           const int row = warp_row0 + mi * 16 + hr * 8 + g;
-          if (row < params.seqlen_q) {
+          if (row < seq.seqlen_q) {
             lse_out[row] = lse[mi][hr];
             if (residual_out) residual_out[row] = residual[mi][hr];
           }
@@ -435,7 +441,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       if (kWarpChunks % 32 == 0 || idx < kWarpChunks) {
         const int r = idx / Traits::kChunks, c = idx % Traits::kChunks;
         const int row = warp_row0 + r;
-        if (row < params.seqlen_q) {
+        if (row < seq.seqlen_q) {
           *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * params.o_row_stride + c * 8) =
               *reinterpret_cast<const uint4*>(sQ_ptr + (warp * kRowsPerWarp + r) * kPitch + c * 8);
         }

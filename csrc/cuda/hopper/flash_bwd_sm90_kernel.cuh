@@ -118,29 +118,31 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   // Null residual (no bias): load_vec over 0 rows fills the stage with zeros
   // (and reads nothing; lse stands in as a valid address).
   const float* residual = p.lse_residual ? p.lse_residual + blk.row_bh : lse;
-  const int residual_rows = p.lse_residual ? p.seqlen_q : 0;
+  const int seqlen_q = blk.seq.seqlen_q, seqlen_k = blk.seq.seqlen_k;
+  const int residual_rows = p.lse_residual ? seqlen_q : 0;
   const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wg = warp / 4, warp_in_wg = warp % 4;
   const int g = lane / 4, t = lane % 4;
 
-  const MaskGeometry geo(p);
   const int n0 = n_block * kBlockN;
+  if (n0 >= seqlen_k) return;  // past the end of a shorter sequence (varlen)
+  const MaskGeometry geo(p, blk.seq);
   const int m_begin = geo.m_block_begin(n0, kBlockM);
   const int m_end = geo.m_block_end(n0, kBlockN, kBlockM);
 
-  load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kKOff, k, p.k_row_stride, n0, p.seqlen_k, tid);
-  load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kVOff, v, p.v_row_stride, n0, p.seqlen_k, tid);
+  load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kKOff, k, p.k_row_stride, n0, seqlen_k, tid);
+  load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kVOff, v, p.v_row_stride, n0, seqlen_k, tid);
   auto load_q_stage = [&](int m_block, int stage) {
     const int m0 = m_block * kBlockM;
     load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kQOff + stage * T::kTileM, q, p.q_row_stride, m0,
-                                                     p.seqlen_q, tid);
+                                                     seqlen_q, tid);
     load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kDoOff + stage * T::kTileM, dout, p.do_row_stride,
-                                                     m0, p.seqlen_q, tid);
+                                                     m0, seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kLseOff) + stage * kBlockM, lse, m0,
-                                    p.seqlen_q, tid);
+                                    seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kDeltaOff) + stage * kBlockM, delta, m0,
-                                    p.seqlen_q, tid);
+                                    seqlen_q, tid);
     load_vec<kBlockM, T::kNThreads>(reinterpret_cast<float*>(smem + T::kResidualOff) + stage * kBlockM, residual, m0,
                                     residual_rows, tid);
   };
@@ -161,6 +163,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   float acc_dv[kDkvN / 8][4] = {};
 
   const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
+  // dbias (batch, nheads, seqlen_q, seqlen_k): dense calls only.
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
   // Descriptor strides (bytes): 8-row groups are one swizzle atom apart; the
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       fence_regs(p_frag);
       fence_regs(ds_frag);
 
-      add_dq_strip<kHeadDim, kDqN>(p, b, h, m0 + dq_row0, dq_col0, acc_dq, lane);
+      add_dq_strip<kHeadDim, kDqN>(p, blk.seq, b, h, m0 + dq_row0, dq_col0, acc_dq, lane);
     } else {
       wgmma_wait<0>();
       fence_regs(acc_dv);
@@ -324,7 +327,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     }
   }
 
-  store_dkdv_strip<Element, kDkvN>(p, b, h, n0 + key_row0, dkv_col0, acc_dk, acc_dv, lane);
+  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, dkv_col0, acc_dk, acc_dv, lane);
 #endif  // FLASH_SM90_ENABLED
 }
 

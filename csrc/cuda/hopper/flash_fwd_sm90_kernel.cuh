@@ -89,21 +89,24 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   const int wg_row0 = row0 + 64 * wg;                  // this warpgroup's first row
   const int warp_row0 = wg_row0 + 16 * (warp % 4);     // this warp's first row
 
-  const MaskGeometry geo(p);
+  const SeqInfo seq(p, b);
+  if (row0 >= seq.seqlen_q) return;  // past the end of a shorter sequence (varlen)
+  const MaskGeometry geo(p, seq);
   const int n_begin = geo.n_block_begin(row0, kBlockN);
   const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
-  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse_out = p.softmax_lse + int64_t(bh) * p.seqlen_q;
-  float* residual_out = p.lse_residual ? p.lse_residual + int64_t(bh) * p.seqlen_q : nullptr;
+  Element* out = static_cast<Element*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
+  const int64_t lse_offset = seq.lse_offset(p, b, h);
+  float* lse_out = p.softmax_lse + lse_offset;
+  float* residual_out = p.lse_residual ? p.lse_residual + lse_offset : nullptr;
 
   if (n_begin >= n_end) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
     for (int idx = tid; idx < kBlockM * (kHeadDim / 8); idx += T::kNThreads) {
       const int r = idx / (kHeadDim / 8), c = idx % (kHeadDim / 8);
-      if (row0 + r < p.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
+      if (row0 + r < seq.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
     }
     const float empty_lse = empty_row_lse(p, h);
     for (int r = tid; r < kBlockM; r += T::kNThreads) {
-      if (row0 + r < p.seqlen_q) {
+      if (row0 + r < seq.seqlen_q) {
         lse_out[row0 + r] = empty_lse;
         if (residual_out) residual_out[row0 + r] = 0.f;
       }
@@ -111,16 +114,16 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
     return;
   }
 
-  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const Element* q = static_cast<const Element*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h);
+  const Element* k = static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk);
+  const Element* v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk);
   auto load_k = [&](int nb, int stage) {
     load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kKOff + stage * T::kKVBytes, k, p.k_row_stride,
-                                                     nb * kBlockN, p.seqlen_k, tid);
+                                                     nb * kBlockN, seq.seqlen_k, tid);
   };
   auto load_v = [&](int nb, int stage) {
     load_tile_sw128<kBlockN, kHeadDim, T::kNThreads>(smem + T::kVOff + stage * T::kKVBytes, v, p.v_row_stride,
-                                                     nb * kBlockN, p.seqlen_k, tid);
+                                                     nb * kBlockN, seq.seqlen_k, tid);
   };
 
   // Scores of key block nb to probabilities (P in place): the score rule,
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 
   // Prologue: Q and the first K, then V of the first block and K of the second.
   const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
-  load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kQOff, q, p.q_row_stride, row0, p.seqlen_q, tid);
+  load_tile_sw128<kBlockM, kHeadDim, T::kNThreads>(smem + T::kQOff, q, p.q_row_stride, row0, seq.seqlen_q, tid);
   load_k(n_end - 1, 0);
   cp_async_commit();
   load_v(n_end - 1, 0);
@@ -221,7 +224,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int row = warp_row0 + 8 * hr + g;
-      if (row < p.seqlen_q) {
+      if (row < seq.seqlen_q) {
         lse_out[row] = lse[0][hr];
         if (residual_out) residual_out[row] = residual[0][hr];
       }
@@ -242,7 +245,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
     const int idx = wtid + 128 * i;
     const int r = idx / kChunks, c = idx % kChunks;
     const int row = wg_row0 + r;
-    if (row < p.seqlen_q) {
+    if (row < seq.seqlen_q) {
       *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
           *reinterpret_cast<const uint4*>(smem + T::kQOff + swizzled_offset(kBlockM, 64 * wg + r, c * 8));
     }

@@ -1,0 +1,270 @@
+"""flash-attn 2.x's variable-length entry points: flash_attn_varlen_func and
+its packed variants.
+
+A batch of sequences of different lengths is given without padding: q is
+(total_q, nheads, headdim), the rows of all sequences one after the other,
+and `cu_seqlens_q` (int32, batch + 1) holds where each sequence starts
+(sequence b is rows cu_seqlens_q[b] to cu_seqlens_q[b + 1]); k and v
+likewise with `cu_seqlens_k`. Causal masks and windows are aligned
+bottom-right per sequence, as in flash-attn. The functions are backed by the
+`flash_attn_ext::varlen_fwd` / `varlen_bwd` custom ops (CPU and CUDA), which
+run the same kernels as the dense path (csrc/seq_info.h describes the
+sequences to them).
+
+The cumulative lengths live on the device, and checking them there would
+cost a synchronisation: they are checked on CPU tensors always, and on
+other devices when FLASH_ATTN_EXT_DEBUG_CHECKS=1 is set. With or without the
+check, the kernels clamp every sequence to the tensors, so a wrong value
+gives a wrong answer for that sequence, never a read or write outside q, k, v
+or the outputs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops
+from ._autocast import autocast_inputs
+from .interface import _check_unsupported, _sinks_argument, _softcap_value, _window_sides
+
+__all__ = ["flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]
+
+DEBUG_CHECKS_ENV = "FLASH_ATTN_EXT_DEBUG_CHECKS"
+
+
+def debug_checks_enabled() -> bool:
+    """Whether FLASH_ATTN_EXT_DEBUG_CHECKS asks for the value checks that need
+    a device synchronisation (cumulative lengths, block tables)."""
+    return os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, name: str, total: int, max_seqlen: Optional[int]) -> None:
+    """The value checks the C++ side does for CPU tensors, for tensors on any
+    device (this synchronises): non-decreasing, from >= 0, ending within
+    `total` rows, no length above `max_seqlen` (None: unbounded)."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu.numel() == 0:
+        return
+    lengths = cu[1:] - cu[:-1]
+    if cu[0] < 0:
+        raise RuntimeError(f"flash_attn_ext: {name}[0] must be >= 0, got {int(cu[0])}")
+    if lengths.numel() and lengths.min() < 0:
+        i = int(torch.nonzero(lengths < 0)[0])
+        raise RuntimeError(f"flash_attn_ext: {name} must be non-decreasing, but {name}[{i + 1}] = {int(cu[i + 1])} "
+                           f"< {name}[{i}] = {int(cu[i])}")
+    if max_seqlen is not None and lengths.numel() and lengths.max() > max_seqlen:
+        i = int(torch.argmax(lengths))
+        raise RuntimeError(f"flash_attn_ext: sequence {i} has length {int(lengths[i])} (from {name}), more than the "
+                           f"maximum given, {max_seqlen}")
+    if cu[-1] > total:
+        raise RuntimeError(f"flash_attn_ext: {name}[-1] = {int(cu[-1])} exceeds the number of rows of the tensor it "
+                           f"indexes ({total})")
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"flash_attn_ext: {name} must be an int, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        value = int(value)
+    if isinstance(value, torch.SymInt):  # traced by torch.compile
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"flash_attn_ext: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"flash_attn_ext: {name} must be >= 0, got {value}")
+    return value
+
+
+def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, name: str) -> torch.Tensor:
+    """The keys (or values) of paged sequences, contiguous: cache is
+    (num_blocks, page_size, nheads_k, headdim), block_table (batch,
+    max_blocks) int32; sequence b's j-th key is at page block_table[b,
+    j // page_size], slot j % page_size. Returns (batch * max_blocks *
+    page_size, nheads_k, headdim). Block ids are clamped into the cache, so a
+    wrong id reads a wrong page, never outside the cache."""
+    if cache.dim() != 4:
+        raise ValueError(f"flash_attn_ext: with block_table, {name} must be the paged cache (num_blocks, page_size, "
+                         f"nheads_k, headdim), got shape {tuple(cache.shape)}")
+    if cache.shape[0] == 0:
+        raise ValueError(f"flash_attn_ext: the paged {name} has no blocks")
+    ids = block_table.long().clamp(0, cache.shape[0] - 1)
+    return cache[ids].reshape(-1, cache.shape[2], cache.shape[3])
+
+
+def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
+                      seqused_k=None, sinks=None):
+    window_left, window_right = _window_sides(window_size)
+    softcap = _softcap_value(softcap)
+    max_seqlen_q = _as_int(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _as_int(max_seqlen_k, "max_seqlen_k")
+    _ops.check_same_device("flash_attn_ext.flash_attn_varlen_func", {
+        "q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k,
+        "block_table": block_table, "alibi_slopes": alibi_slopes, "sinks": sinks})
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
+    if block_table is not None:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise ValueError(f"flash_attn_ext: block_table must be an int32 (batch, max_blocks_per_seq) tensor, got "
+                             f"{block_table.dtype} of shape {tuple(block_table.shape)}")
+        if block_table.shape[0] != cu_seqlens_k.shape[0] - 1:
+            raise ValueError(f"flash_attn_ext: block_table has {block_table.shape[0]} rows, but cu_seqlens_k "
+                             f"describes {cu_seqlens_k.shape[0] - 1} sequences")
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:2] != v.shape[:2]:
+            raise ValueError(f"flash_attn_ext: with block_table, k and v must be paged caches (num_blocks, "
+                             f"page_size, nheads_k, headdim) of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if debug_checks_enabled() and block_table.numel():
+            lo, hi = int(block_table.min()), int(block_table.max())
+            if lo < 0 or hi >= k.shape[0]:
+                raise RuntimeError(f"flash_attn_ext: block_table holds block ids in [{lo}, {hi}], outside the "
+                                   f"cache's {k.shape[0]} blocks")
+        # The sequences' keys in their pages, gathered: sequence b is the
+        # first cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys of its pages.
+        lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+        seqused_k = lengths if seqused_k is None else torch.minimum(seqused_k, lengths)
+        per_seq = block_table.shape[1] * k.shape[1]
+        k = _gather_pages(k, block_table, "k")
+        v = _gather_pages(v, block_table, "v")
+        cu_seqlens_k = torch.arange(0, block_table.shape[0] + 1, dtype=torch.int32,
+                                    device=cu_seqlens_k.device) * per_seq
+    if q.dim() == 3 and q.shape[-1] == 0:
+        raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
+    if debug_checks_enabled() and q.device.type != "cpu":
+        check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q)
+        check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0],
+                                None if seqused_k is not None else max_seqlen_k)
+        if seqused_k is not None and seqused_k.numel():
+            used = seqused_k.detach().cpu()
+            if used.min() < 0 or used.max() > max_seqlen_k:
+                raise RuntimeError(f"flash_attn_ext: seqused_k must be in [0, max_seqlen_k = {max_seqlen_k}], got "
+                                   f"values in [{int(used.min())}, {int(used.max())}]")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    q, k, v = autocast_inputs(q, k, v)
+    out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+                                          float(softmax_scale), bool(causal), window_left, window_right,
+                                          deterministic, softcap, alibi_slopes, sinks)
+    if return_attn_probs:
+        # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
+        # information with dropout, which is not supported, so it is None.
+        return out, softmax_lse, None
+    return out
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    *,
+    seqused_k: Optional[torch.Tensor] = None,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+):
+    """Exact attention over a batch of variable-length sequences, unpadded.
+
+    Args:
+        q: (total_q, nheads, headdim), the query rows of all sequences.
+        k, v: (total_k, nheads_k, headdim); or, with block_table, paged caches
+            (num_blocks, page_size, nheads_k, headdim) with any page size.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,): sequence b is rows
+            cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (and likewise of k, v).
+        max_seqlen_q, max_seqlen_k: ints, the longest sequence's lengths.
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic: as in flash_attn_func; causal masks and windows align
+            bottom-right within each sequence; alibi_slopes may be (batch, nheads).
+        return_attn_probs: also return softmax_lse (nheads, total_q) fp32 and
+            None in place of the dropout mask.
+        block_table: int32 (batch, max_blocks_per_seq): paged k/v, sequence b's
+            keys being the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
+            its pages. The pages are gathered into a contiguous copy first (the
+            forward kernels read contiguous keys); block ids are clamped into
+            the cache.
+        seqused_k (keyword only): int32 (batch,): sequence b uses only its
+            first seqused_k[b] keys (vLLM's convention).
+        s_aux / learnable_sink (keyword only): attention sinks, as in
+            flash_attn_func.
+
+    Returns out (total_q, nheads, headdim). Rows of q outside every sequence
+    get out 0 and lse +inf; a sequence without keys gives output 0 (lse
+    +inf, or its sink).
+    """
+    _check_unsupported(dropout_p)
+    return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
+                             seqused_k, _sinks_argument(s_aux, learnable_sink))
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+):
+    """flash_attn_varlen_func on qkv packed as (total, 3, nheads, headdim), one
+    cu_seqlens for queries and keys."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"flash_attn_ext: qkv must be (total, 3, nheads, headdim), got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    _check_unsupported(dropout_p)
+    q, k, v = qkv.unbind(1)
+    return _varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
+                             window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                             sinks=_sinks_argument(s_aux, learnable_sink))
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+):
+    """flash_attn_varlen_func with k and v packed as kv (total_k, 2, nheads_k, headdim)."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"flash_attn_ext: kv must be (total_k, 2, nheads_k, headdim), got "
+                         f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
+    _check_unsupported(dropout_p)
+    k, v = kv.unbind(1)
+    return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                             window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                             sinks=_sinks_argument(s_aux, learnable_sink))
