@@ -2,7 +2,7 @@
 
 Ring-attention libraries (ring-flash-attention and others) do not call
 flash_attn_func: they import `_flash_attn_forward` / `_flash_attn_backward`
-(and the varlen pair) from `flash_attn.flash_attn_interface`, merge the lse
+(and the varlen pair, on the varlen ops) from `flash_attn.flash_attn_interface`, merge the lse
 they return themselves, and hand the merged lse back to the backward. This
 module has those four functions with flash-attn 2.8's exact signatures and
 return values, backed by the `flash_attn_ext::fwd` / `bwd` ops, and
@@ -12,7 +12,7 @@ where flash-attn itself is not installed, so such libraries run unchanged.
 What flash-attn's functions return and flash_attn_ext has no use for comes
 back shaped as flash-attn shapes it: S_dmask is an empty tensor (it only
 exists with dropout), rng_state two zeros. Arguments whose feature is not
-implemented (dropout_p, return_softmax, paged or left-padded KV) raise
+implemented (dropout_p, return_softmax, left-padded KV) raise
 NotImplementedError naming the argument; softcap and alibi_slopes go to the
 kernels.
 
@@ -34,6 +34,12 @@ import torch
 
 from . import _ops
 from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .varlen import (
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    unpage,
+)
 
 __all__ = [
     "_flash_attn_forward",
@@ -43,6 +49,9 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "install_as_flash_attn",
 ]
 
@@ -156,25 +165,6 @@ def _flash_attn_backward(
     return softmax_d
 
 
-def _bounds(cu_seqlens: torch.Tensor, name: str):
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise RuntimeError(f"flash_attn_ext: {name} must be a 1-d int32 tensor, got {cu_seqlens.dtype} "
-                           f"{tuple(cu_seqlens.shape)}")
-    return cu_seqlens.tolist()
-
-
-def _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
-    """(q start, q end, k start, k end) of each sequence of a varlen batch."""
-    cq, ck = _bounds(cu_seqlens_q, "cu_seqlens_q"), _bounds(cu_seqlens_k, "cu_seqlens_k")
-    if len(cq) != len(ck):
-        raise RuntimeError(f"flash_attn_ext: cu_seqlens_q and cu_seqlens_k must have one length, got {len(cq)} and "
-                           f"{len(ck)}")
-    if cq[-1] > q.shape[0] or ck[-1] > k.shape[0]:
-        raise RuntimeError(f"flash_attn_ext: cu_seqlens reach past the tokens ({cq[-1]} of {q.shape[0]} queries, "
-                           f"{ck[-1]} of {k.shape[0]} keys)")
-    return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
-
-
 def _flash_attn_varlen_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -199,22 +189,18 @@ def _flash_attn_varlen_forward(
     """flash-attn 2.8's varlen forward: q (total_q, nheads, headdim), k, v
     (total_k, nheads_k, headdim), sequence i at rows cu_seqlens[i] to
     cu_seqlens[i + 1]; returns (out, softmax_lse (nheads, total_q) fp32,
-    S_dmask, rng_state). One op call per sequence (the op has no varlen kernel
-    yet): correct, not fast. zero_tensors has nothing to do (every output row
-    is written)."""
-    _reject(dropout_p, return_softmax, block_table=block_table, leftpad_k=leftpad_k, seqused_k=seqused_k)
+    S_dmask, rng_state). block_table: paged k/v (flash_attn_ext.varlen.unpage);
+    seqused_k: keys used per sequence. zero_tensors has nothing to do (every
+    output row is written: rows outside every sequence get 0 and lse +inf)."""
+    _reject(dropout_p, return_softmax, leftpad_k=leftpad_k)
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
-    out = torch.zeros_like(q)
-    softmax_lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
+    if block_table is not None:
+        k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
     with torch.no_grad():
-        for i, (q0, q1, k0, k1) in enumerate(_sequences(q, k, cu_seqlens_q, cu_seqlens_k)):
-            if q1 == q0 or k1 == k0:
-                continue  # no queries, or no keys: out 0, lse +inf
-            o, lse, _ = _ops.fwd(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, float(softmax_scale),
-                                 bool(causal), int(window_size_left), int(window_size_right), False, float(softcap),
-                                 _slopes_of(alibi_slopes, i))
-            out[q0:q1] = o[0]
-            softmax_lse[:, q0:q1] = lse[0]
+        out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, int(max_seqlen_q),
+                                              int(max_seqlen_k), float(softmax_scale), bool(causal),
+                                              int(window_size_left), int(window_size_right), False, float(softcap),
+                                              alibi_slopes)
     rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
     return out, softmax_lse, q.new_empty((0,)), rng_state
 
@@ -246,25 +232,19 @@ def _flash_attn_varlen_backward(
 ) -> torch.Tensor:
     """flash-attn 2.8's varlen backward: writes into dq, dk, dv and returns
     softmax_d (nheads, total_q + 128 * batch) fp32, zero past total_q (the
-    shape flash-attn allocates). One op call per sequence."""
+    shape flash-attn allocates)."""
     _reject(dropout_p)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
-    lse_all = softmax_lse.float()
+    lse = softmax_lse.float().contiguous()
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    sequences = _sequences(q, k, cu_seqlens_q, cu_seqlens_k)
     with torch.no_grad():
-        gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for i, (q0, q1, k0, k1) in enumerate(sequences):
-            if q1 == q0 or k1 == k0:
-                continue
-            lse = lse_all[None, :, q0:q1].contiguous()
-            g = _ops.bwd(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1], lse,
-                         _residual_for(q, lse), None, None, float(softmax_scale), bool(causal), int(window_size_left),
-                         int(window_size_right), deterministic, False, float(softcap), _slopes_of(alibi_slopes, i))
-            gq[q0:q1], gk[k0:k1], gv[k0:k1] = g[0][0], g[1][0], g[2][0]
+        gq, gk, gv = _ops.varlen_bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, cu_seqlens_q,
+                                     cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
+                                     bool(causal), int(window_size_left), int(window_size_right), deterministic,
+                                     float(softcap), alibi_slopes)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
-        softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * len(sequences)), dtype=torch.float32,
-                                device=q.device)
+        batch = cu_seqlens_q.shape[0] - 1
+        softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * batch), dtype=torch.float32, device=q.device)
         softmax_d[:, :q.shape[0]] = _ops.rowsum_product(dout, out).t()
     return softmax_d
 
@@ -287,7 +267,8 @@ def install_as_flash_attn(force: bool = False) -> types.ModuleType:
     package.__flash_attn_ext__ = True
     package.__path__ = []  # a package, so that its submodule imports resolve through sys.modules
     package.flash_attn_interface = sys.modules[__name__]
-    for name in ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func"):
+    for name in ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+                 "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func"):
         setattr(package, name, globals()[name])
     sys.modules["flash_attn"] = package
     sys.modules["flash_attn.flash_attn_interface"] = sys.modules[__name__]

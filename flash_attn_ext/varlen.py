@@ -94,6 +94,36 @@ def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, name: str) -> 
     return cache[ids].reshape(-1, cache.shape[2], cache.shape[3])
 
 
+def unpage(k_cache, v_cache, block_table, cu_seqlens_k, seqused_k=None):
+    """Paged keys and values as the varlen op takes them: (k, v, cu_seqlens_k,
+    seqused_k) with the sequences' pages gathered into contiguous rows.
+    k_cache, v_cache: (num_blocks, page_size, nheads_k, headdim);
+    block_table: int32 (batch, max_blocks_per_seq); sequence b's keys are the
+    first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its pages (and
+    at most seqused_k[b] of them). Shapes depend on the tensors' shapes only,
+    so this is safe under CUDA-graph capture."""
+    if block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise ValueError(f"flash_attn_ext: block_table must be an int32 (batch, max_blocks_per_seq) tensor, got "
+                         f"{block_table.dtype} of shape {tuple(block_table.shape)}")
+    if block_table.shape[0] != cu_seqlens_k.shape[0] - 1:
+        raise ValueError(f"flash_attn_ext: block_table has {block_table.shape[0]} rows, but cu_seqlens_k "
+                         f"describes {cu_seqlens_k.shape[0] - 1} sequences")
+    if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:2] != v_cache.shape[:2]:
+        raise ValueError(f"flash_attn_ext: with block_table, k and v must be paged caches (num_blocks, "
+                         f"page_size, nheads_k, headdim) of one shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if debug_checks_enabled() and block_table.numel():
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= k_cache.shape[0]:
+            raise RuntimeError(f"flash_attn_ext: block_table holds block ids in [{lo}, {hi}], outside the "
+                               f"cache's {k_cache.shape[0]} blocks")
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    seqused_k = lengths if seqused_k is None else torch.minimum(seqused_k, lengths)
+    per_seq = block_table.shape[1] * k_cache.shape[1]
+    cu = torch.arange(0, block_table.shape[0] + 1, dtype=torch.int32, device=cu_seqlens_k.device) * per_seq
+    return (_gather_pages(k_cache, block_table, "k"), _gather_pages(v_cache, block_table, "v"), cu, seqused_k)
+
+
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
                       seqused_k=None, sinks=None):
@@ -108,29 +138,7 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
     if block_table is not None:
-        if block_table.dtype != torch.int32 or block_table.dim() != 2:
-            raise ValueError(f"flash_attn_ext: block_table must be an int32 (batch, max_blocks_per_seq) tensor, got "
-                             f"{block_table.dtype} of shape {tuple(block_table.shape)}")
-        if block_table.shape[0] != cu_seqlens_k.shape[0] - 1:
-            raise ValueError(f"flash_attn_ext: block_table has {block_table.shape[0]} rows, but cu_seqlens_k "
-                             f"describes {cu_seqlens_k.shape[0] - 1} sequences")
-        if k.dim() != 4 or v.dim() != 4 or k.shape[:2] != v.shape[:2]:
-            raise ValueError(f"flash_attn_ext: with block_table, k and v must be paged caches (num_blocks, "
-                             f"page_size, nheads_k, headdim) of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        if debug_checks_enabled() and block_table.numel():
-            lo, hi = int(block_table.min()), int(block_table.max())
-            if lo < 0 or hi >= k.shape[0]:
-                raise RuntimeError(f"flash_attn_ext: block_table holds block ids in [{lo}, {hi}], outside the "
-                                   f"cache's {k.shape[0]} blocks")
-        # The sequences' keys in their pages, gathered: sequence b is the
-        # first cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys of its pages.
-        lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
-        seqused_k = lengths if seqused_k is None else torch.minimum(seqused_k, lengths)
-        per_seq = block_table.shape[1] * k.shape[1]
-        k = _gather_pages(k, block_table, "k")
-        v = _gather_pages(v, block_table, "v")
-        cu_seqlens_k = torch.arange(0, block_table.shape[0] + 1, dtype=torch.int32,
-                                    device=cu_seqlens_k.device) * per_seq
+        k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
     if q.dim() == 3 and q.shape[-1] == 0:
         raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
     if debug_checks_enabled() and q.device.type != "cpu":

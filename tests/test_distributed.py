@@ -520,9 +520,9 @@ def test_flash_attn_interface_rejects_unsupported():
     with pytest.raises(NotImplementedError, match="dropout_p"):
         fai._flash_attn_backward(q, q, q, q, out, lse, None, None, None, 0.5, 1.0, False, -1, -1, 0.0, None, False)
     cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(NotImplementedError, match="leftpad_k"):
         fai._flash_attn_varlen_forward(q[0], q[0], q[0], cu, cu, 8, 8, 0.0, 1.0, False,
-                                       block_table=torch.zeros(1, 1, dtype=torch.int32))
+                                       leftpad_k=torch.zeros(1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("device", DEVICES)
