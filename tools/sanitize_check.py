@@ -1,6 +1,9 @@
 """A small workload for compute-sanitizer: forward and backward of our CUDA
 kernels on a few small shapes that hit partial tiles, causal masks, GQA,
-seqlen_q != seqlen_k, rows with no visible key and padded head dims.
+seqlen_q != seqlen_k, rows with no visible key and padded head dims; and
+variable-length batches (empty sequences, seqused_k, paged keys, and
+cumulative lengths that point past the tensors, which the kernels must
+clamp).
 
     compute-sanitizer --tool memcheck  --kernel-name kns=flash python3 tools/sanitize_check.py
     compute-sanitizer --tool racecheck --kernel-name kns=flash python3 tools/sanitize_check.py
@@ -31,7 +34,43 @@ CASES = [
     (2, 7, 7, 2, 2, 16, True),        # tiny: one partial tile, head dim 16 padded
     (1, 300, 257, 4, 2, 64, True),    # several tiles (Hopper kernels: 128-row blocks)
 ]
+# Varlen: (query lengths, key lengths, nheads, nheads_k, headdim, causal, extra)
+VARLEN_CASES = [
+    ([3, 0, 70, 129], [5, 9, 70, 129], 4, 2, 64, True, None),
+    ([1, 1, 1], [40, 0, 300], 4, 1, 128, False, "seqused"),
+    ([9, 70], [33, 300], 2, 2, 64, True, "paged"),
+    ([5, 6], [5, 6], 2, 2, 64, False, "out-of-range"),
+]
 MISSING = ("not compiled in this build", "no CUDA kernel compiled", "Could not run 'flash_attn_ext::")
+
+
+def run_varlen(lens_q, lens_k, H, Hk, D, causal, extra, dtype):
+    """Forward and backward of one varlen case; returns the results."""
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")  # noqa: E731
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    q = torch.randn(sum(lens_q), H, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lens_k), Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lens_k), Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+    kw = {}
+    max_q, max_k = max(lens_q), max(lens_k)
+    if extra == "seqused":
+        kw["seqused_k"] = torch.tensor([min(7, n) for n in lens_k], dtype=torch.int32, device="cuda")
+    elif extra == "paged":
+        page = 16
+        blocks = sum(-(-n // page) for n in lens_k) + 2
+        k = torch.randn(blocks, page, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(blocks, page, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+        width = max(-(-n // page) for n in lens_k)
+        kw["block_table"] = torch.randint(0, blocks, (len(lens_k), width), dtype=torch.int32, device="cuda")
+    elif extra == "out-of-range":
+        # Lengths past the tensors and above the max: clamped, never read.
+        cu_q = torch.tensor([0, 9, 1000], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, 4000, 2], dtype=torch.int32, device="cuda")
+        max_q = max_k = 2048
+    out = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    torch.cuda.synchronize()
+    return (out, *grads)
 
 
 def main() -> int:
@@ -62,6 +101,20 @@ def main() -> int:
             if not all(torch.isfinite(t).all() for t in (out, *grads)):
                 bad += 1
                 print(f"non-finite result: {dtype} {(B, Sq, Sk, H, Hk, D, causal)} sm90 disabled={disable}")
+    for dtype, disable in runs:
+        os.environ["FLASH_ATTN_EXT_DISABLE_SM90"] = disable
+        for lens_q, lens_k, H, Hk, D, causal, extra in VARLEN_CASES:
+            try:
+                tensors = run_varlen(lens_q, lens_k, H, Hk, D, causal, extra, dtype)
+            except (RuntimeError, NotImplementedError) as exc:
+                if any(m in str(exc) for m in MISSING):
+                    skipped += 1
+                    continue
+                raise
+            ran += 1
+            if not all(torch.isfinite(t).all() for t in tensors):
+                bad += 1
+                print(f"non-finite varlen result: {dtype} {(lens_q, lens_k, H, Hk, D, causal, extra)}")
     print(f"sanitize_check: {ran} cases ran, {skipped} skipped (not in this build), {bad} non-finite")
     return 1 if bad or ran == 0 else 0
 
