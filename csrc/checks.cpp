@@ -97,9 +97,10 @@ void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
               " and ", num(v.size(1)));
   FLASH_CHECK(v.size(2) == nheads_k, "flash_attn_ext: k and v must have the same number of heads, got ",
               num(nheads_k), " and ", num(v.size(2)));
-  FLASH_CHECK(k.size(3) == headdim && v.size(3) == headdim,
-              "flash_attn_ext: q, k and v must have the same head dim, got ", num(headdim), ", ", num(k.size(3)),
-              " and ", num(v.size(3)));
+  FLASH_CHECK(k.size(3) == headdim, "flash_attn_ext: q and k must have the same head dim, got ", num(headdim), " and ",
+              num(k.size(3)));
+  // 0 is allowed: an empty output (SDPA's value dim may be 0).
+  FLASH_CHECK(v.size(3) <= 256, "flash_attn_ext: the head dim of v must be at most 256, got ", num(v.size(3)));
   FLASH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", num(nheads),
               ") must be divisible by nheads_k (", num(nheads_k), ")");
   check_last_dim_contiguous(q, "q");
@@ -129,10 +130,12 @@ void check_bwd_inputs(const Tensor& dout, const Tensor& q, const Tensor& k,
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features, varlen);
   FLASH_CHECK(!bias_requires_grad || attn_bias.has_value(),
               "flash_attn_ext: bias_requires_grad=True needs an attn_bias");
-  FLASH_CHECK(same_shape(dout.sizes(), q.sizes()), "flash_attn_ext: dout must have the shape of q ", shape(q.sizes()), ", got ",
-              shape(dout.sizes()));
-  FLASH_CHECK(same_shape(out.sizes(), q.sizes()), "flash_attn_ext: out must have the shape of q ", shape(q.sizes()), ", got ",
-              shape(out.sizes()));
+  // out and dout: q's shape with v's head dim.
+  const std::array<int64_t, 4> out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  FLASH_CHECK(same_shape(dout.sizes(), out_shape), "flash_attn_ext: dout must have the shape of out ", shape(out_shape),
+              ", got ", shape(dout.sizes()));
+  FLASH_CHECK(same_shape(out.sizes(), out_shape), "flash_attn_ext: out must have the shape ", shape(out_shape),
+              " (q's with v's head dim), got ", shape(out.sizes()));
   FLASH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "flash_attn_ext: dout and out must have the dtype of q (", dtype_name(q.scalar_type()), "), got ",
               dtype_name(dout.scalar_type()), " and ", dtype_name(out.scalar_type()));

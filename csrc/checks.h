@@ -2,7 +2,9 @@
 // CPU and CUDA reject exactly the same inputs with the same messages.
 #pragma once
 
+#include <algorithm>
 #include <optional>
+#include <tuple>
 
 #include "flash_params.h"
 #include "tensor.h"
@@ -62,6 +64,29 @@ struct VarlenViews {
   VarlenViews(const Tensor& dout, const Tensor& out, const Tensor& softmax_lse, const Tensor& lse_residual,
               const std::optional<Tensor>& dsoftmax_lse);
 };
+
+// A value head dim different from the query/key head dim (DeepSeek's MLA
+// prefill: 192 / 128) runs on the kernels of one head dim: the narrower of
+// q/k and v is zero-padded to the wider (zero columns add nothing to q.k,
+// and give zero output columns), and the results are cut back to each
+// tensor's own head dim. The scale is the caller's (1 / sqrt(q's head dim)
+// by default), untouched by the padding. Each host function calls these
+// first when the head dims differ, with itself as `fn`.
+template <typename Fn>
+std::tuple<Tensor, Tensor, Tensor> fwd_on_one_head_dim(const Tensor& q, const Tensor& k, const Tensor& v, Fn&& fn) {
+  const int64_t common = std::max(q.size(-1), v.size(-1));
+  auto [out, lse, residual] = fn(resize_last_dim(q, common), resize_last_dim(k, common), resize_last_dim(v, common));
+  return {resize_last_dim(out, v.size(-1)), lse, residual};
+}
+
+template <typename Fn>
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_on_one_head_dim(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                               const Tensor& v, const Tensor& out, Fn&& fn) {
+  const int64_t common = std::max(q.size(-1), v.size(-1));
+  auto [dq, dk, dv, dbias] = fn(resize_last_dim(dout, common), resize_last_dim(q, common),
+                                resize_last_dim(k, common), resize_last_dim(v, common), resize_last_dim(out, common));
+  return {resize_last_dim(dq, q.size(-1)), resize_last_dim(dk, k.size(-1)), resize_last_dim(dv, v.size(-1)), dbias};
+}
 
 // softmax_lse (batch, nheads, seqlen_q) of a call without keys (seqlen_k =
 // 0), where every row's softmax has only the head's sink: the sink, or +inf

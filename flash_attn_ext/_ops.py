@@ -92,7 +92,7 @@ def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_rig
               alibi_slopes=None, sinks=None):
     check_same_device("flash_attn_ext::fwd", locals())
     batch, seqlen_q, nheads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = q.new_empty((batch, seqlen_q, nheads, v.shape[-1]))  # v's head dim
     softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
     # Same rule as needs_lse_residual in csrc/checks.h: only with a bias or fp64 inputs.
     residual_shape = (batch, nheads, seqlen_q) if attn_bias is not None or q.dtype == torch.float64 else (0,)
@@ -351,7 +351,7 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_
                      causal, window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None, sinks=None):
     check_same_device("flash_attn_ext::varlen_fwd", locals())
     total_q, nheads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = q.new_empty((total_q, nheads, v.shape[-1]))  # v's head dim
     softmax_lse = q.new_empty((nheads, total_q), dtype=torch.float32)
     lse_residual = q.new_empty((nheads, total_q) if q.dtype == torch.float64 else (0,), dtype=torch.float32)
     return out, softmax_lse, lse_residual

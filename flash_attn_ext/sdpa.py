@@ -73,20 +73,9 @@ def attention_bshd(
     """
     # Zero-size problems go through the op too (it returns empty or zero
     # outputs and zero gradients), so that the result joins the autograd graph.
-    seqlen_q, head_dim = q.shape[1], q.shape[3]
-    seqlen_k, head_dim_v = k.shape[1], v.shape[-1]
-    if head_dim_v != head_dim:
-        # The op wants one head dim for q, k and v. Zero columns appended to q
-        # and k leave QK^T unchanged; zero columns appended to v only produce
-        # zero output columns, sliced off below. Costs a copy: rare case.
-        d = max(head_dim, head_dim_v)
-        pad = torch.nn.functional.pad
-        if head_dim < d:
-            q, k = pad(q, (0, d - head_dim)), pad(k, (0, d - head_dim))
-        if head_dim_v < d:
-            v = pad(v, (0, d - head_dim_v))
-        return attention_bshd(q, k, v, bias, scale, causal_top_left)[..., :head_dim_v]
-
+    # A value head dim Ev != E goes to the op as it is (it pads the narrower
+    # side itself, csrc/checks.h fwd_on_one_head_dim).
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if not causal_top_left:
         return _fwd(q, k, v, bias, scale, False, -1, -1)

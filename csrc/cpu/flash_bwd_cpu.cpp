@@ -199,6 +199,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu_impl(
     int64_t window_right, bool bias_requires_grad, const ScoreFeatures& features, const VarlenLayout* varlen) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad, features, varlen);
+  if (v.size(3) != q.size(3)) {
+    return bwd_on_one_head_dim(dout, q, k, v, out, [&](const Tensor& dout1, const Tensor& q1, const Tensor& k1,
+                                                       const Tensor& v1, const Tensor& out1) {
+      return bwd_cpu_impl(dout1, q1, k1, v1, out1, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
+                          causal, window_left, window_right, bias_requires_grad, features, varlen);
+    });
+  }
   const ScalarType dtype = q.scalar_type();
   // Sequences of a varlen call may leave rows to nobody (and empty sequences
   // are skipped): their gradients are zero.

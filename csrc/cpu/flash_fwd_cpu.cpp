@@ -173,6 +173,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu_impl(const Tensor& q, const Tensor& k
                                                 bool causal, int64_t window_left, int64_t window_right,
                                                 const ScoreFeatures& features, const VarlenLayout* varlen) {
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features, varlen);
+  if (v.size(3) != q.size(3)) {
+    return fwd_on_one_head_dim(q, k, v, [&](const Tensor& q1, const Tensor& k1, const Tensor& v1) {
+      return fwd_cpu_impl(q1, k1, v1, attn_bias, softmax_scale, causal, window_left, window_right, features, varlen);
+    });
+  }
   const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
   Tensor out = varlen ? zeros_on(q, q.sizes(), q.scalar_type()) : empty_on(q, q.sizes(), q.scalar_type());
   Tensor lse = varlen ? full_on(q, lse_shape, ScalarType::Float, std::numeric_limits<double>::infinity())

@@ -61,6 +61,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
     const VarlenLayout* varlen) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad, features, varlen);
+  if (v.size(3) != q.size(3)) {
+    return bwd_on_one_head_dim(dout, q, k, v, out, [&](const Tensor& dout1, const Tensor& q1, const Tensor& k1,
+                                                       const Tensor& v1, const Tensor& out1) {
+      return bwd_cuda_impl(dout1, q1, k1, v1, out1, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
+                           causal, window_left, window_right, deterministic, bias_requires_grad, features, varlen);
+    });
+  }
   FLASH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", device_name(q));
   const CudaContext cuda(q);
 

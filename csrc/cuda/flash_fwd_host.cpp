@@ -37,6 +37,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda_impl(const Tensor& q_in, const Tenso
                                                  const ScoreFeatures& features, const VarlenLayout* varlen) {
   const std::optional<Tensor>& sinks = features.sinks;
   check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale, features, varlen);
+  if (v_in.size(3) != q_in.size(3)) {
+    return fwd_on_one_head_dim(q_in, k_in, v_in, [&](const Tensor& q1, const Tensor& k1, const Tensor& v1) {
+      return fwd_cuda_impl(q1, k1, v1, attn_bias, softmax_scale, causal, window_left, window_right, features, varlen);
+    });
+  }
   FLASH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_cuda expects CUDA tensors, got ", device_name(q_in));
   const ScalarType dtype = q_in.scalar_type();
   FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
