@@ -3,6 +3,8 @@
 Entry points:
   flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func
       flash-attn 2.x compatible (layout batch, seqlen, nheads, headdim).
+  flash_attn_with_kvcache
+      flash-attn 2.8's decoding entry point: append to a (paged) KV cache, attend.
   scaled_dot_product_attention
       torch.nn.functional.scaled_dot_product_attention compatible, with masks.
   MultiheadAttention, replace_attention
@@ -11,10 +13,11 @@ Entry points:
       context parallelism: ring / all-gather attention over torch.distributed.
   flash_attn_ext.flash_attn_interface (imported on its own)
       flash-attn 2.8's low-level _flash_attn_forward / _flash_attn_backward.
-The ops themselves are torch.ops.flash_attn_ext.fwd / bwd.
+The ops themselves are torch.ops.flash_attn_ext.fwd / bwd / fwd_kvcache.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)
 from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .kvcache import flash_attn_with_kvcache
 from .mha import MultiheadAttention, replace_attention
 from .sdpa import scaled_dot_product_attention
 
@@ -24,6 +27,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "MultiheadAttention",
     "replace_attention",
     "scaled_dot_product_attention",

@@ -16,4 +16,6 @@ STABLE_TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
 #ifdef FLASH_ATTN_EXT_BUILD_BWD
   m.impl("bwd", TORCH_BOX(&flash_attn_ext::bwd_cuda));
 #endif
+  // Built with either direction (flash_decode_*): flash_decode_host.cpp.
+  m.impl("fwd_kvcache", TORCH_BOX(&flash_attn_ext::fwd_kvcache_cuda));
 }
