@@ -158,10 +158,11 @@ def plot(rows, pages, path):
         labels = [f"b{r['batch']}\n{r['seqlen'] // 1024}k" for r in sub]
         x = range(len(sub))
         impls = ["ours"] + [f"paged{p}" for p in pages] + ["flash", "cudnn"]
+        colors = {"paged16": "tab:pink", "paged256": "tab:purple"}
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
             ax.bar([xi + i * width for xi in x], [r.get(f"{impl}_TBs", 0) for r in sub], width,
-                   label=impl, color=common.COLORS.get(impl))
+                   label=impl, color=colors.get(impl, common.COLORS.get(impl)))
         ax.plot([xi + 0.4 for xi in x], [r.get("copy_TBs", 0) for r in sub], "k_", markersize=20, label="copy")
         ax.set_xticks([xi + 0.4 for xi in x])
         ax.set_xticklabels(labels, fontsize=8)
@@ -181,7 +182,14 @@ def main():
     p.add_argument("--quick", action="store_true", help="batch {1, 64} x {4k, 128k}, GQA only, page 16")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--replot", default=None, metavar="JSON", help="redraw the PNG and table of a saved run")
     args = p.parse_args()
+    if args.replot:
+        rows = json.load(open(args.replot))["rows"]
+        pages = sorted({int(k[5:-4]) for r in rows for k in r if k.startswith("paged") and k.endswith("_TBs")})
+        print(table(rows, pages))
+        print("wrote", plot(rows, pages, args.png or args.replot[: -len(".json")] + ".png"))
+        return
     batches, lengths, kv_heads, pages = [1, 8, 64], [4096, 32768, 131072], [8, 32], [16, 256]
     if args.quick:
         batches, lengths, kv_heads, pages = [1, 64], [4096, 131072], [8], [16]

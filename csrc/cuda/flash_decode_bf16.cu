@@ -1,5 +1,5 @@
 // The decode launchers for bf16, one per head dim this build compiles (setup.py's
-// FLASH_ATTN_EXT_HDIMS / FLASH_ATTN_EXT_DTYPES). Written by hand: six small kernels
+// FLASH_ATTN_EXT_HDIMS / FLASH_ATTN_EXT_DTYPES). Written by hand: five small kernels
 // per head dim (two configurations, with and without score mods, and the combine).
 #include "flash_decode_launch.cuh"
 
