@@ -417,7 +417,7 @@ def test_bad_values_checked_by_cpu_op():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_out_of_range_values_are_clamped_cuda(monkeypatch):
     """Without the debug switch, bad index values give clamped (wrong but finite) results and never a
-    memory error; compute-sanitizer runs this case too (tools/, the GPU run)."""
+    memory error (a paged, split case like these ran clean under compute-sanitizer memcheck)."""
     monkeypatch.setenv("FLASH_ATTN_EXT_DEBUG_CHECKS", "0")
     for _, fn in _bad_values("cuda"):
         out = fn()
