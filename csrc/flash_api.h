@@ -45,4 +45,19 @@ FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL(cuda)
 #undef FLASH_ATTN_EXT_DECLARE_IMPL
 #undef FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL
 
+// fwd_kvcache (inference over a KV cache, csrc/kvcache.h): cpu/kvcache_cpu.cpp
+// and cuda/flash_decode_host.cpp.
+#define FLASH_ATTN_EXT_DECLARE_KVCACHE(suffix)                                                          \
+  std::tuple<Tensor, Tensor> fwd_kvcache_##suffix(                                                      \
+      const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,       \
+      const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,         \
+      const std::optional<Tensor>& block_table, double softmax_scale, bool causal, int64_t window_left, \
+      int64_t window_right, double softcap, const std::optional<Tensor>& alibi_slopes,                  \
+      const std::optional<Tensor>& sinks, int64_t num_splits);
+
+FLASH_ATTN_EXT_DECLARE_KVCACHE(cpu)
+FLASH_ATTN_EXT_DECLARE_KVCACHE(cuda)
+
+#undef FLASH_ATTN_EXT_DECLARE_KVCACHE
+
 }  // namespace flash_attn_ext

@@ -59,4 +59,22 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor? dsoftmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
       "float softcap=0., Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Inference: attention of q (batch, seqlen_q, nheads, headdim) over a KV
+  // cache, contiguous (batch_cache, seqlen_cache, nheads_k, headdim) or paged
+  // (num_blocks, page_size, nheads_k, headdim) with block_table int32
+  // (batch, max_blocks_per_seq). cache_seqlens int32 (batch,): keys valid in
+  // each sequence's cache (after any append, left padding included);
+  // cache_batch_idx int32 (batch,): the cache row of each sequence
+  // (contiguous only); cache_leftpad int32 (batch,): its first key. Masks are
+  // bottom-right aligned per sequence on its cache_seqlens - leftpad keys.
+  // num_splits: 0 = chosen from the shapes and the GPU, else how many parts
+  // the keys are split into (CUDA; the CPU ignores it). Forward only (the
+  // Python wrapper, flash_attn_ext.flash_attn_with_kvcache, does the append
+  // and rotary embedding). Returns out (like q) and softmax_lse (batch,
+  // nheads, seqlen_q) fp32, the sinks included. See csrc/kvcache.h.
+  m.def(
+      "fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? cache_batch_idx, "
+      "Tensor? cache_leftpad, Tensor? block_table, float softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None, int num_splits=0) "
+      "-> (Tensor out, Tensor softmax_lse)");
 }

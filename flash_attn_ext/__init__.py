@@ -6,6 +6,8 @@ Entry points:
   flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func
       the same over variable-length batches (total_tokens, nheads, headdim)
       described by cumulative lengths, with paged keys (block_table).
+  flash_attn_with_kvcache
+      flash-attn 2.8's decoding entry point: append to a (paged) KV cache, attend.
   scaled_dot_product_attention
       torch.nn.functional.scaled_dot_product_attention compatible, with masks.
   MultiheadAttention, replace_attention
@@ -14,10 +16,11 @@ Entry points:
       context parallelism: ring / all-gather attention over torch.distributed.
   flash_attn_ext.flash_attn_interface (imported on its own)
       flash-attn 2.8's low-level _flash_attn_forward / _flash_attn_backward.
-The ops themselves are torch.ops.flash_attn_ext.fwd / bwd and varlen_fwd / varlen_bwd.
+The ops themselves are torch.ops.flash_attn_ext.fwd / bwd, varlen_fwd / varlen_bwd and fwd_kvcache.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)
 from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .kvcache import flash_attn_with_kvcache
 from .mha import MultiheadAttention, replace_attention
 from .sdpa import scaled_dot_product_attention
 from .varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
@@ -31,6 +34,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "MultiheadAttention",
     "replace_attention",
     "scaled_dot_product_attention",

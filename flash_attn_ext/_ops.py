@@ -419,3 +419,29 @@ def _varlen_bwd_autograd(keyset, *args):
 
 
 _autograd_lib.impl("varlen_bwd", _varlen_bwd_autograd, "Autograd", with_keyset=True)
+# fwd_kvcache: inference over a KV cache (csrc/kvcache.h), called by
+# flash_attn_ext.kvcache.flash_attn_with_kvcache. Forward only, like
+# flash-attn's: its autograd formula raises when a gradient reaches it.
+
+fwd_kvcache = torch.ops.flash_attn_ext.fwd_kvcache.default
+
+
+@torch.library.register_fake("flash_attn_ext::fwd_kvcache")
+def _fwd_kvcache_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, softmax_scale,
+                      causal, window_left, window_right, softcap=0.0, alibi_slopes=None, sinks=None, num_splits=0):
+    check_same_device("flash_attn_ext::fwd_kvcache", locals())
+    batch, seqlen_q, nheads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    return out, softmax_lse
+
+
+def _fwd_kvcache_backward(ctx, *grads):
+    raise RuntimeError(
+        "flash_attn_ext: flash_attn_with_kvcache (the fwd_kvcache op) has no backward, as in flash-attn: it is for "
+        "inference; use flash_attn_func (or run the decode step under torch.no_grad())"
+    )
+
+
+torch.library.register_autograd("flash_attn_ext::fwd_kvcache", _fwd_kvcache_backward,
+                                setup_context=lambda ctx, inputs, output: None)

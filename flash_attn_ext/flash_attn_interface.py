@@ -34,6 +34,7 @@ import torch
 
 from . import _ops
 from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .kvcache import flash_attn_with_kvcache
 from .varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
@@ -52,6 +53,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "install_as_flash_attn",
 ]
 
@@ -252,7 +254,7 @@ def _flash_attn_varlen_backward(
 def install_as_flash_attn(force: bool = False) -> types.ModuleType:
     """Makes `import flash_attn` and `from flash_attn.flash_attn_interface
     import ...` find flash_attn_ext (this module, flash_attn_func and the
-    packed variants, __version__ = FLASH_ATTN_VERSION), for libraries written
+    packed variants, flash_attn_with_kvcache, __version__ = FLASH_ATTN_VERSION), for libraries written
     against flash-attn. Refuses (RuntimeError) where a real flash_attn is
     installed or imported, unless force=True. Returns the `flash_attn` module."""
     existing = sys.modules.get("flash_attn")
@@ -268,7 +270,7 @@ def install_as_flash_attn(force: bool = False) -> types.ModuleType:
     package.__path__ = []  # a package, so that its submodule imports resolve through sys.modules
     package.flash_attn_interface = sys.modules[__name__]
     for name in ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
-                 "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func"):
+                 "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"):
         setattr(package, name, globals()[name])
     sys.modules["flash_attn"] = package
     sys.modules["flash_attn.flash_attn_interface"] = sys.modules[__name__]

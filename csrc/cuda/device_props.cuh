@@ -1,6 +1,6 @@
 // What the launchers need to know about the current GPU, asked once per
-// device and cached (the launchers ask on every call): its compute capability
-// and how much shared memory one thread block may opt in to. Also the
+// device and cached (the launchers ask on every call): its compute capability,
+// how much shared memory one thread block may opt in to, and its SM count. Also the
 // shared-memory budget the tile choice works with, and the helper that picks
 // the first of a list of kernel configurations that fits it.
 //
@@ -23,6 +23,7 @@ namespace flash {
 struct DeviceProps {
   int cc_major = 0, cc_minor = 0;
   int smem_optin = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
+  int num_sms = 0;     // cudaDevAttrMultiProcessorCount (the decode kernel's split heuristic)
 };
 
 inline const DeviceProps& current_device_props() {
@@ -38,6 +39,7 @@ inline const DeviceProps& current_device_props() {
     FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.cc_major, cudaDevAttrComputeCapabilityMajor, device));
     FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
     FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    FLASH_CUDA_CHECK(cudaDeviceGetAttribute(&fresh.num_sms, cudaDevAttrMultiProcessorCount, device));
     props = fresh;
   }
   return props;

@@ -18,4 +18,6 @@ STABLE_TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
   m.impl("bwd", TORCH_BOX(&flash_attn_ext::bwd_cuda));
   m.impl("varlen_bwd", TORCH_BOX(&flash_attn_ext::varlen_bwd_cuda));
 #endif
+  // Built with either direction (flash_decode_*): flash_decode_host.cpp.
+  m.impl("fwd_kvcache", TORCH_BOX(&flash_attn_ext::fwd_kvcache_cuda));
 }

@@ -1,0 +1,427 @@
+// Split-KV decode kernel for fwd_kvcache (../kvcache.h): few query rows
+// against a long KV cache, contiguous or paged with any page size. Decoding
+// reads every cached key and value once and does little arithmetic with
+// them, so the kernel is built to keep the memory system busy:
+//  * a thread block owns one (batch, kv head, row chunk, split): the 16
+//    "rows" of a chunk are (query, query head) pairs of the kv head's GQA
+//    group, query-major (row r = query * group + head in group), so every
+//    query head of a kv head shares each K/V load; seqlen_q * group > 16
+//    takes several chunks, each reading the keys again (correct for any
+//    seqlen_q; fast when seqlen_q * group <= 16, the decoding case);
+//  * the keys the chunk can see are cut into kBlockN-key tiles and the
+//    tiles into num_splits contiguous parts, one per block, so that a batch
+//    of one sequence still fills every SM;
+//  * K and V tiles stream through a kStages-deep cp.async pipeline (16-byte
+//    copies, several tiles in flight per block), each row copied from where
+//    the cache keeps it: the per-row element offsets of a tile are worked
+//    out one iteration before its copies are issued (threads [0, kBlockN)
+//    one row each, the block-table entry fetched before the compute of the
+//    iteration and used after it, so its latency hides behind the compute)
+//    and kept in shared memory;
+//  * each warp owns 16 keys of every tile: S = Q K^T and O += P V on
+//    mma.sync m16n8k16 (Q padded to 16 rows), fp32 accumulators, the score
+//    rule (../score_rule.h: scale, softcap, ALiBi) and mask (../mask.h, per
+//    sequence: seqlen_k = that sequence's keys) per score, and an online
+//    softmax of its own (softmax.cuh);
+//  * at the end the warps' partial results meet in shared memory and are
+//    merged through their row maxima; with one split the block writes out
+//    and softmax_lse (the sink joined), otherwise the split's normalised
+//    partial and its lse (log2) go to fp32 scratch and
+//    flash_decode_combine_kernel merges the splits through their lse.
+// Index values are clamped into the tensors (clamp_sequence,
+// cache_row_offset), so no value of cache_seqlens, leftpad, batch index or
+// block id makes the kernel read outside k_cache / v_cache.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../kvcache.h"
+#include "../mask.h"
+#include "primitives.cuh"
+#include "score_rule.cuh"
+#include "softmax.cuh"
+
+namespace flash {
+namespace decode {
+
+// kStages: tiles in the pipeline (kStages - 1 in flight while one is
+// computed). kQInRegs: Q's A fragments stay in registers for the whole key
+// loop (head dims up to 128); above, they are re-read from shared memory
+// each tile, which leaves registers for the 256-wide O accumulator.
+template <typename Element_, int kHeadDim_, int kNWarps_, int kStages_>
+struct DecodeTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kRows = 16;                 // one m-tile of (query, head) rows
+  static constexpr int kBlockN = kNWarps * 16;     // keys per tile, 16 per warp
+  static constexpr int kChunks = kHeadDim / 8;     // 16-byte chunks per row
+  static constexpr int kKT = kHeadDim / 16;        // k-steps of S = Q K^T
+  static constexpr int kDT = kHeadDim / 8;         // n-tiles of O
+  static constexpr bool kQInRegs = kHeadDim <= 128;
+  // Rows padded by 16 bytes: every 8-row ldmatrix phase is bank-conflict free.
+  static constexpr int kPitchBytes = (kHeadDim + 8) * 2;
+  static constexpr int kQBytes = kRows * kPitchBytes;
+  static constexpr int kOffsetBytes = kStages * kBlockN * 2 * 8;  // int64 K and V row offsets per slot
+  static constexpr int kTileBytes = kBlockN * kPitchBytes;
+  static constexpr int kStageBytes = 2 * kTileBytes;  // K then V
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  // The warps' partial O (fp32) and row statistics, over the pipeline's
+  // buffers once the key loop is done.
+  static constexpr int kMergePitch = kHeadDim + 4;  // floats
+  static constexpr int kMergeBytes = kNWarps * kRows * (kMergePitch + 2) * 4;
+  static constexpr int kSmemBytes =
+      kQBytes + kOffsetBytes + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
+  static constexpr int kLoadIters = kBlockN * kChunks / kNThreads;  // 16-byte copies per thread per tile and tensor
+
+  static_assert(sizeof(Element) == 2, "fp16 / bf16 only");
+  static_assert(kHeadDim % 16 == 0 && kDT % 2 == 0, "head dim must be a multiple of 16");
+  static_assert(kBlockN * kChunks % kNThreads == 0, "whole copies per thread");
+  static_assert(kNThreads >= kBlockN, "one thread per row works out the row offsets");
+};
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void cp_async_16(uint32_t saddr, const void* gmem, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(pred ? 16 : 0));
+}
+
+// The work of one thread block, from its flat index (split fastest).
+struct DecodeBlock {
+  int split, chunk, hk, b;
+};
+__device__ __forceinline__ DecodeBlock block_of(int index, int num_splits, int num_chunks, int nheads_k) {
+  DecodeBlock w;
+  w.split = index % num_splits;
+  index /= num_splits;
+  w.chunk = index % num_chunks;
+  index /= num_chunks;
+  w.hk = index % nheads_k;
+  w.b = index / nheads_k;
+  return w;
+}
+
+template <typename Traits, bool kMods>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    flash_decode_kernel(const __grid_constant__ FlashKvcacheParams p, int num_chunks) {
+  using Element = typename Traits::Element;
+  constexpr int kRows = Traits::kRows, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
+  constexpr int kChunks = Traits::kChunks, kKT = Traits::kKT, kDT = Traits::kDT;
+  constexpr int kPitchBytes = Traits::kPitchBytes, kNThreads = Traits::kNThreads;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  extern __shared__ uint4 smem_buf[];
+  char* const smem = reinterpret_cast<char*>(smem_buf);
+  const uint32_t sQ = smem_u32(smem);
+  int64_t* const s_off = reinterpret_cast<int64_t*>(smem + Traits::kQBytes);  // [kStages][kBlockN][K, V]
+  char* const pipe = smem + Traits::kQBytes + Traits::kOffsetBytes;
+  const uint32_t sPipe = smem_u32(pipe);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const DecodeBlock w = block_of(blockIdx.x, p.num_splits, num_chunks, p.nheads_k);
+  const int group = p.nheads / p.nheads_k;
+  const int total_rows = p.seqlen_q * group;
+  const int row0 = w.chunk * kRows;
+  const int row_last = min(row0 + kRows, total_rows) - 1;
+
+  // This sequence's keys, and the ones the chunk's rows can see:
+  // [n_lo, n_hi) (key_begin and key_end grow with the query index).
+  const KvSequence seq = clamp_sequence(p, w.b);
+  const FlashFwdParams sp = sequence_params(p, seq.seqlen_k);
+  const MaskGeometry geo(sp);
+  const int n_lo = geo.key_begin(row0 / group);
+  const int n_hi = geo.key_end(row_last / group);
+  const int t_lo = n_lo / kBlockN;
+  const int n_tiles = n_hi > n_lo ? (n_hi + kBlockN - 1) / kBlockN - t_lo : 0;
+  const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
+  const int tile_begin = t_lo + w.split * per_split;
+  const int my_tiles = max(min(per_split, t_lo + n_tiles - tile_begin), 0);
+
+  const Element* const k_base = static_cast<const Element*>(p.k) + w.hk * p.k_head_stride;
+  const Element* const v_base = static_cast<const Element*>(p.v) + w.hk * p.v_head_stride;
+
+  // Row offsets of tile `lt` (local index): thread r < kBlockN works out
+  // key r's. The block-table entry is fetched first (fetch_block) and used
+  // later (store_offsets), so that a fetch can be in flight during compute.
+  auto key_of = [&](int lt) { return (tile_begin + lt) * kBlockN + tid; };
+  auto fetch_block = [&](int lt) -> int {
+    const int j = key_of(lt);
+    if (p.block_table == nullptr || tid >= kBlockN || lt >= my_tiles || j < n_lo || j >= n_hi) return 0;
+    const int pos = seq.leftpad + j;
+    return p.block_table[w.b * p.block_table_batch_stride + pos / p.page_size];
+  };
+  auto store_offsets = [&](int lt, int block) {
+    if (tid >= kBlockN || lt >= my_tiles) return;
+    const int j = key_of(lt);
+    int64_t ko = -1, vo = -1;
+    if (j >= n_lo && j < n_hi) {
+      const int pos = seq.leftpad + j;
+      int64_t row = pos, blk = seq.cache_row;
+      if (p.block_table != nullptr) {
+        blk = clamp_int(block, 0, p.cache_rows - 1);
+        row = pos % p.page_size;
+      }
+      ko = blk * p.k_batch_stride + row * p.k_row_stride;
+      vo = blk * p.v_batch_stride + row * p.v_row_stride;
+    }
+    int64_t* slot = s_off + ((lt % kStages) * kBlockN + tid) * 2;
+    slot[0] = ko;
+    slot[1] = vo;
+  };
+  // Issues the copies of tile lt (if it exists) and commits a group either
+  // way, so that the wait counts stay uniform.
+  auto issue = [&](int lt) {
+    if (lt < my_tiles) {
+      const int stage = lt % kStages;
+      const int64_t* off = s_off + stage * kBlockN * 2;
+      const uint32_t sK = sPipe + stage * Traits::kStageBytes, sV = sK + Traits::kTileBytes;
+#pragma unroll
+      for (int i = 0; i < Traits::kLoadIters; ++i) {
+        const int idx = tid + i * kNThreads;
+        const int r = idx / kChunks, c = idx % kChunks;
+        const int64_t ko = off[2 * r], vo = off[2 * r + 1];
+        const bool ok = ko >= 0 && c * 8 < p.headdim;
+        cp_async_16(sK + r * kPitchBytes + c * 16, ok ? k_base + ko + c * 8 : k_base, ok);
+        cp_async_16(sV + r * kPitchBytes + c * 16, ok ? v_base + vo + c * 8 : v_base, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // Q: the chunk's rows (zero past the last row), padded to kHeadDim by the
+  // host. Its own cp.async group, committed first.
+  for (int idx = tid; idx < kRows * kChunks; idx += kNThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int row = row0 + r;
+    const bool ok = row < total_rows && my_tiles > 0;
+    const int i = ok ? row / group : 0, h = ok ? w.hk * group + row % group : 0;
+    const Element* src = static_cast<const Element*>(p.q) + w.b * p.q_batch_stride + i * p.q_row_stride +
+                         h * p.q_head_stride + c * 8;
+    cp_async_16(sQ + r * kPitchBytes + c * 16, src, ok);
+  }
+  cp_async_commit();
+  for (int lt = 0; lt < kStages; ++lt) store_offsets(lt, fetch_block(lt));
+  __syncthreads();
+  for (int lt = 0; lt < kStages - 1; ++lt) issue(lt);
+
+  // Per-lane ldmatrix byte offsets (fragment layouts: softmax.cuh): A (Q)
+  // row lane % 16, column half lane / 16; B (K) key lane % 8 + 8 (lane / 16),
+  // column half (lane / 8) % 2; B (V, transposed) key lane % 16, column half
+  // lane / 16. Each warp reads its own 16 keys of a tile.
+  const uint32_t sQ_lane = sQ + (lane & 15) * kPitchBytes + (lane >> 4) * 16;
+  const uint32_t k_lane = warp * 16 * kPitchBytes + ((lane & 7) + ((lane >> 4) << 3)) * kPitchBytes +
+                          ((lane >> 3) & 1) * 16;
+  const uint32_t v_lane = Traits::kTileBytes + warp * 16 * kPitchBytes + (lane & 15) * kPitchBytes + (lane >> 4) * 16;
+
+  // This lane's two rows (g, g + 8): their query index, head and score rule.
+  int query[2], head[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int row = min(row0 + g + hr * 8, total_rows - 1);  // padding rows borrow the last real one
+    query[hr] = row / group;
+    head[hr] = w.hk * group + row % group;
+  }
+  using Rule = CudaScoreRule<Element, false, kMods>;
+  const Rule rule0(sp, geo, w.b, head[0]), rule1(sp, geo, w.b, head[1]);
+  const KeyRange keys[2] = {geo.keys(query[0]), geo.keys(query[1])};
+  const float exp_scale = rule0.exp_scale();
+
+  float acc_o[1][kDT][4];
+#pragma unroll
+  for (int dj = 0; dj < kDT; ++dj)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][dj][e] = 0.f;
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+
+  uint32_t q_frag[Traits::kQInRegs ? kKT : 1][4];
+  if constexpr (Traits::kQInRegs) {
+    cp_async_wait<kStages - 1>();  // Q's group (the tiles' may still fly)
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kKT; ++kk) ldsm_x4(q_frag[kk], sQ_lane + kk * 32);
+  }
+
+  for (int lt = 0; lt < my_tiles; ++lt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile lt has landed for every thread; stage (lt - 1) is free
+    issue(lt + kStages - 1);
+    const int next_block = fetch_block(lt + kStages);
+
+    const uint32_t stage = sPipe + (lt % kStages) * Traits::kStageBytes;
+    float s[1][2][4];
+#pragma unroll
+    for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nj][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kKT; ++kk) {
+      uint32_t bk[4];
+      ldsm_x4(bk, stage + k_lane + kk * 32);
+      const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+      if constexpr (Traits::kQInRegs) {
+        mma_m16n8k16<Element>(s[0][0], q_frag[kk], b0);
+        mma_m16n8k16<Element>(s[0][1], q_frag[kk], b1);
+      } else {
+        uint32_t a[4];
+        ldsm_x4(a, sQ_lane + kk * 32);
+        mma_m16n8k16<Element>(s[0][0], a, b0);
+        mma_m16n8k16<Element>(s[0][1], a, b1);
+      }
+    }
+    // The score rule, then the mask of each row (its own query's keys).
+    const int col0 = (tile_begin + lt) * kBlockN + warp * 16;
+#pragma unroll
+    for (int nj = 0; nj < 2; ++nj) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e >> 1, col = col0 + nj * 8 + 2 * t + (e & 1);
+        float x = hr == 0 ? rule0.prepared(s[0][nj][e], query[0], col, 0.f)
+                          : rule1.prepared(s[0][nj][e], query[1], col, 0.f);
+        s[0][nj][e] = keys[hr].contains(col) ? x : -INFINITY;
+      }
+    }
+    softmax.template update<true>(s, acc_o, exp_scale);
+    uint32_t pa[1][1][4];
+    accum_to_a_frags<Element>(s, pa);
+#pragma unroll
+    for (int dj = 0; dj < kDT; dj += 2) {
+      uint32_t bv[4];
+      ldsm_x4_t(bv, stage + v_lane + dj * 16);
+      const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+      mma_m16n8k16<Element>(acc_o[0][dj], pa[0][0], b0);
+      mma_m16n8k16<Element>(acc_o[0][dj + 1], pa[0][0], b1);
+    }
+    store_offsets(lt + kStages, next_block);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the pipeline's buffers
+
+  // The warps' partials into shared memory: O (unnormalised), row max
+  // (log2 units) and row sum.
+  float* const m_o = reinterpret_cast<float*>(pipe);
+  float* const m_stats = m_o + Traits::kNWarps * kRows * Traits::kMergePitch;  // [warp][row][max, sum]
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = g + hr * 8;
+    float* o_row = m_o + (warp * kRows + r) * Traits::kMergePitch;
+#pragma unroll
+    for (int dj = 0; dj < kDT; ++dj) {
+      *reinterpret_cast<float2*>(o_row + dj * 8 + 2 * t) = make_float2(acc_o[0][dj][2 * hr], acc_o[0][dj][2 * hr + 1]);
+    }
+    const float sum = quad_sum(softmax.row_sum[0][hr]);
+    if (t == 0) {
+      m_stats[(warp * kRows + r) * 2] = softmax.row_max[0][hr];
+      m_stats[(warp * kRows + r) * 2 + 1] = sum;
+    }
+  }
+  __syncthreads();
+
+  // Merge the warps and write: four columns per thread and step.
+  const int rows_total = p.batch * p.nheads * p.seqlen_q;
+  for (int idx = tid; idx < kRows * (kHeadDim / 4); idx += kNThreads) {
+    const int r = idx / (kHeadDim / 4), c4 = idx % (kHeadDim / 4);
+    const int row = row0 + r;
+    if (row >= total_rows) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int wi = 0; wi < Traits::kNWarps; ++wi) mx = fmaxf(mx, m_stats[(wi * kRows + r) * 2]);
+    float sum = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int wi = 0; wi < Traits::kNWarps; ++wi) {
+        const float f = exp2_fast(m_stats[(wi * kRows + r) * 2] - mx);
+        sum = fmaf(f, m_stats[(wi * kRows + r) * 2 + 1], sum);
+        const float4 ow = *reinterpret_cast<const float4*>(m_o + (wi * kRows + r) * Traits::kMergePitch + c4 * 4);
+        o.x = fmaf(f, ow.x, o.x), o.y = fmaf(f, ow.y, o.y), o.z = fmaf(f, ow.z, o.z), o.w = fmaf(f, ow.w, o.w);
+      }
+    }
+    const bool empty = !(sum > 0.f);
+    const float lse_log2 = empty ? -INFINITY : mx + __log2f(sum);
+    const int i = row / group, h = w.hk * group + row % group;
+    const int64_t flat = (static_cast<int64_t>(w.b) * p.nheads + h) * p.seqlen_q + i;
+    if (p.num_splits == 1) {
+      // Join the sink (a logit with no value): lse includes it and out
+      // shrinks by exp(lse_keys - lse).
+      const float sink = sink_log2(p, h);
+      float total = lse_log2;
+      if (sink != -INFINITY) {
+        const float m2 = fmaxf(lse_log2, sink);
+        total = m2 + __log2f(exp2_fast(lse_log2 - m2) + exp2_fast(sink - m2));
+      }
+      const float scale = empty ? 0.f : exp2_fast(lse_log2 - total) / sum;
+      Element* out = static_cast<Element*>(p.out) + w.b * p.o_batch_stride + i * p.o_row_stride +
+                     h * p.o_head_stride + c4 * 4;
+      const uint32_t lo = pack2<Element>(o.x * scale, o.y * scale), hi = pack2<Element>(o.z * scale, o.w * scale);
+      *reinterpret_cast<uint2*>(out) = make_uint2(lo, hi);
+      if (c4 == 0) p.softmax_lse[flat] = total == -INFINITY ? INFINITY : total * float(M_LN2);
+    } else {
+      const float inv = empty ? 0.f : 1.f / sum;
+      float* acc = p.out_accum + (static_cast<int64_t>(w.split) * rows_total + flat) * kHeadDim + c4 * 4;
+      *reinterpret_cast<float4*>(acc) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+      if (c4 == 0) p.lse_accum[static_cast<int64_t>(w.split) * rows_total + flat] = lse_log2;
+    }
+  }
+}
+
+// Merges the splits' partials: one warp per output row (b, h, i). The
+// row's lse (log2) over the splits and the sink, then out = sum over splits
+// of exp2(lse_split - lse) * partial. Rows with neither keys nor sink: out 0,
+// lse +inf.
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(128) flash_decode_combine_kernel(const __grid_constant__ FlashKvcacheParams p) {
+  const int lane = threadIdx.x & 31;
+  const int rows_total = p.batch * p.nheads * p.seqlen_q;
+  const int64_t flat = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (flat >= rows_total) return;
+  const int i = static_cast<int>(flat % p.seqlen_q);
+  const int bh = static_cast<int>(flat / p.seqlen_q);
+  const int h = bh % p.nheads, b = bh / p.nheads;
+  const float* lse_part = p.lse_accum + flat;
+  float mx = sink_log2(p, h);
+  for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, lse_part[static_cast<int64_t>(s) * rows_total]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float total = -INFINITY;
+  if (mx != -INFINITY) {
+    float sum = lane == 0 ? exp2_fast(sink_log2(p, h) - mx) : 0.f;
+    for (int s = lane; s < p.num_splits; s += 32) sum += exp2_fast(lse_part[static_cast<int64_t>(s) * rows_total] - mx);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    total = mx + __log2f(sum);
+  }
+  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+  for (int c4 = lane; c4 < kHeadDim / 4; c4 += 32) {
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (total != -INFINITY) {
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float f = exp2_fast(lse_part[static_cast<int64_t>(s) * rows_total] - total);
+        if (f > 0.f) {
+          const float4 v = *reinterpret_cast<const float4*>(
+              p.out_accum + (static_cast<int64_t>(s) * rows_total + flat) * kHeadDim + c4 * 4);
+          o.x = fmaf(f, v.x, o.x), o.y = fmaf(f, v.y, o.y), o.z = fmaf(f, v.z, o.z), o.w = fmaf(f, v.w, o.w);
+        }
+      }
+    }
+    *reinterpret_cast<uint2*>(out + c4 * 4) = make_uint2(pack2<Element>(o.x, o.y), pack2<Element>(o.z, o.w));
+  }
+  if (lane == 0) p.softmax_lse[flat] = total == -INFINITY ? INFINITY : total * float(M_LN2);
+}
+
+}  // namespace decode
+}  // namespace flash

@@ -1,0 +1,303 @@
+"""flash-attn 2.8's `flash_attn_with_kvcache`: attention of a few new tokens
+over a KV cache, with the new keys and values appended to the cache in place.
+
+The append (and rotary embedding of the new keys and of q) is done here with
+tensor operations that never synchronise with the device (index_put_,
+gathers, clamps), so a decode step can be captured in a CUDA graph and
+traced by torch.compile(fullgraph=True); the attention is the
+`flash_attn_ext::fwd_kvcache` op (csrc/kvcache.h: CPU, and a split-KV
+decode kernel on CUDA).
+
+Index values that only the device knows (cache_seqlens, cache_batch_idx,
+cache_leftpad, block ids) are never used to read or write outside the
+tensors: the append starts at min(cache_seqlens, capacity - seqlen_new)
+clamped at 0, batch indices and block ids are clamped into their tensors,
+and the kernels clamp the same way. An out-of-range value thus gives a wrong
+result, not a memory error. They are checked, with an error naming the
+value, on CPU tensors always and on CUDA tensors when the environment
+variable FLASH_ATTN_EXT_DEBUG_CHECKS=1 is set (which costs a device
+synchronisation per call, and is skipped while torch.compile traces).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _ops
+from .interface import _sinks_argument, _softcap_value, _window_sides
+
+__all__ = ["flash_attn_with_kvcache"]
+
+
+def _debug_checks_enabled() -> bool:
+    return os.environ.get("FLASH_ATTN_EXT_DEBUG_CHECKS", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _is_tracing() -> bool:
+    """torch.compile tracing or a CUDA graph capture: no value may be read back then."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_index(t, name, batch, device):
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"flash_attn_ext: {name} must be an int32 tensor of shape (batch,), got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise RuntimeError(f"flash_attn_ext: {name} must be int32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise RuntimeError(f"flash_attn_ext: {name} must be (batch,) = ({batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise RuntimeError(f"flash_attn_ext: {name} must be on the device of q ({device}), got {t.device}")
+    return t
+
+
+def _rotate(x, cos, sin, interleaved):
+    """Rotary embedding of x (..., headdim) by cos/sin (..., rotary_dim / 2)
+    broadcast over x's head dimension, on its first rotary_dim channels, in
+    fp32, rounded back to x's dtype (flash-attn's rule: pairs (0, 1), (2, 3),
+    ... when interleaved, else (i, i + rotary_dim / 2), GPT-NeoX style)."""
+    rot = 2 * cos.shape[-1]
+    xr = x[..., :rot].float()
+    cos, sin = cos.float(), sin.float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+        y = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((y.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+def _check_values(cache_seqlens, seqlen_new, capacity, cache_batch_idx, cache_leftpad, block_table, page_size,
+                  num_blocks, cache_rows):
+    """The index values, with errors naming them (a device synchronisation on CUDA)."""
+    seqlens = cache_seqlens.tolist()
+    room = capacity - seqlen_new
+    for b, n in enumerate(seqlens):
+        if not 0 <= n <= room:
+            what = f"room for the {seqlen_new} new keys" if seqlen_new else "keys"
+            raise ValueError(f"flash_attn_ext: cache_seqlens[{b}] = {n} is outside [0, {room}]: the cache holds "
+                             f"{capacity} keys per sequence, and needs {what}")
+    ends = [n + seqlen_new for n in seqlens]
+    pads = cache_leftpad.tolist() if cache_leftpad is not None else [0] * len(seqlens)
+    for b, (lp, end) in enumerate(zip(pads, ends)):
+        if not 0 <= lp <= end:
+            raise ValueError(f"flash_attn_ext: cache_leftpad[{b}] = {lp} is outside [0, {end}] (the sequence's keys "
+                             "after the append)")
+    if cache_batch_idx is not None:
+        for b, row in enumerate(cache_batch_idx.tolist()):
+            if not 0 <= row < cache_rows:
+                raise ValueError(f"flash_attn_ext: cache_batch_idx[{b}] = {row} is outside [0, {cache_rows}), the "
+                                 "batch rows of k_cache")
+    if block_table is not None:
+        table = block_table.tolist()
+        for b, (lp, end) in enumerate(zip(pads, ends)):
+            for i in range(lp // page_size, (end + page_size - 1) // page_size):
+                if not 0 <= table[b][i] < num_blocks:
+                    raise ValueError(f"flash_attn_ext: block_table[{b}, {i}] = {table[b][i]} is outside [0, "
+                                     f"{num_blocks}), the blocks of k_cache")
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    learnable_sink: Optional[torch.Tensor] = None,
+):
+    """Attention of q over a KV cache, after appending k and v to it in place
+    (flash-attn 2.8's signature and semantics).
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or
+            with a block_table (num_blocks, page_size, nheads_k, headdim):
+            a paged cache, any page size (flash-attn 2 needs multiples of
+            256). Last dimension contiguous. nheads % nheads_k == 0.
+        k, v: (batch, seqlen_new, nheads_k, headdim) or None: written into
+            the caches at positions cache_seqlens[b] ... + seqlen_new - 1 of
+            each sequence (rotated first when rotary_cos/sin are given),
+            before the attention, which then sees them.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), with k and v
+            only; seqlen_ro at least the cache's capacity per sequence. k is
+            rotated at its cache positions; q at positions cache_seqlens[b] +
+            i when causal or windowed, else every row of q at
+            cache_seqlens[b] (flash-attn's convention; positions count from
+            the cache's first slot, left padding included).
+        cache_seqlens: int or int32 (batch,): keys in each sequence's cache
+            before the append (left padding included). None: the whole cache.
+        cache_batch_idx: int32 (batch,): the cache row of each sequence
+            (contiguous caches only).
+        cache_leftpad: int32 (batch,): the first valid cache position of
+            each sequence; the sequence has cache_seqlens (+ seqlen_new) -
+            cache_leftpad keys.
+        block_table: int32 (batch, max_blocks_per_seq): the cache blocks of
+            each sequence, in order.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as in
+            flash_attn_func; masks are bottom-right aligned on each
+            sequence's own keys.
+        num_splits: 0 picks the number of key splits from the shapes and the
+            GPU; n > 0 forces n (CUDA; the CPU ignores it).
+        return_softmax_lse: also return softmax_lse (batch, nheads, seqlen_q) fp32.
+        s_aux / learnable_sink (keyword only): attention sinks, fp32 (nheads,).
+
+    Returns out (batch, seqlen_q, nheads, headdim), and softmax_lse with
+    return_softmax_lse. No backward (as in flash-attn): asking for a gradient
+    through the result raises.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise RuntimeError(f"flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got {q.dim()}-D")
+    if k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise RuntimeError(
+            "flash_attn_ext: k_cache and v_cache must be 4-D (batch_cache, seqlen_cache, nheads_k, headdim), or "
+            f"(num_blocks, page_size, nheads_k, headdim) with a block_table; got {k_cache.dim()}-D and "
+            f"{v_cache.dim()}-D")
+    if k_cache.shape != v_cache.shape:
+        raise RuntimeError(f"flash_attn_ext: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
+                           f"{tuple(v_cache.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise RuntimeError(f"flash_attn_ext: {name} must have a contiguous last dimension (stride 1)")
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_ext: pass k and v together (new keys and values to append), or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("flash_attn_ext: pass rotary_cos and rotary_sin together, or neither")
+    if rotary_cos is not None and k is None:
+        raise ValueError("flash_attn_ext: rotary_cos/rotary_sin need k and v (rotary embedding is applied to the "
+                         "appended keys and to q), as in flash-attn")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"flash_attn_ext: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    window_left, window_right = _window_sides(window_size)
+    softcap = _softcap_value(softcap)
+    sinks = _sinks_argument(s_aux, learnable_sink)
+    _ops.check_same_device("flash_attn_ext", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
+                                              "rotary_cos": rotary_cos, "rotary_sin": rotary_sin,
+                                              "cache_batch_idx": cache_batch_idx, "cache_leftpad": cache_leftpad,
+                                              "block_table": block_table, "alibi_slopes": alibi_slopes,
+                                              "sinks": sinks,
+                                              "cache_seqlens": cache_seqlens})
+    if q.shape[-1] == 0:
+        raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    batch, seqlen_q = q.shape[0], q.shape[1]
+    device = q.device
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+            raise RuntimeError(f"flash_attn_ext: block_table must be an int32 tensor, got "
+                               f"{getattr(block_table, 'dtype', type(block_table).__name__)}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise RuntimeError(f"flash_attn_ext: block_table must be (batch, max_blocks_per_seq) with batch = "
+                               f"{batch}, got {tuple(block_table.shape)}")
+        if cache_batch_idx is not None:
+            raise RuntimeError("flash_attn_ext: cache_batch_idx cannot be combined with a block_table (the block "
+                               "table already says where each sequence's keys are)")
+        page_size = k_cache.shape[1]
+        capacity = block_table.shape[1] * page_size
+    else:
+        page_size = 0
+        capacity = k_cache.shape[1]
+    cache_batch_idx = _check_index(cache_batch_idx, "cache_batch_idx", batch, device)
+    cache_leftpad = _check_index(cache_leftpad, "cache_leftpad", batch, device)
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flash_attn_ext: k and v need cache_seqlens (where to append them); without it the "
+                             "cache is taken as full")
+        cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, torch.Tensor):
+        _check_index(cache_seqlens, "cache_seqlens", batch, device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    else:
+        raise TypeError(f"flash_attn_ext: cache_seqlens must be an int or an int32 tensor (batch,), got "
+                        f"{type(cache_seqlens).__name__}")
+
+    seqlen_new = 0
+    if k is not None:
+        expected = (batch, k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2], k_cache.shape[3])
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape) != expected:
+                raise RuntimeError(f"flash_attn_ext: {name} must be (batch, seqlen_new, nheads_k, headdim) = "
+                                   f"({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}) like k, got "
+                                   f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype != k_cache.dtype:
+                raise RuntimeError(f"flash_attn_ext: {name} must have the dtype of the cache ({k_cache.dtype}), "
+                                   f"got {t.dtype}")
+        seqlen_new = k.shape[1]
+        if seqlen_new > capacity:
+            raise ValueError(f"flash_attn_ext: k and v bring {seqlen_new} new keys, more than the cache holds per "
+                             f"sequence ({capacity})")
+    if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise RuntimeError(f"flash_attn_ext: {name} must be a floating tensor (seqlen_ro, rotary_dim / 2)")
+        if rotary_cos.shape != rotary_sin.shape:
+            raise RuntimeError(f"flash_attn_ext: rotary_cos and rotary_sin must have one shape, got "
+                               f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        if not 0 < 2 * rotary_cos.shape[1] <= q.shape[-1]:
+            raise RuntimeError(f"flash_attn_ext: rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} "
+                               f"must be between 2 and the head dim {q.shape[-1]}")
+        if rotary_cos.shape[0] < capacity:
+            raise RuntimeError(f"flash_attn_ext: rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions, fewer "
+                               f"than the cache holds per sequence ({capacity})")
+
+    if not _is_tracing() and (device.type == "cpu" or _debug_checks_enabled()):
+        _check_values(cache_seqlens, seqlen_new, capacity, cache_batch_idx, cache_leftpad, block_table, page_size,
+                      k_cache.shape[0], k_cache.shape[0])
+
+    if k is not None:
+        # Where the new keys go: positions start + i, start clamped so that
+        # they stay inside the cache (a correct call never needs the clamp).
+        start = cache_seqlens.clamp(0, capacity - seqlen_new)
+        pos = start[:, None] + torch.arange(seqlen_new, device=device, dtype=torch.int32)  # (batch, seqlen_new)
+        pos = pos.long()
+        if rotary_cos is not None:
+            k = _rotate(k, rotary_cos[pos][:, :, None], rotary_sin[pos][:, :, None], rotary_interleaved)
+            if causal or (window_left, window_right) != (-1, -1):
+                q_pos = (start[:, None].long() + torch.arange(seqlen_q, device=device)).clamp(
+                    max=rotary_cos.shape[0] - 1)
+            else:
+                q_pos = start[:, None].long().expand(batch, seqlen_q)
+            q = _rotate(q, rotary_cos[q_pos][:, :, None], rotary_sin[q_pos][:, :, None], rotary_interleaved)
+        if paged:
+            blocks = block_table.long().gather(1, pos // page_size).clamp(0, k_cache.shape[0] - 1)
+            index = (blocks, pos % page_size)
+        else:
+            rows = (cache_batch_idx.long().clamp(0, k_cache.shape[0] - 1) if cache_batch_idx is not None
+                    else torch.arange(batch, device=device))
+            index = (rows[:, None].expand(batch, seqlen_new), pos)
+        k_cache.index_put_(index, k)
+        v_cache.index_put_(index, v)
+        cache_seqlens = (start + seqlen_new).to(torch.int32)
+
+    q = q if q.stride(-1) == 1 or q.shape[-1] == 1 else q.contiguous()
+    out, softmax_lse = _ops.fwd_kvcache(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad,
+                                        block_table, float(softmax_scale), bool(causal), window_left, window_right,
+                                        softcap, alibi_slopes, sinks, int(num_splits))
+    return (out, softmax_lse) if return_softmax_lse else out
