@@ -34,6 +34,7 @@
 #include <optional>
 
 #include "flash_params.h"
+#include "seq_info.h"
 #include "format.h"
 #include "host_device.h"
 #include "tensor.h"
@@ -92,12 +93,10 @@ FLASH_HOST_DEVICE inline int64_t cache_row_offset(const FlashKvcacheParams& p, i
   return block * batch_stride + static_cast<int64_t>(pos % p.page_size) * row_stride;
 }
 
-// The per-sequence view of the call that MaskGeometry and ScoreRule take:
-// the same parameters with seqlen_k = L.
-FLASH_HOST_DEVICE inline FlashFwdParams sequence_params(const FlashFwdParams& p, int seqlen_k) {
-  FlashFwdParams s = p;
-  s.seqlen_k = seqlen_k;
-  return s;
+// The sequence as MaskGeometry takes it (csrc/seq_info.h): seqlen_q
+// queries over its L keys, bottom-right aligned.
+FLASH_HOST_DEVICE inline SeqInfo sequence_info(const FlashKvcacheParams& p, const KvSequence& s) {
+  return SeqInfo::of_lengths(p.seqlen_q, s.seqlen_k);
 }
 
 }  // namespace flash

@@ -40,6 +40,15 @@ struct SeqInfo {
     }
   }
 
+  // A sequence known by its lengths alone (the decode kernels', whose keys
+  // live in a KV cache that csrc/kvcache.h addresses).
+  FLASH_HOST_DEVICE static SeqInfo of_lengths(int seqlen_q, int seqlen_k) {
+    SeqInfo s;
+    s.seqlen_q = seqlen_q;
+    s.seqlen_k = seqlen_k;
+    return s;
+  }
+
   // Element offset of row 0 of this sequence, head `head`, in a tensor with
   // the given strides (q, k, v, out and their gradients).
   FLASH_HOST_DEVICE int64_t q_offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride, int b,

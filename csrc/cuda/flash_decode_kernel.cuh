@@ -141,8 +141,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   // This sequence's keys, and the ones the chunk's rows can see:
   // [n_lo, n_hi) (key_begin and key_end grow with the query index).
   const KvSequence seq = clamp_sequence(p, w.b);
-  const FlashFwdParams sp = sequence_params(p, seq.seqlen_k);
-  const MaskGeometry geo(sp);
+  const MaskGeometry geo(p, sequence_info(p, seq));
   const int n_lo = geo.key_begin(row0 / group);
   const int n_hi = geo.key_end(row_last / group);
   const int t_lo = n_lo / kBlockN;
@@ -236,7 +235,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     head[hr] = w.hk * group + row % group;
   }
   using Rule = CudaScoreRule<Element, false, kMods>;
-  const Rule rule0(sp, geo, w.b, head[0]), rule1(sp, geo, w.b, head[1]);
+  const Rule rule0(p, geo, w.b, head[0]), rule1(p, geo, w.b, head[1]);
   const KeyRange keys[2] = {geo.keys(query[0]), geo.keys(query[1])};
   const float exp_scale = rule0.exp_scale();
 
