@@ -22,10 +22,13 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // softcap, alibi_slopes, sinks: the score features (csrc/flash_params.h):
   // softcap >= 0 (0 = off); alibi_slopes fp32 (nheads,) or (batch, nheads);
   // sinks fp32 (nheads,), whose logits join softmax_lse.
+  // dropout_p in [0, 1) with rng_state, int64 (2,) = [seed, offset] on q's
+  // device (csrc/dropout.h), read by the kernels; bwd takes the same pair.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, float softmax_scale, bool causal, "
       "int window_left, int window_right, bool deterministic, float softcap=0., Tensor? alibi_slopes=None, "
-      "Tensor? sinks=None) -> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
+      "Tensor? sinks=None, float dropout_p=0., Tensor? rng_state=None) "
+      "-> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
   // Recomputes the probabilities from q, k, softmax_lse and lse_residual (both
   // as fwd returned them). dsoftmax_lse, the
   // gradient flowing into softmax_lse (None when unused), enters through
@@ -37,6 +40,12 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor? dsoftmax_lse, "
       "Tensor? attn_bias, "
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
-      "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None) "
+      "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., "
+      "Tensor? rng_state=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // The keep-mask fwd/bwd apply for dropout_p and rng_state (int64 (2,),
+  // CPU), bool (batch, nheads, seqlen_q, seqlen_k), True = kept: the same
+  // function of (seed, offset, batch, head, row, col) as every kernel's.
+  // For tests and return_attn_probs on small problems.
+  m.def("dropout_mask(Tensor rng_state, int batch, int nheads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");
 }

@@ -9,12 +9,16 @@ return values, backed by the `flash_attn_ext::fwd` / `bwd` ops, and
 `install_as_flash_attn()`, which makes `import flash_attn` find this package
 where flash-attn itself is not installed, so such libraries run unchanged.
 
-What flash-attn's functions return and flash_attn_ext has no use for comes
-back shaped as flash-attn shapes it: S_dmask is an empty tensor (it only
-exists with dropout), rng_state two zeros. Arguments whose feature is not
-implemented (dropout_p, return_softmax, paged or left-padded KV) raise
-NotImplementedError naming the argument; softcap and alibi_slopes go to the
-kernels.
+Dropout follows flash-attn 2.8's convention: the forward returns
+rng_state, int64 (2,) = [seed, offset] on q's device (drawn from torch's
+generator; two zeros without dropout), and the backward takes it back to
+regenerate the same keep-mask. S_dmask (return_softmax=True, which needs
+dropout_p > 0 as in flash-attn) is the probabilities (batch, nheads,
+seqlen_q, seqlen_k), negative where dropped; an empty tensor otherwise.
+The varlen pair gives sequence i the offset offset + i. Arguments whose
+feature is not implemented (paged or left-padded KV) raise
+NotImplementedError naming the argument; softcap, alibi_slopes and
+dropout_p go to the kernels.
 
 lse: flash-attn's softmax_lse is fp32, and these functions neither return
 nor take the op's lse_residual. For fp16/bf16/fp32 inputs the op has none;
@@ -33,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops
-from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .interface import dropout_probs, dropout_value, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 
 __all__ = [
     "_flash_attn_forward",
@@ -58,15 +62,38 @@ def _round_multiple(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def _reject(dropout_p, return_softmax=False, **paged) -> None:
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
-    if return_softmax:
+def _reject(dropout_p, return_softmax=False, **paged) -> float:
+    """Checks the arguments; returns dropout_p as a float."""
+    dropout_p = dropout_value(dropout_p)
+    if return_softmax and dropout_p == 0.0:
         # flash-attn itself only allows it with dropout.
         raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported (it needs dropout_p > 0)")
     for name, value in paged.items():
         if value is not None:
             raise NotImplementedError(f"flash_attn_ext: {name} is not supported yet (only None)")
+    return dropout_p
+
+
+def _rng_state_for(dropout_p: float, device) -> torch.Tensor:
+    """flash-attn's rng_state of a forward: [seed, offset] drawn for dropout, else two zeros."""
+    if dropout_p > 0:
+        return _ops.draw_rng_state(device)
+    return torch.zeros((2,), dtype=torch.int64, device=device)
+
+
+def _backward_rng_state(dropout_p: float, rng_state: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if dropout_p == 0.0:
+        return None
+    if rng_state is None:
+        raise ValueError("flash_attn_ext: a backward with dropout_p > 0 needs the rng_state its forward returned")
+    return rng_state.to(torch.int64).contiguous()
+
+
+def _sequence_rng_state(rng_state: Optional[torch.Tensor], sequence: int) -> Optional[torch.Tensor]:
+    """Sequence `sequence` of a varlen batch draws with offset + sequence."""
+    if rng_state is None:
+        return None
+    return rng_state + torch.tensor([0, sequence], dtype=torch.int64, device=rng_state.device)
 
 
 def _slopes_of(alibi_slopes: Optional[torch.Tensor], sequence: int) -> Optional[torch.Tensor]:
@@ -106,13 +133,18 @@ def _flash_attn_forward(
     (batch, seqlen_q, nheads, headdim), k, v (batch, seqlen_k, nheads_k,
     headdim); softmax_lse (batch, nheads, seqlen_q) fp32, +inf for rows that
     see no key. No autograd: libraries wrap it in their own."""
-    _reject(dropout_p, return_softmax)
+    dropout_p = _reject(dropout_p, return_softmax)
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    rng_state = _rng_state_for(dropout_p, q.device)
     with torch.no_grad():
         out, softmax_lse, _ = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), int(window_size_left),
-                                       int(window_size_right), False, float(softcap), alibi_slopes)
+                                       int(window_size_right), False, float(softcap), alibi_slopes, None, dropout_p,
+                                       rng_state if dropout_p > 0 else None)
     s_dmask = q.new_empty((0,))
-    rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
+    if return_softmax:
+        s_dmask = dropout_probs(q, k, v, float(softmax_scale), bool(causal),
+                                (int(window_size_left), int(window_size_right)), float(softcap), alibi_slopes, None,
+                                dropout_p, rng_state)
     return out, softmax_lse, s_dmask, rng_state
 
 
@@ -141,14 +173,15 @@ def _flash_attn_backward(
     returns softmax_d = rowsum(dout * out), (batch, nheads, seqlen_q rounded up
     to a multiple of 128) fp32, zero past seqlen_q. softmax_lse may be another
     call's (ring attention passes the merged lse with the merged out)."""
-    _reject(dropout_p)
+    dropout_p = _reject(dropout_p)
+    rng_state = _backward_rng_state(dropout_p, rng_state)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse = softmax_lse.float().contiguous()
     with torch.no_grad():
         gq, gk, gv, _ = _ops.bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, None, float(softmax_scale),
                                  bool(causal), int(window_size_left), int(window_size_right),
                                  bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False,
-                                 float(softcap), alibi_slopes)
+                                 float(softcap), alibi_slopes, dropout_p, rng_state)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch, seqlen_q, nheads, _ = q.shape
         softmax_d = torch.zeros((batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device)
@@ -202,8 +235,12 @@ def _flash_attn_varlen_forward(
     S_dmask, rng_state). One op call per sequence (the op has no varlen kernel
     yet): correct, not fast. zero_tensors has nothing to do (every output row
     is written)."""
-    _reject(dropout_p, return_softmax, block_table=block_table, leftpad_k=leftpad_k, seqused_k=seqused_k)
+    dropout_p = _reject(dropout_p, return_softmax, block_table=block_table, leftpad_k=leftpad_k,
+                        seqused_k=seqused_k)
+    if return_softmax:
+        raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported by the varlen functions")
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    rng_state = _rng_state_for(dropout_p, q.device)
     out = torch.zeros_like(q)
     softmax_lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     with torch.no_grad():
@@ -212,10 +249,10 @@ def _flash_attn_varlen_forward(
                 continue  # no queries, or no keys: out 0, lse +inf
             o, lse, _ = _ops.fwd(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, float(softmax_scale),
                                  bool(causal), int(window_size_left), int(window_size_right), False, float(softcap),
-                                 _slopes_of(alibi_slopes, i))
+                                 _slopes_of(alibi_slopes, i), None, dropout_p,
+                                 _sequence_rng_state(rng_state if dropout_p > 0 else None, i))
             out[q0:q1] = o[0]
             softmax_lse[:, q0:q1] = lse[0]
-    rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
     return out, softmax_lse, q.new_empty((0,)), rng_state
 
 
@@ -247,7 +284,8 @@ def _flash_attn_varlen_backward(
     """flash-attn 2.8's varlen backward: writes into dq, dk, dv and returns
     softmax_d (nheads, total_q + 128 * batch) fp32, zero past total_q (the
     shape flash-attn allocates). One op call per sequence."""
-    _reject(dropout_p)
+    dropout_p = _reject(dropout_p)
+    rng_state = _backward_rng_state(dropout_p, rng_state)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse_all = softmax_lse.float()
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
@@ -260,7 +298,8 @@ def _flash_attn_varlen_backward(
             lse = lse_all[None, :, q0:q1].contiguous()
             g = _ops.bwd(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1], lse,
                          _residual_for(q, lse), None, None, float(softmax_scale), bool(causal), int(window_size_left),
-                         int(window_size_right), deterministic, False, float(softcap), _slopes_of(alibi_slopes, i))
+                         int(window_size_right), deterministic, False, float(softcap), _slopes_of(alibi_slopes, i),
+                         dropout_p, _sequence_rng_state(rng_state, i))
             gq[q0:q1], gk[k0:k1], gv[k0:k1] = g[0][0], g[1][0], g[2][0]
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * len(sequences)), dtype=torch.float32,

@@ -4,4 +4,5 @@
 STABLE_TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
   m.impl("fwd", TORCH_BOX(&flash_attn_ext::fwd_cpu));
   m.impl("bwd", TORCH_BOX(&flash_attn_ext::bwd_cpu));
+  m.impl("dropout_mask", TORCH_BOX(&flash_attn_ext::dropout_mask_cpu));
 }

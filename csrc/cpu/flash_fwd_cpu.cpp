@@ -74,6 +74,8 @@ void fwd_kernel(const FlashFwdParams& p) {
     HeadKV<scalar_t> kv;
     std::vector<acc> q_t(kBlockM * D), s_t(kBlockM * kBlockN), o_t(kBlockM * D);
     std::vector<acc> run_max(kBlockM), run_sum(kBlockM);
+    std::vector<acc> drop_factor(kMods ? kBlockN : 0);  // dropout's factors of a row (kMods)
+    const acc drop_scale = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int m_block = balanced_m_block(unit % num_m_blocks, num_m_blocks);
@@ -114,6 +116,12 @@ void fwd_kernel(const FlashFwdParams& p) {
           const acc correction = exp_approx(run_max[r] - ref);
           run_sum[r] = run_sum[r] * correction + exp_row_sum(row, cols, ref);
           run_max[r] = new_max;
+          // Dropout after the sum: softmax_lse does not see it.
+          if constexpr (kMods) {
+            if (rule.unbiased.dropout.on) {
+              apply_dropout_row(rule.unbiased.dropout, row, drop_factor.data(), row0 + r, col0, cols, drop_scale);
+            }
+          }
           if (correction != acc(1)) {
             acc* o = o_t.data() + static_cast<int64_t>(r) * D;
 #pragma omp simd
@@ -162,8 +170,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
                                            int64_t window_left, int64_t window_right,
                                            bool /*deterministic: used by the backward only*/, double softcap,
                                            const std::optional<Tensor>& alibi_slopes,
-                                           const std::optional<Tensor>& sinks) {
-  const ScoreFeatures features{softcap, alibi_slopes, sinks};
+                                           const std::optional<Tensor>& sinks, double dropout_p,
+                                           const std::optional<Tensor>& rng_state) {
+  const ScoreFeatures features{softcap, alibi_slopes, sinks, dropout_p, rng_state};
   check_fwd_inputs(q, k, v, attn_bias, softmax_scale, features);
   Tensor out = empty_on(q, q.sizes(), q.scalar_type());
   const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};

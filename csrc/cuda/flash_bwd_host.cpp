@@ -58,8 +58,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,
-    const std::optional<Tensor>& alibi_slopes) {
-  const ScoreFeatures features{softcap, alibi_slopes, std::nullopt};
+    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state) {
+  const ScoreFeatures features{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state};
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad, features);
   FLASH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", device_name(q));

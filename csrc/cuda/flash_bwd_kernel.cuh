@@ -196,8 +196,19 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       }
     }
     // dV_j += P^T dO_i straight from the accumulator fragments (they are the
-    // A operand) while P^T is the only tile alive besides dK/dV.
-    if constexpr (!T::kPInSmem) {
+    // A operand) while P^T is the only tile alive besides dK/dV. With
+    // dropout (kMods), P^T is marked first (kept P / (1 - p), dropped -P)
+    // and dV takes the kept.
+    if constexpr (kMods) {
+      if (rule.has_dropout()) rule.template mark_dropout_t<T::kMPerWarp>(acc_s, n0 + key_row0, m0 + q_col0, lane);
+      float p_dv[T::kMPerWarp / 8][4];
+      rule.dv_operand(p_dv, acc_s);
+      if constexpr (!T::kPInSmem) {
+        warp_gemm_regA_b<T::kMPerWarp, T::kDPerWarp, kLdD, Element>(acc_dv, p_dv, sDo + d_col0, lane);
+      } else {
+        store_frag_smem<T::kMPerWarp, kLdM, Element>(sP + key_row0 * kLdM + q_col0, p_dv, lane);
+      }
+    } else if constexpr (!T::kPInSmem) {
       warp_gemm_regA_b<T::kMPerWarp, T::kDPerWarp, kLdD, Element>(acc_dv, acc_s, sDo + d_col0, lane);
     } else {
       store_frag_smem<T::kMPerWarp, kLdM, Element>(sP + key_row0 * kLdM + q_col0, acc_s, lane);
@@ -208,12 +219,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     float acc_dp[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_dp, sV + key_row0 * kLdD, sDo + q_col0 * kLdD,
                                                                lane);
-#pragma unroll
-    for (int j = 0; j < T::kMPerWarp / 8; ++j) {
-      const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.logit_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
-    }
+    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane);
     if (dbias != nullptr) {
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {

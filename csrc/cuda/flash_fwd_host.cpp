@@ -34,9 +34,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q_in, const Tensor& k_
                                             const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal,
                                             int64_t window_left, int64_t window_right, bool deterministic,
                                             double softcap, const std::optional<Tensor>& alibi_slopes,
-                                            const std::optional<Tensor>& sinks) {
+                                            const std::optional<Tensor>& sinks, double dropout_p,
+                                            const std::optional<Tensor>& rng_state) {
   (void)deterministic;  // The forward pass is deterministic either way.
-  const ScoreFeatures features{softcap, alibi_slopes, sinks};
+  const ScoreFeatures features{softcap, alibi_slopes, sinks, dropout_p, rng_state};
   check_fwd_inputs(q_in, k_in, v_in, attn_bias, softmax_scale, features);
   FLASH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_cuda expects CUDA tensors, got ", device_name(q_in));
   const ScalarType dtype = q_in.scalar_type();

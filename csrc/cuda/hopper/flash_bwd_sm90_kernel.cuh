@@ -223,16 +223,19 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       }
     }
     uint32_t p_frag[kSN / 16][4];
-    pack_a_frags<Element>(p_frag, acc_s);
+    if constexpr (kMods) {
+      // Dropout: P^T marked (kept P / (1 - p), dropped -P), dV takes the kept.
+      if (rule.has_dropout()) rule.template mark_dropout_t<kSN>(acc_s, n0 + key_row0, m0 + q_col0, lane);
+      float p_dv[kSN / 8][4];
+      rule.dv_operand(p_dv, acc_s);
+      pack_a_frags<Element>(p_frag, p_dv);
+    } else {
+      pack_a_frags<Element>(p_frag, acc_s);
+    }
 
     wgmma_wait<0>();
     fence_regs(acc_dp);
-#pragma unroll
-    for (int j = 0; j < kSN / 8; ++j) {
-      const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.logit_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
-    }
+    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane);
     if (dbias != nullptr) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
