@@ -203,40 +203,49 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>
       return false;
     }
   }
-  // P^T fragments (keys as rows, see for_each_dropout_keep_t) to the marked
-  // form score_grad_dropout takes: P / (1 - p) where kept, -P where dropped.
+  // Which scores of this thread's P^T fragment (keys as rows, kN / 8
+  // n-tiles, see for_each_dropout_keep_t) dropout keeps: bit 4 j + e. One
+  // register pair instead of a mark on every score, so that the kernels can
+  // draw it where few registers are live (under the S^T / dP^T products)
+  // and the Philox temporaries do not meet P^T, dP^T and softcap's factors.
   // Only when has_dropout().
   template <int kN>
-  __device__ __forceinline__ void mark_dropout_t(float (&acc)[kN / 8][4], int key_row0, int q_col0, int lane) const {
-    const Dropout& d = dropout();
-    for_each_dropout_keep_t<kN>(d, key_row0, q_col0, lane,
-                                [&](int j, int e, bool kept) { acc[j][e] = d.mark(acc[j][e], kept); });
+  __device__ __forceinline__ uint64_t dropout_keep_bits_t(int key_row0, int q_col0, int lane) const {
+    static_assert(kN / 8 * 4 <= 64, "a bit per score of the fragment");
+    uint64_t bits = 0;
+    for_each_dropout_keep_t<kN>(dropout(), key_row0, q_col0, lane,
+                                [&](int j, int e, bool kept) { bits |= uint64_t(kept) << (4 * j + e); });
+    return bits;
   }
-  // The operand of dV += P^T dO from the (possibly marked) P^T: dropped
-  // scores (negative) count 0. Without dropout, P itself (-inf is no floor).
+  __device__ __forceinline__ static bool kept(uint64_t keep_bits, int j, int e) { return (keep_bits >> (4 * j + e)) & 1; }
+  // The operand of dV += P^T dO: P, or with dropout P / (1 - p) where kept
+  // and 0 where dropped.
   template <int kN>
-  __device__ __forceinline__ void dv_operand(float (&dst)[kN][4], const float (&src)[kN][4]) const {
-    const float floor = has_dropout() ? 0.f : -INFINITY;
+  __device__ __forceinline__ void dv_operand(float (&dst)[kN][4], const float (&src)[kN][4], uint64_t keep_bits) const {
+    const bool on = has_dropout();
+    const float scale = on ? dropout().scale : 1.f;
 #pragma unroll
     for (int j = 0; j < kN; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[j][e] = fmaxf(src[j][e], floor);
+      for (int e = 0; e < 4; ++e) dst[j][e] = !on || kept(keep_bits, j, e) ? src[j][e] * scale : 0.f;
   }
-  // dP^T fragments to the logit's gradient in place (logit_grad, or with
-  // dropout score_grad_dropout of the marked P^T), with D of query column
-  // c at delta_cols[c] (the fragment's first query column is 0 there).
+  // dP^T fragments to the logit's gradient in place, with D of query column
+  // c at delta_cols[c] (the fragment's first query column is 0 there):
+  // logit_grad, with dropout of dP ∘ keep / (1 - p) (the loss sees P only
+  // through the dropped P).
   template <int kN>
-  __device__ __forceinline__ void logit_grads_t(float (&dp)[kN][4], const float (&x)[kN][4], const float* delta_cols,
-                                                int lane) const {
+  __device__ __forceinline__ void logit_grads_t(float (&dp)[kN][4], const float (&prob)[kN][4],
+                                                const float* delta_cols, int lane, uint64_t keep_bits = 0) const {
     const int t = lane & 3;
     if (has_dropout()) {
-      const float keep_prob = dropout().keep_prob;
+      const float scale = dropout().scale;
 #pragma unroll
       for (int j = 0; j < kN; ++j) {
         const float2 d = *reinterpret_cast<const float2*>(delta_cols + 8 * j + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          dp[j][e] = Base::unbiased_type::score_grad_dropout(x[j][e], dp[j][e], e % 2 == 0 ? d.x : d.y, keep_prob);
+          const float dprob = kept(keep_bits, j, e) ? dp[j][e] * scale : 0.f;
+          dp[j][e] = logit_grad(prob[j][e], dprob, e % 2 == 0 ? d.x : d.y);
         }
       }
       return;
@@ -245,7 +254,7 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>
     for (int j = 0; j < kN; ++j) {
       const float2 d = *reinterpret_cast<const float2*>(delta_cols + 8 * j + 2 * t);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[j][e] = logit_grad(x[j][e], dp[j][e], e % 2 == 0 ? d.x : d.y);
+      for (int e = 0; e < 4; ++e) dp[j][e] = logit_grad(prob[j][e], dp[j][e], e % 2 == 0 ? d.x : d.y);
     }
   }
   // ds() of a marked P (the deterministic dQ kernel, kMods only): correct

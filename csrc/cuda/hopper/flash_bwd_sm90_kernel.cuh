@@ -192,6 +192,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_commit();
     wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
+    // Dropout (kMods): the keep bits of this thread's scores, drawn under the two products.
+    uint64_t keep_bits = 0;
+    if constexpr (kMods) {
+      if (rule.has_dropout()) keep_bits = rule.template dropout_keep_bits_t<kSN>(n0 + key_row0, m0 + q_col0, lane);
+    }
 
     // P^T from the score rule and the saved statistics while dP^T is still running.
     wgmma_wait<1>();
@@ -223,11 +228,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       }
     }
     uint32_t p_frag[kSN / 16][4];
-    if constexpr (kMods) {
-      // Dropout: P^T marked (kept P / (1 - p), dropped -P), dV takes the kept.
-      if (rule.has_dropout()) rule.template mark_dropout_t<kSN>(acc_s, n0 + key_row0, m0 + q_col0, lane);
+    if constexpr (kMods) {  // dV takes the dropped P^T (kept / (1 - p), dropped 0)
       float p_dv[kSN / 8][4];
-      rule.dv_operand(p_dv, acc_s);
+      rule.dv_operand(p_dv, acc_s, keep_bits);
       pack_a_frags<Element>(p_frag, p_dv);
     } else {
       pack_a_frags<Element>(p_frag, acc_s);
@@ -235,7 +238,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
 
     wgmma_wait<0>();
     fence_regs(acc_dp);
-    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane);
+    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane, keep_bits);
     if (dbias != nullptr) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
