@@ -4,9 +4,11 @@ Times flash_attn_func's forward and forward+backward with no feature, with
 softcap, ALiBi, attention sinks and all three, and reports each as a
 fraction of the plain kernel's time; beside them, PyTorch SDPA's FLASH and
 cuDNN backends (plain) and compiled FlexAttention with the same softcap as a
-score_mod. bf16, head dim 128, causal off by default.
+score_mod. Dropout 0.1 runs beside SDPA's FLASH backend with the same
+dropout (and cuDNN's, where it accepts dropout). bf16, head dim 128, causal
+off by default; --dropout-only times the plain and dropout rows alone.
 
-    python benchmarks/bench_features.py [--seqlen 8192] [--batch 2] [--heads 16] [--json out.json]
+    python benchmarks/bench_features.py [--seqlen 8192] [--batch 2] [--heads 16] [--dropout-only] [--json out.json]
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def main():
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--dropout-only", action="store_true", help="only the plain and dropout rows")
     args = p.parse_args()
     b, s, h, d = args.batch, args.seqlen, args.heads, args.headdim
     dev = "cuda"
@@ -53,7 +56,10 @@ def main():
         "alibi": dict(alibi_slopes=slopes),
         "sinks": dict(s_aux=sinks),
         "all": dict(softcap=cap, alibi_slopes=slopes, s_aux=sinks),
+        "dropout 0.1": dict(dropout_p=0.1),
     }
+    if args.dropout_only:
+        ours = {name: kw for name, kw in ours.items() if name in ("plain", "dropout 0.1")}
     rows = {}
     for name, kw in ours.items():
         fn = lambda kw=kw: flash_attn_ext.flash_attn_func(q, k, v, causal=args.causal, **kw)  # noqa: E731
@@ -65,11 +71,18 @@ def main():
         def fn(backend=backend):
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal)
-        try:
-            rows[f"{name} plain"] = (time_ms(fn, False), time_ms(fn, True))
-        except RuntimeError as e:  # a backend that declines the shape
-            print(f"{name}: {e}".splitlines()[0])
+        def fn_dropout(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal,
+                                                                        dropout_p=0.1)
+        for label, f in (("plain", fn), ("dropout 0.1", fn_dropout)):
+            try:
+                rows[f"{name} {label}"] = (time_ms(f, False), time_ms(f, True))
+            except RuntimeError as e:  # a backend that declines the shape or dropout
+                print(f"{name} {label}: {e}".splitlines()[0])
     try:
+        if args.dropout_only:
+            raise RuntimeError("skipped (--dropout-only)")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         flex = torch.compile(flex_attention)
@@ -96,6 +109,10 @@ def main():
         ff, ffb = rows["flex softcap"]
         sf, sfb = rows["ours softcap"]
         print(f"ours softcap vs compiled FlexAttention softcap: fwd {ff / sf:.2f}x, fwd+bwd {ffb / sfb:.2f}x")
+    for anchor in ("sdpa flash dropout 0.1", "sdpa cudnn dropout 0.1"):
+        if anchor in rows and "ours dropout 0.1" in rows:
+            (af, afb), (of, ofb) = rows[anchor], rows["ours dropout 0.1"]
+            print(f"ours dropout 0.1 vs {anchor}: fwd {af / of:.2f}x, fwd+bwd {afb / ofb:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,

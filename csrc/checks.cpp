@@ -58,6 +58,17 @@ void check_score_features(const Tensor& q, const ScoreFeatures& f, int64_t batch
               "flash_attn_ext: softcap must be a finite number >= 0 (0 = off), got ", num(f.softcap));
   if (f.alibi_slopes.has_value()) check_per_head(*f.alibi_slopes, "alibi_slopes", q, /*per_batch=*/true, batch);
   if (f.sinks.has_value()) check_per_head(*f.sinks, "sinks", q, /*per_batch=*/false, batch);
+  FLASH_CHECK(f.dropout_p >= 0 && f.dropout_p < 1, "flash_attn_ext: dropout_p must be in [0, 1), got ",
+              num(f.dropout_p));
+  if (f.dropout_p > 0) {
+    FLASH_CHECK(f.rng_state.has_value(), "flash_attn_ext: dropout_p > 0 needs rng_state, an int64 tensor [seed, offset]");
+    const Tensor& r = *f.rng_state;
+    FLASH_CHECK(r.scalar_type() == ScalarType::Long && r.dim() == 1 && r.size(0) == 2 && r.is_contiguous(),
+                "flash_attn_ext: rng_state must be a contiguous int64 tensor of shape (2,) = [seed, offset], got ",
+                shape(r.sizes()), " ", dtype_name(r.scalar_type()));
+    FLASH_CHECK(same_device(r, q), "flash_attn_ext: rng_state must be on the device of q (", device_name(q), "), got ",
+                device_name(r));
+  }
 }
 
 }  // namespace
@@ -227,6 +238,8 @@ void set_fwd_params(FlashFwdParams& p, const Tensor& q, const Tensor& k, const T
     p.alibi_batch_stride = slopes.dim() == 2 ? slopes.stride(0) : 0;
   }
   if (features.sinks.has_value()) p.sinks = static_cast<const float*>(features.sinks->data_ptr());
+  p.dropout_p = features.dropout_p;
+  if (p.dropout_p > 0) p.rng_state = static_cast<const int64_t*>(features.rng_state->data_ptr());
 }
 
 void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, const Tensor& k,

@@ -20,10 +20,13 @@ inline bool needs_lse_residual(const Tensor& q, const std::optional<Tensor>& att
 
 // The optional score features of a call, as the host functions receive
 // them (flash_params.h says what each does). sinks is forward-only.
+// dropout_p > 0 needs rng_state, int64 (2,) = [seed, offset] on q's device.
 struct ScoreFeatures {
   double softcap = 0.0;
   std::optional<Tensor> alibi_slopes;
   std::optional<Tensor> sinks;
+  double dropout_p = 0.0;
+  std::optional<Tensor> rng_state;
 };
 
 // A variable-length batch (flash-attn's varlen layout; csrc/seq_info.h):

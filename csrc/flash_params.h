@@ -104,6 +104,14 @@ struct FlashFwdParams {
   // holds the sink, and the sinks' gradient -sum_i P_sink_i * D_i is a
   // reduction the autograd formula does (flash_attn_ext/_ops.py).
   const float* sinks = nullptr;
+  // Dropout on the probabilities (dropout.h): with dropout_p > 0 every
+  // kernel keeps a score with probability 1 - dropout_p, drawn from
+  // rng_state = [seed, offset] (two int64 in the op's device memory, read by
+  // the kernels at run time: CUDA-graph safe), and scales kept ones by
+  // 1 / (1 - dropout_p). softmax_lse is that of the undropped softmax.
+  // A double, so that fp64 inputs (CPU) are scaled exactly.
+  double dropout_p = 0.0;
+  const int64_t* rng_state = nullptr;
 };
 
 struct FlashBwdParams : FlashFwdParams {

@@ -22,10 +22,13 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // softcap, alibi_slopes, sinks: the score features (csrc/flash_params.h):
   // softcap >= 0 (0 = off); alibi_slopes fp32 (nheads,) or (batch, nheads);
   // sinks fp32 (nheads,), whose logits join softmax_lse.
+  // dropout_p in [0, 1) with rng_state, int64 (2,) = [seed, offset] on q's
+  // device (csrc/dropout.h), read by the kernels; bwd takes the same pair.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, float softmax_scale, bool causal, "
       "int window_left, int window_right, bool deterministic, float softcap=0., Tensor? alibi_slopes=None, "
-      "Tensor? sinks=None) -> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
+      "Tensor? sinks=None, float dropout_p=0., Tensor? rng_state=None) "
+      "-> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
   // Recomputes the probabilities from q, k, softmax_lse and lse_residual (both
   // as fwd returned them). dsoftmax_lse, the
   // gradient flowing into softmax_lse (None when unused), enters through
@@ -37,7 +40,8 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor? dsoftmax_lse, "
       "Tensor? attn_bias, "
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
-      "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None) "
+      "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., "
+      "Tensor? rng_state=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   // Variable-length batches (flash-attn's varlen layout, csrc/seq_info.h):
   // q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim);
@@ -48,17 +52,18 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // bottom-right per sequence. Returns out (like q), softmax_lse
   // (nheads, total_q) and lse_residual ((nheads, total_q) for fp64 inputs,
   // else empty); rows of q outside every sequence get out 0, lse +inf.
-  // No attn_bias; everything else as fwd / bwd.
+  // No attn_bias; everything else (the score features, dropout) as fwd / bwd.
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, "
-      "bool deterministic, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None) "
-      "-> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
+      "bool deterministic, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None, float dropout_p=0., "
+      "Tensor? rng_state=None) -> (Tensor out, Tensor softmax_lse, Tensor lse_residual)");
   m.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor lse_residual, "
       "Tensor? dsoftmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
-      "float softcap=0., Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., Tensor? rng_state=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Inference: attention of q (batch, seqlen_q, nheads, headdim) over a KV
   // cache, contiguous (batch_cache, seqlen_cache, nheads_k, headdim) or paged
   // (num_blocks, page_size, nheads_k, headdim) with block_table int32
@@ -77,4 +82,9 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor? cache_leftpad, Tensor? block_table, float softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None, int num_splits=0) "
       "-> (Tensor out, Tensor softmax_lse)");
+  // The keep-mask fwd/bwd apply for dropout_p and rng_state (int64 (2,),
+  // CPU), bool (batch, nheads, seqlen_q, seqlen_k), True = kept: the same
+  // function of (seed, offset, batch, head, row, col) as every kernel's.
+  // For tests and return_attn_probs on small problems.
+  m.def("dropout_mask(Tensor rng_state, int batch, int nheads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");
 }

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "dropout.h"
 #include "flash_params.h"
 #include "host_device.h"
 #include "mask.h"
@@ -76,18 +77,22 @@ FLASH_HOST_DEVICE T fast_tanh(T x) {
 // head) and uniformly across a kernel's threads. Kernels instantiate the
 // rule without kMods for calls that use neither, which then carry no
 // instruction for them.
-// Whether a call needs a kernel's kMods instantiation: softcap or ALiBi.
-// Every launcher (CPU and CUDA) picks the variant with it. Attention sinks
-// need none: the forward's epilogue takes them at run time and the backward
-// does not see them.
-inline bool has_score_mods(const FlashFwdParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
+// Whether a call needs a kernel's kMods instantiation: softcap, ALiBi or
+// dropout (dropout.h; tested at run time inside the kMods kernels, so it
+// adds no instantiation). Every launcher (CPU and CUDA) picks the variant
+// with it. Attention sinks need none: the forward's epilogue takes them at
+// run time and the backward does not see them.
+inline bool has_score_mods(const FlashFwdParams& p) {
+  return p.softcap > 0 || p.alibi_slopes != nullptr || p.dropout_p > 0;
+}
 
 template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_, bool kMods_ = false>
 struct ScoreRule {
   static constexpr bool kHasBias = kHasBias_;
   static constexpr bool kMods = kMods_;
-  // Backward dropout, to come: score_grad's slot below.
-  static constexpr bool kDropout = false;
+  // Dropout (dropout.h) rides on kMods: the rule carries the call's
+  // Dropout, whose `on` the kernels test at run time.
+  static constexpr bool kDropout = kMods;
 
   // Only step 1 comes before the mask. In log2 units the kernels then defer
   // the scale to their exp2 FFMA (see the units above).
@@ -109,6 +114,8 @@ struct ScoreRule {
   // (the slope times log2(e) in log2 units; 0 without ALiBi).
   bool has_softcap = false;
   T softcap_in = T(0), softcap_out = T(0), alibi_slope = T(0);
+  // This (batch, head)'s dropout (kMods only; off otherwise).
+  Dropout dropout;
 
   FLASH_HOST_DEVICE ScoreRule(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch, int64_t head)
       : params(p),
@@ -125,6 +132,7 @@ struct ScoreRule {
         softcap_out = static_cast<T>(p.softcap) * unit;
       }
       if (p.alibi_slopes != nullptr) alibi_slope = static_cast<T>(p.alibi_slopes[batch * p.alibi_batch_stride + head]) * unit;
+      dropout = Dropout(p, batch, head);
     }
   }
 
@@ -290,6 +298,14 @@ struct ScoreRule {
   // through step 2 to the raw score. Kernels that also write dbias need the
   // two apart: the bias joins after the cap, so its gradient is the logit's.
   FLASH_HOST_DEVICE static T through_softcap(T logit_grad, T dsoftcap) { return logit_grad * dsoftcap; }
+  // The twin with dropout (kDropout's slot). The backward kernels carry a
+  // kept score's P as x = P / (1 - p) (what dV's product takes) and a
+  // dropped one's as x = -P (the sign marks the drop; Dropout::mark), so
+  // that dS = P ∘ (dP ∘ keep / (1 - p) - D) reads x * (dP - (1 - p) D) where
+  // kept and x * D where dropped. `keep_prob` is 1 - p.
+  FLASH_HOST_DEVICE static T score_grad_dropout(T x, T dprob, T row_d, T keep_prob) {
+    return x * (x > T(0) ? dprob - keep_prob * row_d : row_d);
+  }
 };
 
 // The rule of a call whose bias is known only at run time, for kernels
@@ -297,6 +313,7 @@ struct ScoreRule {
 // CPU): both forms, and visit(fn) calls fn with the one that applies.
 template <typename T, typename Element, ScoreUnits kUnits, bool kMods = false>
 struct ScoreRuleAnyBias {
+  using unbiased_type = ScoreRule<T, Element, kUnits, false, kMods>;
   ScoreRule<T, Element, kUnits, false, kMods> unbiased;
   ScoreRule<T, Element, kUnits, true, kMods> biased;
   bool has_bias;

@@ -89,7 +89,7 @@ def check_same_device(where, tensors):
 
 @torch.library.register_fake("flash_attn_ext::fwd")
 def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic, softcap=0.0,
-              alibi_slopes=None, sinks=None):
+              alibi_slopes=None, sinks=None, dropout_p=0.0, rng_state=None):
     check_same_device("flash_attn_ext::fwd", locals())
     batch, seqlen_q, nheads, _ = q.shape
     out = q.new_empty((batch, seqlen_q, nheads, v.shape[-1]))  # v's head dim
@@ -102,7 +102,8 @@ def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_rig
 
 @torch.library.register_fake("flash_attn_ext::bwd")
 def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
-              window_left, window_right, deterministic, bias_requires_grad, softcap=0.0, alibi_slopes=None):
+              window_left, window_right, deterministic, bias_requires_grad, softcap=0.0, alibi_slopes=None,
+              dropout_p=0.0, rng_state=None):
     check_same_device("flash_attn_ext::bwd", locals())
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -115,19 +116,45 @@ def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_
     return dq, dk, dv, dbias
 
 
-_FWD_DEFAULTS = (0.0, None, None)  # softcap, alibi_slopes, sinks: the schema's defaults
+@torch.library.register_fake("flash_attn_ext::dropout_mask")
+def _dropout_mask_fake(rng_state, batch, nheads, seqlen_q, seqlen_k, dropout_p):
+    return rng_state.new_empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.bool)
+
+
+# The schema's defaults of fwd's trailing arguments: softcap, alibi_slopes,
+# sinks, dropout_p, rng_state.
+_FWD_DEFAULTS = (0.0, None, None, 0.0, None)
+
+
+def draw_rng_state(device) -> torch.Tensor:
+    """[seed, offset] for a call with dropout (csrc/dropout.h): two int64
+    drawn with torch's generator of `device`, on that device, so that
+    torch.manual_seed reproduces a run and CUDA graph capture records the
+    draw (the kernels read the pair from device memory at run time)."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+def dropout_mask(rng_state, batch, nheads, seqlen_q, seqlen_k, dropout_p) -> torch.Tensor:
+    """The keep-mask (True = kept), bool (batch, nheads, seqlen_q, seqlen_k)
+    on rng_state's device, that fwd and bwd apply for this rng_state and
+    dropout_p: the same Philox function as the kernels', computed on the CPU
+    (for small problems: tests and return_attn_probs)."""
+    mask = torch.ops.flash_attn_ext.dropout_mask(rng_state.detach().cpu().contiguous(), batch, nheads, seqlen_q,
+                                                 seqlen_k, float(dropout_p))
+    return mask.to(rng_state.device)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_bias, softmax_scale, causal, window_left, window_right, deterministic = inputs[:9]
-    softcap, alibi_slopes, sinks = tuple(inputs[9:]) + _FWD_DEFAULTS[len(inputs) - 9:]
+    softcap, alibi_slopes, sinks, dropout_p, rng_state = tuple(inputs[9:]) + _FWD_DEFAULTS[len(inputs) - 9:]
     out, softmax_lse, lse_residual = output
-    ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, attn_bias, alibi_slopes, sinks)
+    ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, attn_bias, alibi_slopes, sinks, rng_state)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
     ctx.window = (window_left, window_right)
     ctx.deterministic = deterministic
     ctx.softcap = softcap
+    ctx.dropout_p = dropout_p
     ctx.num_inputs = len(inputs)
 
 
@@ -159,7 +186,7 @@ def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
     # lse_residual is an internal output (the part of the log-sum-exp fp32
     # softmax_lse cannot hold, csrc/flash_params.h); no entry point exposes
     # it, and its gradient is not used.
-    q, k, v, out, softmax_lse, lse_residual, attn_bias, alibi_slopes, sinks = ctx.saved_tensors
+    q, k, v, out, softmax_lse, lse_residual, attn_bias, alibi_slopes, sinks, rng_state = ctx.saved_tensors
     # Autograd may hand in an expanded gradient (e.g. from out.sum()): the
     # kernels need a contiguous last dimension.
     if dout.stride(-1) != 1:
@@ -170,11 +197,13 @@ def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
     dq, dk, dv, dbias = bwd(
         dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, ctx.softmax_scale, ctx.causal,
         ctx.window[0], ctx.window[1], ctx.deterministic, bias_requires_grad, ctx.softcap, alibi_slopes,
+        ctx.dropout_p, rng_state,
     )
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[11]:
         dsinks = sinks_grad(sinks, dout, out, softmax_lse, lse_residual, dsoftmax_lse)
-    grads = (dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None, None, None, dsinks)
+    grads = (dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None, None, None, dsinks,
+             None, None)
     return grads[: ctx.num_inputs]
 
 
@@ -277,9 +306,12 @@ _autograd_lib = torch.library.Library("flash_attn_ext", "IMPL")  # kept alive: d
 _autograd_lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
 
 
-# Arguments that are per head, not per batch element: fwd's alibi_slopes
-# ((nheads,) or (batch, nheads)) and sinks ((nheads,)), bwd's alibi_slopes.
-_PER_HEAD_ARGS = {"fwd": {10: "alibi_slopes", 11: "sinks"}, "bwd": {16: "alibi_slopes"}}
+# Arguments that are not per batch element: fwd's alibi_slopes ((nheads,)
+# or (batch, nheads)) and sinks ((nheads,)), bwd's alibi_slopes, and both
+# ops' rng_state ((2,): one draw for the call; the folded call then draws
+# its dropout from it as for a call of n * batch elements).
+_PER_HEAD_ARGS = {"fwd": {10: "alibi_slopes", 11: "sinks", 13: "rng_state"},
+                  "bwd": {16: "alibi_slopes", 18: "rng_state"}}
 
 
 def _vmap_by_folding(op, name):
@@ -299,7 +331,7 @@ def _vmap_by_folding(op, name):
         return tuple(torch.stack(rs) for rs in zip(*outs)), (0,) * len(outs[0])
 
     def rule(info, in_dims, *args):
-        if any(per_head.get(i) == "sinks" and d is not None for i, d in enumerate(in_dims)):
+        if any(per_head.get(i) in ("sinks", "rng_state") and d is not None for i, d in enumerate(in_dims)):
             return run_per_element(info, in_dims, args)
         n = info.batch_size
         # The batch size: dim 0 of the first batched argument, as the op sees it.
@@ -348,7 +380,8 @@ varlen_bwd = torch.ops.flash_attn_ext.varlen_bwd.default
 
 @torch.library.register_fake("flash_attn_ext::varlen_fwd")
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None, sinks=None):
+                     causal, window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None, sinks=None,
+                     dropout_p=0.0, rng_state=None):
     check_same_device("flash_attn_ext::varlen_fwd", locals())
     total_q, nheads, _ = q.shape
     out = q.new_empty((total_q, nheads, v.shape[-1]))  # v's head dim
@@ -360,39 +393,42 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_
 @torch.library.register_fake("flash_attn_ext::varlen_bwd")
 def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k,
                      seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                     deterministic, softcap=0.0, alibi_slopes=None):
+                     deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
     check_same_device("flash_attn_ext::varlen_bwd", locals())
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-_VARLEN_FWD_DEFAULTS = (0.0, None, None)  # softcap, alibi_slopes, sinks
+_VARLEN_FWD_DEFAULTS = (0.0, None, None, 0.0, None)  # softcap, alibi_slopes, sinks, dropout_p, rng_state
 _VARLEN_FIXED = 13  # varlen_fwd's arguments before the score features
 
 
 def _varlen_setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
      window_left, window_right, deterministic) = inputs[:_VARLEN_FIXED]
-    softcap, alibi_slopes, sinks = tuple(inputs[_VARLEN_FIXED:]) + _VARLEN_FWD_DEFAULTS[len(inputs) - _VARLEN_FIXED:]
+    softcap, alibi_slopes, sinks, dropout_p, rng_state = (tuple(inputs[_VARLEN_FIXED:]) +
+                                                          _VARLEN_FWD_DEFAULTS[len(inputs) - _VARLEN_FIXED:])
     out, softmax_lse, lse_residual = output
     ctx.save_for_backward(q, k, v, out, softmax_lse, lse_residual, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                          alibi_slopes, sinks)
-    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, deterministic, softcap)
+                          alibi_slopes, sinks, rng_state)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, deterministic, softcap,
+                dropout_p)
     ctx.num_inputs = len(inputs)
 
 
 def _varlen_backward(ctx, dout, dsoftmax_lse, _dlse_residual):
-    (q, k, v, out, softmax_lse, lse_residual, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes,
-     sinks) = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, deterministic, softcap = ctx.args
+    (q, k, v, out, softmax_lse, lse_residual, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks,
+     rng_state) = ctx.saved_tensors
+    (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, deterministic, softcap,
+     dropout_p) = ctx.args
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if dsoftmax_lse is not None:
         dsoftmax_lse = dsoftmax_lse.float().contiguous()
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k,
                             seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                            deterministic, softcap, alibi_slopes)
+                            deterministic, softcap, alibi_slopes, dropout_p, rng_state)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[15]:
         # The dense formula over the one-sequence view: rows outside every
@@ -400,7 +436,7 @@ def _varlen_backward(ctx, dout, dsoftmax_lse, _dlse_residual):
         dsinks = sinks_grad(sinks, dout[None], out[None], softmax_lse[None],
                             lse_residual[None] if lse_residual.numel() else lse_residual,
                             None if dsoftmax_lse is None else dsoftmax_lse[None])
-    grads = (dq, dk, dv) + (None,) * 12 + (dsinks,)
+    grads = (dq, dk, dv) + (None,) * 12 + (dsinks, None, None)
     return grads[: ctx.num_inputs]
 
 

@@ -9,12 +9,15 @@ return values, backed by the `flash_attn_ext::fwd` / `bwd` ops, and
 `install_as_flash_attn()`, which makes `import flash_attn` find this package
 where flash-attn itself is not installed, so such libraries run unchanged.
 
-What flash-attn's functions return and flash_attn_ext has no use for comes
-back shaped as flash-attn shapes it: S_dmask is an empty tensor (it only
-exists with dropout), rng_state two zeros. Arguments whose feature is not
-implemented (dropout_p, return_softmax, left-padded KV) raise
-NotImplementedError naming the argument; softcap and alibi_slopes go to the
-kernels.
+Dropout follows flash-attn 2.8's convention: the forward returns
+rng_state, int64 (2,) = [seed, offset] on q's device (drawn from torch's
+generator; two zeros without dropout), and the backward takes it back to
+regenerate the same keep-mask. S_dmask (return_softmax=True, which needs
+dropout_p > 0 as in flash-attn) is the probabilities (batch, nheads,
+seqlen_q, seqlen_k), negative where dropped; an empty tensor otherwise (and
+always for the varlen pair, whose return_softmax raises). Arguments whose
+feature is not implemented (left-padded KV) raise NotImplementedError
+naming the argument; softcap, alibi_slopes and dropout_p go to the kernels.
 
 lse: flash-attn's softmax_lse is fp32, and these functions neither return
 nor take the op's lse_residual. For fp16/bf16/fp32 inputs the op has none;
@@ -33,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops
-from .interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .interface import dropout_probs, dropout_value, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from .kvcache import flash_attn_with_kvcache
 from .varlen import (
     flash_attn_varlen_func,
@@ -69,23 +72,31 @@ def _round_multiple(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def _reject(dropout_p, return_softmax=False, **paged) -> None:
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
-    if return_softmax:
+def _reject(dropout_p, return_softmax=False, **paged) -> float:
+    """Checks the arguments; returns dropout_p as a float."""
+    dropout_p = dropout_value(dropout_p)
+    if return_softmax and dropout_p == 0.0:
         # flash-attn itself only allows it with dropout.
         raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported (it needs dropout_p > 0)")
     for name, value in paged.items():
         if value is not None:
             raise NotImplementedError(f"flash_attn_ext: {name} is not supported yet (only None)")
+    return dropout_p
 
 
-def _slopes_of(alibi_slopes: Optional[torch.Tensor], sequence: int) -> Optional[torch.Tensor]:
-    """The ALiBi slopes of one sequence of a varlen batch: (batch, nheads) slopes
-    are per sequence, (nheads,) ones shared."""
-    if alibi_slopes is None or alibi_slopes.dim() == 1:
-        return alibi_slopes
-    return alibi_slopes[sequence:sequence + 1]
+def _rng_state_for(dropout_p: float, device) -> torch.Tensor:
+    """flash-attn's rng_state of a forward: [seed, offset] drawn for dropout, else two zeros."""
+    if dropout_p > 0:
+        return _ops.draw_rng_state(device)
+    return torch.zeros((2,), dtype=torch.int64, device=device)
+
+
+def _backward_rng_state(dropout_p: float, rng_state: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if dropout_p == 0.0:
+        return None
+    if rng_state is None:
+        raise ValueError("flash_attn_ext: a backward with dropout_p > 0 needs the rng_state its forward returned")
+    return rng_state.to(torch.int64).contiguous()
 
 
 def _residual_for(q: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -117,13 +128,18 @@ def _flash_attn_forward(
     (batch, seqlen_q, nheads, headdim), k, v (batch, seqlen_k, nheads_k,
     headdim); softmax_lse (batch, nheads, seqlen_q) fp32, +inf for rows that
     see no key. No autograd: libraries wrap it in their own."""
-    _reject(dropout_p, return_softmax)
+    dropout_p = _reject(dropout_p, return_softmax)
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    rng_state = _rng_state_for(dropout_p, q.device)
     with torch.no_grad():
         out, softmax_lse, _ = _ops.fwd(q, k, v, None, float(softmax_scale), bool(causal), int(window_size_left),
-                                       int(window_size_right), False, float(softcap), alibi_slopes)
+                                       int(window_size_right), False, float(softcap), alibi_slopes, None, dropout_p,
+                                       rng_state if dropout_p > 0 else None)
     s_dmask = q.new_empty((0,))
-    rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
+    if return_softmax:
+        s_dmask = dropout_probs(q, k, v, float(softmax_scale), bool(causal),
+                                (int(window_size_left), int(window_size_right)), float(softcap), alibi_slopes, None,
+                                dropout_p, rng_state)
     return out, softmax_lse, s_dmask, rng_state
 
 
@@ -152,14 +168,15 @@ def _flash_attn_backward(
     returns softmax_d = rowsum(dout * out), (batch, nheads, seqlen_q rounded up
     to a multiple of 128) fp32, zero past seqlen_q. softmax_lse may be another
     call's (ring attention passes the merged lse with the merged out)."""
-    _reject(dropout_p)
+    dropout_p = _reject(dropout_p)
+    rng_state = _backward_rng_state(dropout_p, rng_state)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse = softmax_lse.float().contiguous()
     with torch.no_grad():
         gq, gk, gv, _ = _ops.bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, None, float(softmax_scale),
                                  bool(causal), int(window_size_left), int(window_size_right),
                                  bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False,
-                                 float(softcap), alibi_slopes)
+                                 float(softcap), alibi_slopes, dropout_p, rng_state)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch, seqlen_q, nheads, _ = q.shape
         softmax_d = torch.zeros((batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device)
@@ -193,17 +210,21 @@ def _flash_attn_varlen_forward(
     cu_seqlens[i + 1]; returns (out, softmax_lse (nheads, total_q) fp32,
     S_dmask, rng_state). block_table: paged k/v (flash_attn_ext.varlen.unpage);
     seqused_k: keys used per sequence. zero_tensors has nothing to do (every
-    output row is written: rows outside every sequence get 0 and lse +inf)."""
-    _reject(dropout_p, return_softmax, leftpad_k=leftpad_k)
+    output row is written: rows outside every sequence get 0 and lse +inf).
+    One rng_state serves the whole batch (the kernels' dropout counter holds
+    the sequence index)."""
+    dropout_p = _reject(dropout_p, return_softmax, leftpad_k=leftpad_k)
+    if return_softmax:
+        raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported by the varlen functions")
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
     if block_table is not None:
         k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
+    rng_state = _rng_state_for(dropout_p, q.device)
     with torch.no_grad():
         out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, int(max_seqlen_q),
                                               int(max_seqlen_k), float(softmax_scale), bool(causal),
                                               int(window_size_left), int(window_size_right), False, float(softcap),
-                                              alibi_slopes)
-    rng_state = torch.zeros((2,), dtype=torch.int64, device=q.device)
+                                              alibi_slopes, None, dropout_p, rng_state if dropout_p > 0 else None)
     return out, softmax_lse, q.new_empty((0,)), rng_state
 
 
@@ -235,7 +256,8 @@ def _flash_attn_varlen_backward(
     """flash-attn 2.8's varlen backward: writes into dq, dk, dv and returns
     softmax_d (nheads, total_q + 128 * batch) fp32, zero past total_q (the
     shape flash-attn allocates)."""
-    _reject(dropout_p)
+    dropout_p = _reject(dropout_p)
+    rng_state = _backward_rng_state(dropout_p, rng_state)
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse = softmax_lse.float().contiguous()
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
@@ -243,7 +265,7 @@ def _flash_attn_varlen_backward(
         gq, gk, gv = _ops.varlen_bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, cu_seqlens_q,
                                      cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
                                      bool(causal), int(window_size_left), int(window_size_right), deterministic,
-                                     float(softcap), alibi_slopes)
+                                     float(softcap), alibi_slopes, dropout_p, rng_state)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch = cu_seqlens_q.shape[0] - 1
         softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * batch), dtype=torch.float32, device=q.device)

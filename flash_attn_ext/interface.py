@@ -19,11 +19,25 @@ from ._autocast import autocast_inputs
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
 
 
-def _check_unsupported(dropout_p: float) -> None:
+def dropout_value(dropout_p, name: str = "dropout_p") -> float:
+    """dropout_p as the op takes it: a float in [0, 1); ValueError naming it otherwise."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"flash_attn_ext: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"flash_attn_ext: dropout_p={dropout_p} is not supported yet (only 0.0)")
+        raise ValueError(f"flash_attn_ext: {name} must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def dropout_probs(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes, sinks, dropout_p, rng_state):
+    """flash-attn's S_dmask for return_attn_probs with dropout: the softmax's
+    probabilities (batch, nheads, seqlen_q, seqlen_k) in q's dtype, negative
+    where the call dropped them (the kernels' keep-mask, regenerated from
+    rng_state). Materialises the score matrix: for testing small cases."""
+    from .reference import attention_ref
+
+    with torch.no_grad():
+        _, _, probs = attention_ref(q, k, v, causal=causal, window=window, softmax_scale=softmax_scale,
+                                    softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, return_probs=True)
+        mask = _ops.dropout_mask(rng_state, q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p)
+        return torch.where(mask, probs, -probs).to(q.dtype)
 
 
 def _softcap_value(softcap) -> float:
@@ -91,7 +105,7 @@ def _check_sizes(q, k, v):
 
 
 def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap=0.0,
-               alibi_slopes=None, sinks=None):
+               alibi_slopes=None, sinks=None, dropout_p=0.0):
     window_left, window_right = _window_sides(window_size)
     softcap = _softcap_value(softcap)
     # Before autocast, which looks at q's device only.
@@ -101,12 +115,17 @@ def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, retur
         softmax_scale = q.shape[-1] ** -0.5
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     q, k, v = autocast_inputs(q, k, v)
+    rng_state = _ops.draw_rng_state(q.device) if dropout_p > 0 else None
     out, softmax_lse, _ = _ops.call_fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
-                                         deterministic, softcap, alibi_slopes, sinks)
+                                         deterministic, softcap, alibi_slopes, sinks, dropout_p, rng_state)
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
-        # information with dropout, which is not supported, so it is None.
-        return out, softmax_lse, None
+        # information with dropout (None without, as flash-attn's).
+        s_dmask = None
+        if dropout_p > 0:
+            s_dmask = dropout_probs(q, k, v, float(softmax_scale), bool(causal), (window_left, window_right), softcap,
+                                    alibi_slopes, sinks, dropout_p, rng_state)
+        return out, softmax_lse, s_dmask
     return out
 
 
@@ -132,7 +151,11 @@ def flash_attn_func(
         q: (batch, seqlen_q, nheads, headdim).
         k, v: (batch, seqlen_k, nheads_k, headdim); nheads must be divisible by
             nheads_k (multi-query / grouped-query attention).
-        dropout_p: must be 0.0 (dropout is not supported yet).
+        dropout_p: dropout probability in [0, 1) on the attention
+            probabilities (flash-attn's semantics: kept ones scaled by
+            1 / (1 - dropout_p), softmax_lse of the undropped softmax). The
+            mask is drawn in the kernels from a seed taken from torch's
+            generator of q's device (torch.manual_seed reproduces it).
         softmax_scale: defaults to 1 / sqrt(headdim).
         causal: mask keys after the query; with seqlen_q != seqlen_k the mask is
             aligned to the bottom-right corner (flash-attn >= 2.1).
@@ -147,7 +170,9 @@ def flash_attn_func(
         deterministic: bit-reproducible backward on CUDA (the CPU backward
             always is); also implied by torch.use_deterministic_algorithms(True).
         return_attn_probs: also return softmax_lse (batch, nheads, seqlen_q)
-            fp32 and None in place of the dropout mask.
+            fp32 and, with dropout, flash-attn's S_dmask: the probabilities
+            (batch, nheads, seqlen_q, seqlen_k) negated where dropped (None
+            without dropout). S_dmask materialises the scores: small cases.
         s_aux / learnable_sink (keyword only, either name): attention sinks,
             fp32 (nheads,) logits that join every row's softmax denominator
             without a value (gpt-oss); softmax_lse includes them, and they
@@ -156,9 +181,9 @@ def flash_attn_func(
     Rows that see no key (causal with seqlen_q > seqlen_k, or a window) give
     output 0, softmax_lse +inf and zero gradients.
     """
-    _check_unsupported(dropout_p)
+    dropout_p = dropout_value(dropout_p)
     return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
-                      alibi_slopes, _sinks_argument(s_aux, learnable_sink))
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink), dropout_p)
 
 
 def flash_attn_qkvpacked_func(
@@ -181,10 +206,10 @@ def flash_attn_qkvpacked_func(
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"flash_attn_ext: qkv must be (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
-    _check_unsupported(dropout_p)
+    dropout_p = dropout_value(dropout_p)
     q, k, v = qkv.unbind(2)
     return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
-                      alibi_slopes, _sinks_argument(s_aux, learnable_sink))
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink), dropout_p)
 
 
 def flash_attn_kvpacked_func(
@@ -205,7 +230,7 @@ def flash_attn_kvpacked_func(
     """flash_attn_func with k and v packed as kv (batch, seqlen_k, 2, nheads_k, headdim)."""
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"flash_attn_ext: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
-    _check_unsupported(dropout_p)
+    dropout_p = dropout_value(dropout_p)
     k, v = kv.unbind(2)
     return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
-                      alibi_slopes, _sinks_argument(s_aux, learnable_sink))
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink), dropout_p)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _ops
 from .sdpa import attention_bshd
 
 __all__ = ["MultiheadAttention", "replace_attention"]
@@ -83,8 +84,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     * A query that may attend to no key (every key masked) yields 0 output
       and zero gradients instead of NaN; its attention weights, computed
       explicitly, stay NaN as in PyTorch.
-    * ``dropout > 0`` in training mode raises NotImplementedError (dropout is
-      ignored in eval mode, as in PyTorch).
+    * ``dropout > 0`` in training mode drops attention probabilities inside
+      the kernels (ignored in eval mode, as in PyTorch), with a mask drawn
+      from torch's generator but not PyTorch's stream: the same seed gives
+      other masks than torch.nn.MultiheadAttention's.
     * ``need_weights=True`` (PyTorch's default) computes the attention weights
       explicitly as softmax(Q K^T * scale + mask), which costs
       O(batch * heads * L * S) memory; pass ``need_weights=False`` to keep memory
@@ -111,11 +114,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        if self.training and self.dropout > 0.0:
-            raise NotImplementedError(
-                f"flash_attn_ext.MultiheadAttention: dropout > 0 is not supported in training mode (dropout="
-                f"{self.dropout}); set dropout=0.0 or call .eval()"
-            )
+        dropout_p = self.dropout if self.training else 0.0
         if query.is_nested or key.is_nested or value.is_nested:
             raise NotImplementedError("flash_attn_ext.MultiheadAttention does not support nested tensors")
         is_batched = _check_shapes(query, key, value, key_padding_mask, attn_mask, self.num_heads)
@@ -177,7 +176,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         # q's dtype, not query's: under autocast the projections return fp16/bf16.
         bias = self._merged_bias(attn_mask, key_padding_mask, bsz, tgt_len, src_len, q.dtype)
         scale = 1.0 / math.sqrt(head_dim)
-        out = attention_bshd(q, k, v, bias, scale, causal_top_left=is_causal)  # (N, L, H, D)
+        rng_state = _ops.draw_rng_state(q.device) if dropout_p > 0 else None
+        out = attention_bshd(q, k, v, bias, scale, causal_top_left=is_causal, dropout_p=dropout_p,
+                             rng_state=rng_state)  # (N, L, H, D)
 
         weights = None
         if need_weights:
@@ -186,6 +187,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if bias is not None:
                 scores = scores + bias
             weights = torch.softmax(scores, dim=-1)
+            if dropout_p > 0:  # as PyTorch returns them: after dropout (the kernels' mask)
+                mask = _ops.dropout_mask(rng_state, *weights.shape, dropout_p)
+                weights = weights.masked_fill(~mask, 0.0) / (1.0 - dropout_p)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if not is_batched:

@@ -70,7 +70,8 @@ def attention_ref(
     dropout_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     upcast: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_probs: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """(out, lse) of attention on (batch, seqlen, nheads, headdim) tensors.
 
     bias: additive, broadcastable to (batch, nheads, seqlen_q, seqlen_k).
@@ -78,10 +79,13 @@ def attention_ref(
     alibi_slopes: (nheads,) or (batch, nheads); see alibi_bias.
     sinks: (nheads,) logits that join each row's softmax denominator without a
     value (gpt-oss's s_aux); lse then includes them.
-    dropout_mask: bool (batch, nheads, seqlen_q, seqlen_k), True = kept; kept
-    probabilities are divided by 1 - dropout_p. lse is that of the undropped softmax.
+    dropout_mask: bool (batch, nheads, seqlen_q, seqlen_k), True = kept, or
+    the S_dmask flash_attn_func(return_attn_probs=True) returns (dropped
+    entries carry a negative sign); kept probabilities are divided by
+    1 - dropout_p. lse is that of the undropped softmax.
     v may have its own head dim; out takes it. out is in the computing dtype
-    (float64 with upcast), lse in float64 / float32.
+    (float64 with upcast), lse in float64 / float32. return_probs: also the
+    softmax's probabilities (batch, nheads, seqlen_q, seqlen_k), before dropout.
     """
     dtype = torch.float64 if upcast else q.dtype
     softmax_dtype = torch.float64 if upcast else torch.float32
@@ -109,7 +113,12 @@ def attention_ref(
     probs = torch.softmax(scores, dim=-1).masked_fill(empty[..., None], 0.0)  # empty rows: NaN -> 0
     if sinks is not None:
         probs = probs[..., :seqlen_k]
+    undropped = probs
     if dropout_mask is not None:
-        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+        if dropout_mask.dtype != torch.bool:  # S_dmask (return_attn_probs): dropped entries negative
+            dropout_mask = ~torch.signbit(dropout_mask)
+        probs = probs.masked_fill(~dropout_mask.to(probs.device), 0.0) / (1.0 - dropout_p)
     out = (probs.to(dtype) @ vd).transpose(1, 2)
+    if return_probs:
+        return out, lse.masked_fill(empty, float("inf")), undropped
     return out, lse.masked_fill(empty, float("inf"))

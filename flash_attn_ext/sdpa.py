@@ -23,6 +23,7 @@ import torch
 
 from . import _ops
 from ._autocast import autocast_inputs
+from .interface import dropout_value
 
 __all__ = ["scaled_dot_product_attention", "attention_bshd", "mask_to_bias"]
 
@@ -50,9 +51,13 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _fwd(q, k, v, bias, scale, causal, window_left, window_right):
+def _fwd(q, k, v, bias, scale, causal, window_left, window_right, dropout_p=0.0, rng_state=None):
     deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _, _ = _ops.call_fwd(q, k, v, bias, scale, causal, window_left, window_right, deterministic)
+    if dropout_p > 0:
+        out, _, _ = _ops.call_fwd(q, k, v, bias, scale, causal, window_left, window_right, deterministic, 0.0, None,
+                                  None, dropout_p, rng_state)
+    else:
+        out, _, _ = _ops.call_fwd(q, k, v, bias, scale, causal, window_left, window_right, deterministic)
     return out
 
 
@@ -63,14 +68,21 @@ def attention_bshd(
     bias: Optional[torch.Tensor],
     scale: float,
     causal_top_left: bool = False,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention in the op's layout: q (B, Sq, H, D), k/v (B, Sk, Hk, D[v]).
 
     `bias` is additive, in q's dtype, already expanded to (B, H, Sq, Sk) (stride 0
     along broadcast dimensions is fine) or None. `causal_top_left` applies
     PyTorch's causal mask (query i sees keys j <= i) on top of the bias.
-    Returns (B, Sq, H, Dv). Differentiable in q, k, v and bias.
+    `dropout_p` > 0 drops attention probabilities in the kernels with the
+    keep-mask of `rng_state` (int64 [seed, offset] on q's device; drawn from
+    torch's generator when None). Returns (B, Sq, H, Dv). Differentiable in
+    q, k, v and bias.
     """
+    if dropout_p > 0 and rng_state is None:
+        rng_state = _ops.draw_rng_state(q.device)
     # Zero-size problems go through the op too (it returns empty or zero
     # outputs and zero gradients), so that the result joins the autograd graph.
     # A value head dim Ev != E goes to the op as it is (it pads the narrower
@@ -78,7 +90,7 @@ def attention_bshd(
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if not causal_top_left:
-        return _fwd(q, k, v, bias, scale, False, -1, -1)
+        return _fwd(q, k, v, bias, scale, False, -1, -1, dropout_p, rng_state)
 
     if seqlen_q <= seqlen_k:
         # Top-left causal never shows keys past index Sq - 1, and restricted to
@@ -88,11 +100,11 @@ def attention_bshd(
         if seqlen_q < seqlen_k:
             k, v = k[:, :seqlen_q], v[:, :seqlen_q]
             bias = None if bias is None else bias[..., :seqlen_q]
-        return _fwd(q, k, v, bias, scale, True, -1, -1)
+        return _fwd(q, k, v, bias, scale, True, -1, -1, dropout_p, rng_state)
 
     # Sq > Sk: query i sees j <= i = i + (Sk - Sq) + (Sq - Sk), i.e. a
     # bottom-right window reaching Sq - Sk keys to the right, unbounded left.
-    return _fwd(q, k, v, bias, scale, False, -1, seqlen_q - seqlen_k)
+    return _fwd(q, k, v, bias, scale, False, -1, seqlen_q - seqlen_k, dropout_p, rng_state)
 
 
 def _check_mask_dtype(mask: torch.Tensor, query: torch.Tensor) -> None:
@@ -122,7 +134,9 @@ def scaled_dot_product_attention(
     dtype of query), broadcastable to (..., Hq, L, S); a float mask that
     requires grad gets its gradient. `is_causal` is PyTorch's top-left causal
     mask (query i attends to keys j <= i) and excludes `attn_mask`. `scale`
-    defaults to 1/sqrt(E). Dropout is not implemented (dropout_p must be 0).
+    defaults to 1/sqrt(E). `dropout_p` in [0, 1) drops attention
+    probabilities in the kernels (flash-attn's semantics; the mask comes from
+    torch's generator of query's device, so torch.manual_seed reproduces it).
     Inside autocast, fp32 inputs are cast to the autocast dtype, as PyTorch
     does for its SDPA (the CUDA kernels take fp16/bf16 only).
 
@@ -132,8 +146,7 @@ def scaled_dot_product_attention(
     Differences from PyTorch: a head dim E of 0 and zero heads raise an error
     (the op's head dim is 1 to 256, and it needs at least one head).
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"{_NAME}: dropout_p > 0 is not supported (got dropout_p={dropout_p})")
+    dropout_p = dropout_value(dropout_p)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise RuntimeError(
             f"{_NAME}: expected query, key, and value to all be at least 2 dimensional, but got "
@@ -230,7 +243,8 @@ def scaled_dot_product_attention(
             bias = bias.reshape(batch, hq, seqlen_q, seqlen_k)  # view for <= 4-D inputs
 
     out = attention_bshd(
-        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), bias, float(scale), causal_top_left=is_causal
+        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), bias, float(scale), causal_top_left=is_causal,
+        dropout_p=dropout_p,
     )
     out = out.transpose(1, 2)  # (B, H, L, Ev), a view of the op's (B, L, H, Ev) output
     if max(query.dim(), key.dim(), value.dim()) == 2:

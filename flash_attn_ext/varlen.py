@@ -27,7 +27,7 @@ import torch
 
 from . import _ops
 from ._autocast import autocast_inputs
-from .interface import _check_unsupported, _sinks_argument, _softcap_value, _window_sides
+from .interface import _sinks_argument, _softcap_value, _window_sides, dropout_value
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]
 
@@ -126,7 +126,11 @@ def unpage(k_cache, v_cache, block_table, cu_seqlens_k, seqused_k=None):
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
-                      seqused_k=None, sinks=None):
+                      seqused_k=None, sinks=None, dropout_p=0.0):
+    dropout_p = dropout_value(dropout_p)
+    if return_attn_probs and dropout_p > 0:
+        raise NotImplementedError("flash_attn_ext: return_attn_probs=True with dropout_p > 0 (the dropout mask) is "
+                                  "not supported by the varlen functions; flash_attn_func returns it")
     window_left, window_right = _window_sides(window_size)
     softcap = _softcap_value(softcap)
     max_seqlen_q = _as_int(max_seqlen_q, "max_seqlen_q")
@@ -154,12 +158,15 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         softmax_scale = q.shape[-1] ** -0.5
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     q, k, v = autocast_inputs(q, k, v)
+    # One rng_state for the batch: the kernels' dropout counter holds the
+    # sequence index.
+    rng_state = _ops.draw_rng_state(q.device) if dropout_p > 0 else None
     out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                                           float(softmax_scale), bool(causal), window_left, window_right,
-                                          deterministic, softcap, alibi_slopes, sinks)
+                                          deterministic, softcap, alibi_slopes, sinks, dropout_p, rng_state)
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
-        # information with dropout, which is not supported, so it is None.
+        # information with dropout (None without, as flash-attn's).
         return out, softmax_lse, None
     return out
 
@@ -196,7 +203,8 @@ def flash_attn_varlen_func(
             cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (and likewise of k, v).
         max_seqlen_q, max_seqlen_k: ints, the longest sequence's lengths.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-        deterministic: as in flash_attn_func; causal masks and windows align
+        deterministic: as in flash_attn_func (dropout: one draw of torch's
+            generator for the batch); causal masks and windows align
             bottom-right within each sequence; alibi_slopes may be (batch, nheads).
         return_attn_probs: also return softmax_lse (nheads, total_q) fp32 and
             None in place of the dropout mask.
@@ -214,10 +222,9 @@ def flash_attn_varlen_func(
     get out 0 and lse +inf; a sequence without keys gives output 0 (lse
     +inf, or its sink).
     """
-    _check_unsupported(dropout_p)
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                              window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
-                             seqused_k, _sinks_argument(s_aux, learnable_sink))
+                             seqused_k, _sinks_argument(s_aux, learnable_sink), dropout_p)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -241,11 +248,10 @@ def flash_attn_varlen_qkvpacked_func(
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"flash_attn_ext: qkv must be (total, 3, nheads, headdim), got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
-    _check_unsupported(dropout_p)
     q, k, v = qkv.unbind(1)
     return _varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale, causal,
                              window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                             sinks=_sinks_argument(s_aux, learnable_sink))
+                             sinks=_sinks_argument(s_aux, learnable_sink), dropout_p=dropout_p)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -271,8 +277,7 @@ def flash_attn_varlen_kvpacked_func(
     if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
         raise ValueError(f"flash_attn_ext: kv must be (total_k, 2, nheads_k, headdim), got "
                          f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
-    _check_unsupported(dropout_p)
     k, v = kv.unbind(1)
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                              window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                             sinks=_sinks_argument(s_aux, learnable_sink))
+                             sinks=_sinks_argument(s_aux, learnable_sink), dropout_p=dropout_p)

@@ -79,18 +79,16 @@ def test_non_contiguous_last_dim(device):
         flash_attn_ext.flash_attn_func(q_t, k, v)
 
 
-@pytest.mark.parametrize(
-    "kwargs,name",
-    [({"dropout_p": 0.1}, "dropout_p")],
-)
-def test_unsupported_arguments_raise(kwargs, name):
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_bad_dropout_p_raises(bad):
+    # Every feature is implemented now; a dropout_p outside [0, 1) is named.
     q, k, v = qkv("cpu")
-    with pytest.raises(NotImplementedError, match=name):
-        flash_attn_ext.flash_attn_func(q, k, v, **kwargs)
-    with pytest.raises(NotImplementedError, match=name):
-        flash_attn_ext.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), **kwargs)
-    with pytest.raises(NotImplementedError, match=name):
-        flash_attn_ext.flash_attn_kvpacked_func(q, torch.stack([k, v], 2), **kwargs)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_ext.flash_attn_func(q, k, v, dropout_p=bad)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_ext.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), dropout_p=bad)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_ext.flash_attn_kvpacked_func(q, torch.stack([k, v], 2), dropout_p=bad)
 
 
 def test_bad_packing_and_window():

@@ -257,8 +257,8 @@ def test_mask_composes_with_causal(device, seqlens):
 def test_errors():
     q = torch.randn(2, 4, 8, 16)
     k2 = torch.randn(2, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        scaled_dot_product_attention(q, q, q, dropout_p=1.0)
     with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal=True"):
         scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
     with pytest.raises(RuntimeError, match="enable_gqa"):

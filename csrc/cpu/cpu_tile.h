@@ -267,4 +267,21 @@ void apply_score_rule(const Rule& rule, acc* s, acc* dsoftcap, int cols, int row
   }
 }
 
+// Dropout's factor of each key [col0, col0 + cols) of query `row`
+// (../dropout.h, the same mask as the CUDA kernels'): `scale` (1 / (1 - p),
+// in the accumulation type) where kept, 0 where dropped.
+template <typename acc>
+void dropout_factors(const flash::Dropout& dropout, acc* factor, int row, int col0, int cols, acc scale) {
+  dropout.for_row(row, col0, col0 + cols, [&](int col, bool kept) { factor[col - col0] = kept ? scale : acc(0); });
+}
+
+// The forward's dropout on one row of probabilities, after the softmax has
+// summed them: kept P / (1 - p), dropped 0. `factor` is scratch for a row.
+template <typename acc>
+void apply_dropout_row(const flash::Dropout& dropout, acc* row, acc* factor, int q, int col0, int cols, acc scale) {
+  dropout_factors(dropout, factor, q, col0, cols, scale);
+#pragma omp simd
+  for (int c = 0; c < cols; ++c) row[c] *= factor[c];
+}
+
 }  // namespace flash_attn_ext::cpu

@@ -62,6 +62,10 @@ void bwd_kernel(const FlashBwdParams& p) {
     std::vector<acc> p_t(kBlockM * kBlockN), ds_t(kBlockM * kBlockN);
     // Softcap's derivative factor per score of the tile (kMods only).
     std::vector<acc> dsoftcap_t(kMods ? kBlockM * kBlockN : 0);
+    // Dropout (kMods only): the factor per score (1 / (1 - p) kept, 0
+    // dropped) and P times it, dV's operand.
+    std::vector<acc> drop_t(kMods ? kBlockM * kBlockN : 0), pdrop_t(kMods ? kBlockM * kBlockN : 0);
+    const acc drop_scale = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / p.nheads_k, h_k = unit % p.nheads_k;
@@ -143,9 +147,28 @@ void bwd_kernel(const FlashBwdParams& p) {
               }
               exp_row(row, cols, static_cast<acc>(lse[row0 + r]), residual ? static_cast<acc>(residual[row0 + r]) : acc(0));
             }
+            // With dropout, Z = P ∘ factor: dV += Z^T dO, and dP ∘ factor in dS below.
+            const acc* dv_operand = prob;
+            bool dropout_on = false;
+            if constexpr (kMods) dropout_on = rule.unbiased.dropout.on;
+            if (dropout_on) {
+              for (int r = 0; r < rows; ++r) {
+                const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
+                dropout_factors(rule.unbiased.dropout, drop_t.data() + o_r, row0 + r, col0, cols, drop_scale);
+                for (int c = 0; c < cols; ++c) pdrop_t[o_r + c] = prob[o_r + c] * drop_t[o_r + c];
+              }
+              dv_operand = pdrop_t.data();
+            }
             // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - D)
-            tile_gemm_packed<true, true>(cols, D, rows, prob, kBlockN, dO_p.data() + off_p, panel_stride, dv_t.data(), D);
+            tile_gemm_packed<true, true>(cols, D, rows, dv_operand, kBlockN, dO_p.data() + off_p, panel_stride, dv_t.data(), D);
             tile_gemm_packed<false, false>(rows, cols, D, do_i, D, v_tt.data(), D * W, ds, kBlockN);
+            if (dropout_on) {
+              for (int r = 0; r < rows; ++r) {
+                const int64_t o_r = static_cast<int64_t>(r) * kBlockN;
+#pragma omp simd
+                for (int c = 0; c < cols; ++c) ds[o_r + c] *= drop_t[o_r + c];
+              }
+            }
             for (int r = 0; r < rows; ++r) {
               probs_grad_to_logits_grad(rule, prob + static_cast<int64_t>(r) * kBlockN,
                                         ds + static_cast<int64_t>(r) * kBlockN, cols, d_head[row0 + r]);
@@ -244,10 +267,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad,
-    double softcap, const std::optional<Tensor>& alibi_slopes) {
+    double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<Tensor>& rng_state) {
   return bwd_cpu_impl(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
-                      window_left, window_right, bias_requires_grad, ScoreFeatures{softcap, alibi_slopes, std::nullopt},
-                      nullptr);
+                      window_left, window_right, bias_requires_grad,
+                      ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cpu(
@@ -256,14 +280,15 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cpu(
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, double softcap,
-    const std::optional<Tensor>& alibi_slopes) {
+    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state) {
   const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
   check_varlen_inputs(q, k, v, layout);
   const VarlenViews views(dout, out, softmax_lse, lse_residual, dsoftmax_lse);
   auto [dq, dk, dv, dbias] =
       bwd_cpu_impl(views.dout, as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), views.out, views.lse,
                    views.lse_residual, views.dlse, std::nullopt, softmax_scale, causal, window_left, window_right,
-                   /*bias_requires_grad=*/false, ScoreFeatures{softcap, alibi_slopes, std::nullopt}, &layout);
+                   /*bias_requires_grad=*/false,
+                   ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, &layout);
   return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv)};
 }
 

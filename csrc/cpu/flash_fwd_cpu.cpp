@@ -74,6 +74,8 @@ void fwd_kernel(const FlashFwdParams& p) {
     HeadKV<scalar_t> kv;
     std::vector<acc> q_t(kBlockM * D), s_t(kBlockM * kBlockN), o_t(kBlockM * D);
     std::vector<acc> run_max(kBlockM), run_sum(kBlockM);
+    std::vector<acc> drop_factor(kMods ? kBlockN : 0);  // dropout's factors of a row (kMods)
+    const acc drop_scale = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
 
     for (int64_t unit = begin; unit < end; ++unit) {
       const int m_block = balanced_m_block(unit % num_m_blocks, num_m_blocks);
@@ -119,6 +121,12 @@ void fwd_kernel(const FlashFwdParams& p) {
           const acc correction = exp_approx(run_max[r] - ref);
           run_sum[r] = run_sum[r] * correction + exp_row_sum(row, cols, ref);
           run_max[r] = new_max;
+          // Dropout after the sum: softmax_lse does not see it.
+          if constexpr (kMods) {
+            if (rule.unbiased.dropout.on) {
+              apply_dropout_row(rule.unbiased.dropout, row, drop_factor.data(), row0 + r, col0, cols, drop_scale);
+            }
+          }
           if (correction != acc(1)) {
             acc* o = o_t.data() + static_cast<int64_t>(r) * D;
 #pragma omp simd
@@ -210,9 +218,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
                                            int64_t window_left, int64_t window_right,
                                            bool /*deterministic: used by the backward only*/, double softcap,
                                            const std::optional<Tensor>& alibi_slopes,
-                                           const std::optional<Tensor>& sinks) {
+                                           const std::optional<Tensor>& sinks, double dropout_p,
+                                           const std::optional<Tensor>& rng_state) {
   return fwd_cpu_impl(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right,
-                      ScoreFeatures{softcap, alibi_slopes, sinks}, nullptr);
+                      ScoreFeatures{softcap, alibi_slopes, sinks, dropout_p, rng_state}, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor> varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -222,12 +231,13 @@ std::tuple<Tensor, Tensor, Tensor> varlen_fwd_cpu(const Tensor& q, const Tensor&
                                                   int64_t window_left, int64_t window_right,
                                                   bool /*deterministic: used by the backward only*/, double softcap,
                                                   const std::optional<Tensor>& alibi_slopes,
-                                                  const std::optional<Tensor>& sinks) {
+                                                  const std::optional<Tensor>& sinks, double dropout_p,
+                                                  const std::optional<Tensor>& rng_state) {
   const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
   check_varlen_inputs(q, k, v, layout);
   auto [out, lse, residual] = fwd_cpu_impl(as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), std::nullopt,
                                            softmax_scale, causal, window_left, window_right,
-                                           ScoreFeatures{softcap, alibi_slopes, sinks}, &layout);
+                                           ScoreFeatures{softcap, alibi_slopes, sinks, dropout_p, rng_state}, &layout);
   return {drop_batch_dim(out), drop_batch_dim(lse), drop_batch_dim(residual)};
 }
 

@@ -109,6 +109,19 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
         }
       }
     } else {
+      // Dropout (kMods): which of this thread's scores are kept, one bit
+      // each (bit 4 j + e), for the marked P that ds_marked takes.
+      uint64_t kept_bits = ~uint64_t(0);
+      if constexpr (kMods) {
+        static_assert(kBlockN <= 128, "a bit per score of the thread's fragment");
+        if (rule.has_dropout()) {
+          kept_bits = 0;
+          for_each_dropout_keep<1, kBlockN / 8>(rule.dropout(), m0 + warp * 16, n0, lane,
+                                                [&](int, int j, int e, bool kept) {
+                                                  kept_bits |= uint64_t(kept) << (4 * j + e);
+                                                });
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -117,7 +130,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
           const int key = n0 + 8 * j + 2 * t + (e % 2);
           float dsoftcap;  // softcap's factor (kMods)
           const float prob = rule.prob(acc_s[j][e], row, key, lse_l2[e / 2], res[e / 2], need_mask, dsoftcap);
-          acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], dsoftcap);
+          if constexpr (kMods) {
+            const float marked = rule.dropout().mark(prob, (kept_bits >> (4 * j + e)) & 1);
+            acc_dp[j][e] = rule.ds_marked(marked, acc_dp[j][e], delta[e / 2], dsoftcap);
+          } else {
+            acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], dsoftcap);
+          }
         }
       }
     }

@@ -153,10 +153,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,
-    const std::optional<Tensor>& alibi_slopes) {
+    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state) {
   return bwd_cuda_impl(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
                        window_left, window_right, deterministic, bias_requires_grad,
-                       ScoreFeatures{softcap, alibi_slopes, std::nullopt}, nullptr);
+                       ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(
@@ -164,15 +164,16 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, bool deterministic, double softcap, const std::optional<Tensor>& alibi_slopes) {
+    int64_t window_right, bool deterministic, double softcap, const std::optional<Tensor>& alibi_slopes,
+    double dropout_p, const std::optional<Tensor>& rng_state) {
   const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
   check_varlen_inputs(q, k, v, layout);
   const VarlenViews views(dout, out, softmax_lse, lse_residual, dsoftmax_lse);
   auto [dq, dk, dv, dbias] =
       bwd_cuda_impl(views.dout, as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), views.out, views.lse,
                     views.lse_residual, views.dlse, std::nullopt, softmax_scale, causal, window_left, window_right,
-                    deterministic, /*bias_requires_grad=*/false, ScoreFeatures{softcap, alibi_slopes, std::nullopt},
-                    &layout);
+                    deterministic, /*bias_requires_grad=*/false,
+                    ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, &layout);
   return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv)};
 }
 

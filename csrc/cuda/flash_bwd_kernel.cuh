@@ -163,6 +163,14 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
 
     // S^T = K_j Q_i^T for this warp's 16 keys x kMPerWarp queries, then
     // P^T from the score rule and the saved statistics, 0 where masked.
+    // Dropout (kMods): the keep bits of this thread's scores, drawn while
+    // only dK / dV are live.
+    uint64_t keep_bits = 0;
+    if constexpr (kMods) {
+      if (rule.has_dropout()) {
+        keep_bits = rule.template dropout_keep_bits_t<T::kMPerWarp>(n0 + key_row0, m0 + q_col0, lane);
+      }
+    }
     float acc_s[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_s, sK + key_row0 * kLdD, sQ + q_col0 * kLdD, lane);
     // Per-column (query) log2-domain LSE and residual, loaded once per tile
@@ -199,8 +207,17 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       }
     }
     // dV_j += P^T dO_i straight from the accumulator fragments (they are the
-    // A operand) while P^T is the only tile alive besides dK/dV.
-    if constexpr (!T::kPInSmem) {
+    // A operand) while P^T is the only tile alive besides dK/dV. With
+    // dropout (kMods), dV takes the dropped P^T (kept / (1 - p), dropped 0).
+    if constexpr (kMods) {
+      float p_dv[T::kMPerWarp / 8][4];
+      rule.dv_operand(p_dv, acc_s, keep_bits);
+      if constexpr (!T::kPInSmem) {
+        warp_gemm_regA_b<T::kMPerWarp, T::kDPerWarp, kLdD, Element>(acc_dv, p_dv, sDo + d_col0, lane);
+      } else {
+        store_frag_smem<T::kMPerWarp, kLdM, Element>(sP + key_row0 * kLdM + q_col0, p_dv, lane);
+      }
+    } else if constexpr (!T::kPInSmem) {
       warp_gemm_regA_b<T::kMPerWarp, T::kDPerWarp, kLdD, Element>(acc_dv, acc_s, sDo + d_col0, lane);
     } else {
       store_frag_smem<T::kMPerWarp, kLdM, Element>(sP + key_row0 * kLdM + q_col0, acc_s, lane);
@@ -211,12 +228,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     float acc_dp[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_dp, sV + key_row0 * kLdD, sDo + q_col0 * kLdD,
                                                                lane);
-#pragma unroll
-    for (int j = 0; j < T::kMPerWarp / 8; ++j) {
-      const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.logit_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
-    }
+    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane, keep_bits);
     if (dbias != nullptr) {
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {

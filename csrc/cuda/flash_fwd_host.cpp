@@ -117,9 +117,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
                                             int64_t window_left, int64_t window_right,
                                             bool /*deterministic: the forward is deterministic either way*/,
                                             double softcap, const std::optional<Tensor>& alibi_slopes,
-                                            const std::optional<Tensor>& sinks) {
+                                            const std::optional<Tensor>& sinks, double dropout_p,
+                                            const std::optional<Tensor>& rng_state) {
   return fwd_cuda_impl(q, k, v, attn_bias, softmax_scale, causal, window_left, window_right,
-                       ScoreFeatures{softcap, alibi_slopes, sinks}, nullptr);
+                       ScoreFeatures{softcap, alibi_slopes, sinks, dropout_p, rng_state}, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor> varlen_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -129,12 +130,13 @@ std::tuple<Tensor, Tensor, Tensor> varlen_fwd_cuda(const Tensor& q, const Tensor
                                                    int64_t window_left, int64_t window_right,
                                                    bool /*deterministic: the forward is deterministic either way*/,
                                                    double softcap, const std::optional<Tensor>& alibi_slopes,
-                                                   const std::optional<Tensor>& sinks) {
+                                                   const std::optional<Tensor>& sinks, double dropout_p,
+                                                   const std::optional<Tensor>& rng_state) {
   const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
   check_varlen_inputs(q, k, v, layout);
   auto [out, lse, residual] = fwd_cuda_impl(as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), std::nullopt,
                                             softmax_scale, causal, window_left, window_right,
-                                            ScoreFeatures{softcap, alibi_slopes, sinks}, &layout);
+                                            ScoreFeatures{softcap, alibi_slopes, sinks, dropout_p, rng_state}, &layout);
   return {drop_batch_dim(out), drop_batch_dim(lse), drop_batch_dim(residual)};
 }
 

@@ -215,7 +215,7 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[Traits::kMT][Traits::kDT]
 
 // Scores of key block [col0, col0 + kBlockN) to probabilities: the score
 // rule (bias; the mask only where the tile is not fully visible), then the
-// online softmax update.
+// online softmax update, then dropout (kMods calls that ask for it).
 template <typename Traits, typename Rule>
 __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kNT][4],
                                               float (&acc_o)[Traits::kMT][Traits::kDT][4],
@@ -224,6 +224,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kN
   const float exp_scale = rule.exp_scale();
   apply_score_rule<Traits::kBlockM, Traits::kBlockN>(s, rule, row0, warp_row0, col0, lane);
   softmax.template update<Traits::kCheckRescale>(s, acc_o, exp_scale);
+  apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
 }
 
 }  // namespace fwd

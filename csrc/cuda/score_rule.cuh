@@ -72,6 +72,75 @@ __device__ __forceinline__ void apply_score_rule(float (&s)[kMT][kNT][4], const 
   }
 }
 
+// Dropout (../dropout.h) on accumulator fragments. One Philox draw covers
+// the eight scores a thread holds of a 16 x 16 tile; these walk the draws
+// of a thread's fragment and call fn with each score's index and whether it
+// is kept. Queries as rows (the forwards, the deterministic dQ kernel):
+// s[kMT][kNT][4] with the warp's first row `row0` and the tile's first
+// column `col0` (multiples of 16); fn(mi, nj, e, kept).
+template <int kMT, int kNT, typename Fn>
+__device__ __forceinline__ void for_each_dropout_keep(const Dropout& dropout, int row0, int col0, int lane, Fn&& fn) {
+  static_assert(kNT % 2 == 0, "whole 16-column tiles");
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      uint32_t w[4];
+      dropout.draw(((static_cast<uint32_t>(col0 >> 4) + kk) << 2) | t,
+                   ((static_cast<uint32_t>(row0 >> 4) + mi) << 3) | g, w);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int jk = 0; jk < 2; ++jk)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) fn(mi, 2 * kk + jk, 2 * hr + e, dropout.kept(w[2 * hr + jk], e != 0));
+    }
+  }
+}
+
+// Keys as rows (the dK/dV backwards, S^T): acc[kN / 8][4] holds keys
+// key_row0 + g (+ 8) and queries q_col0 + 8 j + 2 t (+ 1), both firsts
+// multiples of 16. A thread's scores of a 16 x 16 tile come from two draws
+// (its two query columns), of which it uses half each: the lane with the
+// other key parity uses the other half. fn(j, e, kept).
+template <int kN, typename Fn>
+__device__ __forceinline__ void for_each_dropout_keep_t(const Dropout& dropout, int key_row0, int q_col0, int lane,
+                                                        Fn&& fn) {
+  static_assert(kN % 16 == 0, "whole 16-query tiles");
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t key_group = (static_cast<uint32_t>(key_row0 >> 4) << 2) | static_cast<uint32_t>(g >> 1);
+  const bool odd_key = (g & 1) != 0;
+#pragma unroll
+  for (int jj = 0; jj < kN / 16; ++jj) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      uint32_t w[4];
+      dropout.draw(key_group, ((static_cast<uint32_t>(q_col0 >> 4) + jj) << 3) | static_cast<uint32_t>(2 * t + x), w);
+#pragma unroll
+      for (int jq = 0; jq < 2; ++jq)
+#pragma unroll
+        for (int jk = 0; jk < 2; ++jk) fn(2 * jj + jq, 2 * jk + x, dropout.kept(w[2 * jq + jk], odd_key));
+    }
+  }
+}
+
+// The forward's dropout, after the online softmax has taken the tile's
+// probabilities into its row sums (softmax_lse does not see dropout): a kept
+// P becomes P / (1 - p), a dropped one 0, before O += P V. A no-op unless
+// the rule has kMods and the call asks for dropout (a uniform branch).
+template <typename Rule, int kMT, int kNT>
+__device__ __forceinline__ void apply_dropout(float (&s)[kMT][kNT][4], const Rule& rule, int row0, int col0, int lane) {
+  if constexpr (Rule::kMods) {
+    if (rule.dropout.on) {
+      const float scale = rule.dropout.scale;
+      for_each_dropout_keep<kMT, kNT>(rule.dropout, row0, col0, lane, [&](int mi, int nj, int e, bool kept) {
+        s[mi][nj][e] = kept ? s[mi][nj][e] * scale : 0.f;
+      });
+    }
+  }
+}
+
 // The backward's P for the raw score s of (row, col), whose bias is `bias`,
 // from the saved row statistics, before the mask: exp2((logit - lse_log2) -
 // residual). Subtracting the two parts one after the other keeps a row whose
@@ -124,6 +193,75 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>
   }
   // Whether the tile at hand can take prob_unbiased_visible.
   __device__ __forceinline__ bool fast_tile(bool need_mask) const { return !kMods && !need_mask && !this->has_bias; }
+
+  // Dropout (kMods only; ../dropout.h) of this (batch, head).
+  __device__ __forceinline__ const Dropout& dropout() const { return this->unbiased.dropout; }
+  __device__ __forceinline__ bool has_dropout() const {
+    if constexpr (kMods) {
+      return dropout().on;
+    } else {
+      return false;
+    }
+  }
+  // Which scores of this thread's P^T fragment (keys as rows, kN / 8
+  // n-tiles, see for_each_dropout_keep_t) dropout keeps: bit 4 j + e. One
+  // register pair instead of a mark on every score, so that the kernels can
+  // draw it where few registers are live (under the S^T / dP^T products)
+  // and the Philox temporaries do not meet P^T, dP^T and softcap's factors.
+  // Only when has_dropout().
+  template <int kN>
+  __device__ __forceinline__ uint64_t dropout_keep_bits_t(int key_row0, int q_col0, int lane) const {
+    static_assert(kN / 8 * 4 <= 64, "a bit per score of the fragment");
+    uint64_t bits = 0;
+    for_each_dropout_keep_t<kN>(dropout(), key_row0, q_col0, lane,
+                                [&](int j, int e, bool kept) { bits |= uint64_t(kept) << (4 * j + e); });
+    return bits;
+  }
+  __device__ __forceinline__ static bool kept(uint64_t keep_bits, int j, int e) { return (keep_bits >> (4 * j + e)) & 1; }
+  // The operand of dV += P^T dO: P, or with dropout P / (1 - p) where kept
+  // and 0 where dropped.
+  template <int kN>
+  __device__ __forceinline__ void dv_operand(float (&dst)[kN][4], const float (&src)[kN][4], uint64_t keep_bits) const {
+    const bool on = has_dropout();
+    const float scale = on ? dropout().scale : 1.f;
+#pragma unroll
+    for (int j = 0; j < kN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[j][e] = !on || kept(keep_bits, j, e) ? src[j][e] * scale : 0.f;
+  }
+  // dP^T fragments to the logit's gradient in place, with D of query column
+  // c at delta_cols[c] (the fragment's first query column is 0 there):
+  // logit_grad, with dropout of dP ∘ keep / (1 - p) (the loss sees P only
+  // through the dropped P).
+  template <int kN>
+  __device__ __forceinline__ void logit_grads_t(float (&dp)[kN][4], const float (&prob)[kN][4],
+                                                const float* delta_cols, int lane, uint64_t keep_bits = 0) const {
+    const int t = lane & 3;
+    if (has_dropout()) {
+      const float scale = dropout().scale;
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const float2 d = *reinterpret_cast<const float2*>(delta_cols + 8 * j + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float dprob = kept(keep_bits, j, e) ? dp[j][e] * scale : 0.f;
+          dp[j][e] = logit_grad(prob[j][e], dprob, e % 2 == 0 ? d.x : d.y);
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      const float2 d = *reinterpret_cast<const float2*>(delta_cols + 8 * j + 2 * t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = logit_grad(prob[j][e], dp[j][e], e % 2 == 0 ? d.x : d.y);
+    }
+  }
+  // ds() of a marked P (the deterministic dQ kernel, kMods only): correct
+  // with dropout off too, where the mark is P itself.
+  __device__ __forceinline__ float ds_marked(float x, float dprob, float row_d, float dsoftcap) const {
+    return finish_ds(Base::unbiased_type::score_grad_dropout(x, dprob, row_d, dropout().keep_prob), dsoftcap);
+  }
 
   // dS of a score from its P, dP, the row's D and the factor prob() gave:
   // the rule's score_grad. `logit_grad` receives the gradient before

@@ -195,6 +195,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_commit();
     wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
+    // Dropout (kMods): the keep bits of this thread's scores, drawn under the two products.
+    uint64_t keep_bits = 0;
+    if constexpr (kMods) {
+      if (rule.has_dropout()) keep_bits = rule.template dropout_keep_bits_t<kSN>(n0 + key_row0, m0 + q_col0, lane);
+    }
 
     // P^T from the score rule and the saved statistics while dP^T is still running.
     wgmma_wait<1>();
@@ -226,16 +231,17 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       }
     }
     uint32_t p_frag[kSN / 16][4];
-    pack_a_frags<Element>(p_frag, acc_s);
+    if constexpr (kMods) {  // dV takes the dropped P^T (kept / (1 - p), dropped 0)
+      float p_dv[kSN / 8][4];
+      rule.dv_operand(p_dv, acc_s, keep_bits);
+      pack_a_frags<Element>(p_frag, p_dv);
+    } else {
+      pack_a_frags<Element>(p_frag, acc_s);
+    }
 
     wgmma_wait<0>();
     fence_regs(acc_dp);
-#pragma unroll
-    for (int j = 0; j < kSN / 8; ++j) {
-      const float2 d = *reinterpret_cast<const float2*>(sDelta + q_col0 + 8 * j + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.logit_grad(acc_s[j][e], acc_dp[j][e], e % 2 == 0 ? d.x : d.y);
-    }
+    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane, keep_bits);
     if (dbias != nullptr) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {

@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   };
 
   // Scores of key block nb to probabilities (P in place): the score rule,
-  // then the softmax statistics, returning the factors O must be rescaled by.
+  // then the softmax statistics, returning the factors O must be rescaled by,
+  // then dropout (kMods calls that ask for it; under the P V wgmma too).
   const CudaScoreRule<Element, kHasBias, kMods> rule(p, geo, b, h);
   OnlineSoftmax<1> softmax;
   softmax.init();
@@ -135,6 +136,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
     const int col0 = nb * kBlockN;
     apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
     softmax.update_stats(s, factor, rule.exp_scale());
+    apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
   };
 
   // Prologue: Q and the first K, then V of the first block and K of the second.
