@@ -310,3 +310,41 @@ def test_varlen_gradcheck_fp64():
         return flash_attn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 5, causal=True, s_aux=sink)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_dropout(device):
+    """Dropout through the varlen op: the same seed gives the same bits, the
+    keep rate is 1 - p, and each sequence's rows are a convex mix of its own
+    values only (dropped entries leave the rest unscaled by other sequences)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lens = [40, 0, 130]
+    cu = cu_of(lens, device)
+    q = torch.randn(sum(lens), 4, 64, device=device, dtype=dtype)
+    k = torch.randn_like(q)
+    v = torch.ones_like(q)  # out = sum of kept probabilities / (1 - p): mean 1
+    torch.manual_seed(7)
+    a = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 130, 130, dropout_p=0.25)
+    torch.manual_seed(7)
+    b = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 130, 130, dropout_p=0.25)
+    assert torch.equal(a, b)
+    c = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 130, 130, dropout_p=0.25)
+    assert not torch.equal(a, c)
+    mean = a.float().mean().item()
+    assert abs(mean - 1.0) < 0.05, f"mean of dropped-and-rescaled weights {mean}, expected 1"
+
+
+def test_varlen_dropout_gradcheck_fp64():
+    """Forward and backward regenerate one mask: gradcheck with a fixed rng_state."""
+    lens_q, lens_k = [3, 0, 4], [2, 3, 5]
+    q = torch.randn(sum(lens_q), 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(lens_k), 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lens_k), 1, 8, dtype=torch.float64, requires_grad=True)
+    cu_q, cu_k = cu_of(lens_q, "cpu"), cu_of(lens_k, "cpu")
+    rng = torch.tensor([1234, 5], dtype=torch.int64)
+
+    def f(q, k, v):
+        return torch.ops.flash_attn_ext.varlen_fwd(q, k, v, cu_q, cu_k, None, 4, 5, 0.3, True, -1, -1, False, 0.0,
+                                                   None, None, 0.4, rng)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
