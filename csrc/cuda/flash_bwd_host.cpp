@@ -31,23 +31,31 @@ Tensor pad_or_align(const Tensor& t, int64_t padded_dim) {
   return contiguous_copy(t);  // fresh allocations are 16-byte aligned
 }
 
+// Calls fn.template operator()<Element, kHeadDim>() for the call's dtype and
+// padded head dim.
 template <typename Fn>
-void dispatch_bwd(ScalarType dtype, int padded_dim, bool causal, Fn&& fn) {
+void dispatch_bwd(ScalarType dtype, int padded_dim, Fn&& fn) {
   dispatch_dtype(dtype, [&](auto elem) {
     using Element = decltype(elem);
-    dispatch_head_dim(padded_dim, [&](auto hdim) {
-      constexpr int kHeadDim = decltype(hdim)::value;
-      dispatch_bool(causal, [&](auto is_causal) { fn.template operator()<Element, kHeadDim, decltype(is_causal)::value>(); });
-    });
+    dispatch_head_dim(padded_dim, [&](auto hdim) { fn.template operator()<Element, decltype(hdim)::value>(); });
   });
 }
 
-struct Launch {
+// The two phases of the backward (flash_launch.h).
+struct Phase1 {
   const FlashBwdParams& params;
   cudaStream_t stream;
-  template <typename Element, int kHeadDim, bool kIsCausal>
+  template <typename Element, int kHeadDim>
   void operator()() const {
-    run_flash_bwd<Element, kHeadDim, kIsCausal>(params, stream);
+    run_flash_bwd<Element, kHeadDim>(params, stream);
+  }
+};
+struct Phase2 {
+  const FlashBwdParams& params;
+  cudaStream_t stream;
+  template <typename Element, int kHeadDim>
+  void operator()() const {
+    run_flash_bwd_convert_dq<Element, kHeadDim>(params, stream);
   }
 };
 
@@ -122,8 +130,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
   }
   params.softmax_d = static_cast<float*>(softmax_d->data_ptr());
 
-  const Launch launch{params, cuda.stream()};
-  dispatch_bwd(dtype, padded, params.is_causal, launch);  // phase 1 (deterministic: all of it)
+  dispatch_bwd(dtype, padded, Phase1{params, cuda.stream()});  // deterministic: all of it
 
   if (!deterministic) {
     softmax_d.reset();  // give its memory back before dq exists
@@ -132,7 +139,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
     params.dq = dq->data_ptr();
     params.dq_batch_stride = varlen ? 0 : dq->stride(0);
     params.dq_row_stride = dq->stride(1), params.dq_head_stride = dq->stride(2);
-    dispatch_bwd(dtype, padded, params.is_causal, launch);  // phase 2: dq = scale * dq_accum
+    dispatch_bwd(dtype, padded, Phase2{params, cuda.stream()});  // dq = scale * dq_accum
     dq_accum.reset();
   }
 

@@ -1,14 +1,12 @@
-// run_flash_bwd: tile choice per head dim, kernel variants (kMods for calls
-// with softcap or ALiBi, score_rule.cuh; bias and masks are run-time) and
-// the launch sequence of the backward. The host (flash_bwd_host.cpp) calls
-// it in two phases so that the fp32 scratch is freed before dq is allocated:
-//   phase 1 (params.softmax_d set):  preprocess (D, zeroed dq_accum) and the
-//            dK/dV kernel; deterministic: also the dQ kernel (needs params.dq)
-//   phase 2 (params.softmax_d null, params.dq set, not deterministic):
-//            postprocess dq = scale * dq_accum
-// A call with both set runs both phases.
+// The backward's launch sequence per head dim and dtype: tile choice, kernel
+// variants (kMods for calls with softcap, ALiBi or dropout, score_rule.cuh;
+// bias and masks are run-time) and the two phases the host
+// (flash_bwd_host.cpp) calls explicitly, so that the fp32 scratch is freed
+// before dq is allocated (flash_launch.h):
+//   run_flash_bwd:            preprocess (D, zeroed dq_accum), the dK/dV
+//                             kernel, and deterministic: the dQ kernel
+//   run_flash_bwd_convert_dq: postprocess dq = scale * dq_accum
 #pragma once
-
 
 #include "cuda_check.h"
 #include "device_props.cuh"
@@ -122,14 +120,15 @@ inline FlashBwdParams all_rows(const FlashBwdParams& params) {
 
 }  // namespace flash
 
-template <typename Element, int kHeadDim, bool kIsCausal>
+// Phase 1 (flash_launch.h). Causal and windowed masks are handled at run
+// time through MaskGeometry (per tile: fully visible tiles skip the element
+// mask).
+template <typename Element, int kHeadDim>
 void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
-  // Causal and windowed masks are handled at run time through MaskGeometry
-  // (per-tile: fully visible tiles skip the element mask), so kIsCausal only
-  // selects the instantiation.
-  (void)kIsCausal;
+  FLASH_CHECK(params.softmax_d != nullptr && (params.deterministic ? params.dq != nullptr : params.dq_accum != nullptr),
+              "flash_attn_ext: the backward's first phase needs softmax_d and ", params.deterministic ? "dq" : "dq_accum");
   const FlashBwdParams row_params = flash::all_rows(params);
-  if (params.softmax_d != nullptr) {
+  {
     const int64_t rows = int64_t(row_params.batch) * row_params.seqlen_q * params.nheads;
     if (!params.deterministic) {
       FLASH_CUDA_CHECK(cudaMemsetAsync(params.dq_accum, 0, rows * kHeadDim * sizeof(float), stream));
@@ -156,7 +155,6 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     }
 
     if (params.deterministic) {
-      FLASH_CHECK(params.dq != nullptr, "flash_attn_ext: deterministic backward needs dq allocated");
       flash::BwdDqConfigs<Element, kHeadDim>::launch(budget, [&](auto tag) {
         using TQ = typename decltype(tag)::type;
         const int64_t num_m_blocks = (params.seqlen_q + TQ::kBlockM - 1) / TQ::kBlockM;
@@ -169,7 +167,15 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
       });
     }
   }
-  if (params.dq != nullptr && !params.deterministic) {
+}
+
+// Phase 2 (flash_launch.h): dq = softmax_scale * dq_accum.
+template <typename Element, int kHeadDim>
+void run_flash_bwd_convert_dq(const FlashBwdParams& params, cudaStream_t stream) {
+  FLASH_CHECK(params.dq != nullptr && params.dq_accum != nullptr && !params.deterministic,
+              "flash_attn_ext: the backward's second phase needs dq and dq_accum (non-deterministic backward only)");
+  const FlashBwdParams row_params = flash::all_rows(params);
+  {
     const int64_t chunks = int64_t(row_params.batch) * row_params.seqlen_q * params.nheads * (kHeadDim / 8);
     constexpr int kThreads = 256;
     flash::flash_bwd_postprocess_kernel<Element, kHeadDim>

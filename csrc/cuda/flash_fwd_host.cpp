@@ -99,10 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda_impl(const Tensor& q_in, const Tenso
     using Element = decltype(element);
     dispatch_head_dim(padded, [&](auto hdim) {
       constexpr int kHeadDim = decltype(hdim)::value;
-      dispatch_bool(params.is_causal, [&](auto is_causal) {
-        constexpr bool kIsCausal = decltype(is_causal)::value;
-        run_flash_fwd<Element, kHeadDim, kIsCausal>(params, stream);
-      });
+      run_flash_fwd<Element, kHeadDim>(params, stream);
     });
   });
 

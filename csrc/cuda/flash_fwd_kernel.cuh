@@ -89,21 +89,10 @@ struct FwdTraits {
 
 namespace fwd {
 
-// Shared-memory addressed (32-bit) variants of the primitives, so that all
-// per-lane offsets are computed once and the unrolled loops add immediates.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void cp_async_16(uint32_t saddr, const void* gmem, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(pred ? 16 : 0));
-}
+// The shared-memory addressed (32-bit) primitives (primitives.cuh).
+using flash::cp_async_16;
+using flash::ldsm_x4;
+using flash::ldsm_x4_t;
 
 // Copies `kRows` rows of kHeadDim elements (row pitch `row_stride` elements in
 // global memory) into shared memory at `saddr`; rows >= rows_valid are

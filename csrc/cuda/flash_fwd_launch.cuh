@@ -134,10 +134,10 @@ void launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
 
 }  // namespace flash
 
-template <typename Element, int kHeadDim, bool kIsCausal>
+template <typename Element, int kHeadDim>
 void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
-  // kIsCausal only selects the instantiation: masking (causal, sliding
-  // window, ragged ends) is described at run time by MaskGeometry.
+  // Masking (causal, sliding window, ragged ends) is described at run time
+  // by MaskGeometry.
   using Traits = typename flash::FwdConfig<Element, kHeadDim>::Traits;
   const int budget = flash::smem_budget();
   if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
