@@ -86,4 +86,13 @@ void launch_first_fitting(const char* kernel_name, int head_dim, int budget, Lau
               std::to_string(budget), " (cudaDevAttrMaxSharedMemoryPerBlockOptin, or FLASH_ATTN_EXT_SMEM_BUDGET_KB)");
 }
 
+// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB a kernel
+// must opt in).
+template <typename Kernel>
+inline void set_smem_limit(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) {
+    FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
+
 }  // namespace flash

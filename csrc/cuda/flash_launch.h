@@ -1,8 +1,9 @@
-// Declarations of the kernel launchers. Each (direction, head dim, dtype)
-// combination is explicitly instantiated in its own translation unit
-// under instantiations/ (written by tools/generate_kernels.py), so the
-// host-side code in this folder never sees kernel code and builds stay
-// parallel.
+// The kernel launchers: each family's entry points, declared here and
+// explicitly instantiated per (direction, head dim, dtype, architecture) in
+// their own translation units under instantiations/ (written by
+// tools/generate_kernels.py), so that the host code never sees kernel code
+// and builds stay parallel; and run_flash_fwd / run_flash_bwd, which pick
+// the family for a call.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,24 +11,63 @@
 #include <cuda_runtime.h>
 
 #include "../flash_params.h"
+#include "hopper/sm90_dispatch.cuh"
 
 // Element is __half or __nv_bfloat16. kHeadDim is the padded head dim the
-// kernel is compiled for (params.headdim <= kHeadDim; the host pads inputs so
-// that params.headdim == kHeadDim). The launcher picks tile sizes, handles the
-// runtime variants (bias, causal and sliding-window masks, the score
-// features) and launches on `stream`. Masks are described at run time
-// (MaskGeometry), so causal and non-causal calls share one instantiation.
-template <typename Element, int kHeadDim>
-void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream);
+// kernels are compiled for (params.headdim <= kHeadDim; the host pads inputs
+// so that params.headdim == kHeadDim). Each launcher picks tile sizes,
+// selects the compiled variant (bias; kMods: softcap, ALiBi, dropout) and
+// launches on `stream`; masks are run-time geometry (MaskGeometry), so
+// causal and non-causal calls share every instantiation.
 
-// The backward in its two phases (flash_bwd_host.cpp says how the memory is
-// planned around them):
-//  1. run_flash_bwd: D = rowsum(dO * O) - dlse into params.softmax_d, then
-//     dK and dV, and dQ: accumulated in fp32 into params.dq_accum (zeroed
-//     here), or, deterministic, written to params.dq by the dQ kernel.
-//  2. run_flash_bwd_convert_dq (non-deterministic only): params.dq =
-//     softmax_scale * params.dq_accum in the input dtype.
+// sm80 (mma.sync) kernels, sm80/launch.cuh: every GPU from sm80 on.
 template <typename Element, int kHeadDim>
-void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream);
+void run_flash_fwd_sm80(const FlashFwdParams& params, cudaStream_t stream);
+template <typename Element, int kHeadDim>
+void run_flash_bwd_dkdv_sm80(const FlashBwdParams& params, cudaStream_t stream);
+template <typename Element, int kHeadDim>
+void run_flash_bwd_dq_sm80(const FlashBwdParams& params, cudaStream_t stream);  // deterministic dQ
+
+// Hopper (wgmma) kernels, hopper/launch.cuh, for the head dims of
+// sm90::kHasFwd / kHasBwd: false, with nothing launched, where the sm80
+// kernels must run instead (not an sm90 device, switched off, or over the
+// shared-memory budget).
+template <typename Element, int kHeadDim>
+bool run_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream);
+template <typename Element, int kHeadDim>
+bool run_flash_bwd_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream);
+
+// The backward's row-wise kernels, the same everywhere (flash_bwd_launch.cuh):
+// D = rowsum(dO * O) - dlse into params.softmax_d (and the zeroed fp32 dq
+// accumulator), and dq = softmax_scale * dq_accum.
+template <typename Element, int kHeadDim>
+void run_flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
 void run_flash_bwd_convert_dq(const FlashBwdParams& params, cudaStream_t stream);
+
+// The forward: the Hopper kernel where it runs, else the sm80 one.
+template <typename Element, int kHeadDim>
+void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
+  if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
+    if (run_flash_fwd_sm90<Element, kHeadDim>(params, stream)) return;
+  }
+  run_flash_fwd_sm80<Element, kHeadDim>(params, stream);
+}
+
+// The backward in its two phases (flash_bwd_host.cpp plans the memory
+// around them):
+//  1. run_flash_bwd: D (preprocess), then dK and dV, and dQ: accumulated in
+//     fp32 into params.dq_accum, or, deterministic, written to params.dq by
+//     the dQ kernel;
+//  2. run_flash_bwd_convert_dq (non-deterministic only): params.dq from
+//     params.dq_accum.
+template <typename Element, int kHeadDim>
+void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
+  FLASH_CHECK(params.softmax_d != nullptr && (params.deterministic ? params.dq != nullptr : params.dq_accum != nullptr),
+              "flash_attn_ext: the backward's first phase needs softmax_d and ", params.deterministic ? "dq" : "dq_accum");
+  run_flash_bwd_preprocess<Element, kHeadDim>(params, stream);
+  bool launched = false;
+  if constexpr (flash::sm90::kHasBwd<kHeadDim>) launched = run_flash_bwd_dkdv_sm90<Element, kHeadDim>(params, stream);
+  if (!launched) run_flash_bwd_dkdv_sm80<Element, kHeadDim>(params, stream);
+  if (params.deterministic) run_flash_bwd_dq_sm80<Element, kHeadDim>(params, stream);
+}

@@ -1,5 +1,5 @@
 // FlashAttention backward on Hopper warpgroup MMAs (sm_90a), head dims 64,
-// 128 and 256. Same algorithm and grid as flash_bwd_kernel.cuh -- one thread block per
+// 128 and 256. Same algorithm and grid as sm80/flash_bwd_kernel.cuh -- one thread block per
 // (key block, head, batch) keeps K_j, V_j in shared memory and dK_j, dV_j in
 // registers and walks the query blocks i that can see key block j:
 //     S^T  = K_j Q_i^T          P^T  = exp(scale * S^T + bias - lse)

@@ -10,7 +10,7 @@
 // product is still on the tensor cores; only the rescale of O by the new row
 // maxima waits for it (OnlineSoftmax::update_stats / rescale). K and V are
 // double-buffered with cp.async, one barrier per key block.
-// Score features as in the mma.sync forward (flash_fwd_kernel.cuh): kHasBias
+// Score features as in the mma.sync forward (sm80/flash_fwd_kernel.cuh): kHasBias
 // and kMods (softcap, ALiBi) are template variants of the score rule, an
 // attention sink joins the row sums in the epilogue (OnlineSoftmax::add_sink).
 #pragma once
