@@ -249,8 +249,10 @@ def test_deactivation_restores_pytorch_kernels():
     q = torch.randn(6, 2, 16)
     cu = torch.tensor([0, 6], dtype=torch.int32)
     torch_flash.activate()
-    torch.ops.aten._flash_attention_forward(q, q, q, cu, cu, 6, 6, 0.0, False, False)  # ours: runs on the CPU
-    torch_flash.deactivate()
+    try:
+        torch.ops.aten._flash_attention_forward(q, q, q, cu, cu, 6, 6, 0.0, False, False)  # ours: runs on the CPU
+    finally:
+        torch_flash.deactivate()
     torch_flash.counts.clear()
     with pytest.raises(NotImplementedError, match="Could not run"):  # PyTorch has no CPU kernel
         torch.ops.aten._flash_attention_forward(q, q, q, cu, cu, 6, 6, 0.0, False, False)
