@@ -194,6 +194,39 @@ def test_varlen_attn(active, device, dtype, window):
                                 window=window)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(active, device):
+    # inductor calls the aten ops as extern kernels and asserts the strides
+    # their meta functions give: our results must be laid out as PyTorch's.
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    skip_unless_built(device, dtype)
+    headdim = 64 if device == "cuda" else 16
+
+    def sdpa(q):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)
+
+    def varlen(x):
+        return varlen_attn(x, x, x, cu, cu, 6, 6, window_size=(-1, 0))
+
+    torch._dynamo.reset()
+    for fn, x in ((sdpa, random_bhsd(1, 2, 9, headdim, dtype, device)),
+                  (varlen, torch.randn(9, 2, headdim, device=device).to(dtype).requires_grad_())):
+        out = torch.compile(fn, backend="inductor", fullgraph=True)(x)
+        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        expected = fn(x)
+        (expected_grad,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    assert not any(name.endswith(":declined") for name in active), dict(active)
+    fwd_op = "_scaled_dot_product_flash_attention_for_cpu" if device == "cpu" else "_scaled_dot_product_flash_attention"
+    assert active[fwd_op] == 2 and active["_flash_attention_forward"] == 2, dict(active)
+
+
 # ---------------------------------------------------------------------------
 # Dropout: our [seed, offset] from forward to backward
 

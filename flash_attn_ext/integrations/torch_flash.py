@@ -228,8 +228,11 @@ def _check_dtype(query: torch.Tensor) -> None:
 
 
 def _like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """value in reference's memory layout (PyTorch's meta functions give the
-    CPU SDPA op's results empty_like(query) layouts)."""
+    """value in reference's memory layout: PyTorch's meta functions give most
+    of these ops' results empty_like(input) layouts, and torch.compile
+    (inductor) asserts the strides it was told. A copy only where they differ
+    (inputs that are transposed (B, S, H, D) tensors, as models make them,
+    need none)."""
     if value.shape != reference.shape or value.stride() == reference.stride():
         return value
     return torch.empty_like(reference).copy_(value)
@@ -283,7 +286,7 @@ def _flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max
                                    return_debug_mask, scale, window_size_left, window_size_right, seqused_k,
                                    alibi_slopes, block_table, num_splits)
     rng_state, unused = _rng_outputs(rng, query.device)
-    return out, lse, rng_state, unused, query.new_empty(0)
+    return _like(query, out), lse, rng_state, unused, query.new_empty(0)
 
 
 def _flash_attention_forward_no_dropout_inplace(out, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
@@ -315,12 +318,13 @@ def _flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_
         dq, dk, dv, _ = _run(_ops.bwd, dout, q, k, v, o, lse, no_residual, None, None, scale, bool(is_causal),
                              window_left, window_right, deterministic, False, 0.0, None, dropout_p, rng,
                              may_decline=may_decline)
-        return dq, dk, dv
-    if cum_seq_k is None:
-        raise _Decline("cum_seq_k=None in the backward")
-    return _run(_ops.varlen_bwd, dout, q, k, v, o, lse, no_residual, None, cum_seq_q, cum_seq_k, None, int(max_q),
-                int(max_k), scale, bool(is_causal), window_left, window_right, deterministic, 0.0, None, dropout_p, rng,
-                may_decline=may_decline)
+    else:
+        if cum_seq_k is None:
+            raise _Decline("cum_seq_k=None in the backward")
+        dq, dk, dv = _run(_ops.varlen_bwd, dout, q, k, v, o, lse, no_residual, None, cum_seq_q, cum_seq_k, None,
+                          int(max_q), int(max_k), scale, bool(is_causal), window_left, window_right, deterministic,
+                          0.0, None, dropout_p, rng, may_decline=may_decline)
+    return _like(query, dq), _like(key, dk), _like(value, dv)
 
 
 def _flash_attention_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
@@ -349,7 +353,7 @@ def _scaled_dot_product_flash_attention(query, key, value, dropout_p=0.0, is_cau
     out, lse, rng = _flash_forward(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None,
                                    query.size(2), key.size(2), dropout_p, is_causal, return_debug_mask, scale)
     rng_state, unused = _rng_outputs(rng, query.device)
-    return (out.transpose(1, 2), lse, None, None, query.size(2), key.size(2), rng_state, unused,
+    return (_like(query, out.transpose(1, 2)), lse, None, None, query.size(2), key.size(2), rng_state, unused,
             query.new_empty(0))
 
 
@@ -427,7 +431,8 @@ def _scaled_dot_product_flash_attention_for_cpu_backward(grad_out, query, key, v
     if k.size(1) != seqlen_k:  # keys past Sq - 1 take no part: zero gradient
         dk = torch.cat([dk, dk.new_zeros(dk.size(0), seqlen_k - k.size(1), *dk.shape[2:])], dim=1)
         dv = torch.cat([dv, dv.new_zeros(dv.size(0), seqlen_k - v.size(1), *dv.shape[2:])], dim=1)
-    return _like(query, dq.transpose(1, 2)), _like(key, dk.transpose(1, 2)), _like(value, dv.transpose(1, 2))
+    # The meta function's layout: (B, S, H, D) in memory, which bwd's results are.
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------
