@@ -16,6 +16,10 @@ Entry points:
       context parallelism: ring / all-gather attention over torch.distributed.
   flash_attn_ext.flash_attn_interface (imported on its own)
       flash-attn 2.8's low-level _flash_attn_forward / _flash_attn_backward.
+  flash_attn_ext.integrations.torch_flash
+      registered (not activated) on import as "flash_attn_ext" in PyTorch's
+      flash-attention registry: torch.nn.attention.activate_flash_attention_impl
+      ("flash_attn_ext") makes SDPA's FLASH backend and varlen_attn run our kernels.
 The ops themselves are torch.ops.flash_attn_ext.fwd / bwd, varlen_fwd / varlen_bwd and fwd_kvcache.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)
@@ -24,6 +28,9 @@ from .kvcache import flash_attn_with_kvcache
 from .mha import MultiheadAttention, replace_attention
 from .sdpa import scaled_dot_product_attention
 from .varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
+from .integrations import torch_flash as _torch_flash
+
+_torch_flash.register()  # registration only: activating is the user's choice
 
 __version__ = "0.2.0"  # pyproject.toml says the same (tests/test_packaging.py)
 
