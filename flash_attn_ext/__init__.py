@@ -16,6 +16,8 @@ Entry points:
       context parallelism: ring / all-gather attention over torch.distributed.
   flash_attn_ext.flash_attn_interface (imported on its own)
       flash-attn 2.8's low-level _flash_attn_forward / _flash_attn_backward.
+  flash_attn_ext.integrations.transformers (imported on its own)
+      Hugging Face transformers: attn_implementation="faext" (needs transformers).
 The ops themselves are torch.ops.flash_attn_ext.fwd / bwd, varlen_fwd / varlen_bwd and fwd_kvcache.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)

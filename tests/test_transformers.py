@@ -346,3 +346,13 @@ def test_unsupported_features_raise():
     overlay = or_masks(causal_mask_function, lambda b, h, q_idx, kv_idx: kv_idx < 2)
     with pytest.raises(NotImplementedError, match="or_mask"):
         fx.attention_mask(batch_size=1, q_length=4, kv_length=4, mask_function=overlay)
+
+
+def test_readme_example():
+    """The README's transformers example, as written there."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Hugging Face transformers", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md (Hugging Face transformers)", "exec"), {})
