@@ -264,12 +264,28 @@ def _as_kernel_dtype(module, q, k, v):
         f"dtype=torch.bfloat16 (or float16), or run it under torch.autocast")
 
 
+# The last position_ids looked at and what they gave: every layer of a
+# forward gets the same tensor, so the device is read once per forward.
+_last_positions = (None, -1, 0, None)
+
+
 def _sequences_of_positions(position_ids, batch, length):
     """int32 (batch, length) packed-sequence ids from position_ids when they
     restart somewhere (a position other than the previous one plus 1 starts a
-    sequence), else None. Reads the device (one synchronisation)."""
+    sequence), else None. Reads the device (one synchronisation per new
+    position_ids tensor)."""
+    global _last_positions
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != length:
         return None
+    seen, version, seen_batch, ids = _last_positions
+    if seen is position_ids and version == position_ids._version and seen_batch == batch:
+        return ids
+    ids = _packed_positions(position_ids, batch)
+    _last_positions = (position_ids, position_ids._version, batch, ids)
+    return ids
+
+
+def _packed_positions(position_ids, batch):
     if position_ids.shape[0] != batch:
         if position_ids.shape[0] != 1:
             return None
