@@ -20,6 +20,8 @@ Entry points:
       registered (not activated) on import as "flash_attn_ext" in PyTorch's
       flash-attention registry: torch.nn.attention.activate_flash_attention_impl
       ("flash_attn_ext") makes SDPA's FLASH backend and varlen_attn run our kernels.
+  flash_attn_ext.integrations.transformers (imported on its own)
+      Hugging Face transformers: attn_implementation="faext" (needs transformers).
 The ops themselves are torch.ops.flash_attn_ext.fwd / bwd, varlen_fwd / varlen_bwd and fwd_kvcache.
 """
 from . import _ops  # noqa: F401  (registers fake and autograd implementations)

@@ -3,4 +3,9 @@
   flash_attn_ext.integrations.torch_flash
       PyTorch's flash-attention registry (torch.nn.attention): the kernels
       behind SDPA's FLASH backend and varlen_attn.
+Each adapter is its own module and imports its library only when imported
+itself, so this package adds no dependency:
+  flash_attn_ext.integrations.transformers
+      Hugging Face transformers' AttentionInterface / AttentionMaskInterface
+      (`attn_implementation="faext"`); needs `pip install flash_attn_ext[transformers]`.
 """
