@@ -24,7 +24,7 @@ What is measured, and how:
     forward at seqlen 512 went from 0.16 s to 4.5 s: the timing would lie.)
   * Accuracy: a result passes when its max abs error against a float64 (or
     float32) reference is at most twice PyTorch's own error in the same dtype
-    plus a small slack (see `passes_2x_rule`).
+    plus a small slack (`passes_2x_rule`, through reference.two_x_rule).
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .reference import two_x_rule
 
 # ----------------------------------------------------------------------------
 # FLOPs
@@ -389,13 +391,6 @@ def cpu_measure(impl: str, batch: int, seqlen: int, nheads: int, headdim: int, d
 # References and the accuracy rule
 
 
-def slack_for(dtype: torch.dtype, ref: torch.Tensor) -> float:
-    """The small absolute slack of the 2x rule: 1e-5 of the reference's scale (at least 1e-5),
-    as in tests/conftest.py, so the main job and the tests judge alike."""
-    scale = float(ref.detach().abs().max()) if ref.numel() else 1.0
-    return 1e-5 * max(1.0, scale)
-
-
 def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if x.numel() == 0:
         return 0.0
@@ -403,12 +398,11 @@ def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def passes_2x_rule(ours: torch.Tensor, torch_same_dtype: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype):
-    """(passed, our error, PyTorch's error, bound): ours must be within 2x PyTorch's own error + slack."""
-    err_ours = max_abs_err(ours, ref)
-    err_torch = max_abs_err(torch_same_dtype, ref)
-    bound = 2 * err_torch + slack_for(dtype, ref)
-    ok = math.isfinite(err_ours) and err_ours <= bound
-    return ok, err_ours, err_torch, bound
+    """(passed, our error, PyTorch's error, bound): the project's rule
+    (flash_attn_ext.reference.two_x_rule, the one the tests use), ours within
+    2x PyTorch's own error + slack. dtype: kept for the callers, unused."""
+    verdict = two_x_rule(ours.detach(), ref.detach(), torch_same_dtype.detach())
+    return verdict.ok, verdict.err, verdict.torch_err, verdict.bound
 
 
 # ----------------------------------------------------------------------------

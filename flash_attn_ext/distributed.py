@@ -158,6 +158,21 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return out, lse.masked_fill_(lse == -math.inf, math.inf)
 
 
+def _block_rounding_slack(dtype: torch.dtype, world_size: int) -> float:
+    """The extra slack of the 2x rule (reference.two_x_rule, relative to the
+    reference's scale) for a context-parallel result in `dtype` over
+    `world_size` ranks, beside flash_attn_func's: every op call returns its
+    partial out / dq / dk / dv rounded to the dtype before the fp32 merge or
+    sum, so a rank's result carries one rounding (eps / 2) per contributing
+    block, up to 2 * world_size pieces, where flash_attn_func's carries one.
+    0 for fp32 / fp64, whose partials are not rounded below the merge's
+    precision. Shared by tests/test_distributed.py and
+    benchmarks/bench_context_parallel.py."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 0.0
+    return 2 * world_size * torch.finfo(dtype).eps / 2
+
+
 # ---------------------------------------------------------------------------
 # Planning: which op calls a (query pieces, key pieces) pair needs.
 
