@@ -221,7 +221,11 @@ def test_torch_compile(active, device):
         expected = fn(x)
         (expected_grad,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+        # The CUDA backward accumulates dq with fp32 atomics (not
+        # deterministic): its last bits may differ between any two runs,
+        # compiled or not; the CPU backward is deterministic.
+        exact = dict(rtol=0, atol=0) if device == "cpu" else {}
+        torch.testing.assert_close(grad, expected_grad, **exact)
     assert not any(name.endswith(":declined") for name in active), dict(active)
     fwd_op = "_scaled_dot_product_flash_attention_for_cpu" if device == "cpu" else "_scaled_dot_product_flash_attention"
     assert active[fwd_op] == 2 and active["_flash_attention_forward"] == 2, dict(active)

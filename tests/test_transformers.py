@@ -210,7 +210,7 @@ def test_chunk_over_cache(kind, padding, device, calls):
         m.set_attn_implementation(impl)
         with torch.no_grad():
             first = m(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
-            return m(input_ids=ids[:, 8:], attention_mask=mask, cache=first.past_key_values,
+            return m(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=first.past_key_values,
                      use_cache=True).logits
 
     ours = second_chunk(model, "faext")
