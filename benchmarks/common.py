@@ -8,12 +8,19 @@ path set-up, plotting).
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
 
-# Run from a checkout without installing: put the repository root first on the path.
+# Run from a checkout: put the repository root first on the path when its
+# package is built there (an in-place or editable build, which is what a
+# benchmark of this checkout means) or when no flash_attn_ext is installed
+# at all; a checkout without its libraries beside an installed wheel (CI's
+# wheel step) uses the wheel.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
+_BUILT_HERE = bool(glob.glob(os.path.join(_ROOT, "flash_attn_ext", "_C*.so")))
+if _ROOT not in sys.path and (_BUILT_HERE or importlib.util.find_spec("flash_attn_ext") is None):
     sys.path.insert(0, _ROOT)
 
 from flash_attn_ext.reference import attention_ref  # noqa: E402,F401  (the shared reference)
