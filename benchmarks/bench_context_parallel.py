@@ -65,6 +65,7 @@ times are forward + backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -308,6 +309,24 @@ def torch_cp_unsupported(run):
     return None
 
 
+@contextlib.contextmanager
+def load_balance(enabled):
+    """PyTorch's context parallelism balances causal work by zigzag sharding
+    and refuses non-causal attention while that is on ("Load balancing
+    requires is_causal=True"): on for causal runs, off for the others."""
+    try:
+        from torch.distributed.tensor.experimental._attention import _cp_options
+    except ImportError:  # a torch whose option lives elsewhere: its default
+        yield
+        return
+    saved = _cp_options.enable_load_balance
+    _cp_options.enable_load_balance = enabled
+    try:
+        yield
+    finally:
+        _cp_options.enable_load_balance = saved
+
+
 class TorchCP:
     """F.scaled_dot_product_attention under context_parallel on a 1-D mesh of
     the whole (default) process group."""
@@ -333,7 +352,7 @@ class TorchCP:
     def time(self, q, k, v, dout, causal, reps, warmup):
         """q, k, v, dout: full (B, S, H, D) tensors (every rank the same shapes)."""
         bufs = list(self._bhsd(q, k, v)) + [dout.transpose(1, 2).contiguous()]
-        with self.context(bufs):
+        with load_balance(causal), self.context(bufs):
             leaves = [b.detach().requires_grad_() for b in bufs[:3]]
             fwd, bwd = grad_closures(self.sdpa(causal), leaves, bufs[3])
             return time_steps(self.run, fwd, bwd, reps, warmup)
@@ -344,7 +363,7 @@ class TorchCP:
         from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
         bufs = list(self._bhsd(q, k, v)) + [dout.transpose(1, 2).contiguous()]
-        with self.context(bufs):
+        with load_balance(causal), self.context(bufs):
             leaves = [b.detach().requires_grad_() for b in bufs[:3]]
             out = self.sdpa(causal)(*leaves)
             grads = torch.autograd.grad(out, leaves, bufs[3])
