@@ -128,9 +128,6 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
                       seqused_k=None, sinks=None, dropout_p=0.0):
     dropout_p = dropout_value(dropout_p)
-    if return_attn_probs and dropout_p > 0:
-        raise NotImplementedError("flash_attn_ext: return_attn_probs=True with dropout_p > 0 (the dropout mask) is "
-                                  "not supported by the varlen functions; flash_attn_func returns it")
     window_left, window_right = _window_sides(window_size)
     softcap = _softcap_value(softcap)
     max_seqlen_q = _as_int(max_seqlen_q, "max_seqlen_q")
@@ -167,8 +164,45 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
         # information with dropout (None without, as flash-attn's).
-        return out, softmax_lse, None
+        s_dmask = None
+        if dropout_p > 0:
+            s_dmask = _varlen_dropout_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                            max_seqlen_k, float(softmax_scale), bool(causal),
+                                            (window_left, window_right), softcap, alibi_slopes, sinks, dropout_p,
+                                            rng_state)
+        return out, softmax_lse, s_dmask
     return out
+
+
+def _varlen_dropout_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                          causal, window, softcap, alibi_slopes, sinks, dropout_p, rng_state):
+    """flash-attn's S_dmask of a varlen call: (batch, nheads, max_seqlen_q,
+    max_seqlen_k) in q's dtype, sequence b's probabilities in the top-left
+    corner of its slice (0 elsewhere), negative where the call dropped them:
+    the kernels' keep-mask of sequence b is that of batch index b
+    (csrc/dropout.h). Materialises every sequence's scores and reads the
+    lengths on the host: for testing small cases, as flash-attn means it."""
+    from .reference import attention_ref
+
+    batch, nheads = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    keep = _ops.dropout_mask(rng_state, batch, nheads, max_seqlen_q, max_seqlen_k, dropout_p)
+    s_dmask = q.new_zeros((batch, nheads, max_seqlen_q, max_seqlen_k))
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    with torch.no_grad():
+        for b in range(batch):
+            lq = min(cu_q[b + 1] - cu_q[b], max_seqlen_q)
+            lk = min(cu_k[b + 1] - cu_k[b], max_seqlen_k, used[b] if used is not None else max_seqlen_k)
+            if lq <= 0 or lk <= 0:
+                continue
+            slopes = alibi_slopes[b:b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+            _, _, probs = attention_ref(q[None, cu_q[b]:cu_q[b] + lq], k[None, cu_k[b]:cu_k[b] + lk],
+                                        v[None, cu_k[b]:cu_k[b] + lk], causal=causal, window=window,
+                                        softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=slopes,
+                                        sinks=sinks, return_probs=True)
+            probs = probs[0].to(q.dtype)
+            s_dmask[b, :, :lq, :lk] = torch.where(keep[b, :, :lq, :lk], probs, -probs)
+    return s_dmask
 
 
 def flash_attn_varlen_func(
@@ -207,7 +241,9 @@ def flash_attn_varlen_func(
             generator for the batch); causal masks and windows align
             bottom-right within each sequence; alibi_slopes may be (batch, nheads).
         return_attn_probs: also return softmax_lse (nheads, total_q) fp32 and
-            None in place of the dropout mask.
+            flash-attn's S_dmask: None without dropout; with dropout the
+            probabilities (batch, nheads, max_seqlen_q, max_seqlen_k), negative
+            where dropped (materialised: for testing small cases).
         block_table: int32 (batch, max_blocks_per_seq): paged k/v, sequence b's
             keys being the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
             its pages. The pages are gathered into a contiguous copy first (the

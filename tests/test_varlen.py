@@ -348,3 +348,31 @@ def test_varlen_dropout_gradcheck_fp64():
                                                    None, None, 0.4, rng)[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_dropout_probs(device):
+    """return_attn_probs with dropout gives flash-attn's S_dmask per sequence
+    (batch, nheads, max_seqlen_q, max_seqlen_k), and the output equals the
+    reference that applies exactly that mask, sequence by sequence."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float64
+    lens_q, lens_k = [5, 0, 33], [9, 4, 40]
+    cu_q, cu_k = cu_of(lens_q, device), cu_of(lens_k, device)
+    q = torch.randn(sum(lens_q), 4, 32, device=device).to(dtype)
+    k = torch.randn(sum(lens_k), 2, 32, device=device).to(dtype)
+    v = torch.randn(sum(lens_k), 2, 32, device=device).to(dtype)
+    p = 0.3
+    out, lse, s_dmask = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 40, dropout_p=p, causal=True,
+                                                              return_attn_probs=True)
+    assert s_dmask.shape == (3, 4, 33, 40)
+    dropped = (s_dmask < 0).sum().item()
+    assert dropped > 0, "no entry dropped at p = 0.3"
+    q0 = k0 = 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        if lq:
+            ref, _ = attention_ref(q[None, q0:q0 + lq], k[None, k0:k0 + lk], v[None, k0:k0 + lk], True,
+                                   dropout_mask=s_dmask[b:b + 1, :, :lq, :lk], dropout_p=p)
+            tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(out[q0:q0 + lq].double(), ref[0].double(), **tol)
+        assert not s_dmask[b, :, lq:].any() and not s_dmask[b, :, :, lk:].any(), "outside the sequence: 0"
+        q0, k0 = q0 + lq, k0 + lk
