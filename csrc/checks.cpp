@@ -53,6 +53,26 @@ void check_per_head(const Tensor& t, const char* name, const Tensor& q, bool per
               " must have a contiguous last dimension (stride 1), got stride ", num(t.stride(-1)));
 }
 
+// The scale must be finite, and representable in fp32 unless the inputs
+// are fp64 (every other path computes in fp32, where it would become inf).
+void check_softmax_scale(double softmax_scale, ScalarType dtype) {
+  FLASH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
+  FLASH_CHECK(dtype == ScalarType::Double || std::abs(softmax_scale) <= std::numeric_limits<float>::max(),
+              "flash_attn_ext: softmax_scale = ", num(softmax_scale), " overflows float32, the precision ", dtype_name(dtype),
+              " inputs are computed in");
+}
+
+// An int32 vector of `length` on q's device, contiguous.
+void check_int_vector(const Tensor& t, const char* name, int64_t length, const char* what, const Tensor& q) {
+  FLASH_CHECK(t.scalar_type() == ScalarType::Int, "flash_attn_ext: ", name, " must be int32, got ",
+              dtype_name(t.scalar_type()));
+  FLASH_CHECK(same_device(t, q), "flash_attn_ext: ", name, " must be on the device of q (", device_name(q), "), got ",
+              device_name(t));
+  FLASH_CHECK(t.dim() == 1 && (length < 0 || t.size(0) == length), "flash_attn_ext: ", name, " must be 1-D ", what,
+              length >= 0 ? " = (" + num(length) + ",)" : std::string(), ", got ", shape(t.sizes()));
+  FLASH_CHECK(t.is_contiguous(), "flash_attn_ext: ", name, " must be contiguous");
+}
+
 void check_score_features(const Tensor& q, const ScoreFeatures& f, int64_t batch) {
   FLASH_CHECK(std::isfinite(f.softcap) && f.softcap >= 0 && f.softcap <= std::numeric_limits<float>::max(),
               "flash_attn_ext: softcap must be a finite number >= 0 (0 = off), got ", num(f.softcap));
@@ -96,12 +116,7 @@ void check_fwd_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
               num(headdim));
   FLASH_CHECK(nheads >= 1, "flash_attn_ext: nheads must be at least 1, got ", num(nheads));
   check_sizes_fit(batch, seqlen_q, seqlen_k, nheads);
-  // The scale must be finite, and representable in fp32 unless the inputs
-  // are fp64 (every other path computes in fp32, where it would become inf).
-  FLASH_CHECK(std::isfinite(softmax_scale), "flash_attn_ext: softmax_scale must be finite, got ", num(softmax_scale));
-  FLASH_CHECK(dtype == ScalarType::Double || std::abs(softmax_scale) <= std::numeric_limits<float>::max(),
-              "flash_attn_ext: softmax_scale = ", num(softmax_scale), " overflows float32, the precision ", dtype_name(dtype),
-              " inputs are computed in");
+  check_softmax_scale(softmax_scale, dtype);
   FLASH_CHECK(k.size(0) == batch && v.size(0) == batch, "flash_attn_ext: batch size mismatch: q has ", num(batch),
               ", k has ", num(k.size(0)), ", v has ", num(v.size(0)));
   FLASH_CHECK(v.size(1) == seqlen_k, "flash_attn_ext: k and v must have the same seqlen, got ", num(seqlen_k),
@@ -267,17 +282,6 @@ void set_bwd_params(FlashBwdParams& p, const Tensor& dout, const Tensor& q, cons
 
 namespace {
 
-// An int32 vector of `length` on q's device, contiguous.
-void check_int_vector(const Tensor& t, const char* name, int64_t length, const char* what, const Tensor& q) {
-  FLASH_CHECK(t.scalar_type() == ScalarType::Int, "flash_attn_ext: ", name, " must be int32, got ",
-              dtype_name(t.scalar_type()));
-  FLASH_CHECK(same_device(t, q), "flash_attn_ext: ", name, " must be on the device of q (", device_name(q), "), got ",
-              device_name(t));
-  FLASH_CHECK(t.dim() == 1 && (length < 0 || t.size(0) == length), "flash_attn_ext: ", name, " must be 1-D ", what,
-              length >= 0 ? " = (" + num(length) + ",)" : std::string(), ", got ", shape(t.sizes()));
-  FLASH_CHECK(t.is_contiguous(), "flash_attn_ext: ", name, " must be contiguous");
-}
-
 // The values of cumulative lengths that are on the CPU: they start at >= 0,
 // never decrease, end within `total`, and no step exceeds `max_len`.
 void check_cu_seqlens_values(const Tensor& cu, const char* name, int64_t total, int64_t max_len,
@@ -373,6 +377,147 @@ VarlenViews::VarlenViews(const Tensor& dout_, const Tensor& out_, const Tensor& 
       lse(lse_view(softmax_lse, "softmax_lse")),
       lse_residual(lse_residual_.numel() == 0 ? lse_residual_ : lse_view(lse_residual_, "lse_residual")) {
   if (dsoftmax_lse.has_value()) dlse = lse_view(*dsoftmax_lse, "dsoftmax_lse");
+}
+
+void check_kvcache_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
+                          const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
+                          const std::optional<Tensor>& block_table, double softmax_scale, double softcap,
+                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks,
+                          int64_t num_splits) {
+  FLASH_CHECK(q.dim() == 4, "flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got ", num(q.dim()),
+              "-D");
+  FLASH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
+              "flash_attn_ext: k_cache and v_cache must be 4-D (batch_cache, seqlen_cache, nheads_k, headdim), or "
+              "(num_blocks, page_size, nheads_k, headdim) with a block_table; got ",
+              num(k_cache.dim()), "-D and ", num(v_cache.dim()), "-D");
+  const auto dtype = q.scalar_type();
+  FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16 || dtype == ScalarType::Float ||
+                  dtype == ScalarType::Double,
+              "flash_attn_ext: unsupported dtype ", dtype_name(dtype),
+              "; expected float16, bfloat16, float32 or float64");
+  FLASH_CHECK(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "flash_attn_ext: q, k_cache and v_cache must have the same dtype, got ", dtype_name(dtype), ", ",
+              dtype_name(k_cache.scalar_type()), " and ", dtype_name(v_cache.scalar_type()));
+  FLASH_CHECK(same_device(k_cache, q) && same_device(v_cache, q),
+              "flash_attn_ext: q, k_cache and v_cache must be on the same device, got ", device_name(q), ", ",
+              device_name(k_cache), " and ", device_name(v_cache));
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), headdim = q.size(3);
+  const int64_t nheads_k = k_cache.size(2);
+  FLASH_CHECK(headdim >= 1 && headdim <= 256, "flash_attn_ext: head dim must be between 1 and 256, got ",
+              num(headdim));
+  FLASH_CHECK(nheads >= 1, "flash_attn_ext: nheads must be at least 1, got ", num(nheads));
+  FLASH_CHECK(same_shape(k_cache.sizes(), v_cache.sizes()), "flash_attn_ext: k_cache and v_cache must have one shape, got ",
+              shape(k_cache.sizes()), " and ", shape(v_cache.sizes()));
+  FLASH_CHECK(k_cache.size(3) == headdim, "flash_attn_ext: q and k_cache must have the same head dim, got ",
+              num(headdim), " and ", num(k_cache.size(3)));
+  FLASH_CHECK(nheads_k >= 1 && nheads % nheads_k == 0, "flash_attn_ext: nheads (", num(nheads),
+              ") must be divisible by the cache's nheads_k (", num(nheads_k), ")");
+  FLASH_CHECK(seqlen_q <= kMaxSeqlen, "flash_attn_ext: seqlen_q = ", num(seqlen_q),
+              " is longer than the supported maximum of ", num(kMaxSeqlen), " (2**30 - 1)");
+  FLASH_CHECK(batch * nheads <= kMaxInt, "flash_attn_ext: batch * nheads = ", num(batch),
+              " * ", num(nheads), " exceeds 2**31 - 1");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k_cache, "k_cache");
+  check_last_dim_contiguous(v_cache, "v_cache");
+
+  // The kernels index these as contiguous int32 vectors.
+  check_int_vector(cache_seqlens, "cache_seqlens", batch, "(batch,)", q);
+  if (cache_batch_idx.has_value()) check_int_vector(*cache_batch_idx, "cache_batch_idx", batch, "(batch,)", q);
+  if (cache_leftpad.has_value()) check_int_vector(*cache_leftpad, "cache_leftpad", batch, "(batch,)", q);
+  if (block_table.has_value()) {
+    const Tensor& bt = *block_table;
+    FLASH_CHECK(bt.scalar_type() == ScalarType::Int, "flash_attn_ext: block_table must be int32, got ",
+                dtype_name(bt.scalar_type()));
+    FLASH_CHECK(same_device(bt, q), "flash_attn_ext: block_table must be on the device of q (", device_name(q),
+                "), got ", device_name(bt));
+    FLASH_CHECK(bt.dim() == 2 && bt.size(0) == batch,
+                "flash_attn_ext: block_table must be (batch, max_blocks_per_seq) with batch = ", num(batch), ", got ",
+                shape(bt.sizes()));
+    FLASH_CHECK(bt.numel() == 0 || bt.size(1) <= 1 || bt.stride(1) == 1,
+                "flash_attn_ext: block_table must have a contiguous last dimension (stride 1)");
+    FLASH_CHECK(!cache_batch_idx.has_value(),
+                "flash_attn_ext: cache_batch_idx cannot be combined with a block_table (the block table already "
+                "says where each sequence's keys are)");
+    FLASH_CHECK(k_cache.size(1) >= 1, "flash_attn_ext: a paged k_cache needs a page size >= 1, got shape ",
+                shape(k_cache.sizes()));
+    FLASH_CHECK(bt.size(1) == 0 || k_cache.size(0) >= 1, "flash_attn_ext: a paged k_cache needs at least one block");
+    FLASH_CHECK(bt.size(1) * k_cache.size(1) <= kMaxSeqlen, "flash_attn_ext: max_blocks_per_seq * page_size = ",
+                num(bt.size(1)), " * ", num(k_cache.size(1)), " exceeds the supported maximum of ",
+                num(kMaxSeqlen), " keys per sequence");
+  } else {
+    FLASH_CHECK(cache_batch_idx.has_value() || k_cache.size(0) >= batch, "flash_attn_ext: k_cache has ",
+                num(k_cache.size(0)), " batch rows, fewer than q's batch of ", num(batch),
+                " (pass cache_batch_idx to pick rows)");
+    FLASH_CHECK(!cache_batch_idx.has_value() || batch == 0 || k_cache.size(0) >= 1,
+                "flash_attn_ext: cache_batch_idx needs a k_cache with at least one batch row");
+    FLASH_CHECK(k_cache.size(1) <= kMaxSeqlen, "flash_attn_ext: seqlen_cache = ", num(k_cache.size(1)),
+                " is longer than the supported maximum of ", num(kMaxSeqlen), " (2**30 - 1)");
+  }
+  FLASH_CHECK(k_cache.size(0) <= kMaxInt, "flash_attn_ext: k_cache.size(0) = ",
+              num(k_cache.size(0)), " exceeds 2**31 - 1");
+
+  check_softmax_scale(softmax_scale, dtype);
+  check_score_features(q, ScoreFeatures{softcap, alibi_slopes, sinks}, batch);
+  FLASH_CHECK(num_splits >= 0 && num_splits <= 1024, "flash_attn_ext: num_splits must be between 0 (automatic) and ",
+              "1024, got ", num(num_splits));
+}
+
+namespace {
+
+// A window side as the kernels take it: -1 (unbounded) or a width up to
+// 2**30, so that the mask's sums (row + L - seqlen_q +- side) stay in int.
+int kvcache_window_side(int64_t side) {
+  if (side < 0) return -1;
+  return static_cast<int>(side < kMaxSeqlen ? side : kMaxSeqlen);
+}
+
+}  // namespace
+
+// Fills everything but out, softmax_lse and the split scratch. q, k_cache and
+// v_cache are the tensors the kernels read (the CUDA host may pass padded
+// or aligned copies of them).
+void set_kvcache_params(FlashKvcacheParams& p, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& cache_seqlens, const std::optional<Tensor>& cache_batch_idx,
+                        const std::optional<Tensor>& cache_leftpad, const std::optional<Tensor>& block_table,
+                        double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+                        const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks) {
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k_cache.stride(0), p.k_row_stride = k_cache.stride(1), p.k_head_stride = k_cache.stride(2);
+  p.v_batch_stride = v_cache.stride(0), p.v_row_stride = v_cache.stride(1), p.v_head_stride = v_cache.stride(2);
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen_q = static_cast<int>(q.size(1));
+  p.nheads = static_cast<int>(q.size(2));
+  p.nheads_k = static_cast<int>(k_cache.size(2));
+  p.headdim = static_cast<int>(q.size(3));
+  p.softmax_scale = softmax_scale;
+  p.softmax_scale_f = static_cast<float>(softmax_scale);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.window_left = kvcache_window_side(window_left);
+  p.window_right = causal ? 0 : kvcache_window_side(window_right);
+  p.is_causal = p.window_left < 0 && p.window_right == 0;
+  p.softcap = static_cast<float>(softcap);
+  if (alibi_slopes.has_value()) {
+    p.alibi_slopes = static_cast<const float*>(alibi_slopes->data_ptr());
+    p.alibi_batch_stride = alibi_slopes->dim() == 2 ? alibi_slopes->stride(0) : 0;
+  }
+  if (sinks.has_value()) p.sinks = static_cast<const float*>(sinks->data_ptr());
+  p.cache_seqlens = static_cast<const int*>(cache_seqlens.data_ptr());
+  p.cache_batch_idx = cache_batch_idx.has_value() ? static_cast<const int*>(cache_batch_idx->data_ptr()) : nullptr;
+  p.cache_leftpad = cache_leftpad.has_value() ? static_cast<const int*>(cache_leftpad->data_ptr()) : nullptr;
+  p.cache_rows = static_cast<int>(k_cache.size(0));
+  if (block_table.has_value()) {
+    p.block_table = static_cast<const int*>(block_table->data_ptr());
+    p.block_table_batch_stride = block_table->stride(0);
+    p.page_size = static_cast<int>(k_cache.size(1));
+    p.max_blocks = static_cast<int>(block_table->size(1));
+    p.capacity = p.max_blocks * p.page_size;
+  } else {
+    p.capacity = static_cast<int>(k_cache.size(1));
+  }
+  p.seqlen_k = p.capacity;  // the longest a sequence can be; kernels use each one's own
 }
 
 Tensor lse_without_keys(const Tensor& q, const std::optional<Tensor>& sinks) {

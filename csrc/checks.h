@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "flash_params.h"
+#include "kvcache.h"
 #include "tensor.h"
 
 namespace flash_attn_ext {
@@ -90,6 +91,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_on_one_head_dim(const Tensor& dou
                                 resize_last_dim(k, common), resize_last_dim(v, common), resize_last_dim(out, common));
   return {resize_last_dim(dq, q.size(-1)), resize_last_dim(dk, k.size(-1)), resize_last_dim(dv, v.size(-1)), dbias};
 }
+
+// fwd_kvcache (csrc/kvcache.h): everything about its arguments that shapes,
+// dtypes and devices tell, raising a RuntimeError that names the argument;
+// and the filling of its parameter struct (all but out, softmax_lse and the
+// split scratch) from the tensors the kernels read.
+void check_kvcache_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
+                          const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
+                          const std::optional<Tensor>& block_table, double softmax_scale, double softcap,
+                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks,
+                          int64_t num_splits);
+void set_kvcache_params(FlashKvcacheParams& p, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& cache_seqlens, const std::optional<Tensor>& cache_batch_idx,
+                        const std::optional<Tensor>& cache_leftpad, const std::optional<Tensor>& block_table,
+                        double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+                        const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks);
 
 // softmax_lse (batch, nheads, seqlen_q) of a call without keys (seqlen_k =
 // 0), where every row's softmax has only the head's sink: the sink, or +inf

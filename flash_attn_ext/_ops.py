@@ -70,6 +70,25 @@ def _load_cuda_kernels() -> bool:
 
 HAS_CUDA_KERNELS = _load_cuda_kernels()
 
+DEBUG_CHECKS_ENV = "FLASH_ATTN_EXT_DEBUG_CHECKS"
+
+
+def debug_checks_enabled() -> bool:
+    """Whether FLASH_ATTN_EXT_DEBUG_CHECKS asks for the value checks that cost
+    a device synchronisation (cumulative lengths, cache lengths, block ids):
+    any value but unset, "", "0", "false", "no" or "off"."""
+    import os
+
+    return os.environ.get(DEBUG_CHECKS_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def is_tracing() -> bool:
+    """torch.compile tracing or a CUDA graph capture: no value may be read
+    back to the host then (the debug checks are skipped)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
 fwd = torch.ops.flash_attn_ext.fwd.default
 bwd = torch.ops.flash_attn_ext.bwd.default
 

@@ -20,7 +20,6 @@ synchronisation per call, and is skipped while torch.compile traces).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -29,17 +28,6 @@ from . import _ops
 from .interface import _sinks_argument, _softcap_value, _window_sides
 
 __all__ = ["flash_attn_with_kvcache"]
-
-
-def _debug_checks_enabled() -> bool:
-    return os.environ.get("FLASH_ATTN_EXT_DEBUG_CHECKS", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _is_tracing() -> bool:
-    """torch.compile tracing or a CUDA graph capture: no value may be read back then."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_index(t, name, batch, device):
@@ -53,7 +41,7 @@ def _check_index(t, name, batch, device):
         raise RuntimeError(f"flash_attn_ext: {name} must be (batch,) = ({batch},), got {tuple(t.shape)}")
     if t.device != device:
         raise RuntimeError(f"flash_attn_ext: {name} must be on the device of q ({device}), got {t.device}")
-    return t
+    return t.contiguous()  # the op reads it as a contiguous vector (a view of another tensor may not be)
 
 
 def _rotate(x, cos, sin, interleaved):
@@ -231,7 +219,7 @@ def flash_attn_with_kvcache(
                              "cache is taken as full")
         cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
     elif isinstance(cache_seqlens, torch.Tensor):
-        _check_index(cache_seqlens, "cache_seqlens", batch, device)
+        cache_seqlens = _check_index(cache_seqlens, "cache_seqlens", batch, device)
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     else:
@@ -267,7 +255,7 @@ def flash_attn_with_kvcache(
             raise RuntimeError(f"flash_attn_ext: rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions, fewer "
                                f"than the cache holds per sequence ({capacity})")
 
-    if not _is_tracing() and (device.type == "cpu" or _debug_checks_enabled()):
+    if not _ops.is_tracing() and (device.type == "cpu" or _ops.debug_checks_enabled()):
         _check_values(cache_seqlens, seqlen_new, capacity, cache_batch_idx, cache_leftpad, block_table, page_size,
                       k_cache.shape[0], k_cache.shape[0])
 

@@ -20,7 +20,6 @@ or the outputs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -30,15 +29,6 @@ from ._autocast import autocast_inputs
 from .interface import _sinks_argument, _softcap_value, _window_sides, dropout_value
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]
-
-DEBUG_CHECKS_ENV = "FLASH_ATTN_EXT_DEBUG_CHECKS"
-
-
-def debug_checks_enabled() -> bool:
-    """Whether FLASH_ATTN_EXT_DEBUG_CHECKS asks for the value checks that need
-    a device synchronisation (cumulative lengths, block tables)."""
-    return os.environ.get(DEBUG_CHECKS_ENV, "0") not in ("", "0")
-
 
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, name: str, total: int, max_seqlen: Optional[int]) -> None:
     """The value checks the C++ side does for CPU tensors, for tensors on any
@@ -112,7 +102,7 @@ def unpage(k_cache, v_cache, block_table, cu_seqlens_k, seqused_k=None):
         raise ValueError(f"flash_attn_ext: with block_table, k and v must be paged caches (num_blocks, "
                          f"page_size, nheads_k, headdim) of one shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    if debug_checks_enabled() and block_table.numel():
+    if _ops.debug_checks_enabled() and not _ops.is_tracing() and block_table.numel():
         lo, hi = int(block_table.min()), int(block_table.max())
         if lo < 0 or hi >= k_cache.shape[0]:
             raise RuntimeError(f"flash_attn_ext: block_table holds block ids in [{lo}, {hi}], outside the "
@@ -142,7 +132,7 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
     if q.dim() == 3 and q.shape[-1] == 0:
         raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
-    if debug_checks_enabled() and q.device.type != "cpu":
+    if _ops.debug_checks_enabled() and not _ops.is_tracing() and q.device.type != "cpu":
         check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q)
         check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0],
                                 None if seqused_k is not None else max_seqlen_k)

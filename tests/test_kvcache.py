@@ -477,3 +477,25 @@ def test_compile_fullgraph_decode_step(device):
     compiled = torch.compile(step, backend=backend, fullgraph=True)
     out, lse = compiled(case.q, case.k_cache, case.v_cache, case.k, case.v, case.cache_seqlens, case.block_table)
     case.check(out, lse, causal=True, name="compiled")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_index_tensors(device):
+    """Index tensors that are views with a stride (a column of another tensor)
+    give the same result as contiguous copies through flash_attn_with_kvcache,
+    and the raw op, which reads them as contiguous vectors, refuses them by name."""
+    dt = dtypes(device)[0]
+    q = torch.randn(2, 1, 2, 32, device=device).to(dt)
+    kc, vc = (torch.randn(3, 16, 2, 32, device=device).to(dt) for _ in range(2))
+    both = torch.tensor([[5, 1], [9, 0]], dtype=torch.int32, device=device)
+    seqlens, batch_idx = both[:, 0], torch.tensor([[2, 7], [0, 7]], dtype=torch.int32, device=device)[:, 0]
+    assert not seqlens.is_contiguous() and not batch_idx.is_contiguous()
+    call = flash_attn_ext.flash_attn_with_kvcache
+    strided = call(q, kc, vc, cache_seqlens=seqlens, cache_batch_idx=batch_idx)
+    dense = call(q, kc, vc, cache_seqlens=seqlens.contiguous(), cache_batch_idx=batch_idx.contiguous())
+    torch.testing.assert_close(strided, dense, atol=0, rtol=0)
+    op = torch.ops.flash_attn_ext.fwd_kvcache
+    with pytest.raises(RuntimeError, match="cache_seqlens must be contiguous"):
+        op(q, kc, vc, seqlens, None, None, None, 1.0, False, -1, -1)
+    with pytest.raises(RuntimeError, match="cache_batch_idx must be contiguous"):
+        op(q, kc, vc, seqlens.contiguous(), batch_idx, None, None, 1.0, False, -1, -1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flash_attn_ext
-from conftest import DEVICES, assert_close_to_ref, attention_ref, device_dtype_params, poison_allocator
+from conftest import DEVICES, assert_close_to_ref, attention_ref, device_dtype_params, poison_allocator, sdpa_default
 
 
 def cu_of(lengths, device):
@@ -25,9 +25,11 @@ def random_rows(total, nheads, headdim, dtype, device):
 
 
 def per_sequence_ref(q, k, v, lens_q, lens_k, used_k, causal, window, upcast, softmax_scale=None, softcap=0.0,
-                     alibi_slopes=None, sinks=None):
+                     alibi_slopes=None, sinks=None, sdpa=False):
     """attention_ref on each sequence alone, concatenated: out (total_q, H, D)
-    and lse (H, total_q). Rows of q past the last sequence get 0 / +inf."""
+    and lse (H, total_q). Rows of q past the last sequence get 0 / +inf.
+    sdpa: PyTorch's default SDPA backend in the dtype instead (no score
+    features; lse is then None), the second baseline of the 2x rule."""
     outs, lses = [], []
     q0 = k0 = 0
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
@@ -36,10 +38,13 @@ def per_sequence_ref(q, k, v, lens_q, lens_k, used_k, causal, window, upcast, so
         slopes = None
         if alibi_slopes is not None:
             slopes = alibi_slopes[b:b + 1] if alibi_slopes.dim() == 2 else alibi_slopes
-        o, lse = attention_ref(qs, ks, vs, causal, window, softmax_scale=softmax_scale, upcast=upcast,
-                               softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+        if sdpa:
+            o, lse = sdpa_default(qs, ks, vs, causal, window, softmax_scale), None
+        else:
+            o, lse = attention_ref(qs, ks, vs, causal, window, softmax_scale=softmax_scale, upcast=upcast,
+                                   softcap=softcap, alibi_slopes=slopes, sinks=sinks)
         outs.append(o[0])
-        lses.append(lse[0])
+        lses.append(lse[0] if lse is not None else torch.zeros(q.shape[1], lq, device=q.device))
         q0 += lq
         k0 += lk
     if q0 < q.shape[0]:  # rows outside every sequence
@@ -110,12 +115,18 @@ def check_varlen(lens_q, lens_k, nheads, nheads_k, headdim, dtype, device, causa
 
     ref_out, ref_lse = ref(ref_in, True)
     low_out, _ = ref(low_in, False)
+    # The rule's second baseline, PyTorch's default SDPA backend, where it
+    # computes the same thing (no score features, dropout or sinks).
+    plain = not (softcap or alibi or sinks)
+    sdpa_in = [x.detach().clone().requires_grad_() for x in leaves[:3]]
+    sdpa_out = (per_sequence_ref(*sdpa_in, lens_q, lens_k, used_k, causal, window, False, sdpa=True)[0]
+                if plain else None)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf rows differ"
     finite = torch.isfinite(ref_lse)
     if finite.any():
         err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
         assert err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item()), f"lse error {err}"
-    assert_close_to_ref(out, ref_out, low_out, "out")
+    assert_close_to_ref(out, ref_out, (low_out, sdpa_out), "out")
 
     dout = torch.randn_like(out)
     poison_allocator(device, 4 * q.numel() * q.element_size())
@@ -132,12 +143,15 @@ def check_varlen(lens_q, lens_k, nheads, nheads_k, headdim, dtype, device, causa
             grads[i] = torch.cat(rows, 0) if rows else g.new_zeros(0, nheads_k, headdim)
     ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double(), allow_unused=True)
     low_grads = torch.autograd.grad(low_out, low_in, dout, allow_unused=True)
-    for name, ours, r, low in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, low_grads):
+    sdpa_grads = (torch.autograd.grad(sdpa_out, sdpa_in, dout, allow_unused=True) if sdpa_out is not None
+                  and sdpa_out.requires_grad else (None,) * 3)
+    for name, ours, r, low, low2 in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, low_grads,
+                                        sdpa_grads + (None,)):
         r = torch.zeros_like(ref_in[0 if name == "dq" else 1]) if r is None else r
         low = torch.zeros_like(r, dtype=ours.dtype) if low is None else low
         assert ours.shape == r.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(r.shape)}"
         slack = max(1e-5, torch.finfo(dtype).eps) if name == "dsinks" else 1e-5
-        assert_close_to_ref(ours, r, low, name, slack=slack)
+        assert_close_to_ref(ours, r, (low, low2), name, slack=slack)
 
 
 # Length mixes: empty sequences, single rows, lengths below and above the

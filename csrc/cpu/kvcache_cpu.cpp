@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
 #include "../flash_api.h"
+#include "../format.h"
 #include "../kvcache.h"
 #include "cpu_tile.h"
 
@@ -141,14 +143,14 @@ std::tuple<Tensor, Tensor> fwd_kvcache_cpu(const Tensor& q, const Tensor& k_cach
                                            const std::optional<Tensor>& alibi_slopes,
                                            const std::optional<Tensor>& sinks,
                                            int64_t num_splits /* one pass per row on the CPU */) {
-  kvcache::check_inputs(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+  check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                         softmax_scale, softcap, alibi_slopes, sinks, num_splits);
   Tensor out = empty_on(q, q.sizes(), q.scalar_type());
   const std::array<int64_t, 3> lse_shape{q.size(0), q.size(2), q.size(1)};
   Tensor lse = empty_on(q, lse_shape, ScalarType::Float);
   if (q.numel() == 0) return {out, lse};
   FlashKvcacheParams params;
-  kvcache::set_params(params, q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+  set_kvcache_params(params, q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks);
   params.out = out.data_ptr();
   params.o_batch_stride = out.stride(0), params.o_row_stride = out.stride(1), params.o_head_stride = out.stride(2);

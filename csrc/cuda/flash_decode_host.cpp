@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../checks.h"
 #include "../flash_api.h"
 #include "../format.h"
 #include "../kvcache.h"
@@ -46,7 +47,7 @@ std::tuple<Tensor, Tensor> fwd_kvcache_cuda(const Tensor& q_in, const Tensor& k_
                                             bool causal, int64_t window_left, int64_t window_right, double softcap,
                                             const std::optional<Tensor>& alibi_slopes,
                                             const std::optional<Tensor>& sinks, int64_t num_splits) {
-  kvcache::check_inputs(q_in, k_cache_in, v_cache_in, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+  check_kvcache_inputs(q_in, k_cache_in, v_cache_in, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                         softmax_scale, softcap, alibi_slopes, sinks, num_splits);
   FLASH_CHECK(q_in.is_cuda(), "flash_attn_ext: fwd_kvcache_cuda expects CUDA tensors, got ", device_name(q_in));
   const ScalarType dtype = q_in.scalar_type();
@@ -82,7 +83,7 @@ std::tuple<Tensor, Tensor> fwd_kvcache_cuda(const Tensor& q_in, const Tensor& k_
   Tensor softmax_lse = empty_on(q_in, lse_shape, ScalarType::Float);
 
   FlashKvcacheParams params;
-  kvcache::set_params(params, q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+  set_kvcache_params(params, q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks);
   params.headdim = static_cast<int>(k_cache.size(3));  // the columns of K/V that exist (<= padded)
   params.out = out.data_ptr();
