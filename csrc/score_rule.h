@@ -4,9 +4,9 @@
 // the fragment helpers in cuda/score_rule.cuh), and the CPU (cpu_tile.h).
 // The steps, in this order:
 //   1. scale    s * softmax_scale
-//   2. softcap  softcap * tanh(s / softcap), when params.softcap > 0 (kMods)
+//   2. softcap  softcap * tanh(s / softcap), when params.softcap > 0
 //   3. ALiBi    - slope_h * |row + seqlen_k - seqlen_q - col|, when
-//               params.alibi_slopes is set (kMods)
+//               params.alibi_slopes is set
 //   4. bias     + the additive bias at (row, col), floored (floored_bias)
 //   5. mask     -inf where MaskGeometry (mask.h) hides the key
 // and the backward's twin, score_grad: the gradient with respect to the raw
@@ -69,34 +69,58 @@ FLASH_HOST_DEVICE T fast_tanh(T x) {
   return std::tanh(x);
 }
 
+// The score features a kernel variant compiles in, as a bit set: softcap
+// (step 2), ALiBi (step 3) and dropout (dropout.h). Each is a compile-time
+// switch, so that a kernel built for one carries no instruction or register
+// for the others: one kMods variant with all three, tested at run time, cost
+// a plain ALiBi call +94% in the backward (H200, hd 128, 8k), from the
+// registers of softcap's factors and the dropout draws it kept.
+enum ScoreFeature : int {
+  kNoFeatures = 0,
+  kSoftcapFeature = 1,
+  kAlibiFeature = 2,
+  kDropoutFeature = 4,
+  kAllFeatures = kSoftcapFeature | kAlibiFeature | kDropoutFeature,
+};
+
+// The features a call uses. Every launcher (CPU and CUDA) picks its variant
+// with it: the CUDA ones compile a variant per single feature and kAllFeatures
+// for calls that combine them (cuda/variants.h), the CPU only kAllFeatures.
+// Attention sinks need none: the forward's epilogue takes them at run time
+// and the backward does not see them.
+inline int score_features(const FlashFwdParams& p) {
+  return (p.softcap > 0 ? kSoftcapFeature : 0) | (p.alibi_slopes != nullptr ? kAlibiFeature : 0) |
+         (p.dropout_p > 0 ? kDropoutFeature : 0);
+}
+inline bool has_score_mods(const FlashFwdParams& p) { return score_features(p) != kNoFeatures; }
+
 // T: the score type (float; double for fp64 on the CPU). Element: the bias
 // dtype. kHasBias: step 4 is compiled in; the bias pointer is then the
-// (batch, head) slice of FlashFwdParams::bias, which must be set. kMods:
-// steps 2 and 3 are compiled in; each then runs when the call asks for it
-// (params.softcap > 0, params.alibi_slopes set), tested once per (batch,
-// head) and uniformly across a kernel's threads. Kernels instantiate the
-// rule without kMods for calls that use neither, which then carry no
-// instruction for them.
-// Whether a call needs a kernel's kMods instantiation: softcap, ALiBi or
-// dropout (dropout.h; tested at run time inside the kMods kernels, so it
-// adds no instantiation). Every launcher (CPU and CUDA) picks the variant
-// with it. Attention sinks need none: the forward's epilogue takes them at
-// run time and the backward does not see them.
-inline bool has_score_mods(const FlashFwdParams& p) {
-  return p.softcap > 0 || p.alibi_slopes != nullptr || p.dropout_p > 0;
-}
-
-template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_, bool kMods_ = false>
+// (batch, head) slice of FlashFwdParams::bias, which must be set.
+// kFeatures: the ScoreFeature bits compiled in. A variant with one feature
+// serves only calls that use exactly it, so its feature needs no run-time
+// test; in a variant with several, each runs when the call asks for it
+// (params.softcap > 0, params.alibi_slopes set, params.dropout_p > 0),
+// tested once per (batch, head) and uniformly across a kernel's threads.
+template <typename T, typename Element, ScoreUnits kUnits, bool kHasBias_, int kFeatures_ = kNoFeatures>
 struct ScoreRule {
   static constexpr bool kHasBias = kHasBias_;
-  static constexpr bool kMods = kMods_;
-  // Dropout (dropout.h) rides on kMods: the rule carries the call's
-  // Dropout, whose `on` the kernels test at run time.
-  static constexpr bool kDropout = kMods;
+  static constexpr int kFeatures = kFeatures_;
+  static constexpr bool kSoftcap = (kFeatures & kSoftcapFeature) != 0;
+  static constexpr bool kAlibi = (kFeatures & kAlibiFeature) != 0;
+  // The rule then carries the call's Dropout, whose `on` the kernels test.
+  static constexpr bool kDropout = (kFeatures & kDropoutFeature) != 0;
+  // Any feature: the kernels' name for "not the plain variant".
+  static constexpr bool kMods = kFeatures != kNoFeatures;
+  // Steps 2 or 3: the logit needs more than the scale and the bias.
+  static constexpr bool kShapesLogit = kSoftcap || kAlibi;
+  static constexpr bool kOneFeature = kFeatures == kSoftcapFeature || kFeatures == kAlibiFeature ||
+                                      kFeatures == kDropoutFeature;
 
-  // Only step 1 comes before the mask. In log2 units the kernels then defer
-  // the scale to their exp2 FFMA (see the units above).
-  static constexpr bool kScaleOnly = !kHasBias && !kMods;
+  // Only step 1 comes before the mask (dropout comes after the softmax). In
+  // log2 units the kernels then defer the scale to their exp2 FFMA (see the
+  // units above).
+  static constexpr bool kScaleOnly = !kHasBias && !kShapesLogit;
   static constexpr bool kDefersScale = kScaleOnly && kUnits == ScoreUnits::kLog2;
 
   // The rule reads the call's parameters and the kernel's own MaskGeometry
@@ -107,14 +131,15 @@ struct ScoreRule {
   const FlashFwdParams& params;
   const MaskGeometry& geo;
   const Element* bias_matrix;  // this (batch, head)'s bias; null without kHasBias
-  // Steps 2 and 3 for this (batch, head), in the rule's units (kMods only):
+  // Steps 2 and 3 for this (batch, head), in the rule's units (kSoftcap,
+  // kAlibi):
   // softcap is softcap_out * tanh(s * softcap_in) of the raw score s (log2:
   // softmax_scale / softcap in, softcap * log2(e) out; prescaled: 1 /
   // softcap in, softcap out); ALiBi subtracts alibi_slope * |distance|
   // (the slope times log2(e) in log2 units; 0 without ALiBi).
   bool has_softcap = false;
   T softcap_in = T(0), softcap_out = T(0), alibi_slope = T(0);
-  // This (batch, head)'s dropout (kMods only; off otherwise).
+  // This (batch, head)'s dropout (kDropout only; off otherwise).
   Dropout dropout;
 
   FLASH_HOST_DEVICE ScoreRule(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch, int64_t head)
@@ -123,17 +148,19 @@ struct ScoreRule {
         bias_matrix(kHasBias ? static_cast<const Element*>(p.bias) + batch * p.bias_batch_stride +
                                    head * p.bias_head_stride
                              : nullptr) {
-    if constexpr (kMods) {
-      const T unit = kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1);
+    const T unit = kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1);
+    if constexpr (kSoftcap) {
       has_softcap = p.softcap > 0;
       if (has_softcap) {
         const T scale_in = kUnits == ScoreUnits::kLog2 ? static_cast<T>(p.softmax_scale_f) : T(1);
         softcap_in = scale_in / static_cast<T>(p.softcap);
         softcap_out = static_cast<T>(p.softcap) * unit;
       }
-      if (p.alibi_slopes != nullptr) alibi_slope = static_cast<T>(p.alibi_slopes[batch * p.alibi_batch_stride + head]) * unit;
-      dropout = Dropout(p, batch, head);
     }
+    if constexpr (kAlibi) {
+      if (p.alibi_slopes != nullptr) alibi_slope = static_cast<T>(p.alibi_slopes[batch * p.alibi_batch_stride + head]) * unit;
+    }
+    if constexpr (kDropout) dropout = Dropout(p, batch, head);
   }
 
   // Step 1's factor: softmax_scale_log2 in log2 units, 1 in prescaled units.
@@ -162,15 +189,27 @@ struct ScoreRule {
     return exists(row, col) ? stored_bias(bias_offset(row, col)) : T(0);
   }
 
+  // Whether step 2 runs: compiled in, and asked for by the call (known at
+  // compile time in a one-feature variant).
+  FLASH_HOST_DEVICE bool softcap_on() const {
+    if constexpr (!kSoftcap) {
+      return false;
+    } else if constexpr (kOneFeature) {
+      return true;
+    } else {
+      return has_softcap;
+    }
+  }
+
   // Steps 1-4: the logit of the raw score s at (row, col), in the rule's
   // units; `bias` is the bias there as stored (bias_at, Row::bias or
-  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3 (kMods; ALiBi is
-  // what row and col are for) go between the scale and the bias; in log2
-  // units the scale is then no longer fused with the bias, and softcap needs
-  // the scaled score in natural units (scale / softcap before the tanh,
-  // softcap * log2(e) after).
+  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3
+  // (kShapesLogit; ALiBi is what row and col are for) go between the scale
+  // and the bias; in log2 units the scale is then no longer fused with the
+  // bias, and softcap needs the scaled score in natural units (scale /
+  // softcap before the tanh, softcap * log2(e) after).
   FLASH_HOST_DEVICE T logit(T s, [[maybe_unused]] int row, [[maybe_unused]] int col, T bias) const {
-    if constexpr (kMods) {
+    if constexpr (kShapesLogit) {
       T unused;
       return logit(s, row, col, bias, unused);
     } else if constexpr (kUnits == ScoreUnits::kLog2) {
@@ -191,12 +230,12 @@ struct ScoreRule {
   // logit() that also gives d logit / d (scaled raw score) of step 2, the
   // factor the backward twin needs: 1 - tanh^2 with softcap, else 1.
   FLASH_HOST_DEVICE T logit(T s, int row, int col, T bias, T& dsoftcap) const {
-    if constexpr (!kMods) {
+    if constexpr (!kShapesLogit) {
       dsoftcap = T(1);
       return logit(s, row, col, bias);
     } else {
       T x;
-      if (has_softcap) {
+      if (softcap_on()) {
         const T t = fast_tanh(s * softcap_in);
         dsoftcap = T(1) - t * t;
         x = softcap_out * t;
@@ -204,8 +243,10 @@ struct ScoreRule {
         dsoftcap = T(1);
         x = s * scale();
       }
-      const int distance = row + geo.offset() - col;
-      x -= alibi_slope * static_cast<T>(distance < 0 ? -distance : distance);
+      if constexpr (kAlibi) {
+        const int distance = row + geo.offset() - col;
+        x -= alibi_slope * static_cast<T>(distance < 0 ? -distance : distance);
+      }
       if constexpr (kHasBias) x += floored_bias(bias, kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1));
       return x;
     }
@@ -311,11 +352,11 @@ struct ScoreRule {
 // The rule of a call whose bias is known only at run time, for kernels
 // compiled once for calls with and without one (the CUDA backward, the
 // CPU): both forms, and visit(fn) calls fn with the one that applies.
-template <typename T, typename Element, ScoreUnits kUnits, bool kMods = false>
+template <typename T, typename Element, ScoreUnits kUnits, int kFeatures = kNoFeatures>
 struct ScoreRuleAnyBias {
-  using unbiased_type = ScoreRule<T, Element, kUnits, false, kMods>;
-  ScoreRule<T, Element, kUnits, false, kMods> unbiased;
-  ScoreRule<T, Element, kUnits, true, kMods> biased;
+  using unbiased_type = ScoreRule<T, Element, kUnits, false, kFeatures>;
+  ScoreRule<T, Element, kUnits, false, kFeatures> unbiased;
+  ScoreRule<T, Element, kUnits, true, kFeatures> biased;
   bool has_bias;
 
   FLASH_HOST_DEVICE ScoreRuleAnyBias(const FlashFwdParams& p, const MaskGeometry& geometry, int64_t batch,

@@ -1,5 +1,6 @@
 """Dropout in the kernels (issue 9, feature 1), on every device: the
-Philox4x32-10 stream against its authors' known answers; the keep rate
+Philox4x32-7 stream against an independent Python Philox (itself checked
+against the authors' known answers); the keep rate
 within statistical bounds; out and every gradient equal to the float64
 reference that applies the mask the call used (the 2x rule), alone and with
 causal masks, windows, GQA, softcap, ALiBi, sinks and a bias, through both
@@ -28,21 +29,62 @@ def rng_state_for(device, seed=1234, offset=5678):
 # --------------------------------------------------------------------------
 # The stream itself.
 
-# Philox4x32-10 with counter (0, 0, 0, 0) and key (0, 0) (Random123's
-# known-answer vector): 6627e8d5 e169c58d bc57ac4c 9b00dbd8. With seed 0 and
-# offset 0 that is the draw of (batch 0, head 0), query pair 0, key group 0:
-# word 2 * row_half + col_half, low half for even columns (csrc/dropout.h).
-KAT_DRAWS = {(0, 0): 0xE8D5, (0, 1): 0x6627, (0, 8): 0xC58D, (0, 9): 0xE169,
-             (8, 0): 0xAC4C, (8, 1): 0xBC57, (8, 8): 0xDBD8, (8, 9): 0x9B00}
+PHILOX_ROUNDS = 7  # csrc/dropout.h, Philox4x32::kRounds
 
 
-def test_philox_known_answer():
-    state = torch.zeros(2, dtype=torch.int64)
-    for (row, col), draw in KAT_DRAWS.items():
+def philox4x32(counter, key, rounds):
+    """Philox4x32-R (Salmon et al., SC 2011) in Python: the test's
+    independent copy of the generator."""
+    mask = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+def test_python_philox_known_answer():
+    # Random123's known-answer vectors for Philox4x32-10: counter and key 0
+    # give 6627e8d5 e169c58d bc57ac4c 9b00dbd8; all ones give 408f276d
+    # 41c83b0e a20bc7c6 6d5451fd.
+    assert philox4x32((0, 0, 0, 0), (0, 0), 10) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    ones = 0xFFFFFFFF
+    assert philox4x32((ones,) * 4, (ones, ones), 10) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+
+
+def draws_of_tile(seed, offset, bh, row0, col0):
+    """The 16-bit draw of each score of the 16 x 16 tile at (row0, col0) of
+    (batch * nheads + head) `bh`, as csrc/dropout.h lays the stream out."""
+    mask = 0xFFFFFFFF
+    key = (seed & mask, ((seed >> 32) + (offset >> 32)) & mask)
+    draws = {}
+    for r in range(16):
+        row = row0 + r
+        qp = (row >> 4 << 3) | (row & 7)
+        for c in range(16):
+            col = col0 + c
+            kg = (col >> 4 << 2) | ((col >> 1) & 3)
+            w = philox4x32((kg, qp, bh, offset & mask), key, PHILOX_ROUNDS)[2 * ((row >> 3) & 1) + ((col >> 3) & 1)]
+            draws[(r, c)] = (w >> 16) if col & 1 else (w & 0xFFFF)
+    return draws
+
+
+@pytest.mark.parametrize("seed,offset,bh,row0,col0", [(0, 0, 0, 0, 0), (1234, 5678, 5, 16, 32),
+                                                      (2**40 + 7, 2**33 + 3, 2, 48, 16)])
+def test_stream_matches_python_philox(seed, offset, bh, row0, col0):
+    """Every score's keep decision is the Python Philox's draw against the
+    threshold: kept at p just below the draw's keep boundary, dropped just
+    above it (the mask op runs the library's generator)."""
+    draws = draws_of_tile(seed, offset, bh, row0, col0)
+    nheads = bh + 1
+    state = torch.tensor([seed, offset], dtype=torch.int64)
+    for (r, c), draw in list(draws.items())[::7]:
         # Kept iff draw < round((1 - p) * 2^16): p = 1 - (draw + 1) / 2^16 keeps it, 1 - draw / 2^16 drops it.
-        kept = _ops.dropout_mask(state, 1, 1, 16, 16, 1 - (draw + 1) / 65536)
-        dropped = _ops.dropout_mask(state, 1, 1, 16, 16, 1 - draw / 65536)
-        assert kept[0, 0, row, col] and not dropped[0, 0, row, col], (row, col)
+        kept = _ops.dropout_mask(state, 1, nheads, row0 + 16, col0 + 16, 1 - (draw + 1) / 65536)
+        dropped = _ops.dropout_mask(state, 1, nheads, row0 + 16, col0 + 16, 1 - draw / 65536)
+        assert kept[0, bh, row0 + r, col0 + c] and not dropped[0, bh, row0 + r, col0 + c], (r, c)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -234,10 +234,12 @@ void store_rows(const acc_t<scalar_t>* src, int rows, int D, scalar_t* dst, int6
 // The score rule (../score_rule.h) in the CPU's units: natural log, scores
 // arriving scaled (load_rows multiplies Q by the scale). One kernel serves
 // calls with and without a bias; rule.visit picks the form per row. kMods:
-// the kernel instantiation for calls with softcap or ALiBi
-// (flash::has_score_mods).
+// the kernel instantiation for calls with softcap, ALiBi or dropout
+// (flash::has_score_mods), all three compiled in and tested at run time:
+// the CPU keeps one variant, the CUDA kernels one per feature.
 template <typename scalar_t, bool kMods>
-using CpuScoreRule = flash::ScoreRuleAnyBias<acc_t<scalar_t>, scalar_t, flash::ScoreUnits::kNaturalPrescaled, kMods>;
+using CpuScoreRule = flash::ScoreRuleAnyBias<acc_t<scalar_t>, scalar_t, flash::ScoreUnits::kNaturalPrescaled,
+                                             kMods ? flash::kAllFeatures : flash::kNoFeatures>;
 
 // Applies the score rule (one of CpuScoreRule's forms) to one row of a score
 // tile in place: the row holds scale * q.k for keys [col0, col0 + cols) of

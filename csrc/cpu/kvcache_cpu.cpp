@@ -65,7 +65,9 @@ void kvcache_kernel(const FlashKvcacheParams& p) {
       const int h_k = h / group;
       const flash::KvSequence seq = flash::clamp_sequence(p, b);
       const flash::MaskGeometry geo(p, flash::sequence_info(p, seq));
-      const flash::ScoreRule<acc, scalar_t, flash::ScoreUnits::kNaturalPrescaled, false, kMods> rule(p, geo, b, h);
+      const flash::ScoreRule<acc, scalar_t, flash::ScoreUnits::kNaturalPrescaled, false,
+                            kMods ? flash::kAllFeatures : flash::kNoFeatures>
+          rule(p, geo, b, h);
       const auto* k_base = static_cast<const scalar_t*>(p.k) + h_k * p.k_head_stride;
       const auto* v_base = static_cast<const scalar_t*>(p.v) + h_k * p.v_head_stride;
       const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;

@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     query[hr] = row / group;
     head[hr] = w.hk * group + row % group;
   }
-  using Rule = CudaScoreRule<Element, false, kMods>;
+  using Rule = CudaScoreRule<Element, false, kMods ? kAllFeatures : kNoFeatures>;
   const Rule rule0(p, geo, w.b, head[0]), rule1(p, geo, w.b, head[1]);
   const KeyRange keys[2] = {geo.keys(query[0]), geo.keys(query[1])};
   const float exp_scale = rule0.exp_scale();

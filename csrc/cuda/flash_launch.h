@@ -16,9 +16,10 @@
 // Element is __half or __nv_bfloat16. kHeadDim is the padded head dim the
 // kernels are compiled for (params.headdim <= kHeadDim; the host pads inputs
 // so that params.headdim == kHeadDim). Each launcher picks tile sizes,
-// selects the compiled variant (bias; kMods: softcap, ALiBi, dropout) and
-// launches on `stream`; masks are run-time geometry (MaskGeometry), so
-// causal and non-causal calls share every instantiation.
+// selects the compiled variant (bias; the score features: softcap, ALiBi,
+// dropout; variants.h) and launches on `stream`; masks are run-time
+// geometry (MaskGeometry), so causal and non-causal calls share every
+// instantiation.
 
 // sm80 (mma.sync) kernels, sm80/launch.cuh: every GPU from sm80 on.
 template <typename Element, int kHeadDim>

@@ -5,10 +5,11 @@
 // score and the rule's score_grad for dS. What a score means lives in the
 // rule; only the walking over fragments and the exp2 are here.
 //
-// kMods (softcap, ALiBi) is a compile-time variant of every kernel, next to
-// the forward's kHasBias: the launchers pick it for calls that use either
-// (has_score_mods), so that the kernels of calls without them carry no
-// instruction or register for them.
+// The score features (softcap, ALiBi, dropout: kFeatures, a ScoreFeature bit
+// set) are compile-time variants of every kernel, next to the forward's
+// kHasBias: the launchers pick the variant of a call's features
+// (variants.h), so that a kernel carries no instruction or register for a
+// feature the call does not use.
 #pragma once
 
 #include "../score_rule.h"
@@ -16,8 +17,8 @@
 
 namespace flash {
 
-template <typename Element, bool kHasBias, bool kMods = false>
-using CudaScoreRule = ScoreRule<float, Element, ScoreUnits::kLog2, kHasBias, kMods>;
+template <typename Element, bool kHasBias, int kFeatures = kNoFeatures>
+using CudaScoreRule = ScoreRule<float, Element, ScoreUnits::kLog2, kHasBias, kFeatures>;
 
 
 // Calls fn(score, row, col) for every element of one warp's accumulator
@@ -128,10 +129,10 @@ __device__ __forceinline__ void for_each_dropout_keep_t(const Dropout& dropout, 
 // The forward's dropout, after the online softmax has taken the tile's
 // probabilities into its row sums (softmax_lse does not see dropout): a kept
 // P becomes P / (1 - p), a dropped one 0, before O += P V. A no-op unless
-// the rule has kMods and the call asks for dropout (a uniform branch).
+// the rule has kDropout and the call asks for dropout (a uniform branch).
 template <typename Rule, int kMT, int kNT>
 __device__ __forceinline__ void apply_dropout(float (&s)[kMT][kNT][4], const Rule& rule, int row0, int col0, int lane) {
-  if constexpr (Rule::kMods) {
+  if constexpr (Rule::kDropout) {
     if (rule.dropout.on) {
       const float scale = rule.dropout.scale;
       for_each_dropout_keep<kMT, kNT>(rule.dropout, row0, col0, lane, [&](int mi, int nj, int e, bool kept) {
@@ -148,13 +149,13 @@ __device__ __forceinline__ void apply_dropout(float (&s)[kMT][kNT][4], const Rul
 // 1; with a deferred scale the first subtraction is the FFMA that scales.
 // Rows that saw no key (lse = +inf) get P = 0.
 // `dsoftcap` receives softcap's derivative factor of the score (logit()'s;
-// 1 without softcap), for dS; rules without kMods leave it alone.
+// 1 without softcap), for dS; rules without steps 2 and 3 leave it alone.
 template <typename Rule>
 __device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, int row, int col, float bias,
                                                float lse_log2_row, float residual, float& dsoftcap) {
   if constexpr (Rule::kDefersScale) {
     return exp2_fast(fmaf(s, rule.exp_scale(), -lse_log2_row) - residual);
-  } else if constexpr (Rule::kMods) {
+  } else if constexpr (Rule::kShapesLogit) {
     return exp2_fast((rule.logit(s, row, col, bias, dsoftcap) - lse_log2_row) - residual);
   } else {
     return exp2_fast((rule.logit(s, row, col, bias) - lse_log2_row) - residual);
@@ -162,15 +163,18 @@ __device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, int ro
 }
 
 // The backward kernels take the bias at run time (one instantiation serves
-// calls with and without it) and kMods at compile time. With kMods, prob()
-// also gives each score's softcap factor, which the kernel keeps in
-// registers (one float per score of its S fragment, as flash-attn 2 keeps
-// dtanh) until ds() turns dP into dS; without kMods the factor is never
+// calls with and without it) and the score features at compile time. With
+// softcap, prob() also gives each score's softcap factor, which the kernel
+// keeps in registers (one float per score of its S fragment, as flash-attn 2
+// keeps dtanh) until ds() turns dP into dS; without it the factor is never
 // written or read, so the kernels' arrays for it vanish.
-template <typename Element, bool kMods = false>
-struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods> {
-  using Base = ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>;
+template <typename Element, int kFeatures = kNoFeatures>
+struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatures> {
+  using Base = ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatures>;
   using Base::Base;
+  using Unbiased = typename Base::unbiased_type;
+  static constexpr bool kSoftcap = Unbiased::kSoftcap, kDropout = Unbiased::kDropout;
+  static constexpr bool kShapesLogit = Unbiased::kShapesLogit;
 
   // P of the raw score s at (row, col). `need_mask`: the tile is not fully
   // visible, so P is 0 where the mask hides the score or it does not exist.
@@ -183,21 +187,23 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>
                            : unmasked_prob(this->unbiased, s, row, col, bias, lse_log2_row, residual, dsoftcap);
     return !need_mask || this->unbiased.visible(row, col) ? prob : 0.f;
   }
-  // Interior tiles without a bias (the common case without kMods, whose
-  // scores then need no coordinates): one FFMA, one FADD and the EX2 per
-  // score. Only for tiles where fast_tile() holds: with kMods none does
-  // (ALiBi needs the coordinates), and prob() serves every tile.
+  // Interior tiles without a bias (whose scores, without softcap and ALiBi,
+  // need no coordinates): one FFMA, one FADD and the EX2 per score. Only for
+  // tiles where fast_tile() holds: with softcap or ALiBi none does (ALiBi
+  // needs the coordinates), and prob() serves every tile.
   __device__ __forceinline__ float prob_unbiased_visible(float s, float lse_log2_row, float residual) const {
     float unused;
     return unmasked_prob(this->unbiased, s, 0, 0, 0.f, lse_log2_row, residual, unused);
   }
   // Whether the tile at hand can take prob_unbiased_visible.
-  __device__ __forceinline__ bool fast_tile(bool need_mask) const { return !kMods && !need_mask && !this->has_bias; }
+  __device__ __forceinline__ bool fast_tile(bool need_mask) const {
+    return !kShapesLogit && !need_mask && !this->has_bias;
+  }
 
-  // Dropout (kMods only; ../dropout.h) of this (batch, head).
+  // Dropout (kDropout only; ../dropout.h) of this (batch, head).
   __device__ __forceinline__ const Dropout& dropout() const { return this->unbiased.dropout; }
   __device__ __forceinline__ bool has_dropout() const {
-    if constexpr (kMods) {
+    if constexpr (kDropout) {
       return dropout().on;
     } else {
       return false;
@@ -257,8 +263,8 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>
       for (int e = 0; e < 4; ++e) dp[j][e] = logit_grad(prob[j][e], dp[j][e], e % 2 == 0 ? d.x : d.y);
     }
   }
-  // ds() of a marked P (the deterministic dQ kernel, kMods only): correct
-  // with dropout off too, where the mark is P itself.
+  // ds() of a marked P (the deterministic dQ kernel, kDropout only):
+  // correct with dropout off too, where the mark is P itself.
   __device__ __forceinline__ float ds_marked(float x, float dprob, float row_d, float dsoftcap) const {
     return finish_ds(Base::unbiased_type::score_grad_dropout(x, dprob, row_d, dropout().keep_prob), dsoftcap);
   }
@@ -271,14 +277,14 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kMods>
     return Base::score_grad(prob, dprob, row_d);
   }
   __device__ __forceinline__ static float finish_ds(float logit_grad, float dsoftcap) {
-    if constexpr (kMods) {
+    if constexpr (kSoftcap) {
       return Base::through_softcap(logit_grad, dsoftcap);
     } else {
       return logit_grad;
     }
   }
   __device__ __forceinline__ static float ds(float prob, float dprob, float row_d, float dsoftcap) {
-    if constexpr (kMods) {
+    if constexpr (kSoftcap) {
       return Base::score_grad(prob, dprob, row_d, dsoftcap);
     } else {
       return Base::score_grad(prob, dprob, row_d);

@@ -24,9 +24,10 @@
 // atomics. Q_i / dO_i (with their LSE / D) are double-buffered with cp.async:
 // block i + 1 loads while i computes.
 //
-// kMods (softcap, ALiBi): a compile-time variant, as in the mma.sync kernel:
-// P^T through the kMods rule, whose softcap factor per score stays in
-// registers until dS^T (after dbias, which takes the gradient before it).
+// kFeatures (softcap, ALiBi, dropout): compile-time variants, as in the
+// mma.sync kernel: with softcap, P^T comes with the rule's factor per score,
+// which stays in registers until dS^T (after dbias, which takes the gradient
+// before it).
 #pragma once
 
 #include "../../flash_params.h"
@@ -100,7 +101,7 @@ __device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const fl
   }
 }
 
-template <typename T, bool kDq, bool kMods>
+template <typename T, bool kDq, int kFeatures>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const FlashBwdParams p) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -162,7 +163,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   float acc_dk[kDkvN / 8][4] = {};
   float acc_dv[kDkvN / 8][4] = {};
 
-  const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
+  using Rule = BwdScoreRule<Element, kFeatures>;
+  const Rule rule(p, geo, b, h);
   // dbias (batch, nheads, seqlen_q, seqlen_k): dense calls only.
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
@@ -195,9 +197,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_commit();
     wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
-    // Dropout (kMods): the keep bits of this thread's scores, drawn under the two products.
+    // Dropout: the keep bits of this thread's scores, drawn under the two products.
     uint64_t keep_bits = 0;
-    if constexpr (kMods) {
+    if constexpr (Rule::kDropout) {
       if (rule.has_dropout()) keep_bits = rule.template dropout_keep_bits_t<kSN>(n0 + key_row0, m0 + q_col0, lane);
     }
 
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     wgmma_wait<1>();
     fence_regs(acc_s);
     const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
-    // Softcap's factor per score of acc_s (kMods; unused and gone otherwise).
+    // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
     float dsoftcap[kSN / 8][4];
     if (rule.fast_tile(need_mask)) {
 #pragma unroll
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       }
     }
     uint32_t p_frag[kSN / 16][4];
-    if constexpr (kMods) {  // dV takes the dropped P^T (kept / (1 - p), dropped 0)
+    if constexpr (Rule::kDropout) {  // dV takes the dropped P^T (kept / (1 - p), dropped 0)
       float p_dv[kSN / 8][4];
       rule.dv_operand(p_dv, acc_s, keep_bits);
       pack_a_frags<Element>(p_frag, p_dv);
@@ -252,7 +254,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
         }
       }
     }
-    if constexpr (kMods) {  // dS^T: through softcap
+    if constexpr (Rule::kSoftcap) {  // dS^T: through softcap
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
 #pragma unroll

@@ -11,8 +11,9 @@
 // maxima waits for it (OnlineSoftmax::update_stats / rescale). K and V are
 // double-buffered with cp.async, one barrier per key block.
 // Score features as in the mma.sync forward (sm80/flash_fwd_kernel.cuh): kHasBias
-// and kMods (softcap, ALiBi) are template variants of the score rule, an
-// attention sink joins the row sums in the epilogue (OnlineSoftmax::add_sink).
+// and kFeatures (softcap, ALiBi, dropout) are template variants of the score
+// rule, an attention sink joins the row sums in the epilogue
+// (OnlineSoftmax::add_sink).
 #pragma once
 
 #include "../../flash_params.h"
@@ -67,7 +68,7 @@ __device__ __forceinline__ void gemm_qk(float (&s)[kBlockN / 8][4], uint32_t sQ_
   wgmma_abt_kmajor<Element, kBlockN, kHeadDim>(s, sQ_wg, kBlockM * kLineBytes, sK, kBlockN * kLineBytes);
 }
 
-template <typename T, bool kHasBias, bool kMods>
+template <typename T, bool kHasBias, int kFeatures>
 __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_kernel(const __grid_constant__ FlashFwdParams p) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -128,8 +129,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 
   // Scores of key block nb to probabilities (P in place): the score rule,
   // then the softmax statistics, returning the factors O must be rescaled by,
-  // then dropout (kMods calls that ask for it; under the P V wgmma too).
-  const CudaScoreRule<Element, kHasBias, kMods> rule(p, geo, b, h);
+  // then dropout (calls that ask for it; under the P V wgmma too).
+  const CudaScoreRule<Element, kHasBias, kFeatures> rule(p, geo, b, h);
   OnlineSoftmax<1> softmax;
   softmax.init();
   auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {

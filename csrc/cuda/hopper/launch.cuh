@@ -33,9 +33,9 @@ template <typename Element, int kHeadDim>
 using Sm90FwdTraitsFor = std::conditional_t<(kHeadDim == 64), sm90::FwdTraits<Element, 64, 128, 1>,
                                             sm90::FwdTraits<Element, kHeadDim, (kHeadDim <= 128 ? 128 : 64), 2>>;
 
-template <typename T, bool kHasBias, bool kMods>
+template <typename T, bool kHasBias, int kFeatures>
 void launch_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
-  auto kernel = &sm90::flash_fwd_sm90_kernel<T, kHasBias, kMods>;
+  auto kernel = &sm90::flash_fwd_sm90_kernel<T, kHasBias, kFeatures>;
   FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   const int64_t num_m_blocks = (params.seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int64_t grid = num_m_blocks * params.batch * params.nheads;
@@ -53,13 +53,14 @@ void launch_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
   const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * params.batch * params.nheads;
   FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
-  auto kernel = has_score_mods(params) ? (params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false, true>
-                                                               : &sm90::flash_bwd_sm90_kernel<T, true, true>)
-                                       : (params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false, false>
-                                                               : &sm90::flash_bwd_sm90_kernel<T, true, false>);
-  set_smem_limit(kernel, T::kSmemBytes);
-  kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
-  FLASH_CUDA_LAUNCH_CHECK();
+  dispatch_features(score_features(params), [&](auto features) {
+    constexpr int kFeatures = decltype(features)::value;
+    auto kernel = params.deterministic ? &sm90::flash_bwd_sm90_kernel<T, false, kFeatures>
+                                       : &sm90::flash_bwd_sm90_kernel<T, true, kFeatures>;
+    set_smem_limit(kernel, T::kSmemBytes);
+    kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
+    FLASH_CUDA_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace flash
@@ -68,8 +69,8 @@ template <typename Element, int kHeadDim>
 bool run_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
   using T90 = flash::Sm90FwdTraitsFor<Element, kHeadDim>;
   if (!flash::sm90::enabled() || T90::kSmemBytes > flash::smem_budget()) return false;
-  flash::dispatch_fwd_variant(params, [&](auto has_bias, auto has_mods) {
-    flash::launch_flash_fwd_sm90<T90, decltype(has_bias)::value, decltype(has_mods)::value>(params, stream);
+  flash::dispatch_fwd_variant(params, [&](auto has_bias, auto features) {
+    flash::launch_flash_fwd_sm90<T90, decltype(has_bias)::value, decltype(features)::value>(params, stream);
   });
   return true;
 }

@@ -6,9 +6,9 @@
 // No atomics: the sum over key blocks happens in a fixed order inside one
 // block, so dq is bit-identical run after run. Costs two extra products
 // (S and dP are computed again here) compared with the atomic path.
-// kMods (softcap, ALiBi) is a compile-time variant, as in the dK/dV kernel:
-// P comes from the kMods rule, whose softcap factor per score stays in
-// registers until dS.
+// kFeatures (softcap, ALiBi, dropout) are compile-time variants, as in the
+// dK/dV kernel: with softcap, P comes with the rule's factor per score,
+// which stays in registers until dS.
 #pragma once
 
 #include "../../flash_params.h"
@@ -36,7 +36,7 @@ struct BwdDqTraits {
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tiles must be multiples of 16");
 };
 
-template <typename T, bool kMods>
+template <typename T, int kFeatures>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const FlashBwdParams p) {
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kLdD = T::kLdD;
@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     res[half] = row < seqlen_q && p.lse_residual ? p.lse_residual[row_bh + row] : 0.f;
     delta[half] = row < seqlen_q ? p.softmax_d[row_bh + row] : 0.f;
   }
-  const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
+  using Rule = BwdScoreRule<Element, kFeatures>;
+  const Rule rule(p, geo, b, h);
 
   float acc_dq[kHeadDim / 8][4] = {};
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -98,44 +99,46 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     warp_gemm_abt<kHeadDim, kBlockN, kLdD, kLdD, Element>(acc_dp, sDo + warp * 16 * kLdD, sV, lane);
 
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
+    // Dropout: which of this thread's scores are kept, one bit each (bit 4 j
+    // + e), for the marked P that ds_marked takes.
+    uint64_t kept_bits = ~uint64_t(0);
+    if constexpr (Rule::kDropout) {
+      static_assert(kBlockN <= 128, "a bit per score of the thread's fragment");
+      if (rule.has_dropout()) {
+        kept_bits = 0;
+        for_each_dropout_keep<1, kBlockN / 8>(rule.dropout(), m0 + warp * 16, n0, lane,
+                                              [&](int, int j, int e, bool kept) {
+                                                kept_bits |= uint64_t(kept) << (4 * j + e);
+                                              });
+      }
+    }
+    // dS from P (through the mark with dropout) and softcap's factor.
+    auto to_ds = [&](int j, int e, float prob, float dsoftcap) {
+      if constexpr (Rule::kDropout) {
+        const float marked = rule.dropout().mark(prob, (kept_bits >> (4 * j + e)) & 1);
+        acc_dp[j][e] = rule.ds_marked(marked, acc_dp[j][e], delta[e / 2], dsoftcap);
+      } else {
+        acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], dsoftcap);
+      }
+    };
     if (rule.fast_tile(need_mask)) {
-      // Interior tile without bias: P and dS in four instructions per element.
+      // Interior tile without bias: P and dS in four instructions per element
+      // (without dropout).
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float prob = rule.prob_unbiased_visible(acc_s[j][e], lse_l2[e / 2], res[e / 2]);
-          acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], 1.f);
-        }
+        for (int e = 0; e < 4; ++e) to_ds(j, e, rule.prob_unbiased_visible(acc_s[j][e], lse_l2[e / 2], res[e / 2]), 1.f);
       }
     } else {
-      // Dropout (kMods): which of this thread's scores are kept, one bit
-      // each (bit 4 j + e), for the marked P that ds_marked takes.
-      uint64_t kept_bits = ~uint64_t(0);
-      if constexpr (kMods) {
-        static_assert(kBlockN <= 128, "a bit per score of the thread's fragment");
-        if (rule.has_dropout()) {
-          kept_bits = 0;
-          for_each_dropout_keep<1, kBlockN / 8>(rule.dropout(), m0 + warp * 16, n0, lane,
-                                                [&](int, int j, int e, bool kept) {
-                                                  kept_bits |= uint64_t(kept) << (4 * j + e);
-                                                });
-        }
-      }
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = row_lo + 8 * (e / 2);
           const int key = n0 + 8 * j + 2 * t + (e % 2);
-          float dsoftcap;  // softcap's factor (kMods)
+          float dsoftcap = 1.f;  // softcap's factor (kSoftcap)
           const float prob = rule.prob(acc_s[j][e], row, key, lse_l2[e / 2], res[e / 2], need_mask, dsoftcap);
-          if constexpr (kMods) {
-            const float marked = rule.dropout().mark(prob, (kept_bits >> (4 * j + e)) & 1);
-            acc_dp[j][e] = rule.ds_marked(marked, acc_dp[j][e], delta[e / 2], dsoftcap);
-          } else {
-            acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], dsoftcap);
-          }
+          to_ds(j, e, prob, dsoftcap);
         }
       }
     }

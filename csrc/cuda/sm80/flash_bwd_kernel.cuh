@@ -18,11 +18,12 @@
 // accumulated in fp32 into params.dq_accum with atomics (fast path); the
 // deterministic path leaves dQ to flash_bwd_dq_kernel.cuh.
 //
-// kMods (softcap, ALiBi): a compile-time variant. Recomputing P through the
-// kMods rule also gives each score's softcap factor, kept in registers next
-// to P^T until dS^T is formed; dbias is written before that factor (the bias
-// joins after the cap). The variant without kMods is the kernel as it was:
-// its fast path for interior tiles without a bias is only there.
+// kFeatures (softcap, ALiBi, dropout; score_rule.h): compile-time variants.
+// With softcap, recomputing P through the rule also gives each score's
+// softcap factor, kept in registers next to P^T until dS^T is formed; dbias
+// is written before that factor (the bias joins after the cap). The fast
+// path for interior tiles without a bias is there without softcap and
+// ALiBi (whose scores need their coordinates).
 #pragma once
 
 #include "../../flash_params.h"
@@ -75,7 +76,7 @@ struct BwdTraits {
   static_assert(kStages == 1 || kStages == 2, "one or two Q/dO stages");
 };
 
-template <typename T, bool kDq, bool kMods>
+template <typename T, bool kDq, int kFeatures>
 __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_kernel(const FlashBwdParams p) {
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim;
@@ -136,7 +137,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
   float acc_dk[T::kDPerWarp / 8][4] = {};
   float acc_dv[T::kDPerWarp / 8][4] = {};
 
-  const BwdScoreRule<Element, kMods> rule(p, geo, b, h);
+  using Rule = BwdScoreRule<Element, kFeatures>;
+  const Rule rule(p, geo, b, h);
   // dbias (batch, nheads, seqlen_q, seqlen_k): dense calls only.
   Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
                            : nullptr;
@@ -163,10 +165,10 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
 
     // S^T = K_j Q_i^T for this warp's 16 keys x kMPerWarp queries, then
     // P^T from the score rule and the saved statistics, 0 where masked.
-    // Dropout (kMods): the keep bits of this thread's scores, drawn while
-    // only dK / dV are live.
+    // Dropout: the keep bits of this thread's scores, drawn while only dK /
+    // dV are live.
     uint64_t keep_bits = 0;
-    if constexpr (kMods) {
+    if constexpr (Rule::kDropout) {
       if (rule.has_dropout()) {
         keep_bits = rule.template dropout_keep_bits_t<T::kMPerWarp>(n0 + key_row0, m0 + q_col0, lane);
       }
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
       res_c[j][0] = r.x, res_c[j][1] = r.y;
     }
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
-    // Softcap's factor per score of acc_s (kMods; unused and gone otherwise).
+    // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
     float dsoftcap[T::kMPerWarp / 8][4];
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias (the common case): FFMA, FADD and EX2 per element.
@@ -208,8 +210,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     }
     // dV_j += P^T dO_i straight from the accumulator fragments (they are the
     // A operand) while P^T is the only tile alive besides dK/dV. With
-    // dropout (kMods), dV takes the dropped P^T (kept / (1 - p), dropped 0).
-    if constexpr (kMods) {
+    // dropout, dV takes the dropped P^T (kept / (1 - p), dropped 0).
+    if constexpr (Rule::kDropout) {
       float p_dv[T::kMPerWarp / 8][4];
       rule.dv_operand(p_dv, acc_s, keep_bits);
       if constexpr (!T::kPInSmem) {
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     }
 
     // dP^T = V_j dO_i^T, dS^T = P^T ∘ (dP^T - D) (the rule's score_grad; also
-    // dbias), then times softcap's factor (kMods).
+    // dbias), then times softcap's factor.
     float acc_dp[T::kMPerWarp / 8][4] = {};
     warp_gemm_abt<kHeadDim, T::kMPerWarp, kLdD, kLdD, Element>(acc_dp, sV + key_row0 * kLdD, sDo + q_col0 * kLdD,
                                                                lane);
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
         }
       }
     }
-    if constexpr (kMods) {
+    if constexpr (Rule::kSoftcap) {
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
 #pragma unroll

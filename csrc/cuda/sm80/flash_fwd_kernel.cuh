@@ -26,9 +26,10 @@
 //    An attention sink (params.sinks, read at run time) joins the row's sum
 //    there (OnlineSoftmax::add_sink): lse includes it, and rows that saw no
 //    key get O = 0 and lse = the sink.
-// Variants (template arguments): kHasBias (an additive bias) and kMods
-// (softcap and ALiBi): the score rule with those steps compiled in, each
-// instantiated only for the calls that use it (launch.cuh).
+// Variants (template arguments): kHasBias (an additive bias) and kFeatures
+// (softcap, ALiBi, dropout; score_rule.h): the score rule with those steps
+// compiled in, each instantiated only for the calls that use it
+// (../variants.h).
 // Key blocks are visited from the last to the first, so the blocks that need
 // masking (past seqlen_k, the causal diagonal) come first.
 #pragma once
@@ -204,7 +205,7 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[Traits::kMT][Traits::kDT]
 
 // Scores of key block [col0, col0 + kBlockN) to probabilities: the score
 // rule (bias; the mask only where the tile is not fully visible), then the
-// online softmax update, then dropout (kMods calls that ask for it).
+// online softmax update, then dropout (calls that ask for it).
 template <typename Traits, typename Rule>
 __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kNT][4],
                                               float (&acc_o)[Traits::kMT][Traits::kDT][4],
@@ -218,7 +219,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[Traits::kMT][Traits::kN
 
 }  // namespace fwd
 
-template <typename Traits, bool kHasBias, bool kMods>
+template <typename Traits, bool kHasBias, int kFeatures>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
   using Element = typename Traits::Element;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     const MaskGeometry geo(params, seq);
     const int n_begin = geo.n_block_begin(row0, kBlockN);
     const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
-    const CudaScoreRule<Element, kHasBias, kMods> rule(params, geo, b, h);
+    const CudaScoreRule<Element, kHasBias, kFeatures> rule(params, geo, b, h);
     Element* out = static_cast<Element*>(params.out) +
                    seq.q_offset(params.o_batch_stride, params.o_row_stride, params.o_head_stride, b, h);
     const int64_t lse_offset = seq.lse_offset(params, b, h);

@@ -22,9 +22,9 @@
 
 namespace flash {
 
-template <typename Traits, bool kHasBias, bool kMods>
+template <typename Traits, bool kHasBias, int kFeatures>
 void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
-  auto kernel = &flash_fwd_kernel<Traits, kHasBias, kMods>;
+  auto kernel = &flash_fwd_kernel<Traits, kHasBias, kFeatures>;
   constexpr int kSmem = Traits::kSmemBytes;
   if constexpr (kSmem > 48 * 1024) {
     FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
@@ -42,8 +42,8 @@ void launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
 
 template <typename Traits>
 void launch_flash_fwd_variants(const FlashFwdParams& params, cudaStream_t stream) {
-  dispatch_fwd_variant(params, [&](auto has_bias, auto has_mods) {
-    launch_flash_fwd<Traits, decltype(has_bias)::value, decltype(has_mods)::value>(params, stream);
+  dispatch_fwd_variant(params, [&](auto has_bias, auto features) {
+    launch_flash_fwd<Traits, decltype(has_bias)::value, decltype(features)::value>(params, stream);
   });
 }
 
@@ -145,13 +145,14 @@ void launch_dkdv(const FlashBwdParams& params, cudaStream_t stream) {
   const int64_t num_n_blocks = (params.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * params.batch * params.nheads;
   FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
-  auto kernel = has_score_mods(params)
-                    ? (params.deterministic ? &flash_bwd_dkdv_kernel<T, false, true> : &flash_bwd_dkdv_kernel<T, true, true>)
-                    : (params.deterministic ? &flash_bwd_dkdv_kernel<T, false, false>
-                                            : &flash_bwd_dkdv_kernel<T, true, false>);
-  set_smem_limit(kernel, T::kSmemBytes);
-  kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
-  FLASH_CUDA_LAUNCH_CHECK();
+  dispatch_features(score_features(params), [&](auto features) {
+    constexpr int kFeatures = decltype(features)::value;
+    auto kernel = params.deterministic ? &flash_bwd_dkdv_kernel<T, false, kFeatures>
+                                       : &flash_bwd_dkdv_kernel<T, true, kFeatures>;
+    set_smem_limit(kernel, T::kSmemBytes);
+    kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(params);
+    FLASH_CUDA_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace flash
@@ -195,10 +196,11 @@ void run_flash_bwd_dq_sm80(const FlashBwdParams& params, cudaStream_t stream) {
     using TQ = typename decltype(tag)::type;
     const int64_t num_m_blocks = (params.seqlen_q + TQ::kBlockM - 1) / TQ::kBlockM;
     const int64_t grid = num_m_blocks * params.batch * params.nheads;
-    auto kernel = flash::has_score_mods(params) ? &flash::flash_bwd_dq_kernel<TQ, true>
-                                                : &flash::flash_bwd_dq_kernel<TQ, false>;
-    flash::set_smem_limit(kernel, TQ::kSmemBytes);
-    kernel<<<dim3(grid), dim3(TQ::kNThreads), TQ::kSmemBytes, stream>>>(params);
-    FLASH_CUDA_LAUNCH_CHECK();
+    flash::dispatch_features(flash::score_features(params), [&](auto features) {
+      auto kernel = &flash::flash_bwd_dq_kernel<TQ, decltype(features)::value>;
+      flash::set_smem_limit(kernel, TQ::kSmemBytes);
+      kernel<<<dim3(grid), dim3(TQ::kNThreads), TQ::kSmemBytes, stream>>>(params);
+      FLASH_CUDA_LAUNCH_CHECK();
+    });
   });
 }
