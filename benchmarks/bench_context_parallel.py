@@ -38,9 +38,15 @@ F.scaled_dot_product_attention with PyTorch's default CUDA kernel choice,
 head-tail load balancing = our zigzag, its default all-gather rotation; GQA
 by repeating the K/V heads, as torchtitan does, unless --torch-cp-gqa
 native; it is skipped, with the reason in the JSON, where PyTorch has no
-such path, e.g. on CPU), and at N = 1 the single-device baselines on the
-whole sequence: flash_attn_func, and sdpa (PyTorch's default choice among its
-fused CUDA kernels, math left out, on the inputs torch_cp gets; GPU only).
+such path, e.g. on CPU), torch_cp_faext (the same context_parallel with
+flash_attn_ext activated as PyTorch's flash-attention implementation and SDPA's
+FLASH backend forced: PyTorch's ring and merge around our kernels; the
+implementation's call counter must show that every flash call ran ours, none
+handed back to PyTorch's; CUDA only), and at N = 1 the single-device
+baselines on the whole sequence: flash_attn_func, sdpa (PyTorch's default
+choice among its fused CUDA kernels, math left out, on the inputs torch_cp
+gets; GPU only) and sdpa_faext (SDPA's FLASH backend with our implementation
+active, on the same inputs; beside torch_cp_faext).
 
 Communication hidden behind compute (ring only, forward and backward apart):
   T_ring     the ring step as above;
@@ -59,8 +65,8 @@ Efficiency (report): per-rank throughput at N over that at N = 1,
 problem: T_1 / (N * T_N) for strong scaling, N * T_1 / T_N for weak scaling
 (N times the tokens: N^2 the work, N times per rank). T_1 is the
 single-device baseline of the N = 1 JSON (flash_attn_func for ours, sdpa for
-torch_cp), so the ring's own bookkeeping at N = 1 counts against it; the
-times are forward + backward.
+torch_cp, sdpa_faext for torch_cp_faext), so the ring's own bookkeeping at
+N = 1 counts against it; the times are forward + backward.
 """
 from __future__ import annotations
 
@@ -88,6 +94,9 @@ from flash_attn_ext.reference import attention_ref, sdpa_default, two_x_rule  # 
 # (causal, layout) of the two masks measured.
 MASKS = {True: "zigzag", False: "contiguous"}
 METHODS = {"ring": cp.ring_flash_attn_func, "all_gather": cp.all_gather_flash_attn_func}
+# PyTorch's context_parallel: with its own kernels, and with ours in its flash slot.
+TORCH_CP = ("torch_cp", "torch_cp_faext")
+VARIANTS = (*METHODS, *TORCH_CP)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --quick: shapes for a CPU dry-run (seconds); explicit flags still win.
 # Head dim 64: a GPU build restricted to FLASH_ATTN_EXT_HDIMS=64,128 runs it too.
@@ -109,8 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--causal", default="both", help="1, 0 or both (default)")
     p.add_argument("--parts", default="correctness,strong,weak", help="which of correctness,strong,weak to run")
-    p.add_argument("--variants", default="ring,all_gather,torch_cp",
-                   help="of ring,all_gather,torch_cp (the N = 1 baselines come with them)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"of {','.join(VARIANTS)} (the N = 1 baselines come with them)")
     p.add_argument("--torch-cp-gqa", choices=["repeat", "native"], default="repeat",
                    help="GQA in PyTorch's CP: repeat the K/V heads (default) or SDPA's enable_gqa")
     p.add_argument("--reps", type=int, default=None, help="timed steps (default 5)")
@@ -134,7 +143,7 @@ def parse_args(argv=None):
         if name not in ("correctness", "strong", "weak"):
             p.error(f"--parts: unknown part {name!r}")
     for name in args.variants:
-        if name not in ("ring", "all_gather", "torch_cp"):
+        if name not in VARIANTS:
             p.error(f"--variants: unknown variant {name!r}")
     return args
 
@@ -295,10 +304,32 @@ def sdpa_fn(causal):
     return fn
 
 
-def torch_cp_unsupported(run):
-    """None where torch.distributed.tensor.experimental.context_parallel can
-    run here, else the reason."""
+def faext_flash_unsupported(run):
+    """None where flash_attn_ext can run SDPA's FLASH backend here as PyTorch's
+    flash-attention implementation (torch_flash), else the reason."""
+    from flash_attn_ext import _ops
+    from flash_attn_ext.integrations import torch_flash
+
     if run.device.type != "cuda":
+        return f"SDPA's FLASH backend through our implementation is measured on CUDA only, not on {run.device.type}"
+    if not torch_flash.registry_available():
+        return (f"torch {torch.__version__} has no flash-attention registry "
+                f"(torch.nn.attention.register_flash_attention_impl needs torch >= {torch_flash.MIN_TORCH})")
+    if not _ops.HAS_CUDA_KERNELS:
+        return "this build of flash_attn_ext has no CUDA kernels"
+    return None
+
+
+def torch_cp_unsupported(run, variant="torch_cp"):
+    """None where torch.distributed.tensor.experimental.context_parallel can
+    run `variant` here, else the reason."""
+    if run.device.type != "cuda":
+        if variant == "torch_cp_faext":
+            # With our implementation active the ring itself runs on the CPU
+            # too, but only for callers of the aten op (tests/test_distributed.py).
+            return ("PyTorch's context_parallel intercepts only the CUDA SDPA ops: on the CPU, "
+                    "F.scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu, "
+                    f"which it cannot shard; not on {run.device.type} / {run.backend}")
         return ("PyTorch's context_parallel replaces only the CUDA SDPA kernels (flash, efficient, cuDNN); "
                 f"not on {run.device.type} / {run.backend}")
     try:
@@ -306,7 +337,33 @@ def torch_cp_unsupported(run):
         from torch.distributed.tensor.experimental import context_parallel  # noqa: F401
     except ImportError as e:
         return f"torch {torch.__version__} has no context_parallel ({common.short_error(e)})"
-    return None
+    return faext_flash_unsupported(run) if variant == "torch_cp_faext" else None
+
+
+@contextlib.contextmanager
+def faext_flash():
+    """flash_attn_ext activated as PyTorch's flash-attention implementation
+    (flash_attn_ext.integrations.torch_flash) and SDPA's FLASH backend forced,
+    for the duration. On leaving, the implementation's call counter must show
+    that SDPA's flash forward and backward ran our kernels and that no call
+    was handed back to PyTorch's (a shape or dtype our build lacks): else
+    RuntimeError, so that no PyTorch time is reported as ours."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flash_attn_ext.integrations import torch_flash
+
+    torch_flash.activate()
+    torch_flash.counts.clear()
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            yield
+    finally:
+        torch_flash.deactivate()
+    counts = dict(torch_flash.counts)
+    declined = sorted(name for name in counts if name.endswith(":declined"))
+    ran = [counts.get(f"_scaled_dot_product_flash_attention{x}", 0) for x in ("", "_backward")]
+    if declined or not all(ran):
+        raise RuntimeError(f"flash_attn_ext's kernels did not run every flash call (counts {counts})")
 
 
 @contextlib.contextmanager
@@ -329,13 +386,20 @@ def load_balance(enabled):
 
 class TorchCP:
     """F.scaled_dot_product_attention under context_parallel on a 1-D mesh of
-    the whole (default) process group."""
+    the whole (default) process group: with PyTorch's default kernel choice,
+    or (ours=True, torch_cp_faext) with SDPA's FLASH backend running our
+    kernels (faext_flash), activated only around this variant's calls."""
 
-    def __init__(self, run, gqa):
+    def __init__(self, run, gqa, ours=False):
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.run, self.gqa = run, gqa
-        self.mesh = init_device_mesh(run.device.type, (run.world,))
+        self.run, self.gqa, self.ours = run, gqa, ours
+        if getattr(run, "cp_mesh", None) is None:  # one mesh for both variants
+            run.cp_mesh = init_device_mesh(run.device.type, (run.world,))
+        self.mesh = run.cp_mesh
+
+    def kernels(self):
+        return faext_flash() if self.ours else contextlib.nullcontext()
 
     def _bhsd(self, q, k, v):
         return sdpa_buffers(q, k, v, self.gqa)
@@ -343,19 +407,29 @@ class TorchCP:
     def sdpa(self, causal):
         return sdpa_fn(causal)
 
+    @contextlib.contextmanager
     def context(self, buffers):
+        """context_parallel, giving F.scaled_dot_product_attention back even
+        when the body raises: torch 2.11's restores it only on a normal exit,
+        which would leave the next variant's SDPA calls inside PyTorch's ring."""
         from torch.distributed.tensor.experimental import context_parallel
 
-        return context_parallel(self.mesh, buffers=buffers, buffer_seq_dims=[2] * len(buffers),
-                                no_restore_buffers=set(buffers))
+        sdpa = F.scaled_dot_product_attention
+        try:
+            with context_parallel(self.mesh, buffers=buffers, buffer_seq_dims=[2] * len(buffers),
+                                  no_restore_buffers=set(buffers)):
+                yield
+        finally:
+            F.scaled_dot_product_attention = sdpa
 
     def time(self, q, k, v, dout, causal, reps, warmup):
         """q, k, v, dout: full (B, S, H, D) tensors (every rank the same shapes)."""
         bufs = list(self._bhsd(q, k, v)) + [dout.transpose(1, 2).contiguous()]
-        with load_balance(causal), self.context(bufs):
+        with self.kernels(), load_balance(causal), self.context(bufs):
             leaves = [b.detach().requires_grad_() for b in bufs[:3]]
             fwd, bwd = grad_closures(self.sdpa(causal), leaves, bufs[3])
-            return time_steps(self.run, fwd, bwd, reps, warmup)
+            times = time_steps(self.run, fwd, bwd, reps, warmup)
+        return times
 
     def results(self, q, k, v, dout, causal):
         """Full out, dq, dk, dv (B, S, H, D) on every rank, K/V heads summed back
@@ -363,7 +437,7 @@ class TorchCP:
         from torch.distributed.tensor.experimental._attention import context_parallel_unshard
 
         bufs = list(self._bhsd(q, k, v)) + [dout.transpose(1, 2).contiguous()]
-        with load_balance(causal), self.context(bufs):
+        with self.kernels(), load_balance(causal), self.context(bufs):
             leaves = [b.detach().requires_grad_() for b in bufs[:3]]
             out = self.sdpa(causal)(*leaves)
             grads = torch.autograd.grad(out, leaves, bufs[3])
@@ -425,7 +499,7 @@ def judge(name, got, refs, slack):
     return report
 
 
-def check_correctness(run, args, dtype, torch_cp):
+def check_correctness(run, args, dtype, torch_cps):
     results = []
     q, k, v, dout = full_inputs(run, args, args.check_seqlen, dtype)
     slack = 1e-5 + cp._block_rounding_slack(dtype, run.world)
@@ -446,16 +520,19 @@ def check_correctness(run, args, dtype, torch_cp):
                 report["gating"] = True
                 results.append(report)
             del out, grads, got, leaves
-        if torch_cp is not None:
+        for variant, torch_cp in torch_cps.items():
+            if isinstance(torch_cp, str):  # skipped, with this reason
+                continue
             try:
                 got = torch_cp.results(q, k, v, dout, causal)
                 if run.rank == 0:
-                    report = judge(f"torch_cp causal={causal}", got, refs, 1e-5)
+                    # Ours through PyTorch's ring: one dtype rounding per block, as in ours.
+                    report = judge(f"{variant} causal={causal}", got, refs, slack if torch_cp.ours else 1e-5)
                     report["gating"] = False
                     results.append(report)
-            except Exception as e:  # reported, not fatal: it is PyTorch's, beside ours
+            except Exception as e:  # reported, not fatal: PyTorch's ring, beside ours
                 if run.rank == 0:
-                    results.append({"name": f"torch_cp causal={causal}", "ok": False, "gating": False,
+                    results.append({"name": f"{variant} causal={causal}", "ok": False, "gating": False,
                                     "error": common.short_error(e)})
         del refs
     results = run.from_rank0(results)
@@ -483,7 +560,7 @@ def local_inputs(run, args, seqlen, dtype):
     return mk(args.nheads), mk(args.nheads_k), mk(args.nheads_k), mk(args.nheads)
 
 
-def scaling_rows(run, args, dtype, scaling, seqlen, torch_cp, torch_cp_skip):
+def scaling_rows(run, args, dtype, scaling, seqlen, torch_cps):
     rows = []
     for causal in args.causal_list:
         layout = MASKS[causal]
@@ -547,23 +624,36 @@ def scaling_rows(run, args, dtype, scaling, seqlen, torch_cp, torch_cp_skip):
                 except Exception as e:
                     rows.append(dict(base, variant="sdpa", skipped=common.short_error(e)))
                     log(run, f"  sdpa failed: {common.short_error(e)}")
+            if not isinstance(torch_cps.get("torch_cp_faext", "not asked for"), str):
+                # torch_cp_faext's baseline: SDPA's FLASH backend running our
+                # kernels through PyTorch's slot, on the inputs torch_cp_faext gets.
+                try:
+                    bufs = [x.detach().requires_grad_() for x in sdpa_buffers(q, k, v, args.torch_cp_gqa)]
+                    with faext_flash():
+                        fwd_ms, bwd_ms = time_steps(run, *grad_closures(sdpa_fn(causal), bufs, dout.transpose(1, 2)),
+                                                    args.reps, args.warmup)
+                    del bufs
+                    record("sdpa_faext", fwd_ms, bwd_ms)
+                except Exception as e:
+                    rows.append(dict(base, variant="sdpa_faext", skipped=common.short_error(e)))
+                    log(run, f"  sdpa_faext failed: {common.short_error(e)}")
         del q, k, v, leaves
 
-        if "torch_cp" in args.variants:
-            if torch_cp is None:
-                rows.append(dict(base, variant="torch_cp", skipped=torch_cp_skip))
-            else:
-                # Its buffers are the whole sequence on every rank (context_parallel shards them).
-                g = torch.Generator().manual_seed(args.seed + 2)
-                full = [torch.randn(args.batch, seqlen, h, args.headdim, generator=g).to(run.device, dtype)
-                        for h in (args.nheads, args.nheads_k, args.nheads_k, args.nheads)]
-                try:
-                    fwd_ms, bwd_ms = torch_cp.time(*full, causal, args.reps, args.warmup)
-                    record("torch_cp", fwd_ms, bwd_ms)
-                except Exception as e:
-                    rows.append(dict(base, variant="torch_cp", skipped=common.short_error(e)))
-                    log(run, f"  torch_cp failed: {common.short_error(e)}")
-                del full
+        for variant, torch_cp in torch_cps.items():
+            if isinstance(torch_cp, str):
+                rows.append(dict(base, variant=variant, skipped=torch_cp))
+                continue
+            # Its buffers are the whole sequence on every rank (context_parallel shards them).
+            g = torch.Generator().manual_seed(args.seed + 2)
+            full = [torch.randn(args.batch, seqlen, h, args.headdim, generator=g).to(run.device, dtype)
+                    for h in (args.nheads, args.nheads_k, args.nheads_k, args.nheads)]
+            try:
+                fwd_ms, bwd_ms = torch_cp.time(*full, causal, args.reps, args.warmup)
+                record(variant, fwd_ms, bwd_ms)
+            except Exception as e:
+                rows.append(dict(base, variant=variant, skipped=common.short_error(e)))
+                log(run, f"  {variant} failed: {common.short_error(e)}")
+            del full
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -603,25 +693,28 @@ def _bench(run, args):
                nccl_env={key: val for key, val in sorted(os.environ.items()) if key.startswith("NCCL_")})
     log(run, f"context parallelism over {run.world} rank(s), {run.backend} on {env['device']}; "
              f"B={args.batch} H={args.nheads}/{args.nheads_k} D={args.headdim} {args.dtype}")
-    torch_cp_skip = torch_cp_unsupported(run) if "torch_cp" in args.variants else "not asked for"
-    torch_cp = None
-    if torch_cp_skip is None:
-        try:
-            torch_cp = TorchCP(run, args.torch_cp_gqa)
-        except Exception as e:
-            torch_cp_skip = common.short_error(e)
-    if "torch_cp" in args.variants and torch_cp is None:
-        log(run, f"  torch_cp skipped: {torch_cp_skip}")
+    # variant -> TorchCP, or the reason it is skipped.
+    torch_cps = {}
+    for variant in [x for x in TORCH_CP if x in args.variants]:
+        torch_cps[variant] = torch_cp_unsupported(run, variant)
+        if torch_cps[variant] is None:
+            try:
+                torch_cps[variant] = TorchCP(run, args.torch_cp_gqa, ours=variant == "torch_cp_faext")
+            except Exception as e:
+                torch_cps[variant] = common.short_error(e)
+        if isinstance(torch_cps[variant], str):
+            log(run, f"  {variant} skipped: {torch_cps[variant]}")
+    skipped = {variant: why for variant, why in torch_cps.items() if isinstance(why, str)}
 
     payload = dict(env=env, args={k: v for k, v in vars(args).items() if k not in ("report", "plot")},
-                   torch_cp_skipped=torch_cp_skip if torch_cp is None else None, correctness=[], rows=[])
+                   torch_cp_skipped=skipped.get("torch_cp"), torch_cp_faext_skipped=skipped.get("torch_cp_faext"),
+                   correctness=[], rows=[])
     if "correctness" in args.parts:
-        payload["correctness"] = check_correctness(run, args, dtype, torch_cp)
+        payload["correctness"] = check_correctness(run, args, dtype, torch_cps)
     if "strong" in args.parts:
-        payload["rows"] += scaling_rows(run, args, dtype, "strong", args.seqlen, torch_cp, torch_cp_skip)
+        payload["rows"] += scaling_rows(run, args, dtype, "strong", args.seqlen, torch_cps)
     if "weak" in args.parts:
-        payload["rows"] += scaling_rows(run, args, dtype, "weak", args.tokens_per_rank * run.world, torch_cp,
-                                        torch_cp_skip)
+        payload["rows"] += scaling_rows(run, args, dtype, "weak", args.tokens_per_rank * run.world, torch_cps)
     correct = all(r["ok"] for r in payload["correctness"] if r.get("gating", True))
     payload["correct"] = correct
     if run.rank == 0:
@@ -634,7 +727,8 @@ def _bench(run, args):
 # ---------------------------------------------------------------------------
 # Report over several N.
 
-BASELINE = {"ring": "flash_attn_func", "all_gather": "flash_attn_func", "torch_cp": "sdpa"}
+BASELINE = {"ring": "flash_attn_func", "all_gather": "flash_attn_func", "torch_cp": "sdpa",
+            "torch_cp_faext": "sdpa_faext"}
 
 
 def efficiency(row, baselines):
@@ -657,13 +751,15 @@ def report(paths, plot_path=None):
                    if r.get("gating", True) and not r["ok"]]
     baselines = {(r["scaling"], r["causal"], r["variant"]): r for r in rows if r["world_size"] == 1}
     torch_at = {(r["scaling"], r["causal"], r["world_size"]): r for r in rows if r["variant"] == "torch_cp"}
-    order = {"ring": 0, "all_gather": 1, "torch_cp": 2, "flash_attn_func": 3, "sdpa": 4}
+    order = {"ring": 0, "all_gather": 1, "torch_cp": 2, "torch_cp_faext": 3, "flash_attn_func": 4, "sdpa": 5,
+             "sdpa_faext": 6}
     rows.sort(key=lambda r: (r["scaling"] != "strong", not r["causal"], order.get(r["variant"], 9), r["world_size"]))
     table = []
     for r in rows:
         eff = efficiency(r, baselines)
         other = torch_at.get((r["scaling"], r["causal"], r["world_size"]))
-        vs_torch = other["fwdbwd_ms"] / r["fwdbwd_ms"] if other and r["variant"] in METHODS else None
+        ours = r["variant"] in METHODS or r["variant"] == "torch_cp_faext"
+        vs_torch = other["fwdbwd_ms"] / r["fwdbwd_ms"] if other and ours else None
         table.append([r["scaling"], "causal" if r["causal"] else "non-causal", r["variant"], str(r["world_size"]),
                       f"{r['seqlen'] // 1024}k" if r["seqlen"] % 1024 == 0 else str(r["seqlen"]),
                       common.fmt(r["fwd_ms"], 1), common.fmt(r["bwd_ms"], 1), common.fmt(r["fwdbwd_ms"], 1),
@@ -673,8 +769,10 @@ def report(paths, plot_path=None):
                "torch_cp / ours", "hidden fwd", "hidden bwd"]
     print(common.markdown_table(headers, table))
     print("- times: median per step, max over ranks; efficiency: per-GPU throughput at N over the one-device "
-          "baseline of the N = 1 run (flash_attn_func for ours, sdpa for torch_cp), T1 / (N * TN) for strong "
-          "scaling, N * T1 / TN for weak; torch_cp / ours: PyTorch's fwd+bwd time over ours (> 1: ours faster); "
+          "baseline of the N = 1 run (flash_attn_func for ours, sdpa for torch_cp, sdpa_faext for "
+          "torch_cp_faext), T1 / (N * TN) for strong scaling, N * T1 / TN for weak; torch_cp / ours: PyTorch's "
+          "fwd+bwd time over ours (ring, all_gather, or torch_cp_faext: PyTorch's ring around our kernels; "
+          "> 1: ours faster); "
           "hidden: share of the ring's transfer time hidden behind compute, 1 - (T_ring - T_compute) / T_comm")
     reasons = {}
     for r in skipped:
@@ -698,7 +796,7 @@ def plot(rows, baselines, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    colors = {"ring": "tab:red", "all_gather": "tab:orange", "torch_cp": "tab:blue"}
+    colors = {"ring": "tab:red", "all_gather": "tab:orange", "torch_cp": "tab:blue", "torch_cp_faext": "tab:green"}
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
     for si, scaling in enumerate(("strong", "weak")):
         for variant, color in colors.items():

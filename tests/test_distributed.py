@@ -37,6 +37,7 @@ from conftest import (
     assert_close_to_ref,
     assert_fp32_close,
     attention_ref,
+    op_supports,
     sdpa_default,
     visible_mask,
 )
@@ -309,6 +310,155 @@ def test_failing_rank_does_not_hang_the_others():
     for kind, seconds in got[0]:
         # gloo's timeout error (a RuntimeError), after about the 2 s timeout.
         assert kind in ("RuntimeError", "DistBackendError") and 1.0 < seconds < 30, got[0]
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's own context parallelism (torch.distributed.tensor.experimental.
+# context_parallel) with flash_attn_ext active as PyTorch's flash-attention
+# implementation (flash_attn_ext.integrations.torch_flash): PyTorch shards the
+# sequence, rotates K/V and merges the partial outputs through the lse; every
+# local attention call is aten._scaled_dot_product_flash_attention (and its
+# backward), which our implementation overrides. On CUDA, F.scaled_dot_product_attention
+# on SDPA's FLASH backend reaches that op (one GPU here: a single-rank NCCL
+# group). On the CPU, F.scaled_dot_product_attention runs
+# _scaled_dot_product_flash_attention_for_cpu instead, which context_parallel
+# cannot shard ("does not have a sharding strategy"), and PyTorch has no CPU
+# kernel for the CUDA op; with our implementation active the ring runs there
+# too when the aten op itself is called on the sequence-sharded DTensors that
+# context_parallel's F.scaled_dot_product_attention wrapper would make, which
+# is how the CPU case (2 gloo ranks) reaches it.
+
+def _torch_cp_skip_reason(device):
+    from flash_attn_ext.integrations import torch_flash
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if device == "cuda" and not dist.is_nccl_available():
+        return "torch.distributed without NCCL"
+    if not torch_flash.registry_available():
+        return (f"torch {torch.__version__} has no flash-attention registry "
+                f"(torch.nn.attention.register_flash_attention_impl, torch >= {torch_flash.MIN_TORCH})")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+        from torch.distributed.tensor import DTensor, Shard  # noqa: F401
+        from torch.distributed.tensor.experimental import context_parallel  # noqa: F401
+        from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel_unshard  # noqa: F401
+    except ImportError as e:
+        return f"torch {torch.__version__} has no context_parallel ({e})"
+    return None
+
+
+def _torch_cp_attention(leaves, causal, device, mesh):
+    """The attention a model runs inside context_parallel, on this rank's
+    (B, H, S/N, D) shards: F.scaled_dot_product_attention on SDPA's FLASH
+    backend (CUDA), or the aten op it reaches there (CPU, see above)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device == "cuda":
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)
+    sharded = [DTensor.from_local(x, mesh, [Shard(2)], run_check=False) for x in leaves]
+    return torch.ops.aten._scaled_dot_product_flash_attention(*sharded, 0.0, causal)[0].to_local()
+
+
+def _torch_cp_worker(rank, world_size, init_file, results, device, cases):
+    """Every case through context_parallel on this rank. Puts {case: ([out,
+    dq, dk, dv] unsharded to the whole sequence, the implementation's call
+    counts)}, or a traceback string."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+        from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel_unshard
+
+        from flash_attn_ext.integrations import torch_flash
+
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                    timeout=_TIMEOUT)
+        else:
+            _init(rank, world_size, init_file, _TIMEOUT)
+        mesh = init_device_mesh(device, (world_size,))
+        report = {}
+        torch_flash.activate()
+        saved_balance = _cp_options.enable_load_balance
+        try:
+            for name, (causal, *tensors) in cases.items():
+                torch_flash.counts.clear()
+                # PyTorch balances causal work by head-tail (zigzag) sharding
+                # and refuses non-causal attention while that is on.
+                _cp_options.enable_load_balance = causal
+                # q, k, v, dout: (B, H, S, D), the whole sequence. Copies: context_parallel shards its
+                # buffers in place, and these tensors share memory with the parent's.
+                bufs = [x.to(device, copy=True) for x in tensors]
+                with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * 4, no_restore_buffers=set(bufs)):
+                    leaves = [b.detach().requires_grad_() for b in bufs[:3]]
+                    out = _torch_cp_attention(leaves, causal, device, mesh)
+                    grads = torch.autograd.grad(out, leaves, bufs[3])
+                    full = context_parallel_unshard(mesh, [out, *grads], [2] * 4)
+                report[name] = ([t.detach().cpu() for t in full], dict(torch_flash.counts))
+        finally:
+            _cp_options.enable_load_balance = saved_balance
+            torch_flash.deactivate()
+        dist.destroy_process_group()
+    except Exception:
+        report = traceback.format_exc()
+    _put(results, rank, report)
+
+
+@pytest.mark.parametrize("device,world_size", [("cpu", 2), ("cuda", 1)])
+def test_torch_context_parallel_runs_our_kernels(device, world_size):
+    """Causal (load-balanced) and non-causal attention through PyTorch's
+    context_parallel: out, dq, dk, dv against the float64 reference by the
+    project's rule, and every local call of PyTorch's ring ran our kernels
+    (one forward and one backward per ring step, none declined)."""
+    reason = _torch_cp_skip_reason(device)
+    if reason:
+        pytest.skip(reason)
+    dtypes = [t for t in ([torch.float32, torch.bfloat16] if device == "cpu" else [torch.bfloat16])
+              if op_supports(device, t)]
+    if not dtypes:
+        pytest.skip(f"this build has no {device} kernel for the dtypes tested")
+    # (B, H, S, D): S divisible by 2 * world_size (head-tail sharding); head dim 64 on CUDA
+    # (a build restricted to FLASH_ATTN_EXT_HDIMS=64,128 has it).
+    batch, nheads, seqlen, headdim = (1, 2, 32, 16) if device == "cpu" else (2, 4, 256, 64)
+    cases = {}
+    for dtype in dtypes:
+        for causal in (True, False):
+            tensors = [torch.randn(batch, nheads, seqlen, headdim).to(dtype) for _ in range(4)]
+            cases[f"{str(dtype).split('.')[-1]} causal={causal}"] = (causal, *tensors)
+    got = _spawn(_torch_cp_worker, world_size, (device, cases), limit_s=120)
+    for rank in range(world_size):
+        assert not isinstance(got[rank], str), f"rank {rank} raised:\n{got[rank]}"
+
+    op = "_scaled_dot_product_flash_attention"
+    for name, (causal, q, k, v, dout) in cases.items():
+        for rank in range(world_size):
+            counts = got[rank][name][1]
+            # With load balancing no ring step is skipped; without, non-causal skips none either.
+            assert counts.get(op) == world_size and counts.get(op + "_backward") == world_size, (name, rank, counts)
+            assert not any(key.endswith(":declined") for key in counts), (name, rank, counts)
+        t = lambda x: x.transpose(1, 2).to(device)  # noqa: E731  (B, H, S, D) -> (B, S, H, D)
+        ours = [t(x) for x in got[0][name][0]]
+        refs = {}
+        for kind in ("ref64", "math", "sdpa"):
+            if kind != "ref64" and q.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            leaves = [t(x).to(torch.float64 if kind == "ref64" else x.dtype).requires_grad_() for x in (q, k, v)]
+            if kind == "sdpa":
+                out = sdpa_default(*leaves, causal=causal)
+            else:
+                out = attention_ref(*leaves, causal=causal, upcast=kind == "ref64")[0]
+            refs[kind] = [out.detach(), *torch.autograd.grad(out, leaves, t(dout).to(out.dtype))]
+        for i, label in enumerate(("out", "dq", "dk", "dv")):
+            what = f"context_parallel on {device}, {world_size} rank(s), {name}: {label}"
+            if q.dtype == torch.float32:
+                assert_fp32_close(ours[i], refs["ref64"][i], what)
+            else:
+                # One dtype rounding per ring block before PyTorch's fp32 merge, as in ours.
+                slack = 1e-5 + cp._block_rounding_slack(q.dtype, world_size)
+                assert_close_to_ref(ours[i], refs["ref64"][i], (refs["math"][i], refs["sdpa"][i]), what, slack=slack)
 
 
 # ---------------------------------------------------------------------------
@@ -701,8 +851,9 @@ def test_context_parallel_benchmark_runs_under_torchrun(tmp_path, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", "bench_context_parallel.py")
     out = tmp_path / "cp_n2.json"
+    # --cpu: gloo even on a machine with a GPU (two ranks cannot share one device there).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, "--quick",
-           "--out", str(out)]
+           "--cpu", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = json.loads(out.read_text())
@@ -714,8 +865,13 @@ def test_context_parallel_benchmark_runs_under_torchrun(tmp_path, capsys):
     assert timed == {(s, c, m) for s in ("strong", "weak") for c in (True, False) for m in ("ring", "all_gather")}
     ring = [r for r in payload["rows"] if r["variant"] == "ring"]
     assert all(r["comm_bwd_ms"] > 0 and r["compute_fwd_ms"] > 0 and r["hidden_bwd"] is not None for r in ring)
-    # PyTorch's context_parallel has no CPU path: skipped with its reason.
-    assert all("CUDA" in r["skipped"] for r in payload["rows"] if r["variant"] == "torch_cp")
+    # PyTorch's context_parallel has no CPU path for F.scaled_dot_product_attention, with its kernels or
+    # ours (test_torch_context_parallel_runs_our_kernels reaches its ring through the aten op): skipped
+    # with the reason, every row.
+    for variant in ("torch_cp", "torch_cp_faext"):
+        rows = [r for r in payload["rows"] if r["variant"] == variant]
+        assert len(rows) == 4 and all("CUDA" in r["skipped"] for r in rows), rows
+    assert "CUDA" in payload["torch_cp_faext_skipped"]
 
     spec = importlib.util.spec_from_file_location("bench_context_parallel", script)
     bench = importlib.util.module_from_spec(spec)
