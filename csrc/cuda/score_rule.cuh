@@ -103,25 +103,42 @@ __device__ __forceinline__ void for_each_dropout_keep(const Dropout& dropout, in
 // Keys as rows (the dK/dV backwards, S^T): acc[kN / 8][4] holds keys
 // key_row0 + g (+ 8) and queries q_col0 + 8 j + 2 t (+ 1), both firsts
 // multiples of 16. A thread's scores of a 16 x 16 tile come from two draws
-// (its two query columns), of which it uses half each: the lane with the
-// other key parity uses the other half. fn(j, e, kept).
+// (its two query columns x = 0, 1), of which it uses one half each (the
+// halves of its key parity); the lane with the other key parity (lane ^ 4)
+// uses the other halves. So each of the two lanes draws one column (the one
+// equal to its key parity) and hands the halves it does not use to the
+// other over a shuffle: one Philox call per thread and tile, as in the
+// forward, instead of two (every lane of the warp must call this).
+// fn(j, e, kept).
 template <int kN, typename Fn>
 __device__ __forceinline__ void for_each_dropout_keep_t(const Dropout& dropout, int key_row0, int q_col0, int lane,
                                                         Fn&& fn) {
   static_assert(kN % 16 == 0, "whole 16-query tiles");
   const int g = lane >> 2, t = lane & 3;
   const uint32_t key_group = (static_cast<uint32_t>(key_row0 >> 4) << 2) | static_cast<uint32_t>(g >> 1);
-  const bool odd_key = (g & 1) != 0;
+  const int parity = g & 1;  // this lane's key parity, and the query column it draws
 #pragma unroll
   for (int jj = 0; jj < kN / 16; ++jj) {
+    uint32_t w[4];
+    dropout.draw(key_group, ((static_cast<uint32_t>(q_col0 >> 4) + jj) << 3) | static_cast<uint32_t>(2 * t + parity),
+                 w);
+    // The other parity's halves of this draw, two to a word, for the partner;
+    // what comes back is this parity's halves of the partner's draw, in the
+    // high half of each word (where Dropout::kept compares an odd column).
+    uint32_t give[2], got[2];
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-      uint32_t w[4];
-      dropout.draw(key_group, ((static_cast<uint32_t>(q_col0 >> 4) + jj) << 3) | static_cast<uint32_t>(2 * t + x), w);
+    for (int i = 0; i < 2; ++i) {
+      give[i] = parity ? (w[2 * i] & 0xFFFFu) | (w[2 * i + 1] << 16) : (w[2 * i] >> 16) | (w[2 * i + 1] & 0xFFFF0000u);
+      got[i] = __shfl_xor_sync(0xFFFFFFFFu, give[i], 4);
+    }
 #pragma unroll
-      for (int jq = 0; jq < 2; ++jq)
+    for (int jq = 0; jq < 2; ++jq) {
 #pragma unroll
-        for (int jk = 0; jk < 2; ++jk) fn(2 * jj + jq, 2 * jk + x, dropout.kept(w[2 * jq + jk], odd_key));
+      for (int jk = 0; jk < 2; ++jk) {
+        const uint32_t theirs = jk ? got[jq] & 0xFFFF0000u : got[jq] << 16;
+        fn(2 * jj + jq, 2 * jk + parity, dropout.kept(w[2 * jq + jk], parity != 0));
+        fn(2 * jj + jq, 2 * jk + (parity ^ 1), dropout.kept(theirs, true));
+      }
     }
   }
 }
@@ -187,18 +204,18 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
                            : unmasked_prob(this->unbiased, s, row, col, bias, lse_log2_row, residual, dsoftcap);
     return !need_mask || this->unbiased.visible(row, col) ? prob : 0.f;
   }
-  // Interior tiles without a bias (whose scores, without softcap and ALiBi,
-  // need no coordinates): one FFMA, one FADD and the EX2 per score. Only for
-  // tiles where fast_tile() holds: with softcap or ALiBi none does (ALiBi
-  // needs the coordinates), and prob() serves every tile.
-  __device__ __forceinline__ float prob_unbiased_visible(float s, float lse_log2_row, float residual) const {
-    float unused;
-    return unmasked_prob(this->unbiased, s, 0, 0, 0.f, lse_log2_row, residual, unused);
+  // Interior tiles of calls without a bias: no mask test and no bias read,
+  // and the kernels load the row statistics once per pair of columns. The
+  // plain rule needs no coordinates there (one FFMA, one FADD and the EX2
+  // per score; row and col are dead); ALiBi's, softcap's factor in
+  // `dsoftcap` as prob() gives it. Only for tiles where fast_tile() holds;
+  // prob() serves every tile.
+  __device__ __forceinline__ float prob_unbiased_visible(float s, int row, int col, float lse_log2_row,
+                                                         float residual, float& dsoftcap) const {
+    return unmasked_prob(this->unbiased, s, row, col, 0.f, lse_log2_row, residual, dsoftcap);
   }
   // Whether the tile at hand can take prob_unbiased_visible.
-  __device__ __forceinline__ bool fast_tile(bool need_mask) const {
-    return !kShapesLogit && !need_mask && !this->has_bias;
-  }
+  __device__ __forceinline__ bool fast_tile(bool need_mask) const { return !need_mask && !this->has_bias; }
 
   // Dropout (kDropout only; ../dropout.h) of this (batch, head).
   __device__ __forceinline__ const Dropout& dropout() const { return this->unbiased.dropout; }

@@ -214,11 +214,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       for (int j = 0; j < kSN / 8; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
         const float2 r = *reinterpret_cast<const float2*>(sResidual + q_col0 + 8 * j + 2 * t);
-        const float l0 = lse_log2(l.x), l1 = lse_log2(l.y);
-        acc_s[j][0] = rule.prob_unbiased_visible(acc_s[j][0], l0, r.x);
-        acc_s[j][1] = rule.prob_unbiased_visible(acc_s[j][1], l1, r.y);
-        acc_s[j][2] = rule.prob_unbiased_visible(acc_s[j][2], l0, r.x);
-        acc_s[j][3] = rule.prob_unbiased_visible(acc_s[j][3], l1, r.y);
+        const float lse_c[2] = {lse_log2(l.x), lse_log2(l.y)}, res_c[2] = {r.x, r.y};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + key_row0 + g + 8 * (e / 2);
+          const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[e % 2], res_c[e % 2], dsoftcap[j][e]);
+        }
       }
     } else {
 #pragma unroll

@@ -123,11 +123,16 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     };
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias: P and dS in four instructions per element
-      // (without dropout).
+      // (without features).
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) to_ds(j, e, rule.prob_unbiased_visible(acc_s[j][e], lse_l2[e / 2], res[e / 2]), 1.f);
+        for (int e = 0; e < 4; ++e) {
+          float dsoftcap = 1.f;
+          const float prob = rule.prob_unbiased_visible(acc_s[j][e], row_lo + 8 * (e / 2), n0 + 8 * j + 2 * t + (e % 2),
+                                                        lse_l2[e / 2], res[e / 2], dsoftcap);
+          to_ds(j, e, prob, dsoftcap);
+        }
       }
     } else {
 #pragma unroll

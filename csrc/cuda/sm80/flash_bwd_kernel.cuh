@@ -189,12 +189,16 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
     float dsoftcap[T::kMPerWarp / 8][4];
     if (rule.fast_tile(need_mask)) {
-      // Interior tile without bias (the common case): FFMA, FADD and EX2 per element.
+      // Interior tile without bias (the common case): FFMA, FADD and EX2 per
+      // element without features.
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], lse_c[j][e % 2], res_c[j][e % 2]);
+          const int key = n0 + key_row0 + g + 8 * (e / 2);
+          const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
+          acc_s[j][e] =
+              rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], dsoftcap[j][e]);
         }
       }
     } else {
