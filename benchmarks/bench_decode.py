@@ -14,6 +14,16 @@ read plus written per second (the usual copy figure; a kernel that only reads
 can at best match it). Shapes whose caches do not fit are skipped.
 
     python benchmarks/bench_decode.py [--quick] [--json PATH] [--png PATH]
+
+Developer mode, `--sweep`: every configuration of the CUDA decode kernel
+(FLASH_ATTN_EXT_DECODE_CONFIG; the table is csrc/cuda/flash_decode_launch.cuh)
+over the contiguous shapes of the table, and paged with page 16, beside
+cuDNN, FLASH and the copy in the same process; prints ours/cuDNN per shape
+and config, the geomean per config, paged/contiguous per config, and the
+largest difference from cuDNN's output (a sanity check; the tests are
+tests/test_kvcache.py). About 2-3 minutes on an H200.
+
+    python benchmarks/bench_decode.py --sweep [--configs a,b] [--json PATH]
 """
 from __future__ import annotations
 
@@ -177,13 +187,141 @@ def plot(rows, pages, path):
     return path
 
 
+def sweep(args):
+    """--sweep: each decode configuration over the contiguous table (and paged, page 16)."""
+    from flash_attn_ext.kvcache import DECODE_CONFIG_ENV, _decode_configs
+
+    configs = args.configs.split(",") if args.configs else _decode_configs()
+    pages = [int(x) for x in args.sweep_pages.split(",") if x]
+    op = torch.ops.flash_attn_ext.fwd_kvcache
+    scale = HEAD_DIM ** -0.5
+    torch.manual_seed(0)
+    rows, start = [], time.time()
+    dev = "cuda"
+
+    def run_configs(row, prefix, call, ref=None):
+        for c in configs:
+            os.environ[DECODE_CONFIG_ENV] = c
+            ms, err = try_time(call, row["reps"])
+            row[f"{prefix}{c}_ms"] = ms
+            if err:
+                row[f"{prefix}{c}_error"] = err
+            if ref is not None and ms is not None:
+                row[f"{prefix}{c}_maxdiff"] = (call()[0].float() - ref).abs().max().item()
+        os.environ.pop(DECODE_CONFIG_ENV, None)
+
+    for hk in (8, 32):
+        for b in (1, 8, 64):
+            for s in (4096, 32768, 131072):
+                kv_bytes = 2 * b * s * hk * HEAD_DIM * 2
+                row = {"batch": b, "seqlen": s, "nheads_k": hk, "kv_bytes": kv_bytes,
+                       "reps": int(min(200, max(3, 0.02 / (kv_bytes / 4e12))))}
+                rows.append(row)
+                free, _ = torch.cuda.mem_get_info()
+                if 1.6 * kv_bytes > free:
+                    row["skipped"] = f"needs {1.6 * kv_bytes / 2**30:.0f} GiB"
+                    continue
+                q = torch.randn(b, 1, HEADS, HEAD_DIM, device=dev, dtype=DTYPE)
+                seqlens = torch.full((b,), s, dtype=torch.int32, device=dev)
+                kc = torch.randn(b, s, hk, HEAD_DIM, device=dev, dtype=DTYPE)
+                vc = torch.randn_like(kc)
+                qs, ks, vs = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+                ref = None
+                for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    def sdpa(backend=backend):
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=hk != HEADS)
+                    row[f"{name}_ms"], _ = try_time(sdpa, row["reps"])
+                    if row[f"{name}_ms"] is not None and (ref is None or name == "cudnn"):
+                        ref = sdpa().transpose(1, 2).float()
+                dst = torch.empty_like(kc)
+
+                def copy():
+                    dst.copy_(kc)
+                    dst.copy_(vc)
+                row["copy_ms"], _ = try_time(copy, row["reps"])
+                del dst
+                run_configs(row, "", lambda: op(q, kc, vc, seqlens, None, None, None, scale, True, -1, -1), ref)
+                del kc, vc, qs, ks, vs
+                torch.cuda.empty_cache()
+                for page in pages:
+                    nblk = b * math.ceil(s / page)
+                    kp = torch.randn(nblk, page, hk, HEAD_DIM, device=dev, dtype=DTYPE)
+                    vp = torch.randn_like(kp)
+                    table = torch.randperm(nblk, device=dev).view(b, -1).int()
+                    run_configs(row, f"paged{page}_",
+                                lambda: op(q, kp, vp, seqlens, None, None, table, scale, True, -1, -1))
+                    del kp, vp
+                    torch.cuda.empty_cache()
+                print(json.dumps(row), flush=True)
+    seconds = round(time.time() - start)
+    print(sweep_table(rows, configs, pages))
+    print(f"sweep: {seconds} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "configs": configs, "seconds": seconds, "rows": rows}, f, indent=1)
+        print("wrote", args.json)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def sweep_table(rows, configs, pages):
+    """ours/cuDNN per shape and config (time ratio cuDNN/ours: > 1 is faster than cuDNN), then summaries."""
+    done = [r for r in rows if "skipped" not in r]
+    head = ["shape", "cudnn TB/s", "copy TB/s", "flash/cudnn"] + configs
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratio = {c: [] for c in configs}
+    paged = {(c, p): [] for c in configs for p in pages}
+    worst = {c: 0.0 for c in configs}
+    for r in done:
+        kv = "GQA" if r["nheads_k"] == 8 else "MHA"
+        cudnn = r.get("cudnn_ms")
+        cells = [f"{kv} b{r['batch']} {r['seqlen'] // 1024}k",
+                 fmt(r["kv_bytes"] / (cudnn * 1e-3) / 1e12 if cudnn else None),
+                 fmt(2 * r["kv_bytes"] / (r["copy_ms"] * 1e-3) / 1e12 if r.get("copy_ms") else None),
+                 fmt(cudnn / r["flash_ms"] if cudnn and r.get("flash_ms") else None)]
+        for c in configs:
+            ours = r.get(f"{c}_ms")
+            x = cudnn / ours if cudnn and ours else None
+            ratio[c].append(x)
+            cells.append(fmt(x, 3))
+            worst[c] = max(worst[c], r.get(f"{c}_maxdiff", 0.0))
+            for p in pages:
+                pm = r.get(f"paged{p}_{c}_ms")
+                paged[(c, p)].append(ours / pm if ours and pm else None)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| geomean ours/cuDNN | | | | " + " | ".join(fmt(geomean(ratio[c]), 3) for c in configs) + " |")
+    lines.append("| min ours/cuDNN | | | | " + " | ".join(
+        fmt(min([x for x in ratio[c] if x], default=None), 3) for c in configs) + " |")
+    for p in pages:
+        lines.append(f"| geomean paged{p}/contig | | | | " + " | ".join(
+            fmt(geomean(paged[(c, p)]), 3) for c in configs) + " |")
+        lines.append(f"| min paged{p}/contig | | | | " + " | ".join(
+            fmt(min([x for x in paged[(c, p)] if x], default=None), 3) for c in configs) + " |")
+    lines.append("| max abs diff vs cuDNN | | | | " + " | ".join(f"{worst[c]:.1e}" for c in configs) + " |")
+    lines.append("(speed ratios, time of the baseline / time of ours: above 1 is faster than cuDNN, "
+                 "paged as fast as contiguous at 1)")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="batch {1, 64} x {4k, 128k}, GQA only, page 16")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
     p.add_argument("--replot", default=None, metavar="JSON", help="redraw the PNG and table of a saved run")
+    p.add_argument("--sweep", action="store_true",
+                   help="developer: every FLASH_ATTN_EXT_DECODE_CONFIG over the contiguous table and paged")
+    p.add_argument("--configs", default=None, help="--sweep: comma-separated configuration names (default: all)")
+    p.add_argument("--sweep-pages", default="16", help="--sweep: page sizes to time paged (comma-separated, '' none)")
     args = p.parse_args()
+    if args.sweep:
+        sweep(args)
+        return
     if args.replot:
         rows = json.load(open(args.replot))["rows"]
         pages = sorted({int(k[5:-4]) for r in rows for k in r if k.startswith("paged") and k.endswith("_TBs")})

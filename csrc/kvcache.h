@@ -55,6 +55,9 @@ struct FlashKvcacheParams : FlashFwdParams {
   int num_splits = 1;
   float* out_accum = nullptr;
   float* lse_accum = nullptr;
+  // CUDA: the entry of the decode kernel's configuration table
+  // (cuda/flash_decode_launch.cuh) that plan_flash_decode picked.
+  int decode_config = 0;
 };
 
 namespace flash {

@@ -20,7 +20,9 @@ synchronisation per call, and is skipped while torch.compile traces).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import os
+import re
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -289,3 +291,31 @@ def flash_attn_with_kvcache(
                                         block_table, float(softmax_scale), bool(causal), window_left, window_right,
                                         softcap, alibi_slopes, sinks, int(num_splits))
     return (out, softmax_lse) if return_softmax_lse else out
+
+
+DECODE_CONFIG_ENV = "FLASH_ATTN_EXT_DECODE_CONFIG"
+
+
+def _decode_configs() -> List[str]:
+    """Developer use (tests, benchmarks/bench_decode.py --sweep): the names of
+    the CUDA decode kernel's configurations, which FLASH_ATTN_EXT_DECODE_CONFIG
+    picks from (read on every call; unset: the first, the default). The table
+    lives in one place, csrc/cuda/flash_decode_launch.cuh; its names are read
+    here from the error that an unknown name raises."""
+    q = torch.zeros(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16)
+    seqlens = torch.ones(1, device="cuda", dtype=torch.int32)
+    old = os.environ.get(DECODE_CONFIG_ENV)
+    os.environ[DECODE_CONFIG_ENV] = "?"
+    try:
+        torch.ops.flash_attn_ext.fwd_kvcache(q, q, q, seqlens, None, None, None, 1.0, False, -1, -1)
+    except RuntimeError as e:
+        found = re.search(r"the configurations are: ([\w, ]+)", str(e))
+        if found is None:
+            raise
+        return [name.strip() for name in found.group(1).split(",")]
+    finally:
+        if old is None:
+            del os.environ[DECODE_CONFIG_ENV]
+        else:
+            os.environ[DECODE_CONFIG_ENV] = old
+    raise RuntimeError(f"flash_attn_ext: {DECODE_CONFIG_ENV}='?' raised no error; cannot list the configurations")

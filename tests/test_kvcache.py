@@ -463,6 +463,94 @@ def test_cuda_graph_decode_step(paged):
         case.check(g_out.clone(), g_lse.clone(), causal=True, name=f"replay {lengths}")
 
 
+# Every configuration of the CUDA decode kernel (FLASH_ATTN_EXT_DECODE_CONFIG, developer-only; the
+# table is csrc/cuda/flash_decode_launch.cuh) at head dim 128, the one that instantiates them all:
+# cp.async and bulk loads, pipeline depths, programmatic dependent launch, the combine.
+DECODE_CONFIGS = flash_attn_ext.kvcache._decode_configs() if CUDA else []
+CONFIG_CASES = {
+    "contiguous": (dict(new=1, capacity=700), {}),
+    "splits5": (dict(new=1, capacity=700, lengths=[650, 300, 0]), dict(num_splits=5)),
+    "splits1": (dict(new=1, capacity=700, lengths=[650, 1, 64]), dict(num_splits=1)),
+    "splits40": (dict(batch=1, nheads=4, nheads_k=4, capacity=2600, lengths=[2600]), dict(num_splits=40)),
+    "paged1": (dict(new=1, capacity=150, page_size=1), {}),
+    "paged16": (dict(new=1, capacity=700, page_size=16, leftpad=True), dict(num_splits=3)),
+    "paged256": (dict(new=1, capacity=700, page_size=256), {}),
+    "batch_idx_leftpad": (dict(new=2, capacity=300, batch_idx=True, leftpad=True), {}),
+    "row_chunks": (dict(seqlen_q=5, new=5, capacity=300), {}),
+    "features": (dict(seqlen_q=2, nheads=4, new=1, capacity=400, lengths=[350, 0, 40]), "features"),
+    "d120": (dict(d=120, new=1, capacity=300, page_size=16), dict(num_splits=2)),
+    "fp16": (dict(new=1, capacity=700, dtype=torch.float16), {}),
+}
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
+@pytest.mark.parametrize("name", list(CONFIG_CASES))
+def test_decode_configs(config, name, monkeypatch):
+    if not compiled_hdim("cuda", 128):
+        pytest.skip("head dim 128 not compiled in this build")
+    monkeypatch.setenv("FLASH_ATTN_EXT_DECODE_CONFIG", config)
+    shape, kw = CONFIG_CASES[name]
+    shape = dict(dict(batch=3, nheads=8, nheads_k=2, d=128), **shape)
+    dtype = shape.pop("dtype", torch.bfloat16)
+    case = Case("cuda", dtype, **shape)
+    poison_allocator("cuda", 1 << 22)
+    causal, window, ref = True, (-1, -1), {}
+    if kw == "features":
+        kw = dict(softcap=2.0, alibi_slopes=torch.rand(4, device="cuda") * 0.3,
+                  s_aux=torch.tensor([0.5, -1.0, 3.0, float("-inf")], device="cuda"), window_size=(200, 0))
+        ref = dict(softcap=2.0, alibi_slopes=kw["alibi_slopes"], sinks=kw["s_aux"])
+        window = (200, 0)
+    try:
+        out, lse = case.run(causal=causal, **kw)
+    except RuntimeError as e:
+        if "not compiled in this build" in str(e):
+            pytest.skip(str(e).splitlines()[0])
+        raise
+    case.check(out, lse, causal=causal, window=window, name=f"{config}/{name}", **ref)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_configs_cuda_graph(config, paged, monkeypatch):
+    """Each configuration captured in a CUDA graph (programmatic launches become graph edges) and
+    replayed twice with new lengths, split and unsplit."""
+    if not compiled_hdim("cuda", 128):
+        pytest.skip("head dim 128 not compiled in this build")
+    monkeypatch.setenv("FLASH_ATTN_EXT_DECODE_CONFIG", config)
+    case = Case("cuda", torch.bfloat16, batch=2, nheads=8, nheads_k=2, d=128, new=1, capacity=1024,
+                page_size=16 if paged else None, lengths=[10, 900])
+    static_q, static_k, static_v = case.q.clone(), case.k.clone(), case.v.clone()
+    static_len = case.cache_seqlens.clone()
+    k0, v0 = case.k_cache.clone(), case.v_cache.clone()
+
+    def step(splits):
+        return flash_attn_ext.flash_attn_with_kvcache(static_q, case.k_cache, case.v_cache, static_k, static_v,
+                                                      cache_seqlens=static_len, block_table=case.block_table,
+                                                      causal=True, return_softmax_lse=True, num_splits=splits)
+
+    for splits in (0, 1):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(splits)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, g_lse = step(splits)
+        for lengths in ([11, 901], [1000, 0]):
+            case.k_cache.copy_(k0), case.v_cache.copy_(v0)
+            case.k_cache0, case.v_cache0 = k0, v0
+            case.lengths = lengths
+            case.q, case.k, case.v = (torch.randn_like(t) for t in (static_q, static_k, static_v))
+            static_q.copy_(case.q), static_k.copy_(case.k), static_v.copy_(case.v)
+            static_len.copy_(torch.tensor(lengths, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            case.check(g_out.clone(), g_lse.clone(), causal=True, name=f"{config} splits={splits} {lengths}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_decode_step(device):
     """torch.compile(fullgraph=True) of a decode step: the append and the op in one graph."""

@@ -10,10 +10,11 @@
 
 // How many key splits run_flash_decode will use for these parameters:
 // requested_splits (at most one per key tile) when > 0, else the heuristic
-// from the shapes and the GPU (flash_decode_launch.cuh). The host sizes the
-// scratch from it and sets params.num_splits.
+// from the shapes and the GPU (flash_decode_launch.cuh). Also sets
+// params.decode_config (the kernel configuration, flash_decode_launch.cuh).
+// The host sizes the scratch from the result and sets params.num_splits.
 template <typename Element, int kHeadDim>
-int plan_flash_decode(const FlashKvcacheParams& params, int requested_splits);
+int plan_flash_decode(FlashKvcacheParams& params, int requested_splits);
 
 // Launches the decode kernel (and, with params.num_splits > 1, the combine
 // kernel, reading params.out_accum / lse_accum) on `stream`. params.headdim

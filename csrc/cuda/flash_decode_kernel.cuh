@@ -11,13 +11,23 @@
 //  * the keys the chunk can see are cut into kBlockN-key tiles and the
 //    tiles into num_splits contiguous parts, one per block, so that a batch
 //    of one sequence still fills every SM;
-//  * K and V tiles stream through a kStages-deep cp.async pipeline (16-byte
-//    copies, several tiles in flight per block), each row copied from where
-//    the cache keeps it: the per-row element offsets of a tile are worked
-//    out one iteration before its copies are issued (threads [0, kBlockN)
-//    one row each, the block-table entry fetched before the compute of the
-//    iteration and used after it, so its latency hides behind the compute)
-//    and kept in shared memory;
+//  * K and V tiles stream through a kStages-deep pipeline (several tiles in
+//    flight per block), each row copied from where the cache keeps it, in
+//    one of two ways (DecodeLoad):
+//    - kCpAsync (every GPU): 16-byte cp.async copies by all threads; the
+//      per-row element offsets of a tile are worked out one iteration before
+//      its copies are issued (threads [0, kBlockN) one row each, the
+//      block-table entry fetched before the compute of the iteration and
+//      used after it, so its latency hides behind the compute) and kept in
+//      shared memory;
+//    - kBulk (sm90): one 1-D TMA bulk copy (cp.async.bulk, no tensor map)
+//      per K or V row, issued by the thread that owns the row (thread r
+//      copies K row r, thread kBlockN + r V row r), completing on the
+//      stage's mbarrier; the copy engine, not the load/store unit, tracks
+//      the bytes in flight. Rows outside the sequence are zeroed with
+//      shared-memory stores instead (a masked key's value must be finite);
+//    optionally (kEvictFirst) with an L2 evict-first policy, since each
+//    cached byte is read once, and (cp.async) a 256-byte L2 prefetch size;
 //  * each warp owns 16 keys of every tile: S = Q K^T and O += P V on
 //    mma.sync m16n8k16 (Q padded to 16 rows), fp32 accumulators, the score
 //    rule (../score_rule.h: scale, softcap, ALiBi) and mask (../mask.h, per
@@ -47,16 +57,113 @@
 namespace flash {
 namespace decode {
 
+// ---- sm90 instructions of the kBulk load and of programmatic dependent
+// launch. Compiled to nothing (or a trap, which the host never reaches: it
+// picks kBulk only where sm_90a code runs) in the sm80 pass.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FLASH_DECODE_SM90 1
+#endif
+
+// An L2 policy that evicts these lines first (createpolicy, sm80+).
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// cp_async_16 (primitives.cuh) with an L2 cache policy and a 256-byte L2
+// prefetch (the rest of the row's 256 bytes is requested by the neighbouring
+// threads anyway).
+__device__ __forceinline__ void cp_async_16_hint(uint32_t saddr, const void* gmem, bool pred, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(saddr),
+               "l"(gmem), "r"(pred ? 16 : 0), "l"(policy));
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_init_fence() {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// Orders this thread's earlier generic-proxy accesses to shared memory
+// before its later async-proxy (bulk copy) writes.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Waits for the phase of `parity` to complete. A bound on the spins turns
+// a lost arrival (a bug) into a launch failure instead of a hung GPU.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#ifdef FLASH_DECODE_SM90
+  uint32_t done = 0, spins = 0;
+  do {
+    if (++spins == (1u << 28)) __trap();
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+// `bytes` (a multiple of 16) from global to shared, completing on `bar`.
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                              uint64_t policy) {
+#ifdef FLASH_DECODE_SM90
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+// Programmatic dependent launch (the host sets the launch attribute where
+// sm_90a code runs): wait for the grids this one depends on to complete
+// and flush; let the next grid start launching. Both are no-ops in a grid
+// launched without the attribute.
+__device__ __forceinline__ void grid_dependency_wait() {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#ifdef FLASH_DECODE_SM90
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+enum class DecodeLoad : int { kCpAsync = 0, kBulk = 1 };
+
 // kStages: tiles in the pipeline (kStages - 1 in flight while one is
 // computed). kQInRegs: Q's A fragments stay in registers for the whole key
 // loop (head dims up to 128); above, they are re-read from shared memory
-// each tile, which leaves registers for the 256-wide O accumulator.
-template <typename Element_, int kHeadDim_, int kNWarps_, int kStages_>
+// each tile, which leaves registers for the 256-wide O accumulator. kLoad,
+// kEvictFirst: how tiles are copied (top of this file).
+template <typename Element_, int kHeadDim_, int kNWarps_, int kStages_, DecodeLoad kLoad_ = DecodeLoad::kCpAsync,
+          bool kEvictFirst_ = false>
 struct DecodeTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kStages = kStages_;
+  static constexpr DecodeLoad kLoad = kLoad_;
+  static constexpr bool kBulk = kLoad_ == DecodeLoad::kBulk;
+  static constexpr bool kEvictFirst = kEvictFirst_;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kRows = 16;                 // one m-tile of (query, head) rows
   static constexpr int kBlockN = kNWarps * 16;     // keys per tile, 16 per warp
@@ -67,7 +174,8 @@ struct DecodeTraits {
   // Rows padded by 16 bytes: every 8-row ldmatrix phase is bank-conflict free.
   static constexpr int kPitchBytes = (kHeadDim + 8) * 2;
   static constexpr int kQBytes = kRows * kPitchBytes;
-  static constexpr int kOffsetBytes = kStages * kBlockN * 2 * 8;  // int64 K and V row offsets per slot
+  // cp.async: int64 K and V row offsets per slot; bulk: one mbarrier per stage.
+  static constexpr int kOffsetBytes = kBulk ? (kStages * 8 + 15) / 16 * 16 : kStages * kBlockN * 2 * 8;
   static constexpr int kTileBytes = kBlockN * kPitchBytes;
   static constexpr int kStageBytes = 2 * kTileBytes;  // K then V
   static constexpr int kPipeBytes = kStages * kStageBytes;
@@ -83,6 +191,7 @@ struct DecodeTraits {
   static_assert(kHeadDim % 16 == 0 && kDT % 2 == 0, "head dim must be a multiple of 16");
   static_assert(kBlockN * kChunks % kNThreads == 0, "whole copies per thread");
   static_assert(kNThreads >= kBlockN, "one thread per row works out the row offsets");
+  static_assert(!kBulk || kNThreads == 2 * kBlockN, "bulk: one thread per K row and one per V row");
 };
 
 // The work of one thread block, from its flat index (split fastest).
@@ -112,7 +221,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   extern __shared__ uint4 smem_buf[];
   char* const smem = reinterpret_cast<char*>(smem_buf);
   const uint32_t sQ = smem_u32(smem);
-  int64_t* const s_off = reinterpret_cast<int64_t*>(smem + Traits::kQBytes);  // [kStages][kBlockN][K, V]
+  int64_t* const s_off = reinterpret_cast<int64_t*>(smem + Traits::kQBytes);  // cp.async: [kStages][kBlockN][K, V]
+  const uint32_t sBar = smem_u32(smem + Traits::kQBytes);                     // bulk: [kStages] mbarriers
   char* const pipe = smem + Traits::kQBytes + Traits::kOffsetBytes;
   const uint32_t sPipe = smem_u32(pipe);
 
@@ -123,6 +233,26 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int total_rows = p.seqlen_q * group;
   const int row0 = w.chunk * kRows;
   const int row_last = min(row0 + kRows, total_rows) - 1;
+
+  // Launched as a dependent grid (programmatic dependent launch), this block
+  // may start before the previous kernel on the stream has finished: wait
+  // for it before reading anything, and let the combine kernel launch.
+  grid_dependency_wait();
+  launch_dependents();
+
+  // Q: the chunk's rows (zero past the last row), padded to kHeadDim by the
+  // host. Its own cp.async group, committed first (before the sequence's
+  // lengths arrive).
+  for (int idx = tid; idx < kRows * kChunks; idx += kNThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int row = row0 + r;
+    const bool ok = row < total_rows;
+    const int i = ok ? row / group : 0, h = ok ? w.hk * group + row % group : 0;
+    const Element* src = static_cast<const Element*>(p.q) + w.b * p.q_batch_stride + i * p.q_row_stride +
+                         h * p.q_head_stride + c * 8;
+    cp_async_16(sQ + r * kPitchBytes + c * 16, src, ok);
+  }
+  cp_async_commit();
 
   // This sequence's keys, and the ones the chunk's rows can see:
   // [n_lo, n_hi) (key_begin and key_end grow with the query index).
@@ -138,28 +268,41 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
   const Element* const k_base = static_cast<const Element*>(p.k) + w.hk * p.k_head_stride;
   const Element* const v_base = static_cast<const Element*>(p.v) + w.hk * p.v_head_stride;
+  uint64_t policy = 0;
+  if constexpr (Traits::kEvictFirst) policy = l2_evict_first();
 
-  // Row offsets of tile `lt` (local index): thread r < kBlockN works out
-  // key r's. The block-table entry is fetched first (fetch_block) and used
-  // later (store_offsets), so that a fetch can be in flight during compute.
-  auto key_of = [&](int lt) { return (tile_begin + lt) * kBlockN + tid; };
+  // The key row of a tile this thread works out: cp.async, row tid for
+  // threads below kBlockN (all threads then copy from the offsets in shared
+  // memory); bulk, row tid % kBlockN, of K below kBlockN and of V above.
+  const int my_row = Traits::kBulk ? tid % kBlockN : tid;
+  const bool row_owner = Traits::kBulk || tid < kBlockN;
+  auto key_of = [&](int lt) { return (tile_begin + lt) * kBlockN + my_row; };
+  // The block-table entry of the row is fetched first (fetch_block) and
+  // used later, so that a fetch can be in flight during compute.
   auto fetch_block = [&](int lt) -> int {
     const int j = key_of(lt);
-    if (p.block_table == nullptr || tid >= kBlockN || lt >= my_tiles || j < n_lo || j >= n_hi) return 0;
+    if (p.block_table == nullptr || !row_owner || lt >= my_tiles || j < n_lo || j >= n_hi) return 0;
     const int pos = seq.leftpad + j;
     return p.block_table[w.b * p.block_table_batch_stride + pos / p.page_size];
   };
+  // Cache (block) index and row within it of key j (n_lo <= j < n_hi).
+  auto locate = [&](int j, int block, int64_t& blk, int64_t& row) {
+    const int pos = seq.leftpad + j;
+    blk = seq.cache_row;
+    row = pos;
+    if (p.block_table != nullptr) {
+      blk = clamp_int(block, 0, p.cache_rows - 1);
+      row = pos % p.page_size;
+    }
+  };
+  // cp.async: row offsets of tile `lt` (local index) into shared memory.
   auto store_offsets = [&](int lt, int block) {
-    if (tid >= kBlockN || lt >= my_tiles) return;
+    if (!row_owner || lt >= my_tiles) return;
     const int j = key_of(lt);
     int64_t ko = -1, vo = -1;
     if (j >= n_lo && j < n_hi) {
-      const int pos = seq.leftpad + j;
-      int64_t row = pos, blk = seq.cache_row;
-      if (p.block_table != nullptr) {
-        blk = clamp_int(block, 0, p.cache_rows - 1);
-        row = pos % p.page_size;
-      }
+      int64_t blk, row;
+      locate(j, block, blk, row);
       ko = blk * p.k_batch_stride + row * p.k_row_stride;
       vo = blk * p.v_batch_stride + row * p.v_row_stride;
     }
@@ -167,8 +310,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     slot[0] = ko;
     slot[1] = vo;
   };
-  // Issues the copies of tile lt (if it exists) and commits a group either
-  // way, so that the wait counts stay uniform.
+  // cp.async: issues the copies of tile lt (if it exists) and commits a
+  // group either way, so that the wait counts stay uniform.
   auto issue = [&](int lt) {
     if (lt < my_tiles) {
       const int stage = lt % kStages;
@@ -180,28 +323,64 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         const int r = idx / kChunks, c = idx % kChunks;
         const int64_t ko = off[2 * r], vo = off[2 * r + 1];
         const bool ok = ko >= 0 && c * 8 < p.headdim;
-        cp_async_16(sK + r * kPitchBytes + c * 16, ok ? k_base + ko + c * 8 : k_base, ok);
-        cp_async_16(sV + r * kPitchBytes + c * 16, ok ? v_base + vo + c * 8 : v_base, ok);
+        if constexpr (Traits::kEvictFirst) {
+          cp_async_16_hint(sK + r * kPitchBytes + c * 16, ok ? k_base + ko + c * 8 : k_base, ok, policy);
+          cp_async_16_hint(sV + r * kPitchBytes + c * 16, ok ? v_base + vo + c * 8 : v_base, ok, policy);
+        } else {
+          cp_async_16(sK + r * kPitchBytes + c * 16, ok ? k_base + ko + c * 8 : k_base, ok);
+          cp_async_16(sV + r * kPitchBytes + c * 16, ok ? v_base + vo + c * 8 : v_base, ok);
+        }
       }
     }
     cp_async_commit();
   };
+  // bulk: this thread's row of tile lt (if the tile exists), as one copy of
+  // headdim * 2 bytes onto the stage's mbarrier, or zeros for a key outside
+  // the sequence; every row owner arrives once per tile.
+  auto issue_bulk = [&](int lt, int block) {
+    if (lt >= my_tiles) return;
+    const int stage = lt % kStages;
+    const uint32_t bar = sBar + stage * 8;
+    const bool is_v = tid >= kBlockN;
+    const int dst_off = stage * Traits::kStageBytes + (is_v ? Traits::kTileBytes : 0) + my_row * kPitchBytes;
+    const int j = key_of(lt);
+    if (j >= n_lo && j < n_hi) {
+      int64_t blk, row;
+      locate(j, block, blk, row);
+      const Element* src = is_v ? v_base + blk * p.v_batch_stride + row * p.v_row_stride
+                                : k_base + blk * p.k_batch_stride + row * p.k_row_stride;
+      const uint32_t bytes = static_cast<uint32_t>(p.headdim) * 2;
+      fence_proxy_async();  // after this thread's earlier zeroing of the row
+      mbar_arrive_expect_tx(bar, bytes);
+      bulk_copy_g2s(sPipe + dst_off, src, bytes, bar, policy);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) *reinterpret_cast<uint4*>(pipe + dst_off + c * 16) = make_uint4(0, 0, 0, 0);
+      mbar_arrive(bar);
+    }
+  };
 
-  // Q: the chunk's rows (zero past the last row), padded to kHeadDim by the
-  // host. Its own cp.async group, committed first.
-  for (int idx = tid; idx < kRows * kChunks; idx += kNThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int row = row0 + r;
-    const bool ok = row < total_rows && my_tiles > 0;
-    const int i = ok ? row / group : 0, h = ok ? w.hk * group + row % group : 0;
-    const Element* src = static_cast<const Element*>(p.q) + w.b * p.q_batch_stride + i * p.q_row_stride +
-                         h * p.q_head_stride + c * 8;
-    cp_async_16(sQ + r * kPitchBytes + c * 16, src, ok);
+  int pending_block = 0;  // bulk: the block-table entry of this thread's row of the next tile to issue
+  if constexpr (Traits::kBulk) {
+    if (tid == 0) {
+      for (int st = 0; st < kStages; ++st) mbar_init(sBar + st * 8, kNThreads);
+      mbar_init_fence();
+    }
+    if (p.headdim < kHeadDim) {
+      // Bulk copies write headdim columns: the padding columns (which meet
+      // Q's zero padding) are zeroed once here.
+      for (int idx = tid; idx < Traits::kPipeBytes / 16; idx += kNThreads)
+        reinterpret_cast<uint4*>(pipe)[idx] = make_uint4(0, 0, 0, 0);
+      fence_proxy_async();
+    }
+    __syncthreads();
+    for (int lt = 0; lt < kStages - 1; ++lt) issue_bulk(lt, fetch_block(lt));
+    pending_block = fetch_block(kStages - 1);
+  } else {
+    for (int lt = 0; lt < kStages; ++lt) store_offsets(lt, fetch_block(lt));
+    __syncthreads();
+    for (int lt = 0; lt < kStages - 1; ++lt) issue(lt);
   }
-  cp_async_commit();
-  for (int lt = 0; lt < kStages; ++lt) store_offsets(lt, fetch_block(lt));
-  __syncthreads();
-  for (int lt = 0; lt < kStages - 1; ++lt) issue(lt);
 
   // Per-lane ldmatrix byte offsets (fragment layouts: softmax.cuh): A (Q)
   // row lane % 16, column half lane / 16; B (K) key lane % 8 + 8 (lane / 16),
@@ -234,18 +413,31 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   softmax.init();
 
   uint32_t q_frag[Traits::kQInRegs ? kKT : 1][4];
-  if constexpr (Traits::kQInRegs) {
+  if constexpr (Traits::kBulk) {
+    cp_async_wait<0>();  // Q's group, the only cp.async one
+    __syncthreads();
+  } else if constexpr (Traits::kQInRegs) {
     cp_async_wait<kStages - 1>();  // Q's group (the tiles' may still fly)
     __syncthreads();
+  }
+  if constexpr (Traits::kQInRegs) {
 #pragma unroll
     for (int kk = 0; kk < kKT; ++kk) ldsm_x4(q_frag[kk], sQ_lane + kk * 32);
   }
 
   for (int lt = 0; lt < my_tiles; ++lt) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile lt has landed for every thread; stage (lt - 1) is free
-    issue(lt + kStages - 1);
-    const int next_block = fetch_block(lt + kStages);
+    int next_block = 0;
+    if constexpr (Traits::kBulk) {
+      mbar_wait(sBar + (lt % kStages) * 8, (lt / kStages) & 1);
+      __syncthreads();  // tile lt has landed; every warp is done with stage (lt - 1)
+      issue_bulk(lt + kStages - 1, pending_block);
+      pending_block = fetch_block(lt + kStages);
+    } else {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile lt has landed for every thread; stage (lt - 1) is free
+      issue(lt + kStages - 1);
+      next_block = fetch_block(lt + kStages);
+    }
 
     const uint32_t stage = sPipe + (lt % kStages) * Traits::kStageBytes;
     float s[1][2][4];
@@ -291,7 +483,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       mma_m16n8k16<Element>(acc_o[0][dj], pa[0][0], b0);
       mma_m16n8k16<Element>(acc_o[0][dj + 1], pa[0][0], b1);
     }
-    store_offsets(lt + kStages, next_block);
+    if constexpr (!Traits::kBulk) store_offsets(lt + kStages, next_block);
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the pipeline's buffers
@@ -364,46 +556,93 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   }
 }
 
-// Merges the splits' partials: one warp per output row (b, h, i). The
-// row's lse (log2) over the splits and the sink, then out = sum over splits
-// of exp2(lse_split - lse) * partial. Rows with neither keys nor sink: out 0,
-// lse +inf.
+// Merges the splits' partials: one block of kCombineThreads per output row
+// (b, h, i). The row's lse (log2) over the splits and the sink, then out =
+// sum over splits of exp2(lse_split - lse) * partial; rows with neither keys
+// nor sink get out 0, lse +inf. The warps take the splits in turn (warp w
+// splits w, w + 4, ...; lane c the 16-byte columns c, c + 32, ...), eight
+// loads in flight per lane, and meet in shared memory: a row's partials are
+// read in a few memory latencies, however many splits there are. The sum's
+// order is fixed by the split count alone (deterministic).
+constexpr int kCombineWarps = 4;
+constexpr int kCombineThreads = kCombineWarps * 32;
+
 template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(128) flash_decode_combine_kernel(const __grid_constant__ FlashKvcacheParams p) {
-  const int lane = threadIdx.x & 31;
+__global__ void __launch_bounds__(kCombineThreads, 8)
+    flash_decode_combine_kernel(const __grid_constant__ FlashKvcacheParams p) {
+  constexpr int kCols = kHeadDim / 4;           // float4 columns of a row
+  constexpr int kPerLane = (kCols + 31) / 32;   // of them per lane
+  __shared__ float4 s_part[kCombineWarps - 1][kPerLane][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rows_total = p.batch * p.nheads * p.seqlen_q;
-  const int64_t flat = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (flat >= rows_total) return;
-  const int i = static_cast<int>(flat % p.seqlen_q);
-  const int bh = static_cast<int>(flat / p.seqlen_q);
+  const int flat = blockIdx.x;  // rows_total < 2**31 (the host checks)
+  const int i = flat % p.seqlen_q;
+  const int bh = flat / p.seqlen_q;
   const int h = bh % p.nheads, b = bh / p.nheads;
+  const int ns = p.num_splits;
+  grid_dependency_wait();  // the decode kernel's partials (programmatic dependent launch)
+
+  // Every warp works out the row's lse itself (one load per lane and split
+  // group, then shuffles).
   const float* lse_part = p.lse_accum + flat;
-  float mx = sink_log2(p, h);
-  for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, lse_part[static_cast<int64_t>(s) * rows_total]);
+  const float sink = sink_log2(p, h);
+  float mx = sink;
+  for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, lse_part[static_cast<int64_t>(s) * rows_total]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   float total = -INFINITY;
   if (mx != -INFINITY) {
-    float sum = lane == 0 ? exp2_fast(sink_log2(p, h) - mx) : 0.f;
-    for (int s = lane; s < p.num_splits; s += 32) sum += exp2_fast(lse_part[static_cast<int64_t>(s) * rows_total] - mx);
+    float sum = lane == 0 ? exp2_fast(sink - mx) : 0.f;
+    for (int s = lane; s < ns; s += 32) sum += exp2_fast(lse_part[static_cast<int64_t>(s) * rows_total] - mx);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     total = mx + __log2f(sum);
   }
-  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-  for (int c4 = lane; c4 < kHeadDim / 4; c4 += 32) {
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (total != -INFINITY) {
-      for (int s = 0; s < p.num_splits; ++s) {
-        const float f = exp2_fast(lse_part[static_cast<int64_t>(s) * rows_total] - total);
-        if (f > 0.f) {
-          const float4 v = *reinterpret_cast<const float4*>(
-              p.out_accum + (static_cast<int64_t>(s) * rows_total + flat) * kHeadDim + c4 * 4);
-          o.x = fmaf(f, v.x, o.x), o.y = fmaf(f, v.y, o.y), o.z = fmaf(f, v.z, o.z), o.w = fmaf(f, v.w, o.w);
+
+  float4 o[kPerLane];
+#pragma unroll
+  for (int c = 0; c < kPerLane; ++c) o[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (total != -INFINITY) {
+    for (int s0 = 0; s0 < ns; s0 += 32) {
+      // Lane l holds the weight of split s0 + l; this warp takes every
+      // kCombineWarps-th of the group's splits.
+      const int sl = s0 + lane;
+      const float wl = sl < ns ? exp2_fast(lse_part[static_cast<int64_t>(sl) * rows_total] - total) : 0.f;
+      const int n = min(32, ns - s0);
+#pragma unroll 8
+      for (int j = warp; j < n; j += kCombineWarps) {
+        const float f = __shfl_sync(0xffffffffu, wl, j);
+        const float* src = p.out_accum + (static_cast<int64_t>(s0 + j) * rows_total + flat) * kHeadDim;
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) {
+          const int col = lane + 32 * c;
+          if (col < kCols) {
+            const float4 v = *reinterpret_cast<const float4*>(src + col * 4);
+            o[c].x = fmaf(f, v.x, o[c].x), o[c].y = fmaf(f, v.y, o[c].y);
+            o[c].z = fmaf(f, v.z, o[c].z), o[c].w = fmaf(f, v.w, o[c].w);
+          }
         }
       }
     }
-    *reinterpret_cast<uint2*>(out + c4 * 4) = make_uint2(pack2<Element>(o.x, o.y), pack2<Element>(o.z, o.w));
+  }
+  if (warp > 0) {
+#pragma unroll
+    for (int c = 0; c < kPerLane; ++c) s_part[warp - 1][c][lane] = o[c];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+#pragma unroll
+  for (int c = 0; c < kPerLane; ++c) {
+    const int col = lane + 32 * c;
+    if (col >= kCols) continue;
+#pragma unroll
+    for (int wi = 0; wi < kCombineWarps - 1; ++wi) {
+      const float4 v = s_part[wi][c][lane];
+      o[c].x += v.x, o[c].y += v.y, o[c].z += v.z, o[c].w += v.w;
+    }
+    *reinterpret_cast<uint2*>(out + col * 4) =
+        make_uint2(pack2<Element>(o[c].x, o[c].y), pack2<Element>(o[c].z, o[c].w));
   }
   if (lane == 0) p.softmax_lse[flat] = total == -INFINITY ? INFINITY : total * float(M_LN2);
 }

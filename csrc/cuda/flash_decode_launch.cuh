@@ -7,31 +7,146 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
 
 #include "cuda_check.h"
 #include "device_props.cuh"
 #include "flash_decode.h"
 #include "flash_decode_kernel.cuh"
+#include "hopper/sm90_dispatch.cuh"
 
 namespace flash {
 namespace decode {
 
-// Pipeline depth by head dim: about 100 KB of shared memory per block at
-// head dim 128 (three stages of 64-key K and V tiles), so that two blocks
-// fit an H100/H200 SM with two tiles each in flight; head dims up to 64 take
-// four stages, 192/256 two. GPUs with less shared memory (A100: 163 KB per
-// block, sm86/89: 99 KB) fall back to two warps and two stages.
-template <typename Element, int kHeadDim>
-struct DecodeConfigs {
-  static constexpr int kStages = kHeadDim <= 64 ? 4 : (kHeadDim <= 128 ? 3 : 2);
-  using Primary = DecodeTraits<Element, kHeadDim, 4, kStages>;
-  using Small = DecodeTraits<Element, kHeadDim, 2, 2>;
+// ---- The decode configurations: THE table (the only place they are
+// listed). Developer switch: FLASH_ATTN_EXT_DECODE_CONFIG=<name>, read on
+// every call (empty: the first entry, the default), picks one for head dim
+// 128, the benchmarked one (benchmarks/bench_decode.py --sweep times them
+// all; tests/test_kvcache.py checks them all); the other head dims always
+// run the first entry. An unknown name raises an error listing the names.
+//   warps:  4 -> 64-key tiles (16 keys per warp), 2 -> 32-key tiles, ...
+//   stages: pipeline depth; kStages - 1 tiles are in flight. About 110 KB
+//           at 4 warps x 3 stages or 2 x 6 (two blocks per H100/H200 SM),
+//           214 KB at 4 x 6 or 8 x 3 (one block per SM, more bytes in
+//           flight).
+//   (Head dims other than 128 keep the shape first tuned for them, 4 warps
+//   and 4 / 3 / 2 stages up to head dim 64 / 128 / 256, with the first
+//   entry's load, evict_first and pdl: at head dim 256 two warps of
+//   cp.async spill registers, four do not.)
+//   load:   kCpAsync (16-byte cp.async by every thread) or kBulk (one TMA
+//           bulk copy per K/V row onto an mbarrier; sm_90a only, elsewhere
+//           the same shape with cp.async).
+//   evict_first: L2 evict-first policy on the K/V copies (and, cp.async,
+//           a 256-byte L2 prefetch size).
+//   pdl:    programmatic dependent launch (sm_90a): the decode kernel may
+//           start while the previous kernel on the stream drains, and the
+//           combine kernel launches while the decode kernel runs; each waits
+//           (griddepcontrol.wait) before reading what the other wrote.
+// Where a configuration does not fit the shared-memory budget (A100, Ada,
+// FLASH_ATTN_EXT_SMEM_BUDGET_KB) the small one (2 warps, 2 stages, cp.async)
+// runs instead.
+struct DecodeConfig {
+  const char* name;
+  int warps;
+  int stages;
+  DecodeLoad load;
+  bool evict_first;
+  bool pdl;
 };
+inline constexpr DecodeConfig kDecodeConfigs[] = {
+    // name     warps stages load                  evict_first pdl
+    {"b2s6p", 2, 6, DecodeLoad::kBulk, true, true},  // default: guess before the H200 sweep
+    {"a4s3", 4, 3, DecodeLoad::kCpAsync, false, false},  // the kernel as first measured (0.92-0.94x cuDNN)
+    {"a4s3p", 4, 3, DecodeLoad::kCpAsync, false, true},
+    {"a4s3ep", 4, 3, DecodeLoad::kCpAsync, true, true},
+    {"a2s6ep", 2, 6, DecodeLoad::kCpAsync, true, true},
+    {"a4s6ep", 4, 6, DecodeLoad::kCpAsync, true, true},
+    {"b4s3", 4, 3, DecodeLoad::kBulk, true, false},
+    {"b4s3p", 4, 3, DecodeLoad::kBulk, true, true},
+    {"b4s6p", 4, 6, DecodeLoad::kBulk, true, true},
+    {"b8s3p", 8, 3, DecodeLoad::kBulk, true, true},
+};
+inline constexpr int kNumDecodeConfigs = sizeof(kDecodeConfigs) / sizeof(kDecodeConfigs[0]);
+inline constexpr int kSweepHeadDim = 128;  // the head dim that instantiates every entry
+
+constexpr int config_warps(int index, int head_dim) {
+  return head_dim == kSweepHeadDim ? kDecodeConfigs[index].warps : 4;
+}
+constexpr int config_stages(int index, int head_dim) {
+  return head_dim == kSweepHeadDim ? kDecodeConfigs[index].stages : (head_dim <= 64 ? 4 : (head_dim <= 128 ? 3 : 2));
+}
+
+// The entry FLASH_ATTN_EXT_DECODE_CONFIG names (0 when unset or empty).
+inline int decode_config_from_env() {
+  const char* env = std::getenv("FLASH_ATTN_EXT_DECODE_CONFIG");
+  if (env == nullptr || env[0] == '\0') return 0;
+  std::string names;
+  for (int i = 0; i < kNumDecodeConfigs; ++i) {
+    if (std::strcmp(env, kDecodeConfigs[i].name) == 0) return i;
+    names += (i ? ", " : "") + std::string(kDecodeConfigs[i].name);
+  }
+  FLASH_CHECK(false, "flash_attn_ext: FLASH_ATTN_EXT_DECODE_CONFIG='", env,
+              "' names no decode configuration; the configurations are: ", names);
+  return 0;
+}
+
+// Whether sm_90a code runs here (bulk copies, programmatic dependent launch).
+inline bool decode_sm90() { return flash::sm90::kBuilt && flash::sm90::enabled(); }
+
+template <typename Element, int kHeadDim, int kIndex, DecodeLoad kLoad>
+using ConfigTraits = DecodeTraits<Element, kHeadDim, config_warps(kIndex, kHeadDim), config_stages(kIndex, kHeadDim),
+                                  kLoad, kDecodeConfigs[kIndex].evict_first>;
+
+// Calls fn(TypeTag<Traits>) for configuration `index` (the first entry for
+// head dims other than kSweepHeadDim), as this device can run it.
+template <typename Element, int kHeadDim, int kIndex, typename Fn>
+void with_config_index(Fn&& fn) {
+  constexpr DecodeConfig c = kDecodeConfigs[kIndex];
+  using Small = DecodeTraits<Element, kHeadDim, 2, 2>;
+  using CpAsync = ConfigTraits<Element, kHeadDim, kIndex, DecodeLoad::kCpAsync>;
+  if constexpr (c.load == DecodeLoad::kBulk) {
+    if (decode_sm90()) {
+      launch_first_fitting<ConfigTraits<Element, kHeadDim, kIndex, DecodeLoad::kBulk>, Small>("decode", kHeadDim,
+                                                                                             smem_budget(), fn);
+      return;
+    }
+  }
+  launch_first_fitting<CpAsync, Small>("decode", kHeadDim, smem_budget(), fn);
+}
+
+template <typename Element, int kHeadDim, typename Fn, int... kIndex>
+void with_config_impl(int index, Fn&& fn, std::integer_sequence<int, kIndex...>) {
+  ((index == kIndex ? with_config_index<Element, kHeadDim, kIndex>(fn) : void()), ...);
+}
 
 template <typename Element, int kHeadDim, typename Fn>
-void with_config(Fn&& fn) {
-  using C = DecodeConfigs<Element, kHeadDim>;
-  launch_first_fitting<typename C::Primary, typename C::Small>("decode", kHeadDim, smem_budget(), fn);
+void with_config(int index, Fn&& fn) {
+  if constexpr (kHeadDim == kSweepHeadDim) {
+    with_config_impl<Element, kHeadDim>(index, fn, std::make_integer_sequence<int, kNumDecodeConfigs>{});
+  } else {
+    with_config_index<Element, kHeadDim, 0>(fn);
+  }
+}
+
+// Launches kernel<<<grid, threads, smem, stream>>>(args...), with the
+// programmatic-stream-serialization attribute when `pdl`.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, int smem, cudaStream_t stream, bool pdl,
+                   Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  FLASH_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 // Blocks of this configuration one SM holds, asked once per device.
@@ -82,9 +197,10 @@ inline int choose_splits(int64_t base, int tiles, int slots) {
 }  // namespace flash
 
 template <typename Element, int kHeadDim>
-int plan_flash_decode(const FlashKvcacheParams& params, int requested_splits) {
+int plan_flash_decode(FlashKvcacheParams& params, int requested_splits) {
   int splits = 1;
-  flash::decode::with_config<Element, kHeadDim>([&](auto tag) {
+  params.decode_config = flash::decode::decode_config_from_env();
+  flash::decode::with_config<Element, kHeadDim>(params.decode_config, [&](auto tag) {
     using Traits = typename decltype(tag)::type;
     const int tiles = std::max(1, (params.capacity + Traits::kBlockN - 1) / Traits::kBlockN);
     if (requested_splits > 0) {
@@ -101,7 +217,9 @@ int plan_flash_decode(const FlashKvcacheParams& params, int requested_splits) {
 
 template <typename Element, int kHeadDim>
 void run_flash_decode(const FlashKvcacheParams& params, cudaStream_t stream) {
-  flash::decode::with_config<Element, kHeadDim>([&](auto tag) {
+  const int index = kHeadDim == flash::decode::kSweepHeadDim ? params.decode_config : 0;
+  const bool pdl = flash::decode::kDecodeConfigs[index].pdl && flash::decode::decode_sm90();
+  flash::decode::with_config<Element, kHeadDim>(index, [&](auto tag) {
     using Traits = typename decltype(tag)::type;
     const int chunks = flash::decode::num_row_chunks(params, Traits::kRows);
     const int64_t blocks = static_cast<int64_t>(params.batch) * params.nheads_k * chunks * params.num_splits;
@@ -109,8 +227,7 @@ void run_flash_decode(const FlashKvcacheParams& params, cudaStream_t stream) {
                 std::to_string(blocks), " blocks) exceeds 2**31 - 1; use fewer splits");
     auto launch = [&](auto kernel) {
       FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-      kernel<<<static_cast<unsigned>(blocks), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params, chunks);
-      FLASH_CUDA_LAUNCH_CHECK();
+      flash::decode::launch_kernel(kernel, blocks, Traits::kNThreads, Traits::kSmemBytes, stream, pdl, params, chunks);
     };
     if (flash::has_score_mods(params)) {
       launch(flash::decode::flash_decode_kernel<Traits, true>);
@@ -120,8 +237,7 @@ void run_flash_decode(const FlashKvcacheParams& params, cudaStream_t stream) {
   });
   if (params.num_splits > 1) {
     const int64_t rows = static_cast<int64_t>(params.batch) * params.nheads * params.seqlen_q;
-    flash::decode::flash_decode_combine_kernel<Element, kHeadDim>
-        <<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(params);
-    FLASH_CUDA_LAUNCH_CHECK();
+    flash::decode::launch_kernel(flash::decode::flash_decode_combine_kernel<Element, kHeadDim>, rows,
+                                 flash::decode::kCombineThreads, 0, stream, pdl, params);
   }
 }
