@@ -183,7 +183,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       tma_prefetch_map(&pw.tma_v);
       mbar_arrive_expect_tx(bar_q, T::kQBytes);
 #pragma unroll
-      for (int c = 0; c < kPanels; ++c) tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, row0, h, b);
+      for (int c = 0; c < kPanels; ++c) {
+        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, row0, h, b);
+      }
       // Block i of the visit (key block n_end - 1 - i) into stage i % kStages,
       // once the consumers have emptied that stage's previous round.
       auto load = [&](const CUtensorMap* map, uint32_t tiles, uint32_t full, uint32_t empty, int i) {
