@@ -204,7 +204,7 @@ def extensions():
             any(name.startswith(f"flash_{d}_") for d in directions)
             and any(f"_hdim{d}_" in name for d in hdims)
             and any(f"_{t}_" in name for t in dtypes)
-            and (has_sm90a or not name.endswith("_sm90.cu"))  # Hopper units only with sm_90a code
+            and (has_sm90a or not name.endswith(("_sm90.cu", "_sm90ws.cu")))  # Hopper units only with sm_90a code
         ):
             sources.append(os.path.relpath(path, HERE))
     defines = (

@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py                 # full sweep (~5 min on an H100)
     python benchmarks/bench_attention.py --quick         # bf16, hd 64/128, seqlen 1k/4k/16k, memory at 16k/32k
     python benchmarks/bench_attention.py --dtypes bf16 --hdims 128 --seqlens 4k,16k --causal 0
+    python benchmarks/bench_attention.py --quick --sm90-fwd classic,ws --directions fwd   # Hopper forwards side by side
 
 Sweep (the issue's spec): bf16 and fp16; head dim 64, 128, 256; causal and not;
 seqlen 512 ... 16k with batch * seqlen = 16k tokens and nheads * headdim = 2048.
@@ -23,6 +24,10 @@ Method:
     that refuses a configuration is recorded as None with its error; the run goes on.
   * Each row also records max |ours - backend| of the forward output (a sanity
     check that the timed kernel computes attention; tests do the real checking).
+  * --sm90-fwd classic,ws replaces "ours" by one implementation per Hopper
+    forward kernel, "ours:classic" and "ours:ws" (FLASH_ATTN_EXT_SM90_FWD set
+    around each; ws runs as ws_strict, so a call it cannot take is an error
+    row, not a silent classic measurement), with a ws/classic ratio column.
   * Memory: forward+backward at seqlen 16k/32k/64k (bf16, hd128, B=1, H=16):
     torch.cuda.max_memory_allocated during the call minus memory allocated
     before it, q, k, v and dout already allocated; the floor is the bytes of
@@ -38,6 +43,7 @@ stdout, last, with ours/flash and ours/cudnn ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -64,6 +70,36 @@ from common import (  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DIRECTIONS = ("fwd", "bwd", "fwdbwd")
+# --sm90-fwd: the value of FLASH_ATTN_EXT_SM90_FWD per kernel (ws strict: a
+# call the warp-specialized kernel cannot take fails instead of timing the
+# classic kernel under its name).
+SM90_FWD_KERNELS = {"classic": "classic", "ws": "ws_strict"}
+
+
+def is_ours(name):
+    return name == "ours" or name.startswith("ours:")
+
+
+@contextlib.contextmanager
+def sm90_fwd_env(kernel):
+    """FLASH_ATTN_EXT_SM90_FWD for one implementation; the library reads it on every forward."""
+    old = os.environ.get("FLASH_ATTN_EXT_SM90_FWD")
+    os.environ["FLASH_ATTN_EXT_SM90_FWD"] = SM90_FWD_KERNELS[kernel]
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLASH_ATTN_EXT_SM90_FWD", None)
+        else:
+            os.environ["FLASH_ATTN_EXT_SM90_FWD"] = old
+
+
+def all_implementations():
+    """common.implementations plus one "ours:<kernel>" per Hopper forward kernel."""
+    impls = implementations("cuda")
+    for kernel in SM90_FWD_KERNELS:
+        impls[f"ours:{kernel}"] = (lambda k=kernel: sm90_fwd_env(k), impls["ours"][1])
+    return impls
 
 
 def parse_args(argv=None):
@@ -76,6 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--model-dim", type=int, default=2048, help="nheads * headdim")
     p.add_argument("--impls", default="ours,flash,cudnn,efficient")
     p.add_argument("--directions", default="fwd,bwd,fwdbwd")
+    p.add_argument("--sm90-fwd", default="", metavar="KERNELS",
+                   help="e.g. classic,ws: run ours once per Hopper forward kernel (FLASH_ATTN_EXT_SM90_FWD)")
     p.add_argument("--memory-seqlens", default="16k,32k,64k", help="empty string: skip the memory table")
     p.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=100, help="do_bench rep, ms")
@@ -103,6 +141,14 @@ def parse_args(argv=None):
     args.seqlens = common.parse_list(args.seqlens, int)
     args.causal = common.parse_causal(args.causal)
     args.impls = common.parse_list(args.impls)
+    args.sm90_fwd = common.parse_list(args.sm90_fwd)
+    bad = [k for k in args.sm90_fwd if k not in SM90_FWD_KERNELS]
+    if bad:
+        p.error(f"--sm90-fwd: {bad} not in {list(SM90_FWD_KERNELS)}")
+    if args.sm90_fwd:
+        variants = [f"ours:{k}" for k in args.sm90_fwd]
+        at = args.impls.index("ours") if "ours" in args.impls else 0
+        args.impls = args.impls[:at] + variants + [i for i in args.impls[at:] if i != "ours"]
     args.directions = common.parse_list(args.directions)
     args.memory_seqlens = common.parse_list(args.memory_seqlens, int)
     return args
@@ -124,13 +170,13 @@ def measure_impl(name, ctx_factory, fn, q, k, v, dout, causal, directions, warmu
     """{direction: ms or None}, {direction: error}, forward output in (B, S, H, D) (or None)."""
     ms, errors, out_bshd = {}, {}, None
     # SDPA returns (B, H, S, D); its dout is the same values seen through a transposed view.
-    g = dout if name == "ours" else dout.transpose(1, 2)
+    g = dout if is_ours(name) else dout.transpose(1, 2)
     with ctx_factory():
         try:
             with torch.no_grad():
                 out = fn(q, k, v, causal)
             torch.cuda.synchronize()
-            out_bshd = out if name == "ours" else out.transpose(1, 2)
+            out_bshd = out if is_ours(name) else out.transpose(1, 2)
         except Exception as exc:  # noqa: BLE001  (a refusing backend is data, not a crash)
             check_device_alive()
             return {d: None for d in directions}, {"fwd": short_error(exc)}, None
@@ -151,10 +197,10 @@ def measure_impl(name, ctx_factory, fn, q, k, v, dout, causal, directions, warmu
 
 
 def run_speed(args, payload, json_path):
-    impls = implementations("cuda")
+    impls = all_implementations()
     unknown = [i for i in args.impls if i not in impls]
     if unknown:
-        raise SystemExit(f"--impls: {unknown} not in {list(impls)}")
+        raise SystemExit(f"--impls: {unknown} not in {[i for i in impls if not i.startswith('ours:')]}")
     rows = payload["rows"]
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -165,7 +211,7 @@ def run_speed(args, payload, json_path):
                     q, k, v = make_inputs(B, S, S, H, H, d, dtype, "cuda", seed=S + d)
                     dout = torch.randn_like(q)
                     row = {"dtype": dtype_name, "d": d, "causal": causal, "S": S, "B": B, "H": H}
-                    ours_out = None
+                    ours_out, ours_first = None, None
                     for name in args.impls:
                         ctx_factory, fn = impls[name]
                         ms, errors, out = measure_impl(name, ctx_factory, fn, q, k, v, dout, causal,
@@ -176,9 +222,13 @@ def run_speed(args, payload, json_path):
                             row[f"{name}_{direction}_ms"] = ms.get(direction)
                         if errors:
                             row[f"{name}_error"] = errors
-                        if name == "ours" and out is not None:
-                            ours_out = out
-                            row["ours_nonfinite"] = bool(not torch.isfinite(out).all())
+                        if is_ours(name) and out is not None:
+                            row[f"{name}_nonfinite"] = bool(not torch.isfinite(out).all())
+                            if ours_out is None:
+                                ours_out, ours_first = out, name
+                            else:  # another Hopper forward: against the first one run
+                                row[f"{name}_maxdiff_vs_{ours_first}"] = float(
+                                    (ours_out.float() - out.float()).abs().max())
                         elif out is not None and ours_out is not None:
                             row[f"ours_maxdiff_vs_{name}"] = float((ours_out.float() - out.float()).abs().max())
                         del out
@@ -194,8 +244,9 @@ def progress_line(row, impls):
     for name in impls:
         vals = "/".join(common.fmt(row.get(f"{name}_{d}"), 0) for d in DIRECTIONS if f"{name}_{d}" in row)
         parts.append(f"{name} {vals}")
-    if "ours_error" in row:
-        parts.append(f"ours: {list(row['ours_error'].values())[0][:80]}")
+    for name in impls:
+        if is_ours(name) and f"{name}_error" in row:
+            parts.append(f"{name}: {list(row[f'{name}_error'].values())[0][:80]}")
     return "  ".join(parts)
 
 
@@ -203,7 +254,7 @@ def run_memory(args, payload, json_path):
     """Peak extra memory of forward+backward, ours vs each SDPA backend (bf16, hd128, B=1, H=16)."""
     from torch.nn.attention import SDPBackend
 
-    impls = dict(implementations("cuda"))
+    impls = dict(all_implementations())
     impls["math"] = (lambda: common.sdpa_context(SDPBackend.MATH), common.sdpa_attention)
     B, H, D, dtype = 1, 16, 128, torch.bfloat16
     out_rows = payload["memory"]
@@ -224,7 +275,7 @@ def run_memory(args, payload, json_path):
                     out_rows.append(entry)
                     continue
             ctx_factory, fn = impls[name]
-            g = dout if name == "ours" else dout.transpose(1, 2)
+            g = dout if is_ours(name) else dout.transpose(1, 2)
             try:
                 with ctx_factory():
                     peak = cuda_peak_extra_bytes(fwdbwd_closure(fn, q, k, v, False, g))
@@ -249,41 +300,56 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-SHORT = {"ours": "our", "flash": "fa", "cudnn": "cud", "efficient": "eff", "fwd": "f", "bwd": "b", "fwdbwd": "fb"}
+SHORT = {"ours": "our", "ours:classic": "cl", "ours:ws": "ws", "flash": "fa", "cudnn": "cud", "efficient": "eff",
+         "fwd": "f", "bwd": "b", "fwdbwd": "fb"}
 
 
-def speed_table(rows, impls, directions, table_impls=("ours", "flash", "cudnn")):
+def ratio_pairs(impls):
+    """(numerator, denominator) of the ratio columns: each of ours against flash and cudnn, and ws / classic."""
+    ours = [i for i in impls if is_ours(i)]
+    pairs = [(o, base) for o in ours for base in ("flash", "cudnn") if base in impls]
+    if "ours:ws" in impls and "ours:classic" in impls:
+        pairs.append(("ours:ws", "ours:classic"))
+    return pairs
+
+
+def ratio_label(num, den):
+    prefix = "" if num == "ours" else SHORT.get(num, num)
+    return f"{prefix}/{SHORT.get(den, den)}"
+
+
+def speed_table(rows, impls, directions, table_impls=("flash", "cudnn")):
     """Compact table (TFLOP/s; f = fwd, b = bwd, fb = fwd+bwd; /fa = ours / flash). EFFICIENT is in the JSON."""
-    shown = [i for i in impls if i in table_impls] or list(impls)
-    bases = [b for b in ("flash", "cudnn") if b in impls and "ours" in impls]
+    shown = [i for i in impls if i in table_impls or is_ours(i)] or list(impls)
+    pairs = ratio_pairs(impls)
     headers = ["dtype", "hd", "c", "S"]
     for name in shown:
         headers += [f"{SHORT.get(name, name)} {SHORT[d]}" for d in directions]
-    for base in bases:
-        headers += [f"/{SHORT[base]} {SHORT[d]}" for d in directions]
+    for num, den in pairs:
+        headers += [f"{ratio_label(num, den)} {SHORT[d]}" for d in directions]
     body = []
     for r in rows:
         cells = [r["dtype"], r["d"], "y" if r["causal"] else "n", r["S"]]
         for name in shown:
             cells += [common.fmt(r.get(f"{name}_{d}"), 0) for d in directions]
-        for base in bases:
-            cells += [common.fmt(ratio(r.get(f"ours_{d}"), r.get(f"{base}_{d}")), 2) for d in directions]
+        for num, den in pairs:
+            cells += [common.fmt(ratio(r.get(f"{num}_{d}"), r.get(f"{den}_{d}")), 2) for d in directions]
         body.append(cells)
     return markdown_table(headers, body)
 
 
-def geomean_summary(rows, directions):
+def geomean_summary(rows, directions, impls=("ours", "flash", "cudnn")):
     lines = []
-    for base in ("flash", "cudnn"):
+    for num, den in ratio_pairs(impls):
         parts = []
         for d in directions:
-            vals = [ratio(r.get(f"ours_{d}"), r.get(f"{base}_{d}")) for r in rows]
+            vals = [ratio(r.get(f"{num}_{d}"), r.get(f"{den}_{d}")) for r in rows]
             vals = [v for v in vals if v]
             if vals:
                 gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
                 parts.append(f"{d} {gm:.2f} (n={len(vals)})")
         if parts:
-            lines.append(f"geomean ours/{base}: " + ", ".join(parts))
+            lines.append(f"geomean {num}/{den}: " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -301,8 +367,8 @@ def print_tables(payload, impls, directions):
         print(f"\nTFLOP/s on {payload.get('device')} (torch {payload.get('torch')}); f = fwd, b = bwd, "
               f"fb = fwd+bwd; our = ours, fa = SDPA flash, cud = SDPA cuDNN; /fa, /cud = ours / backend:")
         print(speed_table(payload["rows"], impls, directions))
-        print(geomean_summary(payload["rows"], directions))
-        bad = [r for r in payload["rows"] if r.get("ours_nonfinite")]
+        print(geomean_summary(payload["rows"], directions, impls))
+        bad = [r for r in payload["rows"] if any(v for k, v in r.items() if k.endswith("_nonfinite"))]
         if bad:
             print(f"WARNING: our output had NaN/inf in {len(bad)} rows")
         diffs = [(r.get("ours_maxdiff_vs_flash"), r) for r in payload["rows"] if r.get("ours_maxdiff_vs_flash")]
@@ -310,10 +376,10 @@ def print_tables(payload, impls, directions):
             worst, row = max(diffs, key=lambda x: x[0])
             print(f"max |ours - SDPA flash| over rows: {worst:.2e} ({row['dtype']} hd{row['d']} "
                   f"{'causal' if row['causal'] else 'full'} S={row['S']})")
-        errs = {r["ours_error"].get("fwd") or next(iter(r["ours_error"].values()))
-                for r in payload["rows"] if r.get("ours_error")}
+        errs = {f"{k[:-len('_error')]}: {v.get('fwd') or next(iter(v.values()))}"
+                for r in payload["rows"] for k, v in r.items() if k.endswith("_error") and is_ours(k[:-len("_error")])}
         for e in sorted(errs)[:5]:
-            print(f"ours failed: {e}")
+            print(f"failed: {e}")
     if payload.get("aborted"):
         print(f"ABORTED: {payload['aborted']}")
 

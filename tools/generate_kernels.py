@@ -37,11 +37,14 @@ TEMPLATE = """\
 UNITS = {
     ("fwd", "sm80"): ("../sm80/launch.cuh", ("run_flash_fwd_sm80",)),
     ("fwd", "sm90"): ("../hopper/launch.cuh", ("run_flash_fwd_sm90",)),
+    # The warp-specialized Hopper forward in units of its own, so that it
+    # compiles in parallel with the classic one (FLASH_ATTN_EXT_SM90_FWD picks).
+    ("fwd", "sm90ws"): ("../hopper/launch_ws.cuh", ("run_flash_fwd_sm90_ws",)),
     ("bwd", "sm80"): ("../sm80/launch.cuh", ("run_flash_bwd_dkdv_sm80", "run_flash_bwd_dq_sm80")),
     ("bwd", "sm90"): ("../hopper/launch.cuh", ("run_flash_bwd_dkdv_sm90",)),
     ("bwd", "rows"): ("../flash_bwd_launch.cuh", ("run_flash_bwd_preprocess", "run_flash_bwd_convert_dq")),
 }
-RETURNS = {"run_flash_fwd_sm90": "bool", "run_flash_bwd_dkdv_sm90": "bool"}
+RETURNS = {"run_flash_fwd_sm90": "bool", "run_flash_fwd_sm90_ws": "bool", "run_flash_bwd_dkdv_sm90": "bool"}
 
 
 def file_name(direction: str, head_dim: int, dtype: str, arch: str) -> str:
@@ -53,7 +56,7 @@ def units():
     wanted = {}
     for (direction, arch), (header, names) in UNITS.items():
         params = "FlashFwdParams" if direction == "fwd" else "FlashBwdParams"
-        for head_dim, dtype in itertools.product(SM90_HEAD_DIMS if arch == "sm90" else HEAD_DIMS, DTYPES):
+        for head_dim, dtype in itertools.product(SM90_HEAD_DIMS if arch.startswith("sm90") else HEAD_DIMS, DTYPES):
             text = "".join(f"template {RETURNS.get(name, 'void')} {name}<{DTYPES[dtype]}, {head_dim}>"
                            f"(const {params}&, cudaStream_t);\n" for name in names)
             wanted[file_name(direction, head_dim, dtype, arch)] = TEMPLATE.format(header=header, instantiations=text)

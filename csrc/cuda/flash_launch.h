@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "../flash_params.h"
 #include "hopper/sm90_dispatch.cuh"
 
@@ -37,6 +39,11 @@ template <typename Element, int kHeadDim>
 bool run_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
 bool run_flash_bwd_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream);
+// The warp-specialized Hopper forward, hopper/launch_ws.cuh: false, with
+// nothing launched, unless FLASH_ATTN_EXT_SM90_FWD selects it and it can
+// take the call (same head dims as run_flash_fwd_sm90).
+template <typename Element, int kHeadDim>
+bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream);
 
 // The backward's row-wise kernels, the same everywhere (flash_bwd_launch.cuh):
 // D = rowsum(dO * O) - dlse into params.softmax_d (and the zeroed fp32 dq
@@ -46,11 +53,18 @@ void run_flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream)
 template <typename Element, int kHeadDim>
 void run_flash_bwd_convert_dq(const FlashBwdParams& params, cudaStream_t stream);
 
-// The forward: the Hopper kernel where it runs, else the sm80 one.
+// The forward: a Hopper kernel where one runs (the warp-specialized one
+// when FLASH_ATTN_EXT_SM90_FWD selects it and it can take the call, else
+// the classic one), else the sm80 one.
 template <typename Element, int kHeadDim>
 void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
   if constexpr (flash::sm90::kHasFwd<kHeadDim>) {
+    if (run_flash_fwd_sm90_ws<Element, kHeadDim>(params, stream)) return;
     if (run_flash_fwd_sm90<Element, kHeadDim>(params, stream)) return;
+  } else {
+    FLASH_CHECK(flash::sm90::fwd_kernel_choice() != flash::sm90::FwdKernel::kWsStrict,
+                "flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD=ws_strict, but this build has no Hopper forward for the "
+                "padded head dim ", std::to_string(kHeadDim));
   }
   run_flash_fwd_sm80<Element, kHeadDim>(params, stream);
 }

@@ -5,6 +5,12 @@
 // also check that the kernel fits the shared-memory budget
 // (device_props.cuh), which only a lowered FLASH_ATTN_EXT_SMEM_BUDGET_KB makes
 // it not.
+//
+// Which Hopper forward runs (FLASH_ATTN_EXT_SM90_FWD, developer-only): the
+// classic kernel (flash_fwd_sm90_kernel.cuh, cp.async double buffer) or the
+// warp-specialized one (flash_fwd_sm90_ws_kernel.cuh: TMA producer,
+// mbarrier ring, setmaxnreg, ping-pong), which falls back to the classic
+// kernel for the calls it cannot take (launch_ws.cuh, ws_fwd_refusal).
 #pragma once
 
 #include <cstdlib>
@@ -38,6 +44,24 @@ inline bool enabled() {
   const char* off = std::getenv("FLASH_ATTN_EXT_DISABLE_SM90");
   if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
   return device_is_sm90();
+}
+
+enum class FwdKernel {
+  kClassic,   // the default until the warp-specialized kernel is measured
+  kWs,        // warp-specialized where it can, classic elsewhere
+  kWsStrict,  // warp-specialized or an error naming why not (tests, benchmarks)
+};
+
+// FLASH_ATTN_EXT_SM90_FWD = classic (or unset) | ws | ws_strict. Read on
+// every forward, like FLASH_ATTN_EXT_DISABLE_SM90 (a getenv, against a
+// launch of microseconds), so that a test or a benchmark switches kernels
+// within one process.
+inline FwdKernel fwd_kernel_choice() {
+  const char* env = std::getenv("FLASH_ATTN_EXT_SM90_FWD");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "classic") == 0) return FwdKernel::kClassic;
+  if (std::strcmp(env, "ws") == 0) return FwdKernel::kWs;
+  if (std::strcmp(env, "ws_strict") == 0) return FwdKernel::kWsStrict;
+  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD must be classic, ws or ws_strict, got '", env, "'");
 }
 
 }  // namespace sm90

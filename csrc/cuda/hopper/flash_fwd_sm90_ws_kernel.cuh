@@ -1,0 +1,378 @@
+// FlashAttention forward on Hopper, warp-specialized (sm_90a): the same
+// arithmetic as flash_fwd_sm90_kernel.cuh (wgmma on SW128 shared memory, the
+// score rule, the online softmax, dropout, sinks, lse), with the data
+// movement taken off the warps that compute. One thread block per (query
+// block of kBlockM = 64 x kConsumerWGs rows, head, batch), 128 x
+// (kConsumerWGs + 1) threads:
+//
+//   warpgroup 0, the producer: setmaxnreg.dec gives its registers to the
+//     consumers; one thread issues TMA loads (tma.cuh) of the Q tile, once,
+//     and of K and V blocks into a ring of kStages stages, each stage's K and
+//     V with their own "full" mbarrier (the TMA bytes complete it) and
+//     "empty" mbarrier (the consumers' warps arrive once they are done with
+//     it). The producer waits only for a stage to be empty; the consumers
+//     never wait for each other's loads, and no __syncthreads runs after the
+//     set-up (the classic kernel's per-key-block barrier was 30% of its
+//     stall cycles in an ncu profile at head dim 128).
+//   warpgroups 1..kConsumerWGs, the consumers: setmaxnreg.inc; each owns 64
+//     query rows and runs the classic kernel's software pipeline: S_{j+1} =
+//     Q K_{j+1}^T is issued with O += P_j V_j, and the softmax of S_{j+1}
+//     runs while P_j V_j is on the tensor cores.
+//   ping-pong (kPingPong): the consumers take turns issuing their wgmmas,
+//     in a fixed round robin over named barriers ("turns", below), so that
+//     while one warpgroup's GEMMs run the other does its softmax: the tensor
+//     cores see one warpgroup's products back to back instead of two
+//     warpgroups contending at the same moment and then both idling in
+//     their softmax.
+//
+// Visiting order, masking, the score rule, dropout and the epilogue are the
+// classic kernel's, line for line where they can be: key blocks from last to
+// first; the rule (`Rule`, chosen by the launcher) constructed per (batch,
+// head) and applied by apply_score_rule / apply_dropout; sinks joined in
+// the epilogue; O through this warpgroup's rows of the Q tile to coalesced
+// 16-byte stores.
+//
+// Dense (batch, seqlen, heads, dim) inputs only, through three 4-D tensor
+// maps; the launcher (launch_ws.cuh, ws_fwd_refusal) sends every other call
+// to the classic kernel.
+#pragma once
+
+#include <cuda.h>
+
+#include "../../flash_params.h"
+#include "../../mask.h"
+#include "../../seq_info.h"
+#include "../score_rule.cuh"
+#include "../softmax.cuh"
+#include "flash_fwd_sm90_kernel.cuh"  // gemm_qk, gemm_pv: the same products
+#include "sync.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace flash {
+namespace sm90 {
+
+// The kernel's one parameter: the call's params and the tensor maps of q, k
+// and v (encoded by the launcher), as a __grid_constant__ so that the TMA
+// unit reads the maps where the launch put them.
+struct WsFwdParams {
+  CUtensorMap tma_q, tma_k, tma_v;  // 64-byte aligned by their type
+  FlashFwdParams fwd;
+};
+
+template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2>
+struct WsFwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr int kConsumerWGs = kConsumerWGs_;
+  static constexpr int kBlockM = 64 * kConsumerWGs;
+  static constexpr int kNThreads = 128 * (kConsumerWGs + 1);
+  // Ping-pong for head dims up to 128, as FlashAttention-3 does; at 256 the
+  // O accumulator (128 registers) leaves the two warpgroups' products long
+  // enough to overlap on their own.
+  static constexpr bool kPingPong = kConsumerWGs >= 2 && kHeadDim <= 128;
+  // Register budgets after setmaxnreg. The block is launched with 65536 /
+  // kNThreads registers a thread (ptxas: 168 at 384 threads, 128 at 512),
+  // and the budgets must add up to no more than that block total, or
+  // setmaxnreg.inc waits forever: 24 + 2 x 240 = 3 x 168, 32 + 3 x 160 =
+  // 4 x 128. The producer's one thread holds a few addresses and counters.
+  static constexpr int kProducerRegs = kConsumerWGs == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
+  static_assert(kConsumerWGs == 2 || kConsumerWGs == 3, "two or three consumer warpgroups");
+  static_assert(kProducerRegs + kConsumerWGs * kConsumerRegs <= (65536 / kNThreads / 8 * 8) * (kConsumerWGs + 1),
+                "setmaxnreg budgets exceed the block's registers");
+
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one stage of K or of V
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + kQBytes;
+  static constexpr int kVOff = kKOff + kStages * kKVBytes;
+  // mbarriers, 8 bytes each: Q's, then full K, full V, empty K, empty V per stage.
+  static constexpr int kBarOff = kVOff + kStages * kKVBytes;
+  static constexpr int kNumBarriers = 1 + 4 * kStages;
+  static constexpr int kSmemBytes = kBarOff + 8 * kNumBarriers + 1024;  // + realignment to the swizzle atom
+  // Arrivals that empty a stage: lane 0 of every consumer warp.
+  static constexpr int kEmptyArrivals = 4 * kConsumerWGs;
+
+  // Named barriers (0 is __syncthreads): each consumer's turn to issue
+  // wgmmas, then each consumer's epilogue.
+  static constexpr int kTurnBarrier = 1;
+  static constexpr int kEpilogueBarrier = kTurnBarrier + kConsumerWGs;
+
+  static_assert(kHeadDim % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "unsupported tile");
+  static_assert(kBlockM <= 256 && kBlockN <= 256, "TMA boxes have at most 256 rows");
+  static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles must keep the 1024-byte swizzle alignment");
+};
+
+template <typename T, typename Rule>
+__global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(const __grid_constant__ WsFwdParams pw) {
+#ifdef FLASH_SM90_ENABLED
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kStages = T::kStages;
+  constexpr int kNT = kBlockN / 8, kDT = kHeadDim / 8, kPanels = kHeadDim / kPanelCols;
+  const FlashFwdParams& p = pw.fwd;
+  extern __shared__ char smem_raw[];
+  char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const uint32_t sQ = smem_u32(smem) + T::kQOff, sK = smem_u32(smem) + T::kKOff, sV = smem_u32(smem) + T::kVOff;
+  const uint32_t bar_q = smem_u32(smem) + T::kBarOff;
+  const uint32_t full_k = bar_q + 8, full_v = full_k + 8 * kStages;  // + 8 * stage
+  const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
+
+  // Heaviest query blocks first (causal), so short ones fill the tail.
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_block = num_m_blocks - 1 - int(blockIdx.x % num_m_blocks);
+  const int bh = blockIdx.x / num_m_blocks;
+  const int h = bh % p.nheads, b = bh / p.nheads;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const int row0 = m_block * kBlockM;
+
+  // Dense calls only (ws_fwd_refusal): every sequence has the call's
+  // lengths and starts at row 0 of its batch entry, which the compiler then
+  // knows (fewer live registers than SeqInfo(p, b) of a possible varlen call).
+  const SeqInfo seq = SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k);
+  const MaskGeometry geo(p, seq);
+  const int n_begin = geo.n_block_begin(row0, kBlockN);
+  const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
+  const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
+  // The outputs of this (batch, head), worked out where they are written
+  // (here and in the epilogue) rather than held across the key loop.
+  auto out_ptr = [&]() {
+    return static_cast<Element*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
+  };
+  auto lse_ptr = [&]() { return p.softmax_lse + seq.lse_offset(p, b, h); };
+  auto residual_ptr = [&]() { return p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr; };
+
+  if (count <= 0) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
+    Element* out = out_ptr();
+    float* lse_out = lse_ptr();
+    float* residual_out = residual_ptr();
+    for (int idx = tid; idx < kBlockM * (kHeadDim / 8); idx += T::kNThreads) {
+      const int r = idx / (kHeadDim / 8), c = idx % (kHeadDim / 8);
+      if (row0 + r < seq.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
+    }
+    const float empty_lse = empty_row_lse(p, h);
+    for (int r = tid; r < kBlockM; r += T::kNThreads) {
+      if (row0 + r < seq.seqlen_q) {
+        lse_out[row0 + r] = empty_lse;
+        if (residual_out) residual_out[row0 + r] = 0.f;
+      }
+    }
+    return;
+  }
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(full_k + 8 * st, 1);  // the producer's arrive_expect_tx; the TMA bytes do the rest
+      mbar_init(full_v + 8 * st, 1);
+      mbar_init(empty_k + 8 * st, T::kEmptyArrivals);
+      mbar_init(empty_v + 8 * st, T::kEmptyArrivals);
+    }
+    fence_mbar_init();
+  }
+  __syncthreads();
+
+  // ------------------------------------------------------------ producer
+  if (wg == 0) {
+    setmaxnreg_dec<T::kProducerRegs>();  // all four warps; three of them then leave
+    if (tid == 0) {
+      tma_prefetch_map(&pw.tma_q);
+      tma_prefetch_map(&pw.tma_k);
+      tma_prefetch_map(&pw.tma_v);
+      mbar_arrive_expect_tx(bar_q, T::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kPanels; ++c) {
+        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, row0, h, b);
+      }
+      // Block i of the visit (key block n_end - 1 - i) into stage i % kStages,
+      // once the consumers have emptied that stage's previous round.
+      auto load = [&](const CUtensorMap* map, uint32_t tiles, uint32_t full, uint32_t empty, int i) {
+        const int stage = i % kStages;
+        mbar_wait(empty + 8 * stage, ((i / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(full + 8 * stage, T::kKVBytes);
+        const int key0 = (n_end - 1 - i) * kBlockN;
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c) {
+          tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage, c * kPanelCols,
+                      key0, hk, b);
+        }
+      };
+      // In the order the consumers need them: K(0); then K(i + 1) and V(i),
+      // which the consumers' i-th loop step reads together.
+      load(&pw.tma_k, sK, full_k, empty_k, 0);
+      for (int i = 0; i < count; ++i) {
+        if (i + 1 < count) load(&pw.tma_k, sK, full_k, empty_k, i + 1);
+        load(&pw.tma_v, sV, full_v, empty_v, i);
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------ consumers
+  setmaxnreg_inc<T::kConsumerRegs>();
+  const int cw = wg - 1;                           // this consumer warpgroup
+  const int g = lane / 4, t = lane % 4;
+  const int wg_row0 = row0 + 64 * cw;              // its first row
+  const int warp_row0 = wg_row0 + 16 * (warp % 4);  // this warp's first row
+  const uint32_t sQ_wg = sQ + 64 * cw * kLineBytes;
+
+  // Turns (kPingPong): a consumer issues its wgmmas only between
+  // turn_begin (bar.sync on its own barrier) and turn_end (bar.arrive on
+  // the next consumer's), round robin from consumer 0; the last consumer
+  // opens the first turn. Every consumer takes count + 1 turns (S(0) alone,
+  // count - 1 steps, P V of the last block), and the last consumer leaves
+  // out its final arrival, so that every barrier ends with as many
+  // arrivals as waits.
+  auto turn_begin = [&]() {
+    if constexpr (T::kPingPong) named_barrier_sync(T::kTurnBarrier + cw, 256);
+  };
+  auto turn_end = [&](bool last) {
+    if constexpr (T::kPingPong) {
+      if (!last || cw != T::kConsumerWGs - 1) {
+        named_barrier_arrive(T::kTurnBarrier + (cw + 1) % T::kConsumerWGs, 256);
+      }
+    }
+  };
+  if constexpr (T::kPingPong) {
+    if (cw == T::kConsumerWGs - 1) named_barrier_arrive(T::kTurnBarrier, 256);
+  }
+  // This warp is done reading a stage (its wgmmas on it have completed:
+  // wgmma.wait_group is warp-synchronous, so every lane has passed it).
+  auto release = [&](uint32_t empty_bar) {
+    if (lane == 0) mbar_arrive(empty_bar);
+  };
+
+  // Scores of key block nb to probabilities (P in place), as in the classic
+  // kernel: the score rule, the softmax statistics (returning the factors O
+  // must be rescaled by), then dropout.
+  const Rule rule(p, geo, b, h);
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+  auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
+    const int col0 = nb * kBlockN;
+    apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
+    softmax.update_stats(s, factor, rule.exp_scale());
+    apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
+  };
+
+  float acc_o[1][kDT][4] = {};
+  float s[1][kNT][4];
+  float factor[1][2];
+  uint32_t p_frag[kBlockN / 16][4];
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      p_frag[kk][0] = pack2<Element>(s[0][2 * kk][0], s[0][2 * kk][1]);
+      p_frag[kk][1] = pack2<Element>(s[0][2 * kk][2], s[0][2 * kk][3]);
+      p_frag[kk][2] = pack2<Element>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      p_frag[kk][3] = pack2<Element>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+  };
+
+  // S(0) = Q K(0)^T.
+  mbar_wait(bar_q, 0);
+  mbar_wait(full_k, 0);
+  turn_begin();
+  wgmma_fence();
+  gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK);
+  wgmma_commit();
+  turn_end(false);
+  wgmma_wait<0>();
+  fence_regs(s[0]);
+  release(empty_k);
+  softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
+
+  // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
+  // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);
+  // rescale O. The last block (no S to compute) is peeled off, which keeps
+  // the loop body free of branches around the wgmmas (ptxas serializes
+  // them otherwise).
+  for (int i = 0; i < count - 1; ++i) {
+    pack_p();
+    const int sk = (i + 1) % kStages, sv = i % kStages;
+    mbar_wait(full_k + 8 * sk, ((i + 1) / kStages) & 1);
+    mbar_wait(full_v + 8 * sv, (i / kStages) & 1);
+    turn_begin();
+    wgmma_fence();
+    gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + sk * T::kKVBytes);
+    wgmma_commit();
+    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
+    wgmma_commit();
+    turn_end(false);
+    wgmma_wait<1>();
+    fence_regs(s[0]);
+    release(empty_k + 8 * sk);
+    softmax_block(s, factor, n_end - 2 - i);
+    wgmma_wait<0>();
+    fence_regs(acc_o[0]);
+    fence_regs(p_frag);
+    release(empty_v + 8 * sv);
+    OnlineSoftmax<1>::rescale(acc_o, factor);
+  }
+  pack_p();
+  {
+    const int sv = (count - 1) % kStages;
+    mbar_wait(full_v + 8 * sv, ((count - 1) / kStages) & 1);
+    turn_begin();
+    wgmma_fence();
+    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
+    wgmma_commit();
+    turn_end(true);
+    wgmma_wait<0>();
+    fence_regs(acc_o[0]);
+    fence_regs(p_frag);
+    release(empty_v + 8 * sv);  // nobody waits for it any more; kept for the barrier's count
+  }
+
+  // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
+  // rows of the Q tile (its last read of them, S of the last block, has
+  // completed; no other warpgroup reads them), then coalesced 16-byte stores.
+  float inv_sum[1][2], lse[1][2], residual[1][2];
+  Element* out = out_ptr();
+  float* lse_out = lse_ptr();
+  float* residual_out = residual_ptr();
+  if (p.sinks != nullptr) {
+    // The head again, from an opaque copy of the block index: reusing h would
+    // keep it alive across the key loop of every call, with a sink or without.
+    int sink_block = blockIdx.x;
+    asm volatile("" : "+r"(sink_block));
+    softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
+  }
+  softmax.finalize(inv_sum, lse, residual);
+  if (t == 0) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = warp_row0 + 8 * hr + g;
+      if (row < seq.seqlen_q) {
+        lse_out[row] = lse[0][hr];
+        if (residual_out) residual_out[row] = residual[0][hr];
+      }
+    }
+  }
+#pragma unroll
+  for (int dj = 0; dj < kDT; ++dj) {
+    acc_o[0][dj][0] *= inv_sum[0][0], acc_o[0][dj][1] *= inv_sum[0][0];
+    acc_o[0][dj][2] *= inv_sum[0][1], acc_o[0][dj][3] *= inv_sum[0][1];
+  }
+  const int r_in_tile = 64 * cw + 16 * (warp % 4);
+  store_frag_sw128<kHeadDim, Element>(smem + T::kQOff, kBlockM, r_in_tile, 0, acc_o[0], lane);
+  named_barrier_sync(T::kEpilogueBarrier + cw, 128);  // this warpgroup's rows are written
+  constexpr int kChunks = kHeadDim / 8;
+  const int wtid = tid % 128;
+#pragma unroll
+  for (int i = 0; i < 64 * kChunks / 128; ++i) {
+    const int idx = wtid + 128 * i;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int row = wg_row0 + r;
+    if (row < seq.seqlen_q) {
+      *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(smem + T::kQOff + swizzled_offset(kBlockM, 64 * cw + r, c * 8));
+    }
+  }
+#endif  // FLASH_SM90_ENABLED
+}
+
+}  // namespace sm90
+}  // namespace flash

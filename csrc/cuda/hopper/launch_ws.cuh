@@ -1,0 +1,113 @@
+// The warp-specialized Hopper forward's launcher (flash_fwd_sm90_ws_kernel.cuh):
+// its tiles per head dim, what it cannot take, the tensor maps, and the
+// entry point run_flash_fwd_sm90_ws (declared in ../flash_launch.h,
+// instantiated under ../instantiations/*_sm90ws.cu), which returns false,
+// launching nothing, whenever the classic Hopper kernel must run instead.
+// Selected by FLASH_ATTN_EXT_SM90_FWD (sm90_dispatch.cuh); the classic
+// kernel stays the default until the GPU has measured this one.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../cuda_check.h"
+#include "../device_props.cuh"
+#include "../flash_launch.h"
+#include "../score_rule.cuh"
+#include "../variants.h"
+#include "flash_fwd_sm90_ws_kernel.cuh"
+#include "sm90_dispatch.cuh"
+#include "tma.cuh"
+
+namespace flash {
+
+// Tiles: 128 query rows (two consumer warpgroups) everywhere. Head dim 64
+// and 128: 128-key blocks, as the classic kernel; K and V stages as shared
+// memory allows one block per SM (the 384 threads at 168 registers fill the
+// register file anyway): 4 at 64 (144 KB), 2 at 128 (160 KB; 3 would need
+// 225 KB, under the 227 KB limit but leaving nothing for a later O staging
+// buffer). 256: 64-key blocks, 2 stages (192 KB), no ping-pong (traits).
+template <typename Element, int kHeadDim>
+using Sm90WsFwdTraitsFor =
+    sm90::WsFwdTraits<Element, kHeadDim, (kHeadDim <= 128 ? 128 : 64), (kHeadDim == 64 ? 4 : 2), 2>;
+
+namespace sm90 {
+
+// Why the warp-specialized forward cannot take a call, or null when it can.
+// The one list of the calls that go to the classic Hopper kernel instead
+// (the launcher adds tensors that TMA cannot describe, encode_bshd_map, and
+// the shared-memory budget):
+//  * variable-length batches (cu_seqlens): the tensor maps describe one
+//    dense (batch, seqlen) layout; varlen needs per-sequence row offsets
+//    (a 3-D map over total rows and bounds checks on the sequence's end);
+//  * seqused_k: keys past a sequence's used length are inside the tensor,
+//    so TMA would load them instead of zero-filling; masked scores give
+//    them P = 0, but 0 * a NaN in unused cache memory is NaN.
+inline const char* ws_fwd_refusal(const FlashFwdParams& p) {
+  if (p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr) return "variable-length batches (cu_seqlens)";
+  if (p.seqused_k != nullptr) return "seqused_k";
+  return nullptr;
+}
+
+// The tensor maps of q, k and v for tiles of T; null on success, else why not.
+template <typename T>
+const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
+  constexpr bool kBf16 = std::is_same_v<typename T::Element, __nv_bfloat16>;
+  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
+                                    p.q_batch_stride, p.q_row_stride, p.q_head_stride, T::kBlockM);
+  if (why == nullptr) {
+    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
+                          p.k_row_stride, p.k_head_stride, T::kBlockN);
+  }
+  if (why == nullptr) {
+    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
+                          p.v_row_stride, p.v_head_stride, T::kBlockN);
+  }
+  return why;
+}
+
+}  // namespace sm90
+
+template <typename T, typename Rule>
+void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stream) {
+  auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule>;
+  set_smem_limit(kernel, T::kSmemBytes);
+  const int64_t num_m_blocks = (params.fwd.seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int64_t grid = num_m_blocks * params.fwd.batch * params.fwd.nheads;
+  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
+  kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
+  FLASH_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace flash
+
+template <typename Element, int kHeadDim>
+bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
+  using T = flash::Sm90WsFwdTraitsFor<Element, kHeadDim>;
+  const flash::sm90::FwdKernel choice = flash::sm90::fwd_kernel_choice();
+  if (choice == flash::sm90::FwdKernel::kClassic) return false;
+  const char* why = nullptr;
+  if (!flash::sm90::enabled()) {
+    why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
+  } else if (T::kSmemBytes > flash::smem_budget()) {
+    why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
+  } else {
+    why = flash::sm90::ws_fwd_refusal(params);
+  }
+  flash::sm90::WsFwdParams ws;
+  if (why == nullptr) why = flash::sm90::encode_ws_maps<T>(ws, params);
+  if (why != nullptr) {
+    FLASH_CHECK(choice != flash::sm90::FwdKernel::kWsStrict,
+                "flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD=ws_strict, but the warp-specialized forward cannot take "
+                "this call: ", why);
+    return false;
+  }
+  ws.fwd = params;
+  flash::dispatch_fwd_variant(params, [&](auto has_bias, auto features) {
+    using Rule = flash::CudaScoreRule<Element, decltype(has_bias)::value, decltype(features)::value>;
+    flash::launch_flash_fwd_sm90_ws<T, Rule>(ws, stream);
+  });
+  return true;
+}

@@ -1,0 +1,323 @@
+"""The warp-specialized Hopper forward (csrc/cuda/hopper/flash_fwd_sm90_ws_kernel.cuh:
+TMA producer warp, mbarrier K/V ring, setmaxnreg, ping-pong consumer
+warpgroups), selected by FLASH_ATTN_EXT_SM90_FWD. Most tests run with
+`ws_strict`, under which a call the kernel cannot take raises instead of
+falling back to the classic kernel: a test that passes ran the
+warp-specialized kernel (and one test also checks the kernel names with the
+profiler). Against the float64 reference under the project's 2x rule: head
+dims 64/128/256, fp16 and bf16, causal or not, sliding windows, GQA/MQA,
+seqlen_q != seqlen_k, lengths that are no multiple of the tiles (1, 77, 1000,
+4097), and the score features (bias, softcap, ALiBi, sinks); dropout against
+the reference with the call's mask, and the mask read back exactly from the
+output (V = identity) next to the classic kernel's. Then the calls that fall
+back (varlen), a bad switch value, strided inputs and CUDA-graph capture.
+
+Forward only: the backward is the same kernel whichever forward ran.
+Skipped without CUDA, on a GPU other than compute capability 9.0, and for
+head dims or dtypes a restricted build left out.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+if torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("the warp-specialized forward runs on compute capability 9.0 (H100/H200) only",
+                allow_module_level=True)
+
+import flash_attn_ext  # noqa: E402
+from flash_attn_ext import _ops  # noqa: E402
+from conftest import assert_close_to_ref, attention_ref, poison_allocator, sdpa_default  # noqa: E402
+
+ENV = "FLASH_ATTN_EXT_SM90_FWD"
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+HEADDIMS = [64, 128, 256]
+# A restricted build (csrc/cuda/dispatch.h), or a build without sm_90a code
+# (flash_launch.h under ws_strict): nothing to test here.
+_MISSING = ("not compiled in this build", "no CUDA kernel compiled", "has no Hopper forward")
+
+
+@pytest.fixture
+def ws(monkeypatch):
+    monkeypatch.setenv(ENV, "ws_strict")
+
+
+def fwd(q, k, v, causal=False, window=(-1, -1), bias=None, softcap=0.0, alibi=None, sinks=None, dropout_p=0.0,
+        rng_state=None, scale=None):
+    """The forward op (out, lse), skipping when the build lacks the kernel."""
+    left, right = window
+    if causal:
+        right = 0
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    try:
+        with torch.no_grad():
+            out, lse, _ = _ops.call_fwd(q, k, v, bias, scale, causal, left, right, False, softcap, alibi, sinks,
+                                        dropout_p, rng_state)
+    except RuntimeError as exc:
+        if any(m in str(exc) for m in _MISSING):
+            pytest.skip(f"kernel not in this build: {str(exc).splitlines()[0][:200]}")
+        raise
+    return out, lse
+
+
+def randn(*shape, dtype):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def check(q, k, v, name, causal=False, window=(-1, -1), bias=None, softcap=0.0, alibi=None, sinks=None,
+          dropout_p=0.0, rng_state=None, mask=None):
+    """out (2x rule) and lse of the forward against the float64 reference."""
+    poison_allocator(q.device, q.numel() * q.element_size())
+    out, lse = fwd(q, k, v, causal, window, bias, softcap, alibi, sinks, dropout_p, rng_state)
+    assert out.shape == q.shape and not torch.isnan(out).any(), f"{name}: NaN in out"
+    left, right = window
+    if causal:
+        right = 0
+    kw = dict(bias=bias, softcap=softcap, alibi_slopes=alibi, sinks=sinks, dropout_mask=mask, dropout_p=dropout_p)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal, (left, right),
+                                     **{**kw, "bias": None if bias is None else bias.double()})
+    low_out, _ = attention_ref(q, k, v, causal, (left, right), upcast=False, **kw)
+    baselines = [low_out]
+    if bias is None and softcap == 0 and alibi is None and sinks is None and dropout_p == 0:
+        baselines.append(sdpa_default(q, k, v, causal=causal, window=(left, right)))
+    assert_close_to_ref(out, ref_out, tuple(baselines), name)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"{name}: lse +inf rows differ"
+    finite = torch.isfinite(ref_lse)
+    if finite.any():
+        err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
+        assert err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item()), f"{name}: lse error {err:.3e}"
+    return out
+
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k)
+SHAPES = [
+    (2, 1, 1, 4, 4),
+    (1, 77, 77, 4, 2),
+    (2, 128, 256, 2, 1),
+    (1, 1000, 1000, 3, 3),
+    (1, 77, 1000, 4, 1),
+    (2, 1000, 77, 2, 2),
+    (1, 4097, 4097, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ws_against_reference(ws, dtype, headdim, causal, shape):
+    batch, seqlen_q, seqlen_k, nheads, nheads_k = shape
+    q = randn(batch, seqlen_q, nheads, headdim, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
+    check(q, k, v, f"hd{headdim} {shape}", causal=causal)
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("window", [(24, 8), (100, -1), (-1, 0), (0, 0), (300, 300)])
+def test_ws_windows(ws, headdim, window):
+    q = randn(2, 300, 4, headdim, dtype=torch.bfloat16)
+    k = randn(2, 517, 2, headdim, dtype=torch.bfloat16)
+    v = randn(2, 517, 2, headdim, dtype=torch.bfloat16)
+    check(q, k, v, f"hd{headdim} window {window}", window=window)
+
+
+def test_ws_query_blocks_without_keys(ws):
+    """Causal with seqlen_q > seqlen_k: the first query blocks see no key (out 0, lse +inf or the sink)."""
+    q = randn(1, 700, 2, 128, dtype=torch.bfloat16)
+    k = randn(1, 100, 2, 128, dtype=torch.bfloat16)
+    v = randn(1, 100, 2, 128, dtype=torch.bfloat16)
+    out = check(q, k, v, "no keys", causal=True)
+    assert (out[:, :600] == 0).all()
+    sinks = torch.tensor([0.5, -1.0], device="cuda")
+    check(q, k, v, "no keys, sinks", causal=True, sinks=sinks)
+
+
+FEATURES = [
+    pytest.param(dict(bias=True), id="bias"),
+    pytest.param(dict(softcap=5.0), id="softcap"),
+    pytest.param(dict(alibi="head"), id="alibi-head"),
+    pytest.param(dict(alibi="batch"), id="alibi-batch"),
+    pytest.param(dict(sinks=True), id="sinks"),
+    pytest.param(dict(bias=True, softcap=4.0, alibi="head", sinks=True), id="all"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("case", FEATURES)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 9))],
+                         ids=["full", "causal", "window"])
+def test_ws_score_features(ws, dtype, headdim, case, causal, window):
+    batch, seqlen_q, seqlen_k, nheads, nheads_k = 2, 200, 333, 4, 2
+    q = randn(batch, seqlen_q, nheads, headdim, dtype=dtype) * 3  # large enough for the cap and slopes to matter
+    k = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
+    bias = (randn(batch, nheads, seqlen_q, seqlen_k, dtype=torch.float32) * 2).to(dtype) if case.get("bias") else None
+    alibi = None
+    if case.get("alibi") == "head":
+        alibi = torch.rand(nheads, device="cuda") * 0.3 + 0.01
+    elif case.get("alibi") == "batch":
+        alibi = torch.rand(batch, nheads, device="cuda") * 0.3 + 0.01
+    sinks = torch.randn(nheads, device="cuda") * 2 if case.get("sinks") else None
+    check(q, k, v, f"hd{headdim} {case}", causal=causal, window=window, bias=bias, softcap=case.get("softcap", 0.0),
+          alibi=alibi, sinks=sinks)
+
+
+def test_ws_broadcast_bias(ws):
+    """A (1, 1, seqlen_q, seqlen_k) bias expanded over batch and heads (stride 0)."""
+    q = randn(2, 150, 4, 128, dtype=torch.bfloat16)
+    k = randn(2, 260, 4, 128, dtype=torch.bfloat16)
+    v = randn(2, 260, 4, 128, dtype=torch.bfloat16)
+    bias = randn(1, 1, 150, 260, dtype=torch.bfloat16).expand(2, 4, 150, 260)
+    check(q, k, v, "broadcast bias", bias=bias, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("case", [dict(), dict(causal=True), dict(window=(50, 10), softcap=5.0, alibi=True),
+                                  dict(causal=True, sinks=True, bias=True)],
+                         ids=["plain", "causal", "window-softcap-alibi", "causal-sinks-bias"])
+def test_ws_dropout_against_reference(ws, dtype, headdim, case):
+    batch, seqlen_q, seqlen_k, nheads, nheads_k = 2, 190, 301, 4, 2
+    p = 0.3
+    q = randn(batch, seqlen_q, nheads, headdim, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
+    rng_state = _ops.draw_rng_state("cuda")
+    mask = _ops.dropout_mask(rng_state, batch, nheads, seqlen_q, seqlen_k, p)
+    bias = randn(batch, nheads, seqlen_q, seqlen_k, dtype=dtype) if case.get("bias") else None
+    alibi = torch.rand(nheads, device="cuda") * 0.3 + 0.01 if case.get("alibi") else None
+    sinks = torch.randn(nheads, device="cuda") if case.get("sinks") else None
+    check(q, k, v, f"dropout hd{headdim} {case}", causal=case.get("causal", False), window=case.get("window", (-1, -1)),
+          bias=bias, softcap=case.get("softcap", 0.0), alibi=alibi, sinks=sinks, dropout_p=p, rng_state=rng_state,
+          mask=mask)
+
+
+@pytest.mark.parametrize("headdim", [128, 256])
+def test_ws_dropout_mask_is_the_classic_kernels(monkeypatch, headdim):
+    """With V = identity each output column is one key's dropped probability, so
+    out == 0 exactly where dropout dropped the key: the mask, read back bit for
+    bit, must be the one _ops.dropout_mask gives and the classic kernel uses."""
+    batch, seqlen_q, nheads = 2, 300, 3
+    seqlen_k = headdim  # one output column per key
+    p = 0.5
+    q = randn(batch, seqlen_q, nheads, headdim, dtype=torch.bfloat16) * 0.2
+    k = randn(batch, seqlen_k, nheads, headdim, dtype=torch.bfloat16) * 0.2
+    v = torch.eye(seqlen_k, headdim, device="cuda", dtype=torch.bfloat16)[None, :, None, :].expand(
+        batch, seqlen_k, nheads, headdim).contiguous()
+    rng_state = _ops.draw_rng_state("cuda")
+    expected = _ops.dropout_mask(rng_state, batch, nheads, seqlen_q, seqlen_k, p)  # (b, h, sq, sk)
+    kept = {}
+    for kernel in ("ws_strict", "classic"):
+        monkeypatch.setenv(ENV, kernel)
+        out, _ = fwd(q, k, v, dropout_p=p, rng_state=rng_state)
+        assert not torch.isnan(out).any()
+        kept[kernel] = (out[..., :seqlen_k] != 0).permute(0, 2, 1, 3)  # (b, h, sq, sk)
+    assert torch.equal(kept["ws_strict"], expected), "the warp-specialized kernel's dropout mask"
+    assert torch.equal(kept["classic"], expected), "the classic kernel's dropout mask"
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_matches_classic(monkeypatch, headdim):
+    """Same tiles in key order and the same arithmetic per row: the two kernels agree to rounding."""
+    q = randn(2, 515, 4, headdim, dtype=torch.bfloat16)
+    k = randn(2, 515, 2, headdim, dtype=torch.bfloat16)
+    v = randn(2, 515, 2, headdim, dtype=torch.bfloat16)
+    results = {}
+    for kernel in ("ws_strict", "classic"):
+        monkeypatch.setenv(ENV, kernel)
+        results[kernel] = fwd(q, k, v, causal=True)
+    (o_ws, l_ws), (o_cl, l_cl) = results["ws_strict"], results["classic"]
+    assert (o_ws.float() - o_cl.float()).abs().max().item() <= 2 * torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(l_ws, l_cl, rtol=1e-6, atol=1e-6)
+
+
+def test_ws_kernel_names(monkeypatch):
+    """The profiler sees the warp-specialized kernel under ws and the classic one under classic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q = randn(1, 256, 2, 128, dtype=torch.bfloat16)
+
+    def names():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fwd(q, q, q, causal=True)
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if e.device_type.name == "CUDA" and "flash::" in e.name}
+
+    monkeypatch.setenv(ENV, "ws")
+    ws_names = names()
+    assert any("flash_fwd_sm90_ws_kernel" in n for n in ws_names), ws_names
+    monkeypatch.setenv(ENV, "classic")
+    classic_names = names()
+    assert any("flash_fwd_sm90_kernel" in n for n in classic_names), classic_names
+    assert not any("ws_kernel" in n for n in classic_names), classic_names
+
+
+def test_ws_falls_back_for_varlen(monkeypatch):
+    """Varlen calls go to the classic kernel under ws, and ws_strict says why it cannot take them."""
+    seqlens = [5, 130, 77]
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], device="cuda", dtype=torch.int32)
+    total = sum(seqlens)
+    q = randn(total, 4, 128, dtype=torch.bfloat16)
+    k = randn(total, 2, 128, dtype=torch.bfloat16)
+    v = randn(total, 2, 128, dtype=torch.bfloat16)
+    monkeypatch.setenv(ENV, "classic")
+    expected = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True)
+    monkeypatch.setenv(ENV, "ws")
+    got = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True)
+    assert torch.equal(got, expected)
+    monkeypatch.setenv(ENV, "ws_strict")
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True)
+
+
+def test_bad_switch_value(monkeypatch):
+    monkeypatch.setenv(ENV, "fast")
+    q = randn(1, 16, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=ENV):
+        fwd(q, q, q)
+
+
+def test_ws_strided_inputs(ws):
+    """q, k, v as slices of one packed (batch, seqlen, 3, heads, dim) tensor: row stride 3 * heads * dim."""
+    qkv = randn(2, 333, 3, 4, 128, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    check(q, k, v, "packed qkv", causal=True)
+    # (batch, heads, seqlen, dim) storage seen as (batch, seqlen, heads, dim): head stride > row stride.
+    qt, kt, vt = (randn(2, 4, 200, 64, dtype=torch.float16).transpose(1, 2) for _ in range(3))
+    check(qt, kt, vt, "transposed views")
+
+
+def test_ws_cuda_graph(ws):
+    """The tensor maps are kernel parameters: a captured forward replays on new values of the same buffers."""
+    shape = (2, 400, 4, 128)
+    q, k, v = (randn(*shape, dtype=torch.bfloat16) for _ in range(3))
+    fwd(q, k, v, causal=True)  # warm up outside the capture (allocations, attribute setting)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out, _ = fwd(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn(shape, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = attention_ref(q.double(), k.double(), v.double(), True)
+        low, _ = attention_ref(q, k, v, True, upcast=False)
+        assert_close_to_ref(out, ref, low, "graph replay")
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_long_sequence(ws, headdim):
+    """Many key blocks: every stage of the ring is reused many times (phase parities wrap)."""
+    q = randn(1, 256, 2, headdim, dtype=torch.bfloat16)
+    k = randn(1, 8192 + 5, 2, headdim, dtype=torch.bfloat16)
+    v = randn(1, 8192 + 5, 2, headdim, dtype=torch.bfloat16)
+    check(q, k, v, f"long hd{headdim}")
