@@ -179,6 +179,36 @@ __device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, int ro
   }
 }
 
+// Softcap's factors (1 - tanh^2) of a thread's S fragment, kRows x 4
+// scores, held from P until dS. In bf16 kernels as fp16 pairs: 2^-11
+// relative, below the rounding of dS to bf16 for the dK / dQ products
+// (2^-8), in half the registers (the Hopper backward at hd 128 spilled 220
+// bytes with them in fp32); fp32 in fp16 kernels, whose dS keeps 2^-11.
+template <typename Element, int kRows>
+struct SoftcapFactors {
+  static constexpr bool kPacked = std::is_same_v<Element, __nv_bfloat16>;
+  std::conditional_t<kPacked, __half2[kRows][2], float[kRows][4]> v;
+
+  // Row j's four factors, stored as soon as they are computed, so that they
+  // are never all live in fp32.
+  __device__ __forceinline__ void set(int j, const float (&f)[4]) {
+    if constexpr (kPacked) {
+      v[j][0] = __floats2half2_rn(f[0], f[1]);
+      v[j][1] = __floats2half2_rn(f[2], f[3]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[j][e] = f[e];
+    }
+  }
+  __device__ __forceinline__ float get(int j, int e) const {
+    if constexpr (kPacked) {
+      return e % 2 == 0 ? __low2float(v[j][e / 2]) : __high2float(v[j][e / 2]);
+    } else {
+      return v[j][e];
+    }
+  }
+};
+
 // The backward kernels take the bias at run time (one instantiation serves
 // calls with and without it) and the score features at compile time. With
 // softcap, prob() also gives each score's softcap factor, which the kernel

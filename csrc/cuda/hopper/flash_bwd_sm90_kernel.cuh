@@ -208,30 +208,33 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     fence_regs(acc_s);
     const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
     // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
-    float dsoftcap[kSN / 8][4];
+    SoftcapFactors<Element, kSN / 8> softcap_factors;
     if (rule.fast_tile(need_mask)) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
         const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
         const float2 r = *reinterpret_cast<const float2*>(sResidual + q_col0 + 8 * j + 2 * t);
         const float lse_c[2] = {lse_log2(l.x), lse_log2(l.y)}, res_c[2] = {r.x, r.y};
+        float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[e % 2], res_c[e % 2], dsoftcap[j][e]);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
         }
+        if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
     } else {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
+        float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
-          acc_s[j][e] =
-              rule.prob(acc_s[j][e], row, key, lse_log2(sLse[col]), sResidual[col], need_mask, dsoftcap[j][e]);
+          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_log2(sLse[col]), sResidual[col], need_mask, dsoftcap[e]);
         }
+        if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
     }
     uint32_t p_frag[kSN / 16][4];
@@ -260,7 +263,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], dsoftcap[j][e]);
+        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], softcap_factors.get(j, e));
       }
     }
     uint32_t ds_frag[kSN / 16][4];

@@ -187,29 +187,32 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     }
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
     // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
-    float dsoftcap[T::kMPerWarp / 8][4];
+    SoftcapFactors<Element, T::kMPerWarp / 8> softcap_factors;
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias (the common case): FFMA, FADD and EX2 per
       // element without features.
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
+        float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] =
-              rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], dsoftcap[j][e]);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], dsoftcap[e]);
         }
+        if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
     } else {
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
+        float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], need_mask, dsoftcap[j][e]);
+          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], need_mask, dsoftcap[e]);
         }
+        if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
     }
     // dV_j += P^T dO_i straight from the accumulator fragments (they are the
@@ -251,7 +254,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], dsoftcap[j][e]);
+        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], softcap_factors.get(j, e));
       }
     }
 
