@@ -62,6 +62,62 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[kHeadDim / 8][4], const u
   }
 }
 
+// The forward's epilogue for warpgroup `wg` of the block (64 query rows
+// from `first_row`):
+// the sink (when the call has one) joins the row sums, lse and its residual
+// are written, and O / rowsum goes through the warpgroup's own rows of the
+// tile at `tile` (kBlockM rows, SW128; the Q tile, which nothing reads any
+// more) and out to global memory in coalesced 16-byte stores, after named
+// barrier `barrier` (128 threads) says the warpgroup's rows are written.
+// Shared by the classic and the warp-specialized kernels.
+template <int kBlockM, typename Element, int kDT>
+__device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoftmax<1>& softmax,
+                                             float (&acc_o)[1][kDT][4], char* tile, int wg, int barrier,
+                                             int first_row, int seqlen_q, int num_m_blocks, Element* out,
+                                             float* lse_out, float* residual_out) {
+  constexpr int kHeadDim = kDT * 8;
+  const int tid = threadIdx.x, lane = tid % 32, warp = (tid / 32) % 4, g = lane / 4, t = lane % 4;
+  const int tile_row0 = 64 * wg;  // this warpgroup's first row in the tile
+  float inv_sum[1][2], lse[1][2], residual[1][2];
+  if (p.sinks != nullptr) {
+    // The head again, from an opaque copy of the block index: reusing h would
+    // keep it alive across the key loop of every call, with a sink or without.
+    int sink_block = blockIdx.x;
+    asm volatile("" : "+r"(sink_block));
+    softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
+  }
+  softmax.finalize(inv_sum, lse, residual);
+  if (t == 0) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int row = first_row + 16 * warp + 8 * hr + g;
+      if (row < seqlen_q) {
+        lse_out[row] = lse[0][hr];
+        if (residual_out) residual_out[row] = residual[0][hr];
+      }
+    }
+  }
+#pragma unroll
+  for (int dj = 0; dj < kDT; ++dj) {
+    acc_o[0][dj][0] *= inv_sum[0][0], acc_o[0][dj][1] *= inv_sum[0][0];
+    acc_o[0][dj][2] *= inv_sum[0][1], acc_o[0][dj][3] *= inv_sum[0][1];
+  }
+  store_frag_sw128<kHeadDim, Element>(tile, kBlockM, tile_row0 + 16 * warp, 0, acc_o[0], lane);
+  named_barrier_sync(barrier, 128);  // this warpgroup's rows are written
+  constexpr int kChunks = kHeadDim / 8;
+  const int wtid = tid % 128;
+#pragma unroll
+  for (int i = 0; i < 64 * kChunks / 128; ++i) {
+    const int idx = wtid + 128 * i;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int row = first_row + r;
+    if (row < seqlen_q) {
+      *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(tile + swizzled_offset(kBlockM, tile_row0 + r, c * 8));
+    }
+  }
+}
+
 // S (64 x kBlockN) = Q_wg K^T, both K-major.
 template <typename Element, int kHeadDim, int kBlockM, int kBlockN>
 __device__ __forceinline__ void gemm_qk(float (&s)[kBlockN / 8][4], uint32_t sQ_wg, uint32_t sK) {
@@ -85,7 +141,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   const int h = bh % p.nheads, b = bh / p.nheads;
   const int hk = h / (p.nheads / p.nheads_k);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wg = warp / 4, g = lane / 4, t = lane % 4;
+  const int wg = warp / 4;
   const int row0 = m_block * kBlockM;
   const int wg_row0 = row0 + 64 * wg;                  // this warpgroup's first row
   const int warp_row0 = wg_row0 + 16 * (warp % 4);     // this warp's first row
@@ -214,45 +270,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 
   // Epilogue: O / rowsum through this warpgroup's own rows of the Q tile (no
   // other warpgroup reads them), then coalesced 16-byte stores.
-  float inv_sum[1][2], lse[1][2], residual[1][2];
-  if (p.sinks != nullptr) {
-    // The head again, from an opaque copy of the block index: reusing h would
-    // keep it alive across the key loop of every call, with a sink or without.
-    int sink_block = blockIdx.x;
-    asm volatile("" : "+r"(sink_block));
-    softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
-  }
-  softmax.finalize(inv_sum, lse, residual);
-  if (t == 0) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = warp_row0 + 8 * hr + g;
-      if (row < seq.seqlen_q) {
-        lse_out[row] = lse[0][hr];
-        if (residual_out) residual_out[row] = residual[0][hr];
-      }
-    }
-  }
-#pragma unroll
-  for (int dj = 0; dj < kDT; ++dj) {
-    acc_o[0][dj][0] *= inv_sum[0][0], acc_o[0][dj][1] *= inv_sum[0][0];
-    acc_o[0][dj][2] *= inv_sum[0][1], acc_o[0][dj][3] *= inv_sum[0][1];
-  }
-  const int r_in_tile = 64 * wg + 16 * (warp % 4);
-  store_frag_sw128<kHeadDim, Element>(smem + T::kQOff, kBlockM, r_in_tile, 0, acc_o[0], lane);
-  named_barrier_sync(1 + wg, 128);  // this warpgroup's rows are written
-  constexpr int kChunks = kHeadDim / 8;
-  const int wtid = tid % 128;
-#pragma unroll
-  for (int i = 0; i < 64 * kChunks / 128; ++i) {
-    const int idx = wtid + 128 * i;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int row = wg_row0 + r;
-    if (row < seq.seqlen_q) {
-      *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + T::kQOff + swizzled_offset(kBlockM, 64 * wg + r, c * 8));
-    }
-  }
+  store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, wg, 1 + wg, wg_row0, seq.seqlen_q, num_m_blocks, out,
+                        lse_out, residual_out);
 #endif  // FLASH_SM90_ENABLED
 }
 

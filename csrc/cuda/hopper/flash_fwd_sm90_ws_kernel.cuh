@@ -213,7 +213,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // ------------------------------------------------------------ consumers
   setmaxnreg_inc<T::kConsumerRegs>();
   const int cw = wg - 1;                           // this consumer warpgroup
-  const int g = lane / 4, t = lane % 4;
   const int wg_row0 = row0 + 64 * cw;              // its first row
   const int warp_row0 = wg_row0 + 16 * (warp % 4);  // this warp's first row
   const uint32_t sQ_wg = sQ + 64 * cw * kLineBytes;
@@ -329,48 +328,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
   // rows of the Q tile (its last read of them, S of the last block, has
   // completed; no other warpgroup reads them), then coalesced 16-byte stores.
-  float inv_sum[1][2], lse[1][2], residual[1][2];
-  Element* out = out_ptr();
-  float* lse_out = lse_ptr();
-  float* residual_out = residual_ptr();
-  if (p.sinks != nullptr) {
-    // The head again, from an opaque copy of the block index: reusing h would
-    // keep it alive across the key loop of every call, with a sink or without.
-    int sink_block = blockIdx.x;
-    asm volatile("" : "+r"(sink_block));
-    softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
-  }
-  softmax.finalize(inv_sum, lse, residual);
-  if (t == 0) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int row = warp_row0 + 8 * hr + g;
-      if (row < seq.seqlen_q) {
-        lse_out[row] = lse[0][hr];
-        if (residual_out) residual_out[row] = residual[0][hr];
-      }
-    }
-  }
-#pragma unroll
-  for (int dj = 0; dj < kDT; ++dj) {
-    acc_o[0][dj][0] *= inv_sum[0][0], acc_o[0][dj][1] *= inv_sum[0][0];
-    acc_o[0][dj][2] *= inv_sum[0][1], acc_o[0][dj][3] *= inv_sum[0][1];
-  }
-  const int r_in_tile = 64 * cw + 16 * (warp % 4);
-  store_frag_sw128<kHeadDim, Element>(smem + T::kQOff, kBlockM, r_in_tile, 0, acc_o[0], lane);
-  named_barrier_sync(T::kEpilogueBarrier + cw, 128);  // this warpgroup's rows are written
-  constexpr int kChunks = kHeadDim / 8;
-  const int wtid = tid % 128;
-#pragma unroll
-  for (int i = 0; i < 64 * kChunks / 128; ++i) {
-    const int idx = wtid + 128 * i;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int row = wg_row0 + r;
-    if (row < seq.seqlen_q) {
-      *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + T::kQOff + swizzled_offset(kBlockM, 64 * cw + r, c * 8));
-    }
-  }
+  store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, cw, T::kEpilogueBarrier + cw, wg_row0, seq.seqlen_q,
+                        num_m_blocks, out_ptr(), lse_ptr(), residual_ptr());
 #endif  // FLASH_SM90_ENABLED
 }
 

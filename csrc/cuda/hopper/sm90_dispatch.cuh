@@ -7,10 +7,13 @@
 // it not.
 //
 // Which Hopper forward runs (FLASH_ATTN_EXT_SM90_FWD, developer-only): the
-// classic kernel (flash_fwd_sm90_kernel.cuh, cp.async double buffer) or the
-// warp-specialized one (flash_fwd_sm90_ws_kernel.cuh: TMA producer,
-// mbarrier ring, setmaxnreg, ping-pong), which falls back to the classic
-// kernel for the calls it cannot take (launch_ws.cuh, ws_fwd_refusal).
+// warp-specialized kernel (flash_fwd_sm90_ws_kernel.cuh: TMA producer,
+// mbarrier ring, setmaxnreg, ping-pong; the default), which falls back to
+// the classic kernel (flash_fwd_sm90_kernel.cuh, cp.async double buffer) for
+// the calls it cannot take (launch_ws.cuh, ws_fwd_refusal), or the classic
+// kernel for every call. The warp-specialized forward measured 1.23x the
+// classic one (geometric mean over bf16 hd 64/128/256, seqlen 1k/4k/16k,
+// causal and not; 1.37x at hd 128, 16k; H200, torch 2.11).
 #pragma once
 
 #include <cstdlib>
@@ -47,19 +50,19 @@ inline bool enabled() {
 }
 
 enum class FwdKernel {
-  kClassic,   // the default until the warp-specialized kernel is measured
-  kWs,        // warp-specialized where it can, classic elsewhere
+  kClassic,   // the classic kernel for every call
+  kWs,        // warp-specialized where it can, classic elsewhere (the default)
   kWsStrict,  // warp-specialized or an error naming why not (tests, benchmarks)
 };
 
-// FLASH_ATTN_EXT_SM90_FWD = classic (or unset) | ws | ws_strict. Read on
+// FLASH_ATTN_EXT_SM90_FWD = ws (or unset) | classic | ws_strict. Read on
 // every forward, like FLASH_ATTN_EXT_DISABLE_SM90 (a getenv, against a
 // launch of microseconds), so that a test or a benchmark switches kernels
 // within one process.
 inline FwdKernel fwd_kernel_choice() {
   const char* env = std::getenv("FLASH_ATTN_EXT_SM90_FWD");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "classic") == 0) return FwdKernel::kClassic;
-  if (std::strcmp(env, "ws") == 0) return FwdKernel::kWs;
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "ws") == 0) return FwdKernel::kWs;
+  if (std::strcmp(env, "classic") == 0) return FwdKernel::kClassic;
   if (std::strcmp(env, "ws_strict") == 0) return FwdKernel::kWsStrict;
   flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD must be classic, ws or ws_strict, got '", env, "'");
 }
