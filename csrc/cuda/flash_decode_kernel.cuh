@@ -53,6 +53,7 @@
 #include "primitives.cuh"
 #include "score_rule.cuh"
 #include "softmax.cuh"
+#include "hopper/sync.cuh"
 
 namespace flash {
 namespace decode {
@@ -77,48 +78,7 @@ __device__ __forceinline__ void cp_async_16_hint(uint32_t saddr, const void* gme
   asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(saddr),
                "l"(gmem), "r"(pred ? 16 : 0), "l"(policy));
 }
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-#ifdef FLASH_DECODE_SM90
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_init_fence() {
-#ifdef FLASH_DECODE_SM90
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// Orders this thread's earlier generic-proxy accesses to shared memory
-// before its later async-proxy (bulk copy) writes.
-__device__ __forceinline__ void fence_proxy_async() {
-#ifdef FLASH_DECODE_SM90
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-#ifdef FLASH_DECODE_SM90
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#ifdef FLASH_DECODE_SM90
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-// Waits for the phase of `parity` to complete. A bound on the spins turns
-// a lost arrival (a bug) into a launch failure instead of a hung GPU.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#ifdef FLASH_DECODE_SM90
-  uint32_t done = 0, spins = 0;
-  do {
-    if (++spins == (1u << 28)) __trap();
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-#endif
-}
+// The mbarrier and proxy-fence wrappers are hopper/sync.cuh's (sm90::).
 // `bytes` (a multiple of 16) from global to shared, completing on `bar`.
 __device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
                                               uint64_t policy) {
@@ -350,28 +310,28 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       const Element* src = is_v ? v_base + blk * p.v_batch_stride + row * p.v_row_stride
                                 : k_base + blk * p.k_batch_stride + row * p.k_row_stride;
       const uint32_t bytes = static_cast<uint32_t>(p.headdim) * 2;
-      fence_proxy_async();  // after this thread's earlier zeroing of the row
-      mbar_arrive_expect_tx(bar, bytes);
+      sm90::fence_proxy_async();  // after this thread's earlier zeroing of the row
+      sm90::mbar_arrive_expect_tx(bar, bytes);
       bulk_copy_g2s(sPipe + dst_off, src, bytes, bar, policy);
     } else {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) *reinterpret_cast<uint4*>(pipe + dst_off + c * 16) = make_uint4(0, 0, 0, 0);
-      mbar_arrive(bar);
+      sm90::mbar_arrive(bar);
     }
   };
 
   int pending_block = 0;  // bulk: the block-table entry of this thread's row of the next tile to issue
   if constexpr (Traits::kBulk) {
     if (tid == 0) {
-      for (int st = 0; st < kStages; ++st) mbar_init(sBar + st * 8, kNThreads);
-      mbar_init_fence();
+      for (int st = 0; st < kStages; ++st) sm90::mbar_init(sBar + st * 8, kNThreads);
+      sm90::fence_mbar_init();
     }
     if (p.headdim < kHeadDim) {
       // Bulk copies write headdim columns: the padding columns (which meet
       // Q's zero padding) are zeroed once here.
       for (int idx = tid; idx < Traits::kPipeBytes / 16; idx += kNThreads)
         reinterpret_cast<uint4*>(pipe)[idx] = make_uint4(0, 0, 0, 0);
-      fence_proxy_async();
+      sm90::fence_proxy_async();
     }
     __syncthreads();
     for (int lt = 0; lt < kStages - 1; ++lt) issue_bulk(lt, fetch_block(lt));
@@ -428,7 +388,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   for (int lt = 0; lt < my_tiles; ++lt) {
     int next_block = 0;
     if constexpr (Traits::kBulk) {
-      mbar_wait(sBar + (lt % kStages) * 8, (lt / kStages) & 1);
+      sm90::mbar_wait(sBar + (lt % kStages) * 8, (lt / kStages) & 1);
       __syncthreads();  // tile lt has landed; every warp is done with stage (lt - 1)
       issue_bulk(lt + kStages - 1, pending_block);
       pending_block = fetch_block(lt + kStages);
