@@ -60,8 +60,10 @@ namespace decode {
 
 // ---- sm90 instructions of the kBulk load and of programmatic dependent
 // launch. Compiled to nothing (or a trap, which the host never reaches: it
-// picks kBulk only where sm_90a code runs) in the sm80 pass.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// picks kBulk only where sm_90a code runs) in every other pass. The same
+// guard as hopper/sync.cuh's mbarrier wrappers (FLASH_SM90_ENABLED: the
+// sm_90a pass), so that no pass has the bulk copies without their waits.
+#ifdef FLASH_SM90_ENABLED
 #define FLASH_DECODE_SM90 1
 #endif
 

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
     };
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias: P and dS in four instructions per element
-      // (without features).
+      // for the plain rule.
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll

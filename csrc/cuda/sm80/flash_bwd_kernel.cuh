@@ -21,9 +21,9 @@
 // kFeatures (softcap, ALiBi, dropout; score_rule.h): compile-time variants.
 // With softcap, recomputing P through the rule also gives each score's
 // softcap factor, kept in registers next to P^T until dS^T is formed; dbias
-// is written before that factor (the bias joins after the cap). The fast
-// path for interior tiles without a bias is there without softcap and
-// ALiBi (whose scores need their coordinates).
+// is written before that factor (the bias joins after the cap). Interior
+// tiles without a bias take the rule's fast path (prob_unbiased_visible: no
+// mask test; coordinates only where ALiBi needs them).
 #pragma once
 
 #include "../../flash_params.h"
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     SoftcapFactors<Element, T::kMPerWarp / 8> softcap_factors;
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias (the common case): FFMA, FADD and EX2 per
-      // element without features.
+      // element for the plain rule.
 #pragma unroll
       for (int j = 0; j < T::kMPerWarp / 8; ++j) {
         float dsoftcap[4];
