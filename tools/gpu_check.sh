@@ -9,7 +9,7 @@
 #
 # Environment (all optional):
 #   FLASH_ATTN_EXT_HDIMS, FLASH_ATTN_EXT_DTYPES, FLASH_ATTN_EXT_DIRECTIONS, TORCH_CUDA_ARCH_LIST
-#                       passed to setup.py (restrict the build: all 24 kernel units take
+#                       passed to setup.py (restrict the build: all 54 kernel units take
 #                       minutes even with 16 jobs). MAX_JOBS defaults to the core count.
 #   GPU_CHECK_STEPS     comma list of build,test,sanitize,main,bench (default build,test,main,bench)
 #   GPU_CHECK_WHEEL     path of a built wheel (e.g. .carry/flash_attn_ext-*-cp310-abi3-*.whl): the build
