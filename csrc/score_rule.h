@@ -110,8 +110,6 @@ struct ScoreRule {
   static constexpr bool kAlibi = (kFeatures & kAlibiFeature) != 0;
   // The rule then carries the call's Dropout, whose `on` the kernels test.
   static constexpr bool kDropout = (kFeatures & kDropoutFeature) != 0;
-  // Any feature: the kernels' name for "not the plain variant".
-  static constexpr bool kMods = kFeatures != kNoFeatures;
   // Steps 2 or 3: the logit needs more than the scale and the bias.
   static constexpr bool kShapesLogit = kSoftcap || kAlibi;
   static constexpr bool kOneFeature = kFeatures == kSoftcapFeature || kFeatures == kAlibiFeature ||

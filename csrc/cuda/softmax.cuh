@@ -192,6 +192,29 @@ __device__ __forceinline__ float empty_row_lse(const FlashFwdParams& p, int h) {
   return p.sinks != nullptr && p.sinks[h] != -INFINITY ? p.sinks[h] : INFINITY;
 }
 
+// The forwards' block of kBlockM query rows from row0 that sees no key:
+// out = 0, lse = empty_row_lse, residual 0, for its rows below seqlen_q
+// (out and the lse pointers at this (batch, head)'s first row; kNThreads
+// threads; 16-byte stores of a head dim that is a multiple of 8).
+template <int kBlockM, int kHeadDim, int kNThreads, typename Element>
+__device__ __forceinline__ void write_empty_block(const FlashFwdParams& p, int h, Element* out, float* lse_out,
+                                                  float* residual_out, int row0, int seqlen_q, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  for (int idx = tid; idx < kBlockM * kChunks; idx += kNThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    if (row0 + r < seqlen_q) {
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + r) * p.o_row_stride + c * 8) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  const float empty_lse = empty_row_lse(p, h);
+  for (int r = tid; r < kBlockM; r += kNThreads) {
+    if (row0 + r < seqlen_q) {
+      lse_out[row0 + r] = empty_lse;
+      if (residual_out) residual_out[row0 + r] = 0.f;
+    }
+  }
+}
+
 // Converts fp32 accumulators (kMT x kNT n-tiles of 8 columns) to bf16/fp16
 // A-operand fragments of m16n8k16 (kMT x kNT/2 k-steps of 16), without going
 // through shared memory: a k-step's A fragment is two adjacent n-tiles.

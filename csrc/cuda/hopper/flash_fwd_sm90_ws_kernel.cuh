@@ -144,20 +144,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   auto residual_ptr = [&]() { return p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr; };
 
   if (count <= 0) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
-    Element* out = out_ptr();
-    float* lse_out = lse_ptr();
-    float* residual_out = residual_ptr();
-    for (int idx = tid; idx < kBlockM * (kHeadDim / 8); idx += T::kNThreads) {
-      const int r = idx / (kHeadDim / 8), c = idx % (kHeadDim / 8);
-      if (row0 + r < seq.seqlen_q) *reinterpret_cast<uint4*>(out + int64_t(row0 + r) * p.o_row_stride + c * 8) = uint4{};
-    }
-    const float empty_lse = empty_row_lse(p, h);
-    for (int r = tid; r < kBlockM; r += T::kNThreads) {
-      if (row0 + r < seq.seqlen_q) {
-        lse_out[row0 + r] = empty_lse;
-        if (residual_out) residual_out[row0 + r] = 0.f;
-      }
-    }
+    write_empty_block<kBlockM, kHeadDim, T::kNThreads>(p, h, out_ptr(), lse_ptr(), residual_ptr(), row0, seq.seqlen_q,
+                                                       tid);
     return;
   }
 

@@ -271,20 +271,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if (n_begin >= n_end) {
       // No key is visible to any row of this block: out = 0, lse = +inf (the
       // sink, where the head has one), residual 0.
-      for (int idx = tid; idx < kBlockM * Traits::kChunks; idx += Traits::kNThreads) {
-        const int r = idx / Traits::kChunks, c = idx % Traits::kChunks;
-        if (row0 + r < seq.seqlen_q) {
-          *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + r) * params.o_row_stride + c * 8) =
-              make_uint4(0, 0, 0, 0);
-        }
-      }
-      const float empty_lse = empty_row_lse(params, h);
-      for (int r = tid; r < kBlockM; r += Traits::kNThreads) {
-        if (row0 + r < seq.seqlen_q) {
-          lse_out[row0 + r] = empty_lse;
-          if (residual_out) residual_out[row0 + r] = 0.f;
-        }
-      }
+      write_empty_block<kBlockM, Traits::kHeadDim, Traits::kNThreads>(params, h, out, lse_out, residual_out, row0,
+                                                                     seq.seqlen_q, tid);
       continue;
     }
 
