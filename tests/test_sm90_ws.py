@@ -9,8 +9,10 @@ dims 64/128/256, fp16 and bf16, causal or not, sliding windows, GQA/MQA,
 seqlen_q != seqlen_k, lengths that are no multiple of the tiles (1, 77, 1000,
 4097), and the score features (bias, softcap, ALiBi, sinks); dropout against
 the reference with the call's mask, and the mask read back exactly from the
-output (V = identity) next to the classic kernel's. Then the calls that fall
-back (varlen), a bad switch value, strided inputs and CUDA-graph capture.
+output (V = identity) next to the classic kernel's. Then variable-length
+batches (lengths 0, 1, below and above the tiles; windows, features, sinks;
+non-finite values in a neighbouring sequence; seqused_k over NaN keys), a
+bad switch value, strided inputs and CUDA-graph capture.
 
 Forward only: the backward is the same kernel whichever forward ran.
 Skipped without CUDA, on a GPU other than compute capability 9.0, and for
@@ -258,22 +260,126 @@ def test_ws_kernel_names(monkeypatch):
     assert not any("ws_kernel" in n for n in classic_names), classic_names
 
 
-def test_ws_falls_back_for_varlen(monkeypatch):
-    """Varlen calls go to the classic kernel under ws, and ws_strict says why it cannot take them."""
-    seqlens = [5, 130, 77]
-    cu = torch.tensor([0, *itertools.accumulate(seqlens)], device="cuda", dtype=torch.int32)
-    total = sum(seqlens)
-    q = randn(total, 4, 128, dtype=torch.bfloat16)
-    k = randn(total, 2, 128, dtype=torch.bfloat16)
-    v = randn(total, 2, 128, dtype=torch.bfloat16)
-    monkeypatch.setenv(ENV, "classic")
-    expected = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True)
-    monkeypatch.setenv(ENV, "ws")
-    got = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True)
-    assert torch.equal(got, expected)
-    monkeypatch.setenv(ENV, "ws_strict")
-    with pytest.raises(RuntimeError, match="cu_seqlens"):
-        flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True)
+def varlen_fwd(q, k, v, seqlens_q, seqlens_k, causal=False, window=(-1, -1), seqused_k=None, **kw):
+    """flash_attn_varlen_func's (out, lse) for sequences of the given lengths."""
+    cu_q = torch.tensor([0, *itertools.accumulate(seqlens_q)], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(seqlens_k)], device="cuda", dtype=torch.int32)
+    try:
+        with torch.no_grad():
+            out, lse, _ = flash_attn_ext.flash_attn_varlen_func(
+                q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=causal, window_size=window,
+                return_attn_probs=True, seqused_k=seqused_k, **kw)
+    except RuntimeError as exc:
+        if any(m in str(exc) for m in _MISSING):
+            pytest.skip(f"kernel not in this build: {str(exc).splitlines()[0][:200]}")
+        raise
+    return out, lse
+
+
+def check_varlen(q, k, v, seqlens_q, seqlens_k, name, causal=False, window=(-1, -1), used=None, **kw):
+    """Each sequence's out (2x rule) and lse against the float64 reference on that sequence alone,
+    keys limited to used[b] when given (seqused_k)."""
+    poison_allocator(q.device, q.numel() * q.element_size())
+    seqused_k = None if used is None else torch.tensor(used, device="cuda", dtype=torch.int32)
+    out, lse = varlen_fwd(q, k, v, seqlens_q, seqlens_k, causal, window, seqused_k, **kw)
+    left, right = window
+    if causal:
+        right = 0
+    ref_kw = {("sinks" if name == "s_aux" else name): value for name, value in kw.items()}
+    rows_q = [0, *itertools.accumulate(seqlens_q)]
+    rows_k = [0, *itertools.accumulate(seqlens_k)]
+    for b, (sq, sk) in enumerate(zip(seqlens_q, seqlens_k)):
+        if sq == 0:
+            continue
+        sk = sk if used is None else min(sk, used[b])
+        o = out[rows_q[b]:rows_q[b] + sq]
+        assert not torch.isnan(o).any(), f"{name}: NaN in sequence {b}"
+        if sk == 0:  # no key (and no sink in these tests): out 0, lse +inf
+            assert (o == 0).all() and torch.isinf(lse[:, rows_q[b]:rows_q[b] + sq]).all(), f"{name}: seq {b}"
+            continue
+        qs = q[rows_q[b]:rows_q[b] + sq][None]
+        ks, vs = (t[rows_k[b]:rows_k[b] + sk][None] for t in (k, v))
+        ref_out, ref_lse = attention_ref(qs.double(), ks.double(), vs.double(), causal, (left, right), **ref_kw)
+        low_out, _ = attention_ref(qs, ks, vs, causal, (left, right), upcast=False, **ref_kw)
+        assert_close_to_ref(o[None], ref_out, (low_out,), f"{name} sequence {b}")
+        got_lse = lse[:, rows_q[b]:rows_q[b] + sq].double()
+        finite = torch.isfinite(ref_lse[0])
+        assert torch.equal(torch.isinf(got_lse), ~finite), f"{name}: lse +inf rows of sequence {b}"
+        if finite.any():
+            err = (got_lse[finite] - ref_lse[0][finite]).abs().max().item()
+            assert err <= 1e-3 * max(1.0, ref_lse[0][finite].abs().max().item()), f"{name}: lse error {err:.3e}"
+
+
+# (seqlens_q, seqlens_k): empty sequences, one token, lengths below and above
+# the tiles (64/128 rows, 64/128 keys), seqlen_q != seqlen_k.
+VARLEN_MIXES = [
+    ([5, 130, 77], [5, 130, 77]),
+    ([0, 1, 300, 64, 129], [3, 0, 300, 129, 128]),
+    ([1000, 17, 256], [1000, 257, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mix", range(len(VARLEN_MIXES)))
+def test_ws_varlen(ws, dtype, headdim, causal, mix):
+    """Variable-length batches through the warp-specialized kernel (ws_strict: it ran), GQA 4/2."""
+    seqlens_q, seqlens_k = VARLEN_MIXES[mix]
+    q = randn(sum(seqlens_q), 4, headdim, dtype=dtype)
+    k = randn(sum(seqlens_k), 2, headdim, dtype=dtype)
+    v = randn(sum(seqlens_k), 2, headdim, dtype=dtype)
+    check_varlen(q, k, v, seqlens_q, seqlens_k, f"hd{headdim} mix {mix}", causal=causal)
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_varlen_features(ws, headdim):
+    """Windows and the score features on varlen calls."""
+    seqlens_q, seqlens_k = [200, 1, 333], [150, 64, 400]
+    q = randn(sum(seqlens_q), 4, headdim, dtype=torch.bfloat16)
+    k = randn(sum(seqlens_k), 4, headdim, dtype=torch.bfloat16)
+    v = randn(sum(seqlens_k), 4, headdim, dtype=torch.bfloat16)
+    check_varlen(q, k, v, seqlens_q, seqlens_k, "window", window=(40, 10))
+    check_varlen(q, k, v, seqlens_q, seqlens_k, "softcap alibi", causal=True, softcap=20.0,
+                 alibi_slopes=torch.rand(4, device="cuda") * 0.5)
+    check_varlen(q, k, v, seqlens_q, seqlens_k, "sinks", s_aux=torch.randn(4, device="cuda"))
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ws_varlen_neighbours_do_not_leak(ws, headdim, causal):
+    """A tile that runs past its sequence reads the next sequence's rows (TMA boxes over all rows):
+    non-finite values there (q, k and v) must not reach this sequence's output."""
+    seqlens = [77, 200, 33]
+    rows = [0, *itertools.accumulate(seqlens)]
+    q, k, v = (randn(sum(seqlens), 2, headdim, dtype=torch.bfloat16) for _ in range(3))
+    for t, bad in ((q, float("nan")), (k, float("inf")), (v, float("nan"))):
+        t[rows[1]:rows[2]] = bad  # the middle sequence: its own output is NaN, the others' must not be
+    out, _ = varlen_fwd(q, k, v, seqlens, seqlens, causal)
+    for b in (0, 2):
+        assert torch.isfinite(out[rows[b]:rows[b + 1]]).all(), f"sequence {b} saw its neighbour's values"
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[rows[1]:rows[2]] = 1.0
+    check_varlen(q2, k2, v2, seqlens, seqlens, "finite neighbours", causal=causal)
+    out2, _ = varlen_fwd(q2, k2, v2, seqlens, seqlens, causal)
+    for b in (0, 2):
+        assert torch.equal(out[rows[b]:rows[b + 1]], out2[rows[b]:rows[b + 1]]), f"sequence {b}"
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_seqused_k(ws, headdim):
+    """seqused_k: keys past each sequence's used length hold NaN (unused cache memory) and must not matter."""
+    seqlens_q, seqlens_k, used = [64, 100, 7], [300, 256, 129], [77, 256, 0]
+    q = randn(sum(seqlens_q), 4, headdim, dtype=torch.float16)
+    k = randn(sum(seqlens_k), 1, headdim, dtype=torch.float16)
+    v = randn(sum(seqlens_k), 1, headdim, dtype=torch.float16)
+    rows_k = [0, *itertools.accumulate(seqlens_k)]
+    for b, u in enumerate(used):
+        k[rows_k[b] + u:rows_k[b + 1]] = float("nan")
+        v[rows_k[b] + u:rows_k[b + 1]] = float("nan")
+    for causal in (False, True):
+        check_varlen(q, k, v, seqlens_q, seqlens_k, f"seqused_k causal={causal}", causal=causal, used=used)
 
 
 def test_bad_switch_value(monkeypatch):

@@ -32,9 +32,14 @@
 // the epilogue; O through this warpgroup's rows of the Q tile to coalesced
 // 16-byte stores.
 //
-// Dense (batch, seqlen, heads, dim) inputs only, through three 4-D tensor
-// maps; the launcher (launch_ws.cuh, ws_fwd_refusal) sends every other call
-// to the classic kernel.
+// Dense (batch, seqlen, heads, dim) inputs through three 4-D tensor maps;
+// variable-length calls (kVarlen) through maps of all rows of a side as one
+// batch entry, at each sequence's first row (SeqInfo). A box that runs past
+// a sequence's end then reads the next sequence's rows instead of TMA's
+// zero fill: masked scores make those keys' P zero, surplus query rows are
+// never stored, and zero_v_tail clears the V rows (0 times a non-finite
+// value would not vanish). The launcher (launch_ws.cuh) sends calls whose
+// tensors TMA cannot describe to the classic kernel.
 #pragma once
 
 #include <cuda.h>
@@ -98,13 +103,38 @@ struct WsFwdTraits {
   // wgmmas, then each consumer's epilogue.
   static constexpr int kTurnBarrier = 1;
   static constexpr int kEpilogueBarrier = kTurnBarrier + kConsumerWGs;
+  static constexpr int kTailBarrier = kEpilogueBarrier + kConsumerWGs;  // zero_v_tail
 
   static_assert(kHeadDim % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "unsupported tile");
   static_assert(kBlockM <= 256 && kBlockN <= 256, "TMA boxes have at most 256 rows");
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles must keep the 1024-byte swizzle alignment");
 };
 
-template <typename T, typename Rule>
+// Variable-length calls: the first key block a consumer visits (stage 0
+// of V) may end past its sequence's keys, at rows `valid` to kBlockN - 1.
+// Those rows are inside the tensor (the next sequence's keys, or unused
+// cache memory under seqused_k), so TMA loaded them instead of zero-filling.
+// Their scores are masked (P = 0), but 0 times a non-finite value there
+// would reach O: the consumers zero the rows, between them, before either
+// multiplies by V. Whole 128-byte rows, so the swizzle does not matter.
+// Every consumer thread must call this (it ends on a named barrier).
+template <typename T>
+__device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int valid) {
+  if (valid >= T::kBlockN) return;  // uniform: the block lies within the sequence
+  mbar_wait(full_v, 0);             // stage 0's first load has landed
+  constexpr int kChunksPerRow = kLineBytes / 16, kPanels = T::kHeadDim / kPanelCols;
+  const int chunks = (T::kBlockN - valid) * kChunksPerRow;
+  const int ctid = threadIdx.x - 128;  // consumer threads are 128 .. 128 * (kConsumerWGs + 1) - 1
+  for (int i = ctid; i < kPanels * chunks; i += 128 * T::kConsumerWGs) {
+    const int panel = i / chunks, chunk = i % chunks;
+    const uint32_t addr = sV + panel * T::kBlockN * kLineBytes + valid * kLineBytes + chunk * 16;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+  }
+  fence_proxy_async();  // ordinary stores, read next by wgmma (the async proxy)
+  named_barrier_sync(T::kTailBarrier, 128 * T::kConsumerWGs);
+}
+
+template <typename T, typename Rule, bool kVarlen>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(const __grid_constant__ WsFwdParams pw) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -127,10 +157,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
   const int row0 = m_block * kBlockM;
 
-  // Dense calls only (ws_fwd_refusal): every sequence has the call's
-  // lengths and starts at row 0 of its batch entry, which the compiler then
-  // knows (fewer live registers than SeqInfo(p, b) of a possible varlen call).
-  const SeqInfo seq = SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k);
+  // Dense calls know every sequence's lengths and start at compile time
+  // (row 0 of its batch entry, the call's lengths): fewer live registers
+  // than SeqInfo(p, b), which variable-length calls need.
+  const SeqInfo seq = kVarlen ? SeqInfo(p, b) : SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k);
+  if (kVarlen && row0 >= seq.seqlen_q) return;  // past the end of a shorter sequence
   const MaskGeometry geo(p, seq);
   const int n_begin = geo.n_block_begin(row0, kBlockN);
   const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
@@ -172,7 +203,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       mbar_arrive_expect_tx(bar_q, T::kQBytes);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c) {
-        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, row0, h, b);
+        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, int(seq.q_start) + row0, h,
+                    p.cu_seqlens_q ? 0 : b);
       }
       // Block i of the visit (key block n_end - 1 - i) into stage i % kStages,
       // once the consumers have emptied that stage's previous round.
@@ -180,11 +212,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
         const int stage = i % kStages;
         mbar_wait(empty + 8 * stage, ((i / kStages) & 1) ^ 1);
         mbar_arrive_expect_tx(full + 8 * stage, T::kKVBytes);
-        const int key0 = (n_end - 1 - i) * kBlockN;
+        const int key0 = int(seq.k_start) + (n_end - 1 - i) * kBlockN;
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) {
           tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage, c * kPanelCols,
-                      key0, hk, b);
+                      key0, hk, p.cu_seqlens_k ? 0 : b);
         }
       };
       // In the order the consumers need them: K(0); then K(i + 1) and V(i),
@@ -270,6 +302,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   fence_regs(s[0]);
   release(empty_k);
   softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
+  if constexpr (kVarlen) zero_v_tail<T>(sV, full_v, seq.seqlen_k - (n_end - 1) * kBlockN);
 
   // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
   // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);

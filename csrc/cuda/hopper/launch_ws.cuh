@@ -4,7 +4,10 @@
 // instantiated under ../instantiations/*_sm90ws.cu), which returns false,
 // launching nothing, whenever the classic Hopper kernel must run instead.
 // Selected by FLASH_ATTN_EXT_SM90_FWD (sm90_dispatch.cuh); the default
-// since the H200 measured it at 1.23x the classic kernel.
+// since the H200 measured it at 1.23x the classic kernel. Dense and
+// variable-length calls alike (kVarlen: cu_seqlens or seqused_k); the
+// classic kernel runs when TMA cannot describe a tensor (encode_bshd_map)
+// or the tiles exceed the shared-memory budget.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,34 +38,30 @@ using Sm90WsFwdTraitsFor =
 
 namespace sm90 {
 
-// Why the warp-specialized forward cannot take a call, or null when it can.
-// The one list of the calls that go to the classic Hopper kernel instead
-// (the launcher adds tensors that TMA cannot describe, encode_bshd_map, and
-// the shared-memory budget):
-//  * variable-length batches (cu_seqlens): the tensor maps describe one
-//    dense (batch, seqlen) layout; varlen needs per-sequence row offsets
-//    (a 3-D map over total rows and bounds checks on the sequence's end);
-//  * seqused_k: keys past a sequence's used length are inside the tensor,
-//    so TMA would load them instead of zero-filling; masked scores give
-//    them P = 0, but 0 * a NaN in unused cache memory is NaN.
-inline const char* ws_fwd_refusal(const FlashFwdParams& p) {
-  if (p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr) return "variable-length batches (cu_seqlens)";
-  if (p.seqused_k != nullptr) return "seqused_k";
-  return nullptr;
+// Whether a call needs the kernel's per-sequence offsets and lengths
+// (kVarlen): cu_seqlens on either side, or seqused_k.
+inline bool ws_fwd_varlen(const FlashFwdParams& p) {
+  return p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr || p.seqused_k != nullptr;
 }
 
-// The tensor maps of q, k and v for tiles of T; null on success, else why not.
+// The tensor maps of q, k and v for tiles of T; null on success, else why
+// not. A variable-length side (cu_seqlens set) is one batch entry of all
+// its rows (total_q / total_k), which the kernel addresses at the
+// sequence's first row.
 template <typename T>
 const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
   constexpr bool kBf16 = std::is_same_v<typename T::Element, __nv_bfloat16>;
-  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
+  const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
+  const int64_t batch_q = varlen_q ? 1 : p.batch, rows_q = varlen_q ? p.total_q : p.seqlen_q;
+  const int64_t batch_k = varlen_k ? 1 : p.batch, rows_k = varlen_k ? p.total_k : p.seqlen_k;
+  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, batch_q, rows_q, p.nheads, T::kHeadDim,
                                     p.q_batch_stride, p.q_row_stride, p.q_head_stride, T::kBlockM);
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
+    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
                           p.k_row_stride, p.k_head_stride, T::kBlockN);
   }
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
+    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
                           p.v_row_stride, p.v_head_stride, T::kBlockN);
   }
   return why;
@@ -70,9 +69,9 @@ const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
 
 }  // namespace sm90
 
-template <typename T, typename Rule>
+template <typename T, typename Rule, bool kVarlen>
 void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stream) {
-  auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule>;
+  auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule, kVarlen>;
   set_smem_limit(kernel, T::kSmemBytes);
   const int64_t num_m_blocks = (params.fwd.seqlen_q + T::kBlockM - 1) / T::kBlockM;
   const int64_t grid = num_m_blocks * params.fwd.batch * params.fwd.nheads;
@@ -93,8 +92,6 @@ bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
     why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
   } else if (T::kSmemBytes > flash::smem_budget()) {
     why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
-  } else {
-    why = flash::sm90::ws_fwd_refusal(params);
   }
   flash::sm90::WsFwdParams ws;
   if (why == nullptr) why = flash::sm90::encode_ws_maps<T>(ws, params);
@@ -107,7 +104,16 @@ bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
   ws.fwd = params;
   flash::dispatch_fwd_variant(params, [&](auto has_bias, auto features) {
     using Rule = flash::CudaScoreRule<Element, decltype(has_bias)::value, decltype(features)::value>;
-    flash::launch_flash_fwd_sm90_ws<T, Rule>(ws, stream);
+    // Variable-length calls have no bias (the varlen and kv-cache ops take
+    // none), which spares the biased variants a varlen instance.
+    if constexpr (decltype(has_bias)::value) {
+      FLASH_CHECK(!flash::sm90::ws_fwd_varlen(params), "flash_attn_ext: a bias with variable-length sequences");
+      flash::launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+    } else if (flash::sm90::ws_fwd_varlen(params)) {
+      flash::launch_flash_fwd_sm90_ws<T, Rule, true>(ws, stream);
+    } else {
+      flash::launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+    }
   });
   return true;
 }

@@ -10,7 +10,7 @@
 // warp-specialized kernel (flash_fwd_sm90_ws_kernel.cuh: TMA producer,
 // mbarrier ring, setmaxnreg, ping-pong; the default), which falls back to
 // the classic kernel (flash_fwd_sm90_kernel.cuh, cp.async double buffer) for
-// the calls it cannot take (launch_ws.cuh, ws_fwd_refusal), or the classic
+// the calls it cannot take (launch_ws.cuh: tensors TMA cannot describe), or the classic
 // kernel for every call. The warp-specialized forward measured 1.23x the
 // classic one (geometric mean over bf16 hd 64/128/256, seqlen 1k/4k/16k,
 // causal and not; 1.37x at hd 128, 16k; H200, torch 2.11).
