@@ -382,6 +382,26 @@ def test_ws_seqused_k(ws, headdim):
         check_varlen(q, k, v, seqlens_q, seqlens_k, f"seqused_k causal={causal}", causal=causal, used=used)
 
 
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("rate", [0.05, 0.5, 3.0], ids=["slow", "medium", "fast"])
+def test_ws_growing_max(ws, headdim, rate):
+    """Row maxima that grow block after block (keys are visited from last to first, and earlier keys
+    score higher here), by less and by more than the 8 (log2 units) by which the kernel lets a row's
+    max lag behind before it rescales O: out and lse stay exact, plain (exact max at head dim 128 and
+    256) and with softcap and ALiBi (the lagging max)."""
+    seqlen = 1500
+    q = randn(1, 200, 2, headdim, dtype=torch.bfloat16)
+    k = randn(1, seqlen, 2, headdim, dtype=torch.bfloat16)
+    v = randn(1, seqlen, 2, headdim, dtype=torch.bfloat16)
+    direction = q.float().mean(dim=(0, 1))  # (heads, dim): scores along it grow with the weight
+    weight = rate * torch.arange(seqlen, 0, -1, device="cuda", dtype=torch.float32) / 128 * headdim ** 0.5
+    k = (k.float() + weight[None, :, None, None] * direction[None, None] / direction.norm(dim=-1)[None, None, :, None]
+         ).to(torch.bfloat16)
+    check(q, k, v, f"growing max x{rate}")
+    check(q, k, v, f"growing max x{rate}, softcap", softcap=50.0)
+    check(q, k, v, f"growing max x{rate}, ALiBi", alibi=torch.rand(2, device="cuda") * 0.01)
+
+
 def test_bad_switch_value(monkeypatch):
     monkeypatch.setenv(ENV, "fast")
     q = randn(1, 16, 2, 128, dtype=torch.bfloat16)

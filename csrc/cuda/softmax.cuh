@@ -61,19 +61,20 @@ struct OnlineSoftmax {
     float factor[kMT][2];
     update_stats(s, factor, scale_log2);
     bool rescale_o = true;
-    if constexpr (kCheckRescale) {
-      bool moved = false;
-#pragma unroll
-      for (int mi = 0; mi < kMT; ++mi) moved |= (factor[mi][0] != 1.f) | (factor[mi][1] != 1.f);
-      rescale_o = __any_sync(0xffffffffu, moved);
-    }
+    if constexpr (kCheckRescale) rescale_o = !all_factors_one(factor);
     if (rescale_o) rescale(acc_o, factor);
   }
 
   // update() without touching acc_o: the statistics and P, plus the factors
   // acc_o must still be multiplied by (rescale), for kernels whose acc_o is
   // being written by an asynchronous MMA at this point.
-  template <int kNT>
+  // kMaxSlack > 0: a row's max moves only when the tile's maximum exceeds
+  // the held one by more than kMaxSlack (log2 units); otherwise the row
+  // keeps its max and its factor is 1, so that a kernel can skip rescaling O
+  // when no row in the warp moved (all_factors_one). P = exp2(s - max) is
+  // then at most 2^kMaxSlack, which fp32 sums and 16-bit P hold without loss
+  // (the same relative rounding), and lse = max + log2(sum) is unchanged.
+  template <int kMaxSlack = 0, int kNT>
   __device__ __forceinline__ void update_stats(float (&s)[kMT][kNT][4], float (&factor)[kMT][2], float scale_log2) {
     float m_use[kMT][2];
 #pragma unroll
@@ -87,7 +88,11 @@ struct OnlineSoftmax {
         }
         mx = quad_max(mx);
         const float m_old = row_max[mi][hr];
-        const float m_new = fmaxf(m_old, mx * scale_log2);
+        float m_new = fmaxf(m_old, mx * scale_log2);
+        if constexpr (kMaxSlack > 0) {
+          // Also false for m_old = -inf (an infinite step) and for NaN.
+          if (m_new - m_old <= float(kMaxSlack)) m_new = m_old;
+        }
         row_max[mi][hr] = m_new;
         // A row that has seen only masked keys keeps max -inf; use 0 as its
         // base so that exp2(-inf - base) = 0 instead of NaN.
@@ -114,6 +119,15 @@ struct OnlineSoftmax {
         row_sum[mi][hr] += rs;
       }
     }
+  }
+
+  // Whether no row of the warp moved its max (every factor 1): O needs no
+  // rescale. Warp-uniform (a vote); every lane must call it.
+  __device__ __forceinline__ static bool all_factors_one(const float (&factor)[kMT][2]) {
+    bool moved = false;
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi) moved |= (factor[mi][0] != 1.f) | (factor[mi][1] != 1.f);
+    return !__any_sync(0xffffffffu, moved);
   }
 
   template <int kDT>

@@ -44,6 +44,8 @@
 
 #include <cuda.h>
 
+#include <type_traits>
+
 #include "../../flash_params.h"
 #include "../../mask.h"
 #include "../../seq_info.h"
@@ -267,12 +269,23 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // kernel: the score rule, the softmax statistics (returning the factors O
   // must be rescaled by), then dropout.
   const Rule rule(p, geo, b, h);
+  // A row's max moves only by more than 8 (log2 units) and O is rescaled
+  // only when some row of the warp moved (OnlineSoftmax::update_stats): in
+  // one run on the H200 (bf16, B 2, 8k, H x D = 2048, non-causal, against
+  // the exact max) softcap 1.16x, dropout 1.07x, ALiBi 1.03x, head dim 64
+  // 1.05x faster; plain head dim 128 0.92x (0.98x causal) and 256 0.95x
+  // slower, where the softmax hides under the other warpgroup's GEMMs
+  // anyway and the vote and branch only lengthen the step. Not with fp16
+  // and dropout: P / (1 - p) up to 2^8 / (1 - p) would overflow fp16's
+  // 65504 from p = 0.996 on (bf16 has fp32's range).
+  constexpr bool kSlackFits = !(Rule::kDropout && std::is_same_v<Element, __half>);
+  constexpr int kMaxSlack = (Rule::kFeatures != kNoFeatures || kHeadDim == 64) && kSlackFits ? 8 : 0;
   OnlineSoftmax<1> softmax;
   softmax.init();
   auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
     const int col0 = nb * kBlockN;
     apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
-    softmax.update_stats(s, factor, rule.exp_scale());
+    softmax.template update_stats<kMaxSlack>(s, factor, rule.exp_scale());
     apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
   };
 
@@ -325,11 +338,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     fence_regs(s[0]);
     release(empty_k + 8 * sk);
     softmax_block(s, factor, n_end - 2 - i);
+    const bool keep_o = kMaxSlack > 0 && OnlineSoftmax<1>::all_factors_one(factor);
     wgmma_wait<0>();
     fence_regs(acc_o[0]);
     fence_regs(p_frag);
     release(empty_v + 8 * sv);
-    OnlineSoftmax<1>::rescale(acc_o, factor);
+    if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
   }
   pack_p();
   {
