@@ -383,7 +383,7 @@ def test_ws_seqused_k(ws, headdim):
 
 
 @pytest.mark.parametrize("headdim", HEADDIMS)
-@pytest.mark.parametrize("rate", [0.05, 0.5, 3.0], ids=["slow", "medium", "fast"])
+@pytest.mark.parametrize("rate", [0.05, 0.5, 8.0], ids=["slow", "medium", "fast"])
 def test_ws_growing_max(ws, headdim, rate):
     """Row maxima that grow block after block (keys are visited from last to first, and earlier keys
     score higher here), by less and by more than the 8 (log2 units) by which the kernel lets a row's
