@@ -1,4 +1,5 @@
-"""GPU benchmark: flash_attn_ext against torch SDPA's FLASH, CUDNN and EFFICIENT backends.
+"""GPU benchmark: flash_attn_ext against torch SDPA's FLASH, CUDNN and EFFICIENT backends and
+compiled FlexAttention (`--impls ...,flex`: torch.compile(flex_attention), a causal block mask).
 
     python benchmarks/bench_attention.py                 # full sweep (~5 min on an H100)
     python benchmarks/bench_attention.py --quick         # bf16, hd 64/128, seqlen 1k/4k/16k, memory at 16k/32k
@@ -95,8 +96,10 @@ def sm90_fwd_env(kernel):
 
 
 def all_implementations():
-    """common.implementations plus one "ours:<kernel>" per Hopper forward kernel."""
+    """common.implementations, compiled FlexAttention ("flex") and one "ours:<kernel>" per Hopper
+    forward kernel."""
     impls = implementations("cuda")
+    impls["flex"] = (contextlib.nullcontext, common.flex_attention_compiled)
     for kernel in SM90_FWD_KERNELS:
         impls[f"ours:{kernel}"] = (lambda k=kernel: sm90_fwd_env(k), impls["ours"][1])
     return impls
@@ -301,13 +304,15 @@ def ratio(a, b):
 
 
 SHORT = {"ours": "our", "ours:classic": "cl", "ours:ws": "ws", "flash": "fa", "cudnn": "cud", "efficient": "eff",
+         "flex": "flx",
          "fwd": "f", "bwd": "b", "fwdbwd": "fb"}
 
 
 def ratio_pairs(impls):
-    """(numerator, denominator) of the ratio columns: each of ours against flash and cudnn, and ws / classic."""
+    """(numerator, denominator) of the ratio columns: each of ours against flash, cudnn and flex, and
+    ws / classic."""
     ours = [i for i in impls if is_ours(i)]
-    pairs = [(o, base) for o in ours for base in ("flash", "cudnn") if base in impls]
+    pairs = [(o, base) for o in ours for base in ("flash", "cudnn", "flex") if base in impls]
     if "ours:ws" in impls and "ours:classic" in impls:
         pairs.append(("ours:ws", "ours:classic"))
     return pairs
@@ -318,7 +323,7 @@ def ratio_label(num, den):
     return f"{prefix}/{SHORT.get(den, den)}"
 
 
-def speed_table(rows, impls, directions, table_impls=("flash", "cudnn")):
+def speed_table(rows, impls, directions, table_impls=("flash", "cudnn", "flex")):
     """Compact table (TFLOP/s; f = fwd, b = bwd, fb = fwd+bwd; /fa = ours / flash). EFFICIENT is in the JSON."""
     shown = [i for i in impls if i in table_impls or is_ours(i)] or list(impls)
     pairs = ratio_pairs(impls)
@@ -338,7 +343,7 @@ def speed_table(rows, impls, directions, table_impls=("flash", "cudnn")):
     return markdown_table(headers, body)
 
 
-def geomean_summary(rows, directions, impls=("ours", "flash", "cudnn")):
+def geomean_summary(rows, directions, impls=("ours", "flash", "cudnn", "flex")):
     lines = []
     for num, den in ratio_pairs(impls):
         parts = []

@@ -132,3 +132,32 @@ def plot_tflops(rows, path, impls, directions=("fwd", "bwd", "fwdbwd"), title=""
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+_FLEX = {}  # the compiled flex_attention and the causal block masks by shape, built on first use
+
+
+def flex_attention_compiled(q, k, v, causal: bool = False):
+    """torch.compile(flex_attention) on (B, S, H, D) tensors, returning (B, H, S, D) as the SDPA
+    implementations do; causal through a block mask aligned bottom-right like ours (one per shape,
+    built by the untimed first call). GQA through enable_gqa. The project's speed targets count it
+    beside SDPA's backends."""
+    import torch
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        # One compiled graph per shape of a sweep: past dynamo's recompile limit it would fall back
+        # to an unfused path, which would then be timed as FlexAttention.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    sq, sk = q.shape[1], k.shape[1]
+    mask = None
+    if causal:
+        key = (sq, sk, str(q.device))
+        if key not in _FLEX:
+            offset = sk - sq
+            _FLEX[key] = create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, sq, sk, device=q.device)
+        mask = _FLEX[key]
+    return _FLEX["fn"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                       enable_gqa=k.shape[2] != q.shape[2])
