@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "../cuda_check.h"
@@ -69,51 +70,86 @@ const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
 
 }  // namespace sm90
 
-template <typename T, typename Rule, bool kVarlen>
-void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stream) {
-  auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule, kVarlen>;
+template <typename T, typename Rule, bool kVarlen, bool kPersistent>
+void launch_ws_grid(const sm90::WsFwdParams& params, cudaStream_t stream, int64_t grid) {
+  auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule, kVarlen, kPersistent>;
   set_smem_limit(kernel, T::kSmemBytes);
-  const int64_t num_m_blocks = (params.fwd.seqlen_q + T::kBlockM - 1) / T::kBlockM;
-  const int64_t grid = num_m_blocks * params.fwd.batch * params.fwd.nheads;
-  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
   kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T, typename Rule, bool kVarlen>
+void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stream) {
+  const int64_t num_m_blocks = (params.fwd.seqlen_q + T::kBlockM - 1) / T::kBlockM;
+  const int64_t tiles = num_m_blocks * params.fwd.batch * params.fwd.nheads;
+  FLASH_CHECK(tiles < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
+  // EXPERIMENT: FLASH_ATTN_EXT_WS_PERSISTENT=1, a block per SM looping over the tiles.
+  const char* persistent = std::getenv("FLASH_ATTN_EXT_WS_PERSISTENT");
+  const int64_t sms = current_device_props().num_sms;
+  if (persistent != nullptr && persistent[0] == '1' && tiles > sms) {
+    launch_ws_grid<T, Rule, kVarlen, true>(params, stream, sms);
+  } else {
+    launch_ws_grid<T, Rule, kVarlen, false>(params, stream, tiles);
+  }
+}
+
+// run_flash_fwd_sm90_ws with the tiles of T; kPlainOnly: T only has the
+// variant without bias and score features (the caller checked the call).
+template <typename T, bool kPlainOnly = false>
+bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stream) {
+  using Element = typename T::Element;
+  const sm90::FwdKernel choice = sm90::fwd_kernel_choice();
+  if (choice == sm90::FwdKernel::kClassic) return false;
+  const char* why = nullptr;
+  if (!sm90::enabled()) {
+    why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
+  } else if (T::kSmemBytes > smem_budget()) {
+    why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
+  }
+  sm90::WsFwdParams ws;
+  if (why == nullptr) why = sm90::encode_ws_maps<T>(ws, params);
+  if (why != nullptr) {
+    FLASH_CHECK(choice != sm90::FwdKernel::kWsStrict,
+                "flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD=ws_strict, but the warp-specialized forward cannot take "
+                "this call: ", why);
+    return false;
+  }
+  ws.fwd = params;
+  if constexpr (kPlainOnly) {
+    using Rule = CudaScoreRule<Element, false, kNoFeatures>;
+    if (sm90::ws_fwd_varlen(params)) {
+      launch_flash_fwd_sm90_ws<T, Rule, true>(ws, stream);
+    } else {
+      launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+    }
+  } else {
+    dispatch_fwd_variant(params, [&](auto has_bias, auto features) {
+    using Rule = CudaScoreRule<Element, decltype(has_bias)::value, decltype(features)::value>;
+    // Variable-length calls have no bias (the varlen and kv-cache ops take
+    // none), which spares the biased variants a varlen instance.
+    if constexpr (decltype(has_bias)::value) {
+      FLASH_CHECK(!sm90::ws_fwd_varlen(params), "flash_attn_ext: a bias with variable-length sequences");
+      launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+    } else if (sm90::ws_fwd_varlen(params)) {
+      launch_flash_fwd_sm90_ws<T, Rule, true>(ws, stream);
+    } else {
+      launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+    }
+    });
+  }
+  return true;
 }
 
 }  // namespace flash
 
 template <typename Element, int kHeadDim>
 bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
-  using T = flash::Sm90WsFwdTraitsFor<Element, kHeadDim>;
-  const flash::sm90::FwdKernel choice = flash::sm90::fwd_kernel_choice();
-  if (choice == flash::sm90::FwdKernel::kClassic) return false;
-  const char* why = nullptr;
-  if (!flash::sm90::enabled()) {
-    why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
-  } else if (T::kSmemBytes > flash::smem_budget()) {
-    why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
-  }
-  flash::sm90::WsFwdParams ws;
-  if (why == nullptr) why = flash::sm90::encode_ws_maps<T>(ws, params);
-  if (why != nullptr) {
-    FLASH_CHECK(choice != flash::sm90::FwdKernel::kWsStrict,
-                "flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD=ws_strict, but the warp-specialized forward cannot take "
-                "this call: ", why);
-    return false;
-  }
-  ws.fwd = params;
-  flash::dispatch_fwd_variant(params, [&](auto has_bias, auto features) {
-    using Rule = flash::CudaScoreRule<Element, decltype(has_bias)::value, decltype(features)::value>;
-    // Variable-length calls have no bias (the varlen and kv-cache ops take
-    // none), which spares the biased variants a varlen instance.
-    if constexpr (decltype(has_bias)::value) {
-      FLASH_CHECK(!flash::sm90::ws_fwd_varlen(params), "flash_attn_ext: a bias with variable-length sequences");
-      flash::launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
-    } else if (flash::sm90::ws_fwd_varlen(params)) {
-      flash::launch_flash_fwd_sm90_ws<T, Rule, true>(ws, stream);
-    } else {
-      flash::launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+  if constexpr (kHeadDim == 64) {  // EXPERIMENT: three consumer warpgroups (192-row tiles)
+    const char* wgs = std::getenv("FLASH_ATTN_EXT_WS_HD64_WGS");
+    if (wgs != nullptr && wgs[0] == '3' && !flash::has_score_mods(params) && params.bias == nullptr) {
+      return flash::run_flash_fwd_sm90_ws_tiles<flash::sm90::WsFwdTraits<Element, 64, 128, 4, 3>, true>(params,
+                                                                                                     stream);
     }
-  });
-  return true;
+  }
+  return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsFor<Element, kHeadDim>>(params, stream);
 }
