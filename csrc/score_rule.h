@@ -18,10 +18,13 @@
 //  * log2 (CUDA): the logit times log2(e), since the SFU computes exp2. Step
 //    1 multiplies by softmax_scale_log2 = scale * log2(e), natural-unit terms
 //    (the bias) are multiplied by log2(e), and steps 1 and 4 are one FFMA.
-//    With nothing but the scale before the mask (kDefersScale), kernels keep
-//    the raw score and the FFMA in front of each exp2 applies the scale
-//    (exp_scale()), which saves an instruction per score; masking the raw
-//    score to -inf then relies on softmax_scale > 0.
+//    With nothing but the scale before the mask, kernels keep the raw score
+//    and the FFMA in front of each exp2 applies the scale (exp_scale()),
+//    which saves an instruction per score; masking the raw score to -inf
+//    then relies on softmax_scale > 0. ALiBi alone keeps that deferred
+//    scale (kDefersScale): its term is linear, so the kernels keep the logit
+//    divided by the scale, s - (slope / softmax_scale) * |distance|, one
+//    FFMA per score on top of the plain rule's instructions.
 //  * natural, prescaled (CPU): natural log, and the raw scores arrive with
 //    step 1 done, because the CPU kernels load Q times the scale.
 #pragma once
@@ -115,11 +118,16 @@ struct ScoreRule {
   static constexpr bool kOneFeature = kFeatures == kSoftcapFeature || kFeatures == kAlibiFeature ||
                                       kFeatures == kDropoutFeature;
 
-  // Only step 1 comes before the mask (dropout comes after the softmax). In
-  // log2 units the kernels then defer the scale to their exp2 FFMA (see the
-  // units above).
+  // Only step 1 comes before the mask (dropout comes after the softmax).
   static constexpr bool kScaleOnly = !kHasBias && !kShapesLogit;
-  static constexpr bool kDefersScale = kScaleOnly && kUnits == ScoreUnits::kLog2;
+  // In log2 units the kernels then defer the scale to their exp2 FFMA (see
+  // the units above), also past ALiBi, whose term they keep divided by the
+  // scale: what they keep before the mask (prepared()) times exp_scale() is
+  // the logit. Softcap, which needs the scaled score, and the bias, which
+  // the scale's FFMA adds for free, keep the scale where it is.
+  static constexpr bool kDefersScale = kUnits == ScoreUnits::kLog2 && !kHasBias && !kSoftcap;
+  // prepared() is the raw score itself: nothing to compute before the mask.
+  static constexpr bool kKeepsRawScore = kDefersScale && !kAlibi;
 
   // The rule reads the call's parameters and the kernel's own MaskGeometry
   // where it uses them, as the kernels did before it existed: on the GPU a
@@ -133,8 +141,9 @@ struct ScoreRule {
   // kAlibi):
   // softcap is softcap_out * tanh(s * softcap_in) of the raw score s (log2:
   // softmax_scale / softcap in, softcap * log2(e) out; prescaled: 1 /
-  // softcap in, softcap out); ALiBi subtracts alibi_slope * |distance|
-  // (the slope times log2(e) in log2 units; 0 without ALiBi).
+  // softcap in, softcap out); ALiBi subtracts alibi_slope * |distance| in
+  // the units of prepared() (the slope times log2(e) in log2 units, the
+  // slope / softmax_scale with kDefersScale; 0 without ALiBi).
   bool has_softcap = false;
   T softcap_in = T(0), softcap_out = T(0), alibi_slope = T(0);
   // This (batch, head)'s dropout (kDropout only; off otherwise).
@@ -156,7 +165,10 @@ struct ScoreRule {
       }
     }
     if constexpr (kAlibi) {
-      if (p.alibi_slopes != nullptr) alibi_slope = static_cast<T>(p.alibi_slopes[batch * p.alibi_batch_stride + head]) * unit;
+      if (p.alibi_slopes != nullptr) {
+        const T slope = static_cast<T>(p.alibi_slopes[batch * p.alibi_batch_stride + head]);
+        alibi_slope = kDefersScale ? slope / static_cast<T>(p.softmax_scale_f) : slope * unit;
+      }
     }
     if constexpr (kDropout) dropout = Dropout(p, batch, head);
   }
@@ -171,6 +183,14 @@ struct ScoreRule {
   }
 
   FLASH_HOST_DEVICE T exp_scale() const { return kDefersScale ? scale() : T(1); }
+
+  // ALiBi's distance of (row, col), row + seqlen_k - seqlen_q - col, as the
+  // score type: the steps below take it so. Exact while it stays below 2^24
+  // in magnitude (float), as the integer's conversion was. Kernels that walk
+  // a fragment work it out once for a reference score and add each score's
+  // offset from it, a compile-time integer, as a float (cuda/score_rule.cuh):
+  // the same exact value in one FADD (the sums stay integers below 2^24).
+  FLASH_HOST_DEVICE T distance(int row, int col) const { return static_cast<T>(row + geo.offset() - col); }
 
   // Whether (row, col) is a score of the call: partial tiles at the ends of
   // the sequences carry scores that are not.
@@ -201,15 +221,17 @@ struct ScoreRule {
 
   // Steps 1-4: the logit of the raw score s at (row, col), in the rule's
   // units; `bias` is the bias there as stored (bias_at, Row::bias or
-  // Row::bias_run read it; unused without kHasBias). Steps 2 and 3
-  // (kShapesLogit; ALiBi is what row and col are for) go between the scale
-  // and the bias; in log2 units the scale is then no longer fused with the
-  // bias, and softcap needs the scaled score in natural units (scale /
-  // softcap before the tanh, softcap * log2(e) after).
-  FLASH_HOST_DEVICE T logit(T s, [[maybe_unused]] int row, [[maybe_unused]] int col, T bias) const {
+  // Row::bias_run read it; unused without kHasBias). The _at forms take the
+  // score's ALiBi distance (distance()) in place of (row, col), which only
+  // ALiBi uses. Steps 2 and 3 (kShapesLogit) go between the scale and the
+  // bias; in log2 units the scale is then no longer fused with the bias, and
+  // softcap needs the scaled score in natural units (scale / softcap before
+  // the tanh, softcap * log2(e) after).
+  FLASH_HOST_DEVICE T logit(T s, int row, int col, T bias) const { return logit_at(s, distance(row, col), bias); }
+  FLASH_HOST_DEVICE T logit_at(T s, [[maybe_unused]] T distance, T bias) const {
     if constexpr (kShapesLogit) {
       T unused;
-      return logit(s, row, col, bias, unused);
+      return logit_at(s, distance, bias, unused);
     } else if constexpr (kUnits == ScoreUnits::kLog2) {
       if constexpr (kHasBias) {
         return fmaf(s, scale(), floored_bias(bias, kLog2e));
@@ -228,9 +250,15 @@ struct ScoreRule {
   // logit() that also gives d logit / d (scaled raw score) of step 2, the
   // factor the backward twin needs: 1 - tanh^2 with softcap, else 1.
   FLASH_HOST_DEVICE T logit(T s, int row, int col, T bias, T& dsoftcap) const {
+    return logit_at(s, distance(row, col), bias, dsoftcap);
+  }
+  FLASH_HOST_DEVICE T logit_at(T s, [[maybe_unused]] T distance, T bias, T& dsoftcap) const {
     if constexpr (!kShapesLogit) {
       dsoftcap = T(1);
-      return logit(s, row, col, bias);
+      return logit_at(s, distance, bias);
+    } else if constexpr (kDefersScale) {
+      dsoftcap = T(1);
+      return prepared_at(s, distance, bias) * scale();
     } else {
       T x;
       if (softcap_on()) {
@@ -241,25 +269,32 @@ struct ScoreRule {
         dsoftcap = T(1);
         x = s * scale();
       }
-      if constexpr (kAlibi) {
-        const int distance = row + geo.offset() - col;
-        x -= alibi_slope * static_cast<T>(distance < 0 ? -distance : distance);
-      }
+      if constexpr (kAlibi) x -= alibi_term(distance);
       if constexpr (kHasBias) x += floored_bias(bias, kUnits == ScoreUnits::kLog2 ? T(kLog2e) : T(1));
       return x;
     }
   }
 
   // What a kernel keeps in place of the raw score before the mask: the
-  // logit, or with kDefersScale the raw score itself, which the FFMA in
-  // front of the exponential multiplies by exp_scale().
+  // logit, or with kDefersScale the logit divided by the scale (the raw
+  // score itself without ALiBi), which the FFMA in front of the exponential
+  // multiplies by exp_scale().
   FLASH_HOST_DEVICE T prepared(T s, int row, int col, T bias) const {
-    if constexpr (kDefersScale) {
+    return prepared_at(s, distance(row, col), bias);
+  }
+  FLASH_HOST_DEVICE T prepared_at(T s, [[maybe_unused]] T distance, [[maybe_unused]] T bias) const {
+    if constexpr (kKeepsRawScore) {
       return s;
+    } else if constexpr (kDefersScale) {
+      return s - alibi_term(distance);
     } else {
-      return logit(s, row, col, bias);
+      return logit_at(s, distance, bias);
     }
   }
+
+  // Step 3's term, alibi_slope * |distance|. In a difference x - term the
+  // CUDA compiler makes it one FFMA with the |.| modifier on the distance.
+  FLASH_HOST_DEVICE T alibi_term(T distance) const { return alibi_slope * std::abs(distance); }
 
   // Step 5: whether the mask shows the score at (row, col), which must exist
   // to be shown. The backward, which exponentiates against the saved row
@@ -274,7 +309,6 @@ struct ScoreRule {
    public:
     FLASH_HOST_DEVICE Row(const ScoreRule& rule, int row)
         : rule_(rule),
-          row_(row),
           keys_(rule.geo.keys(row)),
           exists_(row < rule.geo.seqlen_q),
           bias_row_(rule.bias_offset(row, 0)) {}
@@ -299,8 +333,9 @@ struct ScoreRule {
       return BiasRun{rule_.bias_matrix + bias_row_ + col0 * stride, stride};
     }
 
-    FLASH_HOST_DEVICE T prepared(T s, int col) const {
-      return rule_.prepared(s, row_, col, kHasBias ? bias(col) : T(0));
+    // The rule's prepared_at for key `col` at ALiBi distance `distance`.
+    FLASH_HOST_DEVICE T prepared_at(T s, int col, T distance) const {
+      return rule_.prepared_at(s, distance, kHasBias ? bias(col) : T(0));
     }
     // Step 5 in the forward: -inf where the mask hides the key (the softmax
     // then gives 0). Keys past seqlen_k are outside every row's keys; a row
@@ -312,7 +347,6 @@ struct ScoreRule {
 
    private:
     const ScoreRule& rule_;
-    int row_;
     KeyRange keys_;
     bool exists_;       // the row is one of the call's (not tile padding)
     int64_t bias_row_;  // bias_offset(row, 0)

@@ -21,30 +21,80 @@ template <typename Element, bool kHasBias, int kFeatures = kNoFeatures>
 using CudaScoreRule = ScoreRule<float, Element, ScoreUnits::kLog2, kHasBias, kFeatures>;
 
 
-// Calls fn(score, row, col) for every element of one warp's accumulator
-// fragments s[kMT][kNT][4] (layout: softmax.cuh), with `row` the rule's Row
-// of the element's query row; `row0` is the first row of the warp's first
-// m-tile and `col0` the first column of the tile.
+// ALiBi's distances (ScoreRule::distance()) of a thread's scores in one
+// m-tile of accumulator fragments with queries as rows (layout:
+// softmax.cuh; the forwards, the dQ kernel): score e of n-tile nj sits at
+// row row0 + 8 (e / 2) + g and column col0 + 8 nj + 2 t + e % 2, with `row0`
+// the m-tile's first row and `col0` the first column. The distance is
+// converted once, for the thread's first score; a score's is that plus its
+// offset from it, a compile-time integer: one FADD with an immediate, shared
+// by the scores at the same distance (the row 8 further at the column 8
+// further), where the integer distance cost an IADD, an IABS and a
+// conversion on the slow I2F pipe (ALiBi +14% in the Hopper forward, H200
+// hd 128 8k). Exact while distances stay below 2^24. Dead without ALiBi:
+// the kernels keep their own integer coordinates for the mask and the bias.
+struct QueryRowsDistance {
+  float first;  // the thread's score (0, 0)
+  template <typename Rule>
+  __device__ __forceinline__ QueryRowsDistance(const Rule& rule, int row0, int col0, int lane)
+      : first(rule.distance(row0 + (lane >> 2), col0 + 2 * (lane & 3))) {}
+  __device__ __forceinline__ float at(int nj, int e) const {
+    return first + static_cast<float>(8 * (e / 2) - 8 * nj - e % 2);
+  }
+};
+
+// The same with keys as rows (the dK/dV backwards, S^T): score e of n-tile
+// j of acc[kN / 8][4] sits at key key0 + g + 8 (e / 2) and query q0 + 8 j +
+// 2 t + e % 2.
+struct KeyRowsDistance {
+  float first;  // the thread's score (0, 0)
+  template <typename Rule>
+  __device__ __forceinline__ KeyRowsDistance(const Rule& rule, int q0, int key0, int lane)
+      : first(rule.distance(q0 + 2 * (lane & 3), key0 + (lane >> 2))) {}
+  __device__ __forceinline__ float at(int j, int e) const {
+    return first + static_cast<float>(8 * j + e % 2 - 8 * (e / 2));
+  }
+};
+
+// Calls fn(score, row, col, distance) for every element of one warp's
+// accumulator fragments s[kMT][kNT][4] (layout: softmax.cuh), with `row` the
+// rule's Row of the element's query row, `col` its key and `distance` its
+// ALiBi distance; `row0` is the first row of the warp's first m-tile and
+// `col0` the first column of the tile. The distances: QueryRowsDistance's
+// per m-tile where the rule defers the scale (ALiBi alone: one FFMA per
+// score and an FADD per distinct distance). Shared over all m-tiles instead,
+// they kept more registers live and the sm80 forward at hd 128 (two m-tiles
+// a warp, 255 registers) spilled 48 bytes more. Rules that keep the scale
+// (ALiBi with softcap or a bias, the all-features variants) convert each
+// score's integer distance as before: with the float forms the Hopper
+// forwards' bias + all-features variants spilled in their main loops.
 template <typename Rule, int kMT, int kNT, typename Fn>
 __device__ __forceinline__ void for_each_score(float (&s)[kMT][kNT][4], const Rule& rule, int row0, int col0, int lane,
                                                Fn&& fn) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
+    [[maybe_unused]] const QueryRowsDistance distance(rule, row0 + mi * 16, col0, lane);
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const typename Rule::Row row = rule.row(row0 + mi * 16 + hr * 8 + g);
 #pragma unroll
       for (int nj = 0; nj < kNT; ++nj) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) fn(s[mi][nj][hr * 2 + e], row, col0 + nj * 8 + 2 * t + e);
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + nj * 8 + 2 * t + e;
+          const float d = Rule::kDefersScale ? distance.at(nj, hr * 2 + e)
+                                             : rule.distance(row0 + mi * 16 + hr * 8 + g, col);
+          fn(s[mi][nj][hr * 2 + e], row, col, d);
+        }
       }
     }
   }
 }
 
 // The forward's scores of one key tile, in place: the rule's prepared score
-// (the softmax's exp2 FFMA then multiplies by rule.exp_scale()), then -inf
+// (the softmax's exp2 FFMA then multiplies by rule.exp_scale(); nothing to do
+// for a rule that keeps the raw score), then -inf
 // where the mask hides the key. The mask runs only when the tile of
 // kTileRows x kTileCols scores at (tile_row0, col0), the extent that all
 // threads taking the branch together cover (a block's or a warpgroup's), is
@@ -53,8 +103,9 @@ template <int kTileRows, int kTileCols, typename Rule, int kMT, int kNT>
 __device__ __forceinline__ void apply_score_rule(float (&s)[kMT][kNT][4], const Rule& rule, int tile_row0, int row0,
                                                  int col0, int lane) {
   using Row = typename Rule::Row;
-  if constexpr (!Rule::kDefersScale) {
-    for_each_score(s, rule, row0, col0, lane, [&](float& x, const Row& row, int col) { x = row.prepared(x, col); });
+  if constexpr (!Rule::kKeepsRawScore) {
+    for_each_score(s, rule, row0, col0, lane,
+                   [&](float& x, const Row& row, int col, float d) { x = row.prepared_at(x, col, d); });
   }
   if (!rule.geo.tile_fully_visible(tile_row0, kTileRows, col0, kTileCols)) {
     // The volatile asm keeps this a uniform branch: without it the compiler
@@ -63,13 +114,13 @@ __device__ __forceinline__ void apply_score_rule(float (&s)[kMT][kNT][4], const 
     // coordinates afresh: reusing the first loop's would keep them all live
     // from one loop to the other (spills in the Hopper forward with a bias).
     int mask_lane = lane;
-    if constexpr (!Rule::kDefersScale) {
+    if constexpr (!Rule::kKeepsRawScore) {
       asm volatile("" : "+r"(mask_lane));
     } else {
       asm volatile("");
     }
     for_each_score(s, rule, row0, col0, mask_lane,
-                   [&](float& x, const Row& row, int col) { x = row.masked(x, col); });
+                   [&](float& x, const Row& row, int col, float) { x = row.masked(x, col); });
   }
 }
 
@@ -159,23 +210,25 @@ __device__ __forceinline__ void apply_dropout(float (&s)[kMT][kNT][4], const Rul
   }
 }
 
-// The backward's P for the raw score s of (row, col), whose bias is `bias`,
+// The backward's P for the raw score s at (row, col) and ALiBi distance
+// `distance`, whose bias is `bias`,
 // from the saved row statistics, before the mask: exp2((logit - lse_log2) -
 // residual). Subtracting the two parts one after the other keeps a row whose
 // logits all sit near a huge value (a -1e9 bias) at P = 1 / keys instead of
-// 1; with a deferred scale the first subtraction is the FFMA that scales.
+// 1; with a deferred scale the first subtraction is the FFMA that scales
+// the prepared score, as the forward's exp2 did.
 // Rows that saw no key (lse = +inf) get P = 0.
 // `dsoftcap` receives softcap's derivative factor of the score (logit()'s;
-// 1 without softcap), for dS; rules without steps 2 and 3 leave it alone.
+// 1 without softcap), for dS; rules without softcap may leave it alone.
 template <typename Rule>
-__device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, int row, int col, float bias,
+__device__ __forceinline__ float unmasked_prob(const Rule& rule, float s, float distance, float bias,
                                                float lse_log2_row, float residual, float& dsoftcap) {
   if constexpr (Rule::kDefersScale) {
-    return exp2_fast(fmaf(s, rule.exp_scale(), -lse_log2_row) - residual);
+    return exp2_fast(fmaf(rule.prepared_at(s, distance, bias), rule.exp_scale(), -lse_log2_row) - residual);
   } else if constexpr (Rule::kShapesLogit) {
-    return exp2_fast((rule.logit(s, row, col, bias, dsoftcap) - lse_log2_row) - residual);
+    return exp2_fast((rule.logit_at(s, distance, bias, dsoftcap) - lse_log2_row) - residual);
   } else {
-    return exp2_fast((rule.logit(s, row, col, bias) - lse_log2_row) - residual);
+    return exp2_fast((rule.logit_at(s, distance, bias) - lse_log2_row) - residual);
   }
 }
 
@@ -223,26 +276,31 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
   static constexpr bool kSoftcap = Unbiased::kSoftcap, kDropout = Unbiased::kDropout;
   static constexpr bool kShapesLogit = Unbiased::kShapesLogit;
 
-  // P of the raw score s at (row, col). `need_mask`: the tile is not fully
-  // visible, so P is 0 where the mask hides the score or it does not exist.
-  // The bias is read only when the call has one.
-  __device__ __forceinline__ float prob(float s, int row, int col, float lse_log2_row, float residual, bool need_mask,
-                                        float& dsoftcap) const {
+  // ALiBi's distance of (row, col), for QueryRowsDistance / KeyRowsDistance.
+  __device__ __forceinline__ float distance(int row, int col) const { return this->unbiased.distance(row, col); }
+
+  // P of the raw score s at (row, col), whose ALiBi distance is `distance`
+  // (QueryRowsDistance / KeyRowsDistance; unused without ALiBi). `need_mask`:
+  // the tile is not fully visible, so P is 0 where the mask hides the score
+  // or it does not exist. The bias is read only when the call has one.
+  __device__ __forceinline__ float prob(float s, int row, int col, float distance, float lse_log2_row, float residual,
+                                        bool need_mask, float& dsoftcap) const {
     const float bias = this->has_bias ? this->biased.bias_at(row, col) : 0.f;
     const float prob = this->has_bias
-                           ? unmasked_prob(this->biased, s, row, col, bias, lse_log2_row, residual, dsoftcap)
-                           : unmasked_prob(this->unbiased, s, row, col, bias, lse_log2_row, residual, dsoftcap);
+                           ? unmasked_prob(this->biased, s, distance, bias, lse_log2_row, residual, dsoftcap)
+                           : unmasked_prob(this->unbiased, s, distance, bias, lse_log2_row, residual, dsoftcap);
     return !need_mask || this->unbiased.visible(row, col) ? prob : 0.f;
   }
   // Interior tiles of calls without a bias: no mask test and no bias read,
   // and the kernels load the row statistics once per pair of columns. The
   // plain rule needs no coordinates there (one FFMA, one FADD and the EX2
-  // per score; row and col are dead); ALiBi's, softcap's factor in
-  // `dsoftcap` as prob() gives it. Only for tiles where fast_tile() holds;
-  // prob() serves every tile.
-  __device__ __forceinline__ float prob_unbiased_visible(float s, int row, int col, float lse_log2_row,
-                                                         float residual, float& dsoftcap) const {
-    return unmasked_prob(this->unbiased, s, row, col, 0.f, lse_log2_row, residual, dsoftcap);
+  // per score); ALiBi alone adds one FFMA per score and an
+  // FADD per distinct distance (its deferred scale, ../score_rule.h);
+  // softcap's factor goes to `dsoftcap` as prob() gives it. Only for tiles
+  // where fast_tile() holds; prob() serves every tile.
+  __device__ __forceinline__ float prob_unbiased_visible(float s, float distance, float lse_log2_row, float residual,
+                                                         float& dsoftcap) const {
+    return unmasked_prob(this->unbiased, s, distance, 0.f, lse_log2_row, residual, dsoftcap);
   }
   // Whether the tile at hand can take prob_unbiased_visible.
   __device__ __forceinline__ bool fast_tile(bool need_mask) const { return !need_mask && !this->has_bias; }

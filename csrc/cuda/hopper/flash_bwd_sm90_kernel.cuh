@@ -209,6 +209,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
     // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
     SoftcapFactors<Element, kSN / 8> softcap_factors;
+    // ALiBi's distances of this thread's scores (dead without ALiBi).
+    const KeyRowsDistance dist(rule, m0 + q_col0, n0 + key_row0, lane);
     if (rule.fast_tile(need_mask)) {
 #pragma unroll
       for (int j = 0; j < kSN / 8; ++j) {
@@ -218,9 +220,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
         float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = n0 + key_row0 + g + 8 * (e / 2);
-          const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
         }
         if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
@@ -232,7 +232,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
-          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_log2(sLse[col]), sResidual[col], need_mask, dsoftcap[e]);
+          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, dist.at(j, e), lse_log2(sLse[col]), sResidual[col], need_mask,
+                                  dsoftcap[e]);
         }
         if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }

@@ -121,6 +121,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
         acc_dp[j][e] = rule.ds(prob, acc_dp[j][e], delta[e / 2], dsoftcap);
       }
     };
+    // ALiBi's distances of this thread's scores (dead without ALiBi).
+    const QueryRowsDistance dist(rule, m0 + warp * 16, n0, lane);
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias: P and dS in four instructions per element
       // for the plain rule.
@@ -129,8 +131,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float dsoftcap = 1.f;
-          const float prob = rule.prob_unbiased_visible(acc_s[j][e], row_lo + 8 * (e / 2), n0 + 8 * j + 2 * t + (e % 2),
-                                                        lse_l2[e / 2], res[e / 2], dsoftcap);
+          const float prob = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_l2[e / 2], res[e / 2], dsoftcap);
           to_ds(j, e, prob, dsoftcap);
         }
       }
@@ -142,7 +143,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
           const int row = row_lo + 8 * (e / 2);
           const int key = n0 + 8 * j + 2 * t + (e % 2);
           float dsoftcap = 1.f;  // softcap's factor (kSoftcap)
-          const float prob = rule.prob(acc_s[j][e], row, key, lse_l2[e / 2], res[e / 2], need_mask, dsoftcap);
+          const float prob =
+              rule.prob(acc_s[j][e], row, key, dist.at(j, e), lse_l2[e / 2], res[e / 2], need_mask, dsoftcap);
           to_ds(j, e, prob, dsoftcap);
         }
       }

@@ -188,6 +188,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     const bool need_mask = !geo.tile_fully_visible(m0, kBlockM, n0, kBlockN);
     // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
     SoftcapFactors<Element, T::kMPerWarp / 8> softcap_factors;
+    // ALiBi's distances of this thread's scores (dead without ALiBi).
+    const KeyRowsDistance dist(rule, m0 + q_col0, n0 + key_row0, lane);
     if (rule.fast_tile(need_mask)) {
       // Interior tile without bias (the common case): FFMA, FADD and EX2 per
       // element for the plain rule.
@@ -196,9 +198,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
         float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = n0 + key_row0 + g + 8 * (e / 2);
-          const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], dsoftcap[e]);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[j][e % 2], res_c[j][e % 2], dsoftcap[e]);
         }
         if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
@@ -210,7 +210,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + key_row0 + g + 8 * (e / 2);
           const int row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, lse_c[j][e % 2], res_c[j][e % 2], need_mask, dsoftcap[e]);
+          acc_s[j][e] =
+              rule.prob(acc_s[j][e], row, key, dist.at(j, e), lse_c[j][e % 2], res_c[j][e % 2], need_mask, dsoftcap[e]);
         }
         if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
