@@ -128,6 +128,12 @@ struct ScoreRule {
   static constexpr bool kDefersScale = kUnits == ScoreUnits::kLog2 && !kHasBias && !kSoftcap;
   // prepared() is the raw score itself: nothing to compute before the mask.
   static constexpr bool kKeepsRawScore = kDefersScale && !kAlibi;
+  // Softcap alone, in log2 units: the forward keeps tanh(s * softcap_in) and
+  // its exp2 FFMA multiplies by softcap_out (exp_scale()), one FMUL less per
+  // score (the backward, which also needs tanh's derivative, computes the
+  // logit). softcap_out > 0, so masking to -inf holds as with the scale.
+  static constexpr bool kDefersSoftcapOut =
+      kUnits == ScoreUnits::kLog2 && !kHasBias && kFeatures == kSoftcapFeature;
 
   // The rule reads the call's parameters and the kernel's own MaskGeometry
   // where it uses them, as the kernels did before it existed: on the GPU a
@@ -182,7 +188,15 @@ struct ScoreRule {
     }
   }
 
-  FLASH_HOST_DEVICE T exp_scale() const { return kDefersScale ? scale() : T(1); }
+  FLASH_HOST_DEVICE T exp_scale() const {
+    if constexpr (kDefersScale) {
+      return scale();
+    } else if constexpr (kDefersSoftcapOut) {
+      return softcap_out;
+    } else {
+      return T(1);
+    }
+  }
 
   // ALiBi's distance of (row, col), row + seqlen_k - seqlen_q - col, as the
   // score type: the steps below take it so. Exact while it stays below 2^24
@@ -277,8 +291,8 @@ struct ScoreRule {
 
   // What a kernel keeps in place of the raw score before the mask: the
   // logit, or with kDefersScale the logit divided by the scale (the raw
-  // score itself without ALiBi), which the FFMA in front of the exponential
-  // multiplies by exp_scale().
+  // score itself without ALiBi), with kDefersSoftcapOut the tanh, which the
+  // FFMA in front of the exponential multiplies by exp_scale().
   FLASH_HOST_DEVICE T prepared(T s, int row, int col, T bias) const {
     return prepared_at(s, distance(row, col), bias);
   }
@@ -287,6 +301,8 @@ struct ScoreRule {
       return s;
     } else if constexpr (kDefersScale) {
       return s - alibi_term(distance);
+    } else if constexpr (kDefersSoftcapOut) {
+      return fast_tanh(s * softcap_in);
     } else {
       return logit_at(s, distance, bias);
     }
