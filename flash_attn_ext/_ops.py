@@ -187,18 +187,19 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def full_lse(softmax_lse, lse_residual, dtype):
-    """The log-sum-exp (natural log) the kernels' softmax used, in `dtype`:
-    softmax_lse plus what its fp32 rounding lost where fwd kept that
-    (lse_residual, csrc/flash_params.h): natural log on the CPU; on CUDA in
-    the log2 domain, against lse rounded to fp32 after multiplying by
-    log2(e) (cuda/softmax.cuh, lse_log2), hence the detour, in fp64."""
+def full_lse(softmax_lse, lse_residual):
+    """The log-sum-exp (natural log) the kernels' softmax used: softmax_lse
+    where fwd kept no lse_residual, else softmax_lse plus what its fp32
+    rounding lost (csrc/flash_params.h), in fp64 (in fp32 the sum would round
+    back to softmax_lse). The residual is a natural log on the CPU; on CUDA
+    it is in the log2 domain, against lse * log2(e) rounded to fp32
+    (cuda/softmax.cuh, lse_log2)."""
     if not lse_residual.numel():
-        return softmax_lse.to(dtype)
+        return softmax_lse
     if softmax_lse.device.type == "cuda":
         lse_log2 = softmax_lse * _LOG2E  # an fp32 product (fp32 log2(e)), as __fmul_rn
-        return ((lse_log2.double() + lse_residual.double()) * _LN2).to(dtype)
-    return softmax_lse.to(dtype) + lse_residual.to(dtype)
+        return (lse_log2.double() + lse_residual.double()) * _LN2
+    return softmax_lse.double() + lse_residual.double()
 
 
 def sinks_grad(sinks, softmax_d, softmax_lse, lse_residual):
@@ -207,12 +208,14 @@ def sinks_grad(sinks, softmax_d, softmax_lse, lse_residual):
     no value, so it enters the output only through lse: d out_i / d sink_h =
     -P_i out_i, and d loss / d sink_h = -sum_{b, i} P_i D_i with
     D_i = rowsum(dout_i * out_i) - dlse_i, the backward kernels' own D (fp32,
-    fp64 for fp64 inputs; the reduction runs in its dtype). softmax_d,
-    softmax_lse, lse_residual: (batch, nheads, seqlen_q), lse_residual
-    possibly empty. A row with lse = +inf (no key, no sink) adds 0."""
-    lse = full_lse(softmax_lse, lse_residual, softmax_d.dtype)
-    p_sink = torch.exp(sinks.to(softmax_d.dtype)[None, :, None] - lse)
-    return (-(p_sink * softmax_d).sum(dim=(0, 2))).to(sinks.dtype)
+    fp64 for fp64 inputs). softmax_d, softmax_lse, lse_residual: (batch,
+    nheads, seqlen_q), lse_residual possibly empty. lse-sized work only, in
+    D's dtype, or fp64 with a residual. A row with lse = +inf (no key, no
+    sink) adds 0."""
+    lse = full_lse(softmax_lse, lse_residual)
+    dtype = torch.promote_types(lse.dtype, softmax_d.dtype)
+    p_sink = torch.exp(sinks.to(dtype)[None, :, None] - lse.to(dtype))
+    return (-(p_sink * softmax_d.to(dtype)).sum(dim=(0, 2))).to(sinks.dtype)
 
 
 def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):

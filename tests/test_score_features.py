@@ -46,15 +46,15 @@ def ref_kwargs(f):
 
 def sinks_grad_from(sinks, dout, out, lse, dlse=None):
     """The sinks' gradient -sum_i exp(sink - lse_i) D_i, D_i = rowsum(dout_i *
-    out_i) - dlse_i, formed here in fp32 (fp64 for fp64 out) from `out` as
-    given: a baseline for the 2x rule. Written out rather than taken from
+    out_i) - dlse_i formed here in fp32 (fp64 for fp64 out) from `out` as
+    given, the sinks' probabilities in fp64: a baseline for the 2x rule. Written out rather than taken from
     flash_attn_ext._ops.sinks_grad, so that a mistake there cannot move the
     baseline along with our result."""
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     d = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)
     if dlse is not None:
         d = d - dlse.to(acc)
-    p_sink = torch.exp(sinks.to(acc)[None, :, None] - lse.to(acc))
+    p_sink = torch.exp(sinks.double()[None, :, None] - lse.double())  # lse as given, not rounded to fp32
     return -(p_sink * d).sum(dim=(0, 2)).float()
 
 
@@ -260,6 +260,33 @@ def test_sinks_grad_fp64():
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9, msg=name)
     assert grads[3].dtype == torch.float32
     torch.testing.assert_close(grads[3].double(), ref_grads[3], rtol=2e-7, atol=2e-7 * ref_grads[3].abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinks_grad_with_lse_residual(device):
+    """A bias and a sink of -2**30 (exact in bf16 and fp32) with q = 0: every
+    logit of a row is -2**30, lse = -2**30 + log(seqlen_k + 1), which fp32
+    softmax_lse rounds to -2**30; only with lse_residual (a natural log on
+    the CPU, log2-domain on CUDA) does the sink's probability come out as
+    1 / (seqlen_k + 1) instead of 1, and with it the sinks' gradient."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, k, v = random_qkv(2, 40, 64, 2, 2, 32, dtype, device, requires_grad=False)
+    q = torch.zeros(2, 40, 2, 32, device=device, dtype=dtype)
+    bias = torch.full((2, 2, 40, 64), -2.0**30, device=device, dtype=dtype)
+    sinks = torch.full((2,), -2.0**30, device=device).requires_grad_()
+    out, lse, residual = flash_attn_ext._ops.fwd(q, k, v, bias, 0.2, False, -1, -1, False, 0.0, None, sinks)
+    assert residual.numel() == lse.numel()
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    (dsinks,) = torch.autograd.grad((out, lse), (sinks,), (dout, dlse))
+
+    s64 = sinks.detach().double().requires_grad_()
+    ref_out, ref_lse = attention_ref(q, k, v, bias=bias, softmax_scale=0.2, sinks=s64)
+    (ref,) = torch.autograd.grad((ref_out, ref_lse), (s64,), (dout.double(), dlse.double()))
+    # The baseline: the formula on the exact output rounded to the dtype.
+    # (PyTorch's own math in the dtype has the same fp32 lse problem, so its
+    # gradient is no yardstick here.)
+    baseline = sinks_grad_from(sinks.detach(), dout, ref_out.to(dtype), ref_lse, dlse)
+    assert_close_to_ref(dsinks, ref, baseline, "dsinks", slack=max(1e-5, torch.finfo(dtype).eps))
 
 
 @pytest.mark.parametrize("device", DEVICES)

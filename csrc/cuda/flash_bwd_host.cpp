@@ -7,10 +7,10 @@
 // softmax_d is freed *before* dq is allocated and phase 2 converts dq_accum
 // into dq. With return_softmax_d (asked for by the sinks' gradient only)
 // softmax_d is an output and lives through phase 2: one more lse-sized fp32
-// tensor at the peak. Nothing else large is allocated unless it must be: expanded dk/dv
-// only for GQA/MQA (summed over each head group afterwards), padded copies
-// only when the head dim is not a compiled size or an input is not 16-byte
-// aligned for cp.async.
+// tensor at the peak. Nothing else large is allocated unless it must be:
+// expanded dk/dv only for GQA/MQA (summed over each head group afterwards),
+// padded copies only when the head dim is not a compiled size or an input is
+// not 16-byte aligned for cp.async.
 #include <array>
 #include <cstdint>
 
