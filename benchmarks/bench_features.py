@@ -8,13 +8,26 @@ score_mod. Dropout 0.1 runs beside SDPA's FLASH backend with the same
 dropout (and cuDNN's, where it accepts dropout). bf16, head dim 128, causal
 off by default; --dropout-only times the plain and dropout rows alone.
 
-    python benchmarks/bench_features.py [--seqlen 8192] [--batch 2] [--heads 16] [--dropout-only] [--json out.json]
+The configurations are timed interleaved: --rounds rounds, each timing
+every configuration once (do_bench, --rep-ms of repetitions), starting one
+configuration later each round. A GPU whose clock drifts during the run
+(an H200 warming up) then slows every configuration alike instead of those
+measured last: timed one after the other, plain first, softcap read +25%
+in one run and +38% in the next. Reported: the median time over the rounds,
+and as overhead the median over the rounds of time / ours plain in the same
+round, minus 1. The backward timings call torch.autograd.grad on the
+inputs (no accumulation into .grad, which would add elementwise kernels).
+About a minute on an H200 (FlexAttention's compilation included).
+
+    python benchmarks/bench_features.py [--seqlen 8192] [--batch 2] [--heads 16] [--rounds 15] [--dropout-only]
+                                        [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,12 +38,21 @@ from triton.testing import do_bench  # noqa: E402
 import flash_attn_ext  # noqa: E402
 
 
-def time_ms(fn, backward):
-    """Median ms of fn() (backward: of fn() and its backward), on random gradients."""
-    if not backward:
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+def fwd_bwd(fn, inputs):
+    """fn() then the gradients of `inputs` for a fixed random output gradient;
+    run once here, so that a backend declining the call raises now."""
     grad = torch.randn_like(fn())
-    return do_bench(lambda: fn().backward(grad), warmup=25, rep=100, return_mode="median")
+
+    def run():
+        return torch.autograd.grad(fn(), inputs, grad)
+
+    run()
+    return run
+
+
+def time_ms(fn, rep_ms):
+    """Median ms of fn() over about rep_ms of calls (do_bench flushes L2 between them)."""
+    return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
 
 
 def main():
@@ -40,9 +62,13 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (medians over them)")
+    p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench's rep per configuration and round")
     p.add_argument("--json", default=None)
     p.add_argument("--dropout-only", action="store_true", help="only the plain and dropout rows")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     b, s, h, d = args.batch, args.seqlen, args.heads, args.headdim
     dev = "cuda"
     mk = lambda: torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
@@ -60,24 +86,23 @@ def main():
     }
     if args.dropout_only:
         ours = {name: kw for name, kw in ours.items() if name in ("plain", "dropout 0.1")}
-    rows = {}
+    # name -> (forward closure, forward+backward closure), in table order.
+    configs = {}
     for name, kw in ours.items():
         fn = lambda kw=kw: flash_attn_ext.flash_attn_func(q, k, v, causal=args.causal, **kw)  # noqa: E731
-        rows[f"ours {name}"] = (time_ms(fn, False), time_ms(fn, True))
+        leaves = (q, k, v) + ((sinks,) if "s_aux" in kw else ())  # the sinks get their gradient too
+        configs[f"ours {name}"] = (fn, fwd_bwd(fn, leaves))
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
-        def fn(backend=backend):
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal)
-        def fn_dropout(backend=backend):
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal,
-                                                                        dropout_p=0.1)
-        for label, f in (("plain", fn), ("dropout 0.1", fn_dropout)):
+        for label, dropout in (("plain", 0.0), ("dropout 0.1", 0.1)):
+            def f(backend=backend, dropout=dropout):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal,
+                                                                            dropout_p=dropout)
             try:
-                rows[f"{name} {label}"] = (time_ms(f, False), time_ms(f, True))
+                configs[f"{name} {label}"] = (f, fwd_bwd(f, (qt, kt, vt)))  # runs f: a declining backend raises
             except RuntimeError as e:  # a backend that declines the shape or dropout
                 print(f"{name} {label}: {e}".splitlines()[0])
     try:
@@ -94,17 +119,34 @@ def main():
             return cap * torch.tanh(score / cap)
 
         fn = lambda: flex(qt, kt, vt, score_mod=softcap_mod, block_mask=block_mask)  # noqa: E731
-        rows["flex softcap"] = (time_ms(fn, False), time_ms(fn, True))
+        configs["flex softcap"] = (fn, fwd_bwd(fn, (qt, kt, vt)))  # compiles the forward and backward
     except Exception as e:  # noqa: BLE001  (FlexAttention missing or failing to compile)
         print(f"flex: {type(e).__name__}: {e}".splitlines()[0])
 
-    plain_f, plain_fb = rows["ours plain"]
-    print(f"bf16, batch {b}, seqlen {s}, heads {h}, head dim {d}, causal {args.causal}; median ms; "
-          f"overhead = time / ours plain - 1")
+    # Interleaved rounds: every configuration once per round (forward, then
+    # forward+backward), each round starting one configuration later.
+    names = list(configs)
+    times = {name: ([], []) for name in names}
+    for r in range(args.rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            for mode in (0, 1):
+                times[name][mode].append(time_ms(configs[name][mode], args.rep_ms))
+    rows = {name: (statistics.median(f), statistics.median(fb)) for name, (f, fb) in times.items()}
+
+    def overhead(name, mode):
+        # Median over the rounds of the ratio to ours plain in the same round.
+        return statistics.median(t / p for t, p in zip(times[name][mode], times["ours plain"][mode])) - 1
+
+    print(f"bf16, batch {b}, seqlen {s}, heads {h}, head dim {d}, causal {args.causal}; median ms over "
+          f"{args.rounds} interleaved rounds; overhead = median over the rounds of time / ours plain - 1")
     print("| kernel | fwd ms | fwd+bwd ms | fwd overhead | fwd+bwd overhead |")
     print("|---|---:|---:|---:|---:|")
     for name, (f, fb) in rows.items():
-        print(f"| {name} | {f:.3f} | {fb:.3f} | {f / plain_f - 1:+.1%} | {fb / plain_fb - 1:+.1%} |")
+        print(f"| {name} | {f:.3f} | {fb:.3f} | {overhead(name, 0):+.1%} | {overhead(name, 1):+.1%} |")
+    plain = times["ours plain"]
+    print(f"ours plain over the rounds: fwd {min(plain[0]):.3f}..{max(plain[0]):.3f} ms, "
+          f"fwd+bwd {min(plain[1]):.3f}..{max(plain[1]):.3f} ms")
     if "flex softcap" in rows:
         ff, ffb = rows["flex softcap"]
         sf, sfb = rows["ours softcap"]
@@ -116,7 +158,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "ms": rows}, f, indent=1)
+                       "rounds": args.rounds, "ms": rows, "ms_per_round": times}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -84,12 +84,15 @@ std::tuple<Tensor, Tensor, Tensor> fwd_on_one_head_dim(const Tensor& q, const Te
 }
 
 template <typename Fn>
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_on_one_head_dim(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                               const Tensor& v, const Tensor& out, Fn&& fn) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_on_one_head_dim(const Tensor& dout, const Tensor& q,
+                                                                       const Tensor& k, const Tensor& v,
+                                                                       const Tensor& out, Fn&& fn) {
   const int64_t common = std::max(q.size(-1), v.size(-1));
-  auto [dq, dk, dv, dbias] = fn(resize_last_dim(dout, common), resize_last_dim(q, common),
-                                resize_last_dim(k, common), resize_last_dim(v, common), resize_last_dim(out, common));
-  return {resize_last_dim(dq, q.size(-1)), resize_last_dim(dk, k.size(-1)), resize_last_dim(dv, v.size(-1)), dbias};
+  auto [dq, dk, dv, dbias, softmax_d] = fn(resize_last_dim(dout, common), resize_last_dim(q, common),
+                                           resize_last_dim(k, common), resize_last_dim(v, common),
+                                           resize_last_dim(out, common));
+  return {resize_last_dim(dq, q.size(-1)), resize_last_dim(dk, k.size(-1)), resize_last_dim(dv, v.size(-1)), dbias,
+          softmax_d};
 }
 
 // fwd_kvcache (csrc/kvcache.h): everything about its arguments that shapes,

@@ -102,7 +102,8 @@ struct FlashFwdParams {
   // exp(lse_keys - lse), and softmax_lse includes the sink. Only the forward
   // kernels read it: the backward recomputes P from that lse, which already
   // holds the sink, and the sinks' gradient -sum_i P_sink_i * D_i is a
-  // reduction the autograd formula does (flash_attn_ext/_ops.py).
+  // reduction the autograd formula does (flash_attn_ext/_ops.py) over the
+  // backward's D (softmax_d, returned by bwd with return_softmax_d).
   const float* sinks = nullptr;
   // Dropout on the probabilities (dropout.h): with dropout_p > 0 every
   // kernel keeps a score with probability 1 - dropout_p, drawn from

@@ -34,15 +34,19 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // gradient flowing into softmax_lse (None when unused), enters through
   // D = rowsum(dout * out) - dsoftmax_lse. dbias is
   // (batch, nheads, seqlen_q, seqlen_k) in the dtype of q when
-  // bias_requires_grad, else an empty tensor.
+  // bias_requires_grad, else an empty tensor. softmax_d, with
+  // return_softmax_d, is that D, shaped like softmax_lse, fp32 (fp64 for fp64
+  // inputs), for every row (a call without keys, whose out is 0: -dsoftmax_lse),
+  // else an empty tensor: the sinks' gradient, -sum_i exp(sink - lse_i) D_i, is
+  // formed from it (flash_attn_ext/_ops.py, sinks_grad).
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor lse_residual, "
       "Tensor? dsoftmax_lse, "
       "Tensor? attn_bias, "
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
       "bool bias_requires_grad, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., "
-      "Tensor? rng_state=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+      "Tensor? rng_state=None, bool return_softmax_d=False) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor softmax_d)");
   // Variable-length batches (flash-attn's varlen layout, csrc/seq_info.h):
   // q (total_q, nheads, headdim), k and v (total_k, nheads_k, headdim);
   // sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and
@@ -52,7 +56,8 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // bottom-right per sequence. Returns out (like q), softmax_lse
   // (nheads, total_q) and lse_residual ((nheads, total_q) for fp64 inputs,
   // else empty); rows of q outside every sequence get out 0, lse +inf.
-  // No attn_bias; everything else (the score features, dropout) as fwd / bwd.
+  // No attn_bias; everything else (the score features, dropout, softmax_d:
+  // (nheads, total_q), rows outside every sequence included) as fwd / bwd.
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, "
@@ -62,8 +67,8 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, Tensor lse_residual, "
       "Tensor? dsoftmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
-      "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., Tensor? rng_state=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., Tensor? rng_state=None, "
+      "bool return_softmax_d=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor softmax_d)");
   // Inference: attention of q (batch, seqlen_q, nheads, headdim) over a KV
   // cache, contiguous (batch_cache, seqlen_cache, nheads_k, headdim) or paged
   // (num_blocks, page_size, nheads_k, headdim) with block_table int32

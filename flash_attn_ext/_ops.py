@@ -122,7 +122,7 @@ def _fwd_fake(q, k, v, attn_bias, softmax_scale, causal, window_left, window_rig
 @torch.library.register_fake("flash_attn_ext::bwd")
 def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
               window_left, window_right, deterministic, bias_requires_grad, softcap=0.0, alibi_slopes=None,
-              dropout_p=0.0, rng_state=None):
+              dropout_p=0.0, rng_state=None, return_softmax_d=False):
     check_same_device("flash_attn_ext::bwd", locals())
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -132,7 +132,13 @@ def _bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_
         dbias = q.new_empty((batch, nheads, seqlen_q, k.shape[1]))
     else:
         dbias = q.new_empty((0,))
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, _softmax_d_fake(q, softmax_lse, return_softmax_d)
+
+
+def _softmax_d_fake(q, softmax_lse, return_softmax_d):
+    # bwd's D: like softmax_lse, in the kernels' accumulator type (fp64 for fp64 inputs).
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return softmax_lse.new_empty(softmax_lse.shape if return_softmax_d else (0,), dtype=dtype)
 
 
 @torch.library.register_fake("flash_attn_ext::dropout_mask")
@@ -177,28 +183,39 @@ def _setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
 
 
-def rowsum_product(a, b):
-    """rowsum(a * b) over the last dimension, in fp32 (fp64 for fp64 inputs):
-    the D = rowsum(dout * out) of the backward, which the kernels also form in
-    fp32 from the rounded output."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return (a.to(dtype) * b.to(dtype)).sum(-1)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
-def sinks_grad(sinks, dout, out, softmax_lse, lse_residual, dsoftmax_lse):
-    """d loss / d sinks, (nheads,): the sink of head h has probability
-    P_i = exp(sink_h - lse_i) in row i and no value, so it enters the output
-    only through lse: d out_i / d sink_h = -P_i out_i, and
-    d loss / d sink_h = -sum_{b, i} P_i D_i with D_i = rowsum(dout_i * out_i) - dlse_i
-    (the same D the backward kernels use). In fp32, fp64 for fp64 inputs."""
-    d = rowsum_product(dout, out).transpose(1, 2)  # (batch, nheads, seqlen_q)
-    lse = softmax_lse.to(d.dtype)
-    if lse_residual.numel():  # fp64 inputs: the part of lse fp32 could not hold
-        lse = lse + lse_residual.to(d.dtype)
-    if dsoftmax_lse is not None:
-        d = d - dsoftmax_lse.to(d.dtype)
-    p_sink = torch.exp(sinks.to(d.dtype)[None, :, None] - lse)  # lse = +inf (no key, no sink): 0
-    return (-(p_sink * d).sum(dim=(0, 2))).to(sinks.dtype)
+def full_lse(softmax_lse, lse_residual):
+    """The log-sum-exp (natural log) the kernels' softmax used: softmax_lse
+    where fwd kept no lse_residual, else softmax_lse plus what its fp32
+    rounding lost (csrc/flash_params.h), in fp64 (in fp32 the sum would round
+    back to softmax_lse). The residual is a natural log on the CPU; on CUDA
+    it is in the log2 domain, against lse * log2(e) rounded to fp32
+    (cuda/softmax.cuh, lse_log2)."""
+    if not lse_residual.numel():
+        return softmax_lse
+    if softmax_lse.device.type == "cuda":
+        lse_log2 = softmax_lse * _LOG2E  # an fp32 product (fp32 log2(e)), as __fmul_rn
+        return (lse_log2.double() + lse_residual.double()) * _LN2
+    return softmax_lse.double() + lse_residual.double()
+
+
+def sinks_grad(sinks, softmax_d, softmax_lse, lse_residual):
+    """d loss / d sinks, (nheads,), from bwd's softmax_d (return_softmax_d=True):
+    the sink of head h has probability P_i = exp(sink_h - lse_i) in row i and
+    no value, so it enters the output only through lse: d out_i / d sink_h =
+    -P_i out_i, and d loss / d sink_h = -sum_{b, i} P_i D_i with
+    D_i = rowsum(dout_i * out_i) - dlse_i, the backward kernels' own D (fp32,
+    fp64 for fp64 inputs). softmax_d, softmax_lse, lse_residual: (batch,
+    nheads, seqlen_q), lse_residual possibly empty. lse-sized work only, in
+    D's dtype, or fp64 with a residual. A row with lse = +inf (no key, no
+    sink) adds 0."""
+    lse = full_lse(softmax_lse, lse_residual)
+    dtype = torch.promote_types(lse.dtype, softmax_d.dtype)
+    p_sink = torch.exp(sinks.to(dtype)[None, :, None] - lse.to(dtype))
+    return (-(p_sink * softmax_d.to(dtype)).sum(dim=(0, 2))).to(sinks.dtype)
 
 
 def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
@@ -211,16 +228,15 @@ def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     bias_requires_grad = attn_bias is not None and ctx.needs_input_grad[3]
+    sinks_requires_grad = sinks is not None and ctx.needs_input_grad[11]
     if dsoftmax_lse is not None:
         dsoftmax_lse = dsoftmax_lse.float().contiguous()
-    dq, dk, dv, dbias = bwd(
+    dq, dk, dv, dbias, softmax_d = bwd(
         dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, ctx.softmax_scale, ctx.causal,
         ctx.window[0], ctx.window[1], ctx.deterministic, bias_requires_grad, ctx.softcap, alibi_slopes,
-        ctx.dropout_p, rng_state,
+        ctx.dropout_p, rng_state, sinks_requires_grad,
     )
-    dsinks = None
-    if sinks is not None and ctx.needs_input_grad[11]:
-        dsinks = sinks_grad(sinks, dout, out, softmax_lse, lse_residual, dsoftmax_lse)
+    dsinks = sinks_grad(sinks, softmax_d, softmax_lse, lse_residual) if sinks_requires_grad else None
     grads = (dq, dk, dv, (dbias if bias_requires_grad else None), None, None, None, None, None, None, None, dsinks,
              None, None)
     return grads[: ctx.num_inputs]
@@ -412,11 +428,13 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_
 @torch.library.register_fake("flash_attn_ext::varlen_bwd")
 def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k,
                      seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                     deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
+                     deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
+                     return_softmax_d=False):
     check_same_device("flash_attn_ext::varlen_bwd", locals())
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            _softmax_d_fake(q, softmax_lse, return_softmax_d))
 
 
 _VARLEN_FWD_DEFAULTS = (0.0, None, None, 0.0, None)  # softcap, alibi_slopes, sinks, dropout_p, rng_state
@@ -443,18 +461,19 @@ def _varlen_backward(ctx, dout, dsoftmax_lse, _dlse_residual):
      dropout_p) = ctx.args
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    sinks_requires_grad = sinks is not None and ctx.needs_input_grad[15]
     if dsoftmax_lse is not None:
         dsoftmax_lse = dsoftmax_lse.float().contiguous()
-    dq, dk, dv = varlen_bwd(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k,
-                            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                            deterministic, softcap, alibi_slopes, dropout_p, rng_state)
+    dq, dk, dv, softmax_d = varlen_bwd(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, cu_seqlens_q,
+                                       cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                       window_left, window_right, deterministic, softcap, alibi_slopes, dropout_p,
+                                       rng_state, sinks_requires_grad)
     dsinks = None
-    if sinks is not None and ctx.needs_input_grad[15]:
+    if sinks_requires_grad:
         # The dense formula over the one-sequence view: rows outside every
         # sequence have lse = +inf and add nothing.
-        dsinks = sinks_grad(sinks, dout[None], out[None], softmax_lse[None],
-                            lse_residual[None] if lse_residual.numel() else lse_residual,
-                            None if dsoftmax_lse is None else dsoftmax_lse[None])
+        dsinks = sinks_grad(sinks, softmax_d[None], softmax_lse[None],
+                            lse_residual[None] if lse_residual.numel() else lse_residual)
     grads = (dq, dk, dv) + (None,) * 12 + (dsinks, None, None)
     return grads[: ctx.num_inputs]
 

@@ -397,9 +397,9 @@ def _fwd_block(q, k, v, b: _Block, scale: float):
 def _bwd_block(dout, q, k, v, out, lse, residual, dlse, b: _Block, scale: float, deterministic: bool):
     res = _rows(residual, b.q_lo, b.q_hi) if residual.numel() else residual
     dl = _rows(dlse, b.q_lo, b.q_hi) if dlse is not None else None
-    dq, dk, dv, _ = _ops.bwd(dout[:, b.q_lo:b.q_hi], q[:, b.q_lo:b.q_hi], k[:, b.k_lo:b.k_hi], v[:, b.k_lo:b.k_hi],
-                             out[:, b.q_lo:b.q_hi], _rows(lse, b.q_lo, b.q_hi), res, dl, None, scale, False,
-                             b.window_left, b.window_right, deterministic, False)
+    dq, dk, dv, *_ = _ops.bwd(dout[:, b.q_lo:b.q_hi], q[:, b.q_lo:b.q_hi], k[:, b.k_lo:b.k_hi], v[:, b.k_lo:b.k_hi],
+                              out[:, b.q_lo:b.q_hi], _rows(lse, b.q_lo, b.q_hi), res, dl, None, scale, False,
+                              b.window_left, b.window_right, deterministic, False)
     return dq, dk, dv
 
 

@@ -173,14 +173,14 @@ def _flash_attn_backward(
     dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
     lse = softmax_lse.float().contiguous()
     with torch.no_grad():
-        gq, gk, gv, _ = _ops.bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, None, float(softmax_scale),
-                                 bool(causal), int(window_size_left), int(window_size_right),
-                                 bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False,
-                                 float(softcap), alibi_slopes, dropout_p, rng_state)
+        gq, gk, gv, _, d = _ops.bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, None,
+                                    float(softmax_scale), bool(causal), int(window_size_left), int(window_size_right),
+                                    bool(deterministic) or torch.are_deterministic_algorithms_enabled(), False,
+                                    float(softcap), alibi_slopes, dropout_p, rng_state, True)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch, seqlen_q, nheads, _ = q.shape
         softmax_d = torch.zeros((batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device)
-        softmax_d[:, :, :seqlen_q] = _ops.rowsum_product(dout, out).transpose(1, 2)
+        softmax_d[:, :, :seqlen_q] = d  # the kernels' own D (return_softmax_d)
     return softmax_d
 
 
@@ -262,14 +262,14 @@ def _flash_attn_varlen_backward(
     lse = softmax_lse.float().contiguous()
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     with torch.no_grad():
-        gq, gk, gv = _ops.varlen_bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, cu_seqlens_q,
-                                     cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
-                                     bool(causal), int(window_size_left), int(window_size_right), deterministic,
-                                     float(softcap), alibi_slopes, dropout_p, rng_state)
+        gq, gk, gv, d = _ops.varlen_bwd(dout, q, k, v, out, lse, _residual_for(q, lse), None, cu_seqlens_q,
+                                        cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
+                                        bool(causal), int(window_size_left), int(window_size_right), deterministic,
+                                        float(softcap), alibi_slopes, dropout_p, rng_state, True)
         _write(dq, gq), _write(dk, gk), _write(dv, gv)
         batch = cu_seqlens_q.shape[0] - 1
         softmax_d = torch.zeros((q.shape[1], q.shape[0] + 128 * batch), dtype=torch.float32, device=q.device)
-        softmax_d[:, :q.shape[0]] = _ops.rowsum_product(dout, out).t()
+        softmax_d[:, :q.shape[0]] = d
     return softmax_d
 
 

@@ -37,11 +37,11 @@ def test_opcheck_bwd(device):
         out, lse, residual = torch.ops.flash_attn_ext.fwd(q, k, v, bias, scale, causal, wl, wr, det)
         dout = torch.randn_like(out)
         dlse = torch.randn_like(lse)
-        torch.library.opcheck(
-            torch.ops.flash_attn_ext.bwd.default,
-            (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), residual.detach(), dlse,
-             None if bias is None else bias.detach(), scale, causal, wl, wr, det, bias is not None),
-        )
+        args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), residual.detach(), dlse,
+                None if bias is None else bias.detach(), scale, causal, wl, wr, det, bias is not None)
+        torch.library.opcheck(torch.ops.flash_attn_ext.bwd.default, args)
+        # With the backward's D (softmax_d) as a fifth output.
+        torch.library.opcheck(torch.ops.flash_attn_ext.bwd.default, args + (0.0, None, 0.0, None, True))
 
 
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (3, 2))])

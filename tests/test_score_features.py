@@ -44,7 +44,24 @@ def ref_kwargs(f):
     return dict(softcap=f["softcap"], alibi_slopes=f["alibi_slopes"], sinks=f["s_aux"])
 
 
-def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, deterministic=False, **features):
+def sinks_grad_from(sinks, dout, out, lse, dlse=None):
+    """The sinks' gradient -sum_i exp(sink - lse_i) D_i, D_i = rowsum(dout_i *
+    out_i) - dlse_i formed here in fp32 (fp64 for fp64 out) from `out` as
+    given, the sinks' probabilities in fp64: a baseline for the 2x rule. Written out rather than taken from
+    flash_attn_ext._ops.sinks_grad, so that a mistake there cannot move the
+    baseline along with our result."""
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    d = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        d = d - dlse.to(acc)
+    p_sink = torch.exp(sinks.double()[None, :, None] - lse.double())  # lse as given, not rounded to fp32
+    return -(p_sink * d).sum(dim=(0, 2)).float()
+
+
+def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, deterministic=False, lse_grad=False,
+                   **features):
+    """lse_grad: the loss also weighs lse (random weights on its finite
+    entries), so that every backward, the sinks' included, takes dlse."""
     f = dict(softcap=0.0, alibi_slopes=None, s_aux=None, deterministic=deterministic)
     f.update(features)
     sinks = f["s_aux"]
@@ -76,10 +93,16 @@ def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, d
     assert_close_to_ref(out, ref_out, low_out, "out")
 
     dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse).masked_fill(~torch.isfinite(lse), 0.0) if lse_grad else None
     poison_allocator(q.device, 3 * out_bytes)
-    grads = torch.autograd.grad(out, leaves, dout)
-    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
-    low_grads = torch.autograd.grad(low_out, low_in, dout)
+    if lse_grad:
+        grads = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+        ref_grads = torch.autograd.grad((ref_out, ref_lse), ref_in, (dout.double(), dlse.double()))
+        low_grads = torch.autograd.grad((low_out, low_lse), low_in, (dout, dlse.to(low_lse.dtype)))
+    else:
+        grads = torch.autograd.grad(out, leaves, dout)
+        ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+        low_grads = torch.autograd.grad(low_out, low_in, dout)
     baselines = [(low,) for low in low_grads]
     if sinks is not None:
         # Like dq, dk and dv of every FlashAttention backward (conftest.py), the
@@ -87,9 +110,9 @@ def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, d
         # to the dtype. It is a sum over a few heads, so one draw of rounding
         # can land anywhere; the baselines are the same formula on PyTorch's
         # own rounded output and on the exact output rounded to the dtype.
-        empty = torch.empty(0, device=q.device)
-        grad_of = lambda o, lse: flash_attn_ext._ops.sinks_grad(  # noqa: E731
-            sinks.detach(), dout, o.detach().to(q.dtype), lse.detach().float(), empty, None)
+        def grad_of(o, lse):
+            return sinks_grad_from(sinks.detach(), dout, o.detach().to(q.dtype), lse.detach(), dlse)
+
         baselines[3] = (low_grads[3], grad_of(low_out, low_lse), grad_of(ref_out, ref_lse))
     for name, ours, ref, low in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, baselines):
         assert ours.shape == ref.shape, name
@@ -144,6 +167,126 @@ def test_sinks_on_rows_without_keys(device):
     # A sink of -inf is no sink.
     no_sink = torch.full((2,), -math.inf, device=device)
     torch.testing.assert_close(flash_attn_ext.flash_attn_func(q, k, v, s_aux=no_sink), flash_attn_ext.flash_attn_func(q, k, v))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (24, 8))],
+                         ids=["full", "causal", "window"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_sinks_grad_with_lse_grad(device, dtype, causal, window, deterministic):
+    """The sinks' gradient (from the backward's D = rowsum(dout * out) - dlse)
+    with a gradient flowing into lse too, fresh random sinks, GQA and
+    seqlen_q > seqlen_k (rows that see no key under the causal mask)."""
+    q, k, v = random_qkv(2, 97, 70, 4, 2, 64, dtype, device)
+    q.data *= 3
+    sinks = (torch.randn(4, device=device) * 2).requires_grad_()
+    check_features(q, k, v, causal=causal, window=window, deterministic=deterministic, lse_grad=True, s_aux=sinks)
+
+
+def _softmax_d_expected(dout, out, dlse):
+    # (batch, nheads, seqlen_q) D = rowsum(dout * out) - dlse, in fp64.
+    return (dout.double() * out.double()).sum(-1).transpose(1, 2) - (0 if dlse is None else dlse.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dlse_given", [False, True], ids=["no-dlse", "dlse"])
+@pytest.mark.parametrize("seqlens", [(50, 20), (9, 0), (0, 7)], ids=str)
+def test_bwd_returns_softmax_d(device, dlse_given, seqlens):
+    """bwd(return_softmax_d=True) returns the kernels' D for every row (rows
+    that see no key, and calls without keys, included): fp64 for fp64 inputs
+    (exact to fp64 rounding), fp32 otherwise; empty without it."""
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float64, torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        q, k, v = random_qkv(2, seqlens[0], seqlens[1], 4, 2, 32, dtype, device, requires_grad=False)
+        sinks = torch.randn(4, device=device)
+        out, lse, residual = torch.ops.flash_attn_ext.fwd(q, k, v, None, 0.2, True, -1, -1, False, 0.0, None, sinks)
+        dout = torch.randn_like(out)
+        dlse = torch.randn_like(lse) if dlse_given else None
+        for det in (False, True):
+            *grads, softmax_d = torch.ops.flash_attn_ext.bwd(dout, q, k, v, out, lse, residual, dlse, None, 0.2, True,
+                                                             -1, -1, det, False, 0.0, None, 0.0, None, True)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            assert softmax_d.dtype == acc and softmax_d.shape == lse.shape
+            expected = _softmax_d_expected(dout, out, dlse)
+            tol = 1e-12 if acc == torch.float64 else 1e-5
+            torch.testing.assert_close(softmax_d.double(), expected, rtol=tol, atol=tol)
+            assert torch.ops.flash_attn_ext.bwd(dout, q, k, v, out, lse, residual, dlse, None, 0.2, True, -1, -1,
+                                                det, False)[4].numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_bwd_returns_softmax_d(device):
+    """varlen_bwd's D: every row of (nheads, total_q), those of a sequence
+    without keys and those outside every sequence included."""
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float64, torch.bfloat16]
+    lens_q, lens_k = [5, 40, 3, 0], [9, 0, 70, 4]
+    cu_q = torch.tensor([0, 5, 45, 48, 48], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 9, 79, 83], dtype=torch.int32, device=device)
+    total_q, total_k = sum(lens_q) + 6, sum(lens_k)  # 6 rows outside every sequence
+    for dtype in dtypes:
+        q = torch.randn(total_q, 4, 32, device=device).to(dtype)
+        k = torch.randn(total_k, 2, 32, device=device).to(dtype)
+        v = torch.randn(total_k, 2, 32, device=device).to(dtype)
+        sinks = torch.randn(4, device=device)
+        out, lse, residual = torch.ops.flash_attn_ext.varlen_fwd(q, k, v, cu_q, cu_k, None, 40, 70, 0.2, True, -1, -1,
+                                                                 False, 0.0, None, sinks)
+        dout = torch.randn_like(out)
+        dlse = torch.randn_like(lse)
+        for det in (False, True):
+            *grads, softmax_d = torch.ops.flash_attn_ext.varlen_bwd(dout, q, k, v, out, lse, residual, dlse, cu_q, cu_k,
+                                                                    None, 40, 70, 0.2, True, -1, -1, det, 0.0, None,
+                                                                    0.0, None, True)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            assert softmax_d.dtype == acc and softmax_d.shape == lse.shape
+            expected = _softmax_d_expected(dout[None], out[None], dlse[None])[0]
+            tol = 1e-12 if acc == torch.float64 else 1e-5
+            torch.testing.assert_close(softmax_d.double(), expected, rtol=tol, atol=tol)
+
+
+def test_sinks_grad_fp64():
+    """fp64 inputs: the sinks' gradient, with dlse in use, matches the fp64
+    reference to the rounding of its fp32 result (D stays fp64 throughout,
+    and lse_residual carries what fp32 softmax_lse cannot hold)."""
+    q, k, v = random_qkv(2, 37, 29, 4, 2, 16, torch.float64, "cpu")
+    sinks = (torch.randn(4) * 2).requires_grad_()
+    out, lse, _ = flash_attn_ext.flash_attn_func(q, k, v, causal=True, window_size=(20, 3), return_attn_probs=True,
+                                                 s_aux=sinks)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v, sinks), (dout, dlse))
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v, sinks)]
+    ref_out, ref_lse = attention_ref(*ref_in[:3], True, (20, 3), sinks=ref_in[3])
+    ref_grads = torch.autograd.grad((ref_out, ref_lse), ref_in, (dout, dlse.double()))
+    for name, ours, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9, msg=name)
+    assert grads[3].dtype == torch.float32
+    torch.testing.assert_close(grads[3].double(), ref_grads[3], rtol=2e-7, atol=2e-7 * ref_grads[3].abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sinks_grad_with_lse_residual(device):
+    """A bias and a sink of -2**30 (exact in bf16 and fp32) with q = 0: every
+    logit of a row is -2**30, lse = -2**30 + log(seqlen_k + 1), which fp32
+    softmax_lse rounds to -2**30; only with lse_residual (a natural log on
+    the CPU, log2-domain on CUDA) does the sink's probability come out as
+    1 / (seqlen_k + 1) instead of 1, and with it the sinks' gradient."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, k, v = random_qkv(2, 40, 64, 2, 2, 32, dtype, device, requires_grad=False)
+    q = torch.zeros(2, 40, 2, 32, device=device, dtype=dtype)
+    bias = torch.full((2, 2, 40, 64), -2.0**30, device=device, dtype=dtype)
+    sinks = torch.full((2,), -2.0**30, device=device).requires_grad_()
+    out, lse, residual = flash_attn_ext._ops.fwd(q, k, v, bias, 0.2, False, -1, -1, False, 0.0, None, sinks)
+    assert residual.numel() == lse.numel()
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    (dsinks,) = torch.autograd.grad((out, lse), (sinks,), (dout, dlse))
+
+    s64 = sinks.detach().double().requires_grad_()
+    ref_out, ref_lse = attention_ref(q, k, v, bias=bias, softmax_scale=0.2, sinks=s64)
+    (ref,) = torch.autograd.grad((ref_out, ref_lse), (s64,), (dout.double(), dlse.double()))
+    # The baseline: the formula on the exact output rounded to the dtype.
+    # (PyTorch's own math in the dtype has the same fp32 lse problem, so its
+    # gradient is no yardstick here.)
+    baseline = sinks_grad_from(sinks.detach(), dout, ref_out.to(dtype), ref_lse, dlse)
+    assert_close_to_ref(dsinks, ref, baseline, "dsinks", slack=max(1e-5, torch.finfo(dtype).eps))
 
 
 @pytest.mark.parametrize("device", DEVICES)

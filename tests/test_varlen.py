@@ -55,7 +55,9 @@ def per_sequence_ref(q, k, v, lens_q, lens_k, used_k, causal, window, upcast, so
 
 def check_varlen(lens_q, lens_k, nheads, nheads_k, headdim, dtype, device, causal=False, window=(-1, -1),
                  used_k=None, softcap=0.0, alibi=None, sinks=False, extra_q_rows=0, deterministic=False,
-                 page_size=None):
+                 page_size=None, lse_grad=False):
+    """lse_grad: the loss also weighs lse (random weights on its finite
+    entries): every backward, the sinks' included, then takes dlse."""
     total_q, total_k = sum(lens_q) + extra_q_rows, sum(lens_k)
     q = random_rows(total_q, nheads, headdim, dtype, device)
     k = random_rows(total_k, nheads_k, headdim, dtype, device)
@@ -114,10 +116,10 @@ def check_varlen(lens_q, lens_k, nheads, nheads_k, headdim, dtype, device, causa
                                 softcap=softcap, alibi_slopes=slopes, sinks=xs[3] if sinks else None)
 
     ref_out, ref_lse = ref(ref_in, True)
-    low_out, _ = ref(low_in, False)
+    low_out, low_lse = ref(low_in, False)
     # The rule's second baseline, PyTorch's default SDPA backend, where it
     # computes the same thing (no score features, dropout or sinks).
-    plain = not (softcap or alibi or sinks)
+    plain = not (softcap or alibi or sinks or lse_grad)
     sdpa_in = [x.detach().clone().requires_grad_() for x in leaves[:3]]
     sdpa_out = (per_sequence_ref(*sdpa_in, lens_q, lens_k, used_k, causal, window, False, sdpa=True)[0]
                 if plain else None)
@@ -129,9 +131,13 @@ def check_varlen(lens_q, lens_k, nheads, nheads_k, headdim, dtype, device, causa
     assert_close_to_ref(out, ref_out, (low_out, sdpa_out), "out")
 
     dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse).masked_fill(~torch.isfinite(lse), 0.0)
+    outs, ref_outs, low_outs = (out, lse), (ref_out, ref_lse), (low_out, low_lse)
+    douts, ref_douts, low_douts = (dout, dlse), (dout.double(), dlse.double()), (dout, dlse.to(low_lse.dtype))
+    n = 2 if lse_grad else 1
     poison_allocator(device, 4 * q.numel() * q.element_size())
     our_leaves = [q, k_in, v_in] + ([sink] if sinks else [])
-    grads = list(torch.autograd.grad(out, our_leaves, dout))
+    grads = list(torch.autograd.grad(outs[:n], our_leaves, douts[:n]))
     if page_size is not None:
         # Gradients of the paged caches back in the sequences' key order.
         for i in (1, 2):
@@ -141,8 +147,8 @@ def check_varlen(lens_q, lens_k, nheads, nheads_k, headdim, dtype, device, causa
                     n = min(page_size, lk - j)
                     rows.append(g[block_table[b, j // page_size], :n])
             grads[i] = torch.cat(rows, 0) if rows else g.new_zeros(0, nheads_k, headdim)
-    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double(), allow_unused=True)
-    low_grads = torch.autograd.grad(low_out, low_in, dout, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_outs[:n], ref_in, ref_douts[:n], allow_unused=True)
+    low_grads = torch.autograd.grad(low_outs[:n], low_in, low_douts[:n], allow_unused=True)
     sdpa_grads = (torch.autograd.grad(sdpa_out, sdpa_in, dout, allow_unused=True) if sdpa_out is not None
                   and sdpa_out.requires_grad else (None,) * 3)
     for name, ours, r, low, low2 in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, low_grads,
@@ -186,9 +192,21 @@ def test_varlen_head_dims(device, dtype, headdim):
     pytest.param(dict(used_k=[10, 0, 100], causal=True), id="seqused_k"),
     pytest.param(dict(extra_q_rows=5), id="rows-outside"),
     pytest.param(dict(deterministic=True, causal=True), id="deterministic"),
+    pytest.param(dict(sinks=True, lse_grad=True, extra_q_rows=5), id="sinks-lse-grad"),
+    pytest.param(dict(sinks=True, lse_grad=True, deterministic=True, causal=True), id="sinks-lse-grad-deterministic"),
 ])
 def test_varlen_features(device, dtype, case):
     check_varlen([20, 64, 130], [30, 5, 140], 4, 1, 64, dtype, device, **case)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_varlen_sinks_without_keys(device, dtype, deterministic):
+    """Sinks where a sequence has no key (its rows: out 0, lse = the sink, and
+    a sinks' gradient of dlse), rows outside every sequence and a gradient
+    into lse: the sinks' gradient from the backward's D of every row."""
+    check_varlen([17, 33, 0, 9], [0, 33, 12, 40], 4, 2, 64, dtype, device, causal=True, sinks=True, lse_grad=True,
+                 extra_q_rows=3, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -291,6 +309,13 @@ def test_varlen_opcheck(device):
     args = (q, k, v, cu, cu, None, 20, 20, 0.2, True, -1, -1, False)
     torch.library.opcheck(torch.ops.flash_attn_ext.varlen_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse, residual = torch.ops.flash_attn_ext.varlen_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                residual.detach(), torch.randn_like(lse), cu, cu, None, 20, 20, 0.2, True, -1, -1, False)
+    for return_softmax_d in (False, True):
+        torch.library.opcheck(torch.ops.flash_attn_ext.varlen_bwd.default,
+                              bwd_args + (0.0, None, 0.0, None, return_softmax_d),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

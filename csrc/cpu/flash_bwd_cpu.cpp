@@ -3,9 +3,11 @@
 // probabilities are recomputed from the saved log-sum-exp,
 //   P = exp(S - lse),  dV_j += P^T dO_i,  dP = dO_i V_j^T,
 //   dS = P * (dP - D_i),  dK_j += scale dS^T Q_i,  dQ_i += scale dS K_j,
-// with D_i = rowsum(dO_i * O_i) - dlse_i. One thread owns a (batch, kv head)
-// pair, so dK/dV of a GQA group and dQ accumulate without races and in a
-// fixed order: the CPU backward is always deterministic.
+// with D_i = rowsum(dO_i * O_i) - dlse_i, computed first for every row
+// (row_deltas; returned too when asked, for the sinks' gradient). One thread
+// owns a (batch, kv head) pair, so dK/dV of a GQA group and dQ accumulate
+// without races and in a fixed order: the CPU backward is always
+// deterministic.
 #include "../checks.h"
 #include "../flash_api.h"
 #include "cpu_tile.h"
@@ -31,8 +33,39 @@ void logits_grad_to_scores_grad(const Rule& rule, acc* ds, const acc* dsoftcap, 
   for (int c = 0; c < cols; ++c) ds[c] = rule.through_softcap(ds[c], dsoftcap[c]);
 }
 
+// D_i = rowsum(dO_i * O_i) - dlse_i, in the accumulator type, for every row
+// of out / dout (batch, rows, nheads, headdim) into d, laid out like
+// softmax_lse (batch, nheads, rows): a varlen call's batch-1 views give every
+// row, those outside all sequences included, as the CUDA preprocess does.
+// dlse (null when unused) is laid out like d.
+template <typename scalar_t>
+void row_deltas(const Tensor& dout, const Tensor& out, const float* dlse, acc_t<scalar_t>* d) {
+  using acc = acc_t<scalar_t>;
+  const int64_t batch = out.size(0), rows = out.size(1), nheads = out.size(2);
+  const int D = static_cast<int>(out.size(3));
+  const auto* o = static_cast<const scalar_t*>(out.data_ptr());
+  const auto* dO = static_cast<const scalar_t*>(dout.data_ptr());
+  torch::stable::parallel_for(0, batch * nheads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / nheads, h = bh % nheads;
+      const scalar_t* o_bh = o + b * out.stride(0) + h * out.stride(2);
+      const scalar_t* do_bh = dO + b * dout.stride(0) + h * dout.stride(2);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* o_r = o_bh + r * out.stride(1);
+        const scalar_t* do_r = do_bh + r * dout.stride(1);
+        acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int c = 0; c < D; ++c) sum += to_acc(o_r[c]) * to_acc(do_r[c]);
+        const int64_t i = bh * rows + r;
+        d[i] = sum - (dlse ? static_cast<acc>(dlse[i]) : acc(0));
+      }
+    }
+  });
+}
+
+// deltas: D of every row (row_deltas), laid out like softmax_lse.
 template <typename scalar_t, bool kMods>
-void bwd_kernel(const FlashBwdParams& p) {
+void bwd_kernel(const FlashBwdParams& p, const acc_t<scalar_t>* deltas) {
   using acc = acc_t<scalar_t>;
   const int D = p.headdim;
   const int group = p.nheads / p.nheads_k;
@@ -50,11 +83,10 @@ void bwd_kernel(const FlashBwdParams& p) {
   torch::stable::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     // Per (batch, kv head), for every query head g of its group: scale * Q
     // and dO, converted once and reused by every key block, both row-major
-    // (left operands) and packed (right operands); dQ (unscaled) and D_i.
+    // (left operands) and packed (right operands), and dQ (unscaled).
     // O(group * seqlen_q * D) per thread.
     std::vector<acc> qs(group * head_elems), dO(group * head_elems), dq_t(group * head_elems);
     std::vector<acc> qs_p(group * head_packed), dO_p(group * head_packed);
-    std::vector<acc> d_row(static_cast<size_t>(group) * p.seqlen_q);
     // Per key block, packed: K (for dQ), K^T and V^T (for S and dP).
     const int d_panels = (D + W - 1) / W;
     std::vector<acc> k_p(static_cast<size_t>(d_panels) * kBlockN * W), k_tt(D * kBlockN), v_tt(D * kBlockN);
@@ -83,25 +115,12 @@ void bwd_kernel(const FlashBwdParams& p) {
         const int64_t h = h_k * group + g;
         const auto* q = static_cast<const scalar_t*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride,
                                                                            p.q_head_stride, b, h);
-        const auto* o = static_cast<const scalar_t*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride,
-                                                                             p.o_head_stride, b, h);
         const auto* dout = static_cast<const scalar_t*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride,
                                                                                  p.do_head_stride, b, h);
-        const float* dlse = p.dsoftmax_lse ? p.dsoftmax_lse + seq.lse_offset(p, b, h) : nullptr;
-        acc* dO_g = dO.data() + g * head_elems;
         load_rows(q, p.q_row_stride, seqlen_q, D, qs.data() + g * head_elems, scale);
-        load_rows(dout, p.do_row_stride, seqlen_q, D, dO_g);
+        load_rows(dout, p.do_row_stride, seqlen_q, D, dO.data() + g * head_elems);
         pack_rows(q, p.q_row_stride, seqlen_q, D, qs_p.data() + g * head_packed, panel_stride, scale);
         pack_rows(dout, p.do_row_stride, seqlen_q, D, dO_p.data() + g * head_packed, panel_stride);
-        // D_i = rowsum(dO_i * O_i) - dlse_i.
-        for (int r = 0; r < seqlen_q; ++r) {
-          const scalar_t* o_r = o + r * p.o_row_stride;
-          const acc* do_r = dO_g + static_cast<int64_t>(r) * D;
-          acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int d = 0; d < D; ++d) sum += to_acc(o_r[d]) * do_r[d];
-          d_row[static_cast<size_t>(g) * p.seqlen_q + r] = sum - (dlse ? static_cast<acc>(dlse[r]) : acc(0));
-        }
       }
       std::fill(dq_t.begin(), dq_t.end(), acc(0));
 
@@ -121,7 +140,7 @@ void bwd_kernel(const FlashBwdParams& p) {
           const float* lse = p.softmax_lse + seq.lse_offset(p, b, h);
           const float* residual = p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr;
           const CpuScoreRule<scalar_t, kMods> rule(p, mask, b, h);
-          const acc* d_head = d_row.data() + static_cast<size_t>(g) * p.seqlen_q;
+          const acc* d_head = deltas + seq.lse_offset(p, b, h);
           for (int m_block = m_begin; m_block < m_end; ++m_block) {
             const int row0 = m_block * kBlockM;
             const int rows = std::min(kBlockM, seqlen_q - row0);
@@ -215,18 +234,19 @@ void bwd_kernel(const FlashBwdParams& p) {
 
 namespace {
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu_impl(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu_impl(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, bool bias_requires_grad, const ScoreFeatures& features, const VarlenLayout* varlen) {
+    int64_t window_right, bool bias_requires_grad, const ScoreFeatures& features, const VarlenLayout* varlen,
+    bool return_softmax_d) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad, features, varlen);
   if (v.size(3) != q.size(3)) {
     return bwd_on_one_head_dim(dout, q, k, v, out, [&](const Tensor& dout1, const Tensor& q1, const Tensor& k1,
                                                        const Tensor& v1, const Tensor& out1) {
       return bwd_cpu_impl(dout1, q1, k1, v1, out1, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
-                          causal, window_left, window_right, bias_requires_grad, features, varlen);
+                          causal, window_left, window_right, bias_requires_grad, features, varlen, return_softmax_d);
     });
   }
   const ScalarType dtype = q.scalar_type();
@@ -239,57 +259,73 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu_impl(
   // Every entry of dbias is written below, except where a whole tile is masked away.
   const std::array<int64_t, 4> dbias_shape{q.size(0), q.size(2), q.size(1), k.size(1)};
   Tensor dbias = bias_requires_grad ? zeros_on(q, dbias_shape, dtype) : empty_on(q, {0}, dtype);
+  // D of every row, in the accumulator type (fp64 for fp64 inputs, so that
+  // the sinks' gradient formed from it keeps their precision). It needs no
+  // key: rows of a call without keys get -dlse (their out is 0).
+  const ScalarType acc_dtype = dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const Tensor softmax_d = empty_on(q, softmax_lse.sizes(), acc_dtype);
+  const float* dlse = dsoftmax_lse.has_value() ? static_cast<const float*>(dsoftmax_lse->data_ptr()) : nullptr;
+  cpu::dispatch_dtype(dtype, [&](auto element) {
+    using scalar_t = decltype(element);
+    cpu::row_deltas<scalar_t>(dout, out, dlse, static_cast<cpu::acc_t<scalar_t>*>(softmax_d.data_ptr()));
+  });
+  const Tensor d_out = return_softmax_d ? softmax_d : empty_on(q, {0}, acc_dtype);
   if (q.numel() == 0 || k.numel() == 0) {
     torch::stable::zero_(dq);
     torch::stable::zero_(dk);
     torch::stable::zero_(dv);
-    return {dq, dk, dv, dbias};
+    return {dq, dk, dv, dbias, d_out};
   }
   FlashBwdParams params;
   set_bwd_params(params, dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, dq, dk, dv,
                  bias_requires_grad ? std::optional<Tensor>(dbias) : std::nullopt, softmax_scale, causal, window_left,
                  window_right, /*deterministic=*/true, features, varlen);
-  if (params.batch == 0 || params.seqlen_q == 0 || params.seqlen_k == 0) return {dq, dk, dv, dbias};
+  if (params.batch == 0 || params.seqlen_q == 0 || params.seqlen_k == 0) return {dq, dk, dv, dbias, d_out};
   cpu::dispatch_dtype(dtype, [&](auto element) {
+    using scalar_t = decltype(element);
+    const auto* deltas = static_cast<const cpu::acc_t<scalar_t>*>(softmax_d.data_ptr());
     if (flash::has_score_mods(params)) {
-      cpu::bwd_kernel<decltype(element), true>(params);
+      cpu::bwd_kernel<scalar_t, true>(params, deltas);
     } else {
-      cpu::bwd_kernel<decltype(element), false>(params);
+      cpu::bwd_kernel<scalar_t, false>(params, deltas);
     }
   });
-  return {dq, dk, dv, dbias};
+  return {dq, dk, dv, dbias, d_out};
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, bool bias_requires_grad,
     double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
-    const std::optional<Tensor>& rng_state) {
+    const std::optional<Tensor>& rng_state, bool return_softmax_d) {
   return bwd_cpu_impl(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
                       window_left, window_right, bias_requires_grad,
-                      ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, nullptr);
+                      ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, nullptr,
+                      return_softmax_d);
 }
 
-std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> varlen_bwd_cpu(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool /*deterministic: the CPU backward always is*/, double softcap,
-    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state) {
+    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state,
+    bool return_softmax_d) {
   const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
   check_varlen_inputs(q, k, v, layout);
   const VarlenViews views(dout, out, softmax_lse, lse_residual, dsoftmax_lse);
-  auto [dq, dk, dv, dbias] =
+  auto [dq, dk, dv, dbias, softmax_d] =
       bwd_cpu_impl(views.dout, as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), views.out, views.lse,
                    views.lse_residual, views.dlse, std::nullopt, softmax_scale, causal, window_left, window_right,
                    /*bias_requires_grad=*/false,
-                   ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, &layout);
-  return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv)};
+                   ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, &layout,
+                   return_softmax_d);
+  return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv), drop_batch_dim(softmax_d)};
 }
 
 }  // namespace flash_attn_ext

@@ -5,10 +5,12 @@
 // softmax_d (fp32 B*H*Sq), dq_accum (fp32 B*Sq*H*D, only on the atomic path),
 // dk, dv; run_flash_bwd phase 1 runs preprocess + the dK/dV kernel; then
 // softmax_d is freed *before* dq is allocated and phase 2 converts dq_accum
-// into dq. Nothing else large is allocated unless it must be: expanded dk/dv
-// only for GQA/MQA (summed over each head group afterwards), padded copies
-// only when the head dim is not a compiled size or an input is not 16-byte
-// aligned for cp.async.
+// into dq. With return_softmax_d (asked for by the sinks' gradient only)
+// softmax_d is an output and lives through phase 2: one more lse-sized fp32
+// tensor at the peak. Nothing else large is allocated unless it must be:
+// expanded dk/dv only for GQA/MQA (summed over each head group afterwards),
+// padded copies only when the head dim is not a compiled size or an input is
+// not 16-byte aligned for cp.async.
 #include <array>
 #include <cstdint>
 
@@ -59,21 +61,34 @@ struct Phase2 {
   }
 };
 
+// softmax_d (with return_softmax_d) of a call whose kernels do not run: no
+// keys (or no sequence with both queries and keys), so out is 0 and
+// D = rowsum(dout * out) - dlse = -dlse. Empty without return_softmax_d.
+Tensor softmax_d_without_kernels(const Tensor& q, const Tensor& softmax_lse, const std::optional<Tensor>& dsoftmax_lse,
+                                 bool return_softmax_d) {
+  const ScalarType acc_dtype = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  if (!return_softmax_d) return empty_on(q, {0}, acc_dtype);
+  Tensor d = empty_on(q, softmax_lse.sizes(), acc_dtype);
+  if (!dsoftmax_lse.has_value()) return torch::stable::zero_(d);
+  return torch::stable::copy_(d, neg(*dsoftmax_lse));
+}
+
 // The backward of a dense call, or of a varlen call given as its batch-1
 // views (checks.h, VarlenLayout).
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, bool bias_requires_grad, const ScoreFeatures& features,
-    const VarlenLayout* varlen) {
+    const VarlenLayout* varlen, bool return_softmax_d) {
   check_bwd_inputs(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
                    bias_requires_grad, features, varlen);
   if (v.size(3) != q.size(3)) {
     return bwd_on_one_head_dim(dout, q, k, v, out, [&](const Tensor& dout1, const Tensor& q1, const Tensor& k1,
                                                        const Tensor& v1, const Tensor& out1) {
       return bwd_cuda_impl(dout1, q1, k1, v1, out1, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale,
-                           causal, window_left, window_right, deterministic, bias_requires_grad, features, varlen);
+                           causal, window_left, window_right, deterministic, bias_requires_grad, features, varlen,
+                           return_softmax_d);
     });
   }
   FLASH_CHECK(q.is_cuda(), "flash_attn_ext: bwd_cuda expects CUDA tensors, got ", device_name(q));
@@ -87,7 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
   // Nothing to attend to (or nobody attending): all gradients are zero.
   if (batch == 0 || seqlen_q == 0 || seqlen_k == 0 || nheads == 0) {
     return {zeros_on(q, q.sizes(), dtype), zeros_on(q, k.sizes(), dtype), zeros_on(q, v.sizes(), dtype),
-            bias_requires_grad ? zeros_on(q, dbias_shape, dtype) : empty_on(q, {0}, dtype)};
+            bias_requires_grad ? zeros_on(q, dbias_shape, dtype) : empty_on(q, {0}, dtype),
+            softmax_d_without_kernels(q, softmax_lse, dsoftmax_lse, return_softmax_d)};
   }
   FLASH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
               "flash_attn_ext: the CUDA backward supports float16 and bfloat16 only, got ", dtype_name(dtype));
@@ -122,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
                  window_right, deterministic, features, varlen);
   if (params.batch == 0 || params.seqlen_q == 0 || params.seqlen_k == 0) {  // varlen: no sequence has both
     return {zeros_on(q, q.sizes(), dtype), zeros_on(q, k.sizes(), dtype), zeros_on(q, v.sizes(), dtype),
-            empty_on(q, {0}, dtype)};
+            empty_on(q, {0}, dtype), softmax_d_without_kernels(q, softmax_lse, dsoftmax_lse, return_softmax_d)};
   }
   if (!deterministic) {
     params.dq = nullptr;
@@ -132,8 +148,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
 
   dispatch_bwd(dtype, padded, Phase1{params, cuda.stream()});  // deterministic: all of it
 
+  // Phase 1 is done with D: the output, when asked for.
+  const Tensor d_out = return_softmax_d ? *softmax_d : empty_on(q, {0}, ScalarType::Float);
   if (!deterministic) {
-    softmax_d.reset();  // give its memory back before dq exists
+    softmax_d.reset();  // give its memory back before dq exists (unless it is d_out)
     params.softmax_d = nullptr;
     dq = empty_on(q, q_shape, dtype);
     params.dq = dq->data_ptr();
@@ -150,38 +168,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
     dv = torch::stable::sum(torch::stable::view(dv, grouped), group_dim);
   }
   return {resize_last_dim(*dq, head_dim), resize_last_dim(dk, head_dim), resize_last_dim(dv, head_dim),
-          dbias.has_value() ? *dbias : empty_on(q, {0}, dtype)};
+          dbias.has_value() ? *dbias : empty_on(q, {0}, dtype), d_out};
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const std::optional<Tensor>& attn_bias, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, bool bias_requires_grad, double softcap,
-    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state) {
+    const std::optional<Tensor>& alibi_slopes, double dropout_p, const std::optional<Tensor>& rng_state,
+    bool return_softmax_d) {
   return bwd_cuda_impl(dout, q, k, v, out, softmax_lse, lse_residual, dsoftmax_lse, attn_bias, softmax_scale, causal,
                        window_left, window_right, deterministic, bias_requires_grad,
-                       ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, nullptr);
+                       ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, nullptr,
+                       return_softmax_d);
 }
 
-std::tuple<Tensor, Tensor, Tensor> varlen_bwd_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> varlen_bwd_cuda(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& softmax_lse, const Tensor& lse_residual, const std::optional<Tensor>& dsoftmax_lse,
     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, const std::optional<Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, bool deterministic, double softcap, const std::optional<Tensor>& alibi_slopes,
-    double dropout_p, const std::optional<Tensor>& rng_state) {
+    double dropout_p, const std::optional<Tensor>& rng_state, bool return_softmax_d) {
   const VarlenLayout layout{cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k};
   check_varlen_inputs(q, k, v, layout);
   const VarlenViews views(dout, out, softmax_lse, lse_residual, dsoftmax_lse);
-  auto [dq, dk, dv, dbias] =
+  auto [dq, dk, dv, dbias, softmax_d] =
       bwd_cuda_impl(views.dout, as_one_sequence(q), as_one_sequence(k), as_one_sequence(v), views.out, views.lse,
                     views.lse_residual, views.dlse, std::nullopt, softmax_scale, causal, window_left, window_right,
                     deterministic, /*bias_requires_grad=*/false,
-                    ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, &layout);
-  return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv)};
+                    ScoreFeatures{softcap, alibi_slopes, std::nullopt, dropout_p, rng_state}, &layout,
+                    return_softmax_d);
+  return {drop_batch_dim(dq), drop_batch_dim(dk), drop_batch_dim(dv), drop_batch_dim(softmax_d)};
 }
 
 }  // namespace flash_attn_ext

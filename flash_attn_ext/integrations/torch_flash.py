@@ -315,15 +315,15 @@ def _flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_
     lse = logsumexp.float().contiguous()
     no_residual = lse.new_empty(0)  # float16/bfloat16/float32 without a bias: the op keeps none
     if cum_seq_q is None:
-        dq, dk, dv, _ = _run(_ops.bwd, dout, q, k, v, o, lse, no_residual, None, None, scale, bool(is_causal),
-                             window_left, window_right, deterministic, False, 0.0, None, dropout_p, rng,
-                             may_decline=may_decline)
+        dq, dk, dv, *_ = _run(_ops.bwd, dout, q, k, v, o, lse, no_residual, None, None, scale, bool(is_causal),
+                              window_left, window_right, deterministic, False, 0.0, None, dropout_p, rng,
+                              may_decline=may_decline)
     else:
         if cum_seq_k is None:
             raise _Decline("cum_seq_k=None in the backward")
-        dq, dk, dv = _run(_ops.varlen_bwd, dout, q, k, v, o, lse, no_residual, None, cum_seq_q, cum_seq_k, None,
-                          int(max_q), int(max_k), scale, bool(is_causal), window_left, window_right, deterministic,
-                          0.0, None, dropout_p, rng, may_decline=may_decline)
+        dq, dk, dv, _ = _run(_ops.varlen_bwd, dout, q, k, v, o, lse, no_residual, None, cum_seq_q, cum_seq_k, None,
+                             int(max_q), int(max_k), scale, bool(is_causal), window_left, window_right, deterministic,
+                             0.0, None, dropout_p, rng, may_decline=may_decline)
     return _like(query, dq), _like(key, dk), _like(value, dv)
 
 
@@ -426,8 +426,8 @@ def _scaled_dot_product_flash_attention_for_cpu_backward(grad_out, query, key, v
         residual = torch.where(finite, logsumexp - lse.double(), 0.0).float().contiguous()
     else:
         lse, residual = logsumexp.float().contiguous(), logsumexp.new_empty(0, dtype=torch.float32)
-    dq, dk, dv, _ = _run(_ops.bwd, dout, q, k, v, o, lse, residual, None, None, _scale(scale, query.size(-1)),
-                         causal, -1, window_right, torch.are_deterministic_algorithms_enabled(), False)
+    dq, dk, dv, *_ = _run(_ops.bwd, dout, q, k, v, o, lse, residual, None, None, _scale(scale, query.size(-1)),
+                          causal, -1, window_right, torch.are_deterministic_algorithms_enabled(), False)
     if k.size(1) != seqlen_k:  # keys past Sq - 1 take no part: zero gradient
         dk = torch.cat([dk, dk.new_zeros(dk.size(0), seqlen_k - k.size(1), *dk.shape[2:])], dim=1)
         dv = torch.cat([dv, dv.new_zeros(dv.size(0), seqlen_k - v.size(1), *dv.shape[2:])], dim=1)
