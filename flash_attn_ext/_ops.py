@@ -184,22 +184,29 @@ def _setup_context(ctx, inputs, output):
 
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
-def full_lse(softmax_lse, lse_residual):
-    """The log-sum-exp (natural log) the kernels' softmax used: softmax_lse
-    where fwd kept no lse_residual, else softmax_lse plus what its fp32
-    rounding lost (csrc/flash_params.h), in fp64 (in fp32 the sum would round
-    back to softmax_lse). The residual is a natural log on the CPU; on CUDA
-    it is in the log2 domain, against lse * log2(e) rounded to fp32
-    (cuda/softmax.cuh, lse_log2)."""
+def sink_probabilities(sinks, softmax_lse, lse_residual):
+    """exp(sink_h - lse_i), (batch, nheads, seqlen_q), as the forward's softmax
+    gave the sink of head h in row i: in fp64 where fwd kept an lse_residual
+    (the part of the log-sum-exp fp32 softmax_lse cannot hold,
+    csrc/flash_params.h; in fp32 the sum would round back to softmax_lse),
+    else in softmax_lse's dtype. The CPU's residual is a natural log. CUDA's
+    softmax runs in the log2 domain: its residual completes lse * log2(e)
+    rounded to fp32 (cuda/softmax.cuh, lse_log2), and it took the sink as
+    sink * log2(e) rounded to fp32 (sink_log2), so the probability is formed
+    there from the same two roundings: against the exact natural-log sink, a
+    sink of -2**30 would be off by up to 64 log2 units."""
+    sinks = sinks.detach()
     if not lse_residual.numel():
-        return softmax_lse
+        dtype = torch.promote_types(softmax_lse.dtype, sinks.dtype)
+        return torch.exp(sinks.to(dtype)[None, :, None] - softmax_lse.to(dtype))
     if softmax_lse.device.type == "cuda":
-        lse_log2 = softmax_lse * _LOG2E  # an fp32 product (fp32 log2(e)), as __fmul_rn
-        return (lse_log2.double() + lse_residual.double()) * _LN2
-    return softmax_lse.double() + lse_residual.double()
+        lse_log2 = (softmax_lse * _LOG2E).double() + lse_residual.double()  # fp32 products, as __fmul_rn
+        sink_log2 = (sinks.float() * _LOG2E).double()
+        return torch.exp2(sink_log2[None, :, None] - lse_log2)
+    lse = softmax_lse.double() + lse_residual.double()
+    return torch.exp(sinks.double()[None, :, None] - lse)
 
 
 def sinks_grad(sinks, softmax_d, softmax_lse, lse_residual):
@@ -209,13 +216,11 @@ def sinks_grad(sinks, softmax_d, softmax_lse, lse_residual):
     -P_i out_i, and d loss / d sink_h = -sum_{b, i} P_i D_i with
     D_i = rowsum(dout_i * out_i) - dlse_i, the backward kernels' own D (fp32,
     fp64 for fp64 inputs). softmax_d, softmax_lse, lse_residual: (batch,
-    nheads, seqlen_q), lse_residual possibly empty. lse-sized work only, in
-    D's dtype, or fp64 with a residual. A row with lse = +inf (no key, no
-    sink) adds 0."""
-    lse = full_lse(softmax_lse, lse_residual)
-    dtype = torch.promote_types(lse.dtype, softmax_d.dtype)
-    p_sink = torch.exp(sinks.to(dtype)[None, :, None] - lse.to(dtype))
-    return (-(p_sink * softmax_d.to(dtype)).sum(dim=(0, 2))).to(sinks.dtype)
+    nheads, seqlen_q), lse_residual possibly empty. lse-sized work only. A row
+    with lse = +inf (no key, no sink) adds 0."""
+    p_sink = sink_probabilities(sinks, softmax_lse, lse_residual)
+    dtype = torch.promote_types(p_sink.dtype, softmax_d.dtype)
+    return (-(p_sink.to(dtype) * softmax_d.to(dtype)).sum(dim=(0, 2))).to(sinks.dtype)
 
 
 def _backward(ctx, dout, dsoftmax_lse, _dlse_residual):

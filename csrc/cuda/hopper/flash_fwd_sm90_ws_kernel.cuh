@@ -94,10 +94,9 @@ struct WsFwdTraits {
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBytes;
   static constexpr int kVOff = kKOff + kStages * kKVBytes;
-  // mbarriers, 8 bytes each: Q's, then full K, full V, empty K, empty V per
-  // stage, then the Q tile's "empty" (free for the next tile's Q).
+  // mbarriers, 8 bytes each: Q's, then full K, full V, empty K, empty V per stage.
   static constexpr int kBarOff = kVOff + kStages * kKVBytes;
-  static constexpr int kNumBarriers = 2 + 4 * kStages;
+  static constexpr int kNumBarriers = 1 + 4 * kStages;
   static constexpr int kSmemBytes = kBarOff + 8 * kNumBarriers + 1024;  // + realignment to the swizzle atom
   // Arrivals that empty a stage: lane 0 of every consumer warp.
   static constexpr int kEmptyArrivals = 4 * kConsumerWGs;
@@ -113,8 +112,8 @@ struct WsFwdTraits {
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles must keep the 1024-byte swizzle alignment");
 };
 
-// Variable-length calls: the first key block a consumer visits (its V
-// stage at `stage_v`, loaded: the caller waited) may end past its sequence's keys, at rows `valid` to kBlockN - 1.
+// Variable-length calls: the first key block a consumer visits (stage 0
+// of V) may end past its sequence's keys, at rows `valid` to kBlockN - 1.
 // Those rows are inside the tensor (the next sequence's keys, or unused
 // cache memory under seqused_k), so TMA loaded them instead of zero-filling.
 // Their scores are masked (P = 0), but 0 times a non-finite value there
@@ -122,21 +121,22 @@ struct WsFwdTraits {
 // multiplies by V. Whole 128-byte rows, so the swizzle does not matter.
 // Every consumer thread must call this (it ends on a named barrier).
 template <typename T>
-__device__ __forceinline__ void zero_v_tail(uint32_t stage_v, int valid) {
+__device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int valid) {
   if (valid >= T::kBlockN) return;  // uniform: the block lies within the sequence
+  mbar_wait(full_v, 0);             // stage 0's first load has landed
   constexpr int kChunksPerRow = kLineBytes / 16, kPanels = T::kHeadDim / kPanelCols;
   const int chunks = (T::kBlockN - valid) * kChunksPerRow;
   const int ctid = threadIdx.x - 128;  // consumer threads are 128 .. 128 * (kConsumerWGs + 1) - 1
   for (int i = ctid; i < kPanels * chunks; i += 128 * T::kConsumerWGs) {
     const int panel = i / chunks, chunk = i % chunks;
-    const uint32_t addr = stage_v + panel * T::kBlockN * kLineBytes + valid * kLineBytes + chunk * 16;
+    const uint32_t addr = sV + panel * T::kBlockN * kLineBytes + valid * kLineBytes + chunk * 16;
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
   }
   fence_proxy_async();  // ordinary stores, read next by wgmma (the async proxy)
   named_barrier_sync(T::kTailBarrier, 128 * T::kConsumerWGs);
 }
 
-template <typename T, typename Rule, bool kVarlen, bool kPersistent>
+template <typename T, typename Rule, bool kVarlen>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(const __grid_constant__ WsFwdParams pw) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -150,50 +150,40 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   const uint32_t full_k = bar_q + 8, full_v = full_k + 8 * kStages;  // + 8 * stage
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
 
-  const uint32_t q_empty = empty_v + 8 * kStages;  // the Q tile is free for the next tile's Q
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
-
-  // The tiles: (query block of kBlockM rows, head, batch), heaviest query
-  // blocks of a head first (causal), so that short ones fill the tail. A
-  // block takes tiles blockIdx.x, + gridDim.x, ... (one tile per block when
-  // the launcher starts a block per tile; a persistent grid of one block per
-  // SM otherwise, whose producer then loads the next tile's K and V while
-  // the consumers finish the current one).
+  // Heaviest query blocks first (causal), so short ones fill the tail.
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_tiles = num_m_blocks * p.batch * p.nheads;
-  // One tile's coordinates and extent, worked out alike by the producer and
-  // the consumers. Dense calls know every sequence's lengths and start at
-  // compile time (row 0 of its batch entry, the call's lengths): fewer live
-  // registers than SeqInfo(p, b), which variable-length calls need.
-  struct Tile {
-    int h, b, row0;
-    SeqInfo seq;
+  const int m_block = num_m_blocks - 1 - int(blockIdx.x % num_m_blocks);
+  const int bh = blockIdx.x / num_m_blocks;
+  const int h = bh % p.nheads, b = bh / p.nheads;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const int row0 = m_block * kBlockM;
+
+  // Dense calls know every sequence's lengths and start at compile time
+  // (row 0 of its batch entry, the call's lengths): fewer live registers
+  // than SeqInfo(p, b), which variable-length calls need.
+  const SeqInfo seq = kVarlen ? SeqInfo(p, b) : SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k);
+  if (kVarlen && row0 >= seq.seqlen_q) return;  // past the end of a shorter sequence
+  const MaskGeometry geo(p, seq);
+  const int n_begin = geo.n_block_begin(row0, kBlockN);
+  const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
+  const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
+  // The outputs of this (batch, head), worked out where they are written
+  // (here and in the epilogue) rather than held across the key loop.
+  auto out_ptr = [&]() {
+    return static_cast<Element*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
   };
-  auto tile_at = [&](int t) {
-    Tile tile;
-    const int bh = t / num_m_blocks;
-    tile.h = bh % p.nheads;
-    tile.b = bh / p.nheads;
-    tile.row0 = (num_m_blocks - 1 - t % num_m_blocks) * kBlockM;
-    tile.seq = kVarlen ? SeqInfo(p, tile.b) : SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k);
-    return tile;
-  };
-  // past the end of a shorter sequence (varlen): nothing to do or write.
-  auto skipped = [&](const Tile& tile) { return kVarlen && tile.row0 >= tile.seq.seqlen_q; };
-  // fn(t) for each of this block's tiles. Without kPersistent the one call
-  // sees its counters (below) as the constants 0, and the kernel is the
-  // one-tile kernel, register for register.
-  auto for_each_tile = [&](auto&& fn) {
-    if constexpr (kPersistent) {
-      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) fn(t);
-    } else {
-      fn(int(blockIdx.x));
-    }
-  };
+  auto lse_ptr = [&]() { return p.softmax_lse + seq.lse_offset(p, b, h); };
+  auto residual_ptr = [&]() { return p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr; };
+
+  if (count <= 0) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
+    write_empty_block<kBlockM, kHeadDim, T::kNThreads>(p, h, out_ptr(), lse_ptr(), residual_ptr(), row0, seq.seqlen_q,
+                                                       tid);
+    return;
+  }
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
-    mbar_init(q_empty, T::kEmptyArrivals);
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k + 8 * st, 1);  // the producer's arrive_expect_tx; the TMA bytes do the rest
@@ -212,53 +202,32 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       tma_prefetch_map(&pw.tma_q);
       tma_prefetch_map(&pw.tma_k);
       tma_prefetch_map(&pw.tma_v);
-      // Key blocks are counted over the block's tiles (`loaded`), so that the
-      // ring's stages and phases run on from one tile to the next; Q tiles
-      // likewise (`tiles_done`).
-      int loaded = 0, tiles_done = 0;
-      for_each_tile([&](int t) {
-        const Tile tile = tile_at(t);
-        if (skipped(tile)) return;
-        const MaskGeometry geo(p, tile.seq);
-        const int n_begin = geo.n_block_begin(tile.row0, kBlockN);
-        const int n_end = geo.n_block_end(tile.row0, kBlockM, kBlockN);
-        const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
-        if (count <= 0) return;             // the consumers write the empty output
-        const int hk = tile.h / (p.nheads / p.nheads_k);
-        // Block i of the visit (key block n_end - 1 - i) into stage
-        // (loaded + i) % kStages, once the consumers have emptied that stage's
-        // previous round.
-        auto load = [&](const CUtensorMap* map, uint32_t tiles, uint32_t full, uint32_t empty, int i) {
-          const int n = loaded + i, stage = n % kStages;
-          mbar_wait(empty + 8 * stage, ((n / kStages) & 1) ^ 1);
-          mbar_arrive_expect_tx(full + 8 * stage, T::kKVBytes);
-          const int key0 = int(tile.seq.k_start) + (n_end - 1 - i) * kBlockN;
+      mbar_arrive_expect_tx(bar_q, T::kQBytes);
 #pragma unroll
-          for (int c = 0; c < kPanels; ++c) {
-            tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage,
-                        c * kPanelCols, key0, hk, p.cu_seqlens_k ? 0 : tile.b);
-          }
-        };
-        // K(0) first: it needs only a free stage, while Q waits for the
-        // consumers' epilogue of the previous tile, which stages O in the Q
-        // tile.
-        load(&pw.tma_k, sK, full_k, empty_k, 0);
-        mbar_wait(q_empty, (tiles_done & 1) ^ 1);
-        mbar_arrive_expect_tx(bar_q, T::kQBytes);
+      for (int c = 0; c < kPanels; ++c) {
+        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, int(seq.q_start) + row0, h,
+                    p.cu_seqlens_q ? 0 : b);
+      }
+      // Block i of the visit (key block n_end - 1 - i) into stage i % kStages,
+      // once the consumers have emptied that stage's previous round.
+      auto load = [&](const CUtensorMap* map, uint32_t tiles, uint32_t full, uint32_t empty, int i) {
+        const int stage = i % kStages;
+        mbar_wait(empty + 8 * stage, ((i / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(full + 8 * stage, T::kKVBytes);
+        const int key0 = int(seq.k_start) + (n_end - 1 - i) * kBlockN;
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) {
-          tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols,
-                      int(tile.seq.q_start) + tile.row0, tile.h, p.cu_seqlens_q ? 0 : tile.b);
+          tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage, c * kPanelCols,
+                      key0, hk, p.cu_seqlens_k ? 0 : b);
         }
-        // In the order the consumers need them: K(i + 1) and V(i), which the
-        // consumers' i-th loop step reads together.
-        for (int i = 0; i < count; ++i) {
-          if (i + 1 < count) load(&pw.tma_k, sK, full_k, empty_k, i + 1);
-          load(&pw.tma_v, sV, full_v, empty_v, i);
-        }
-        loaded += count;
-        ++tiles_done;
-      });
+      };
+      // In the order the consumers need them: K(0); then K(i + 1) and V(i),
+      // which the consumers' i-th loop step reads together.
+      load(&pw.tma_k, sK, full_k, empty_k, 0);
+      for (int i = 0; i < count; ++i) {
+        if (i + 1 < count) load(&pw.tma_k, sK, full_k, empty_k, i + 1);
+        load(&pw.tma_v, sV, full_v, empty_v, i);
+      }
     }
     return;
   }
@@ -266,21 +235,26 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // ------------------------------------------------------------ consumers
   setmaxnreg_inc<T::kConsumerRegs>();
   const int cw = wg - 1;                           // this consumer warpgroup
+  const int wg_row0 = row0 + 64 * cw;              // its first row
+  const int warp_row0 = wg_row0 + 16 * (warp % 4);  // this warp's first row
   const uint32_t sQ_wg = sQ + 64 * cw * kLineBytes;
 
   // Turns (kPingPong): a consumer issues its wgmmas only between
   // turn_begin (bar.sync on its own barrier) and turn_end (bar.arrive on
   // the next consumer's), round robin from consumer 0; the last consumer
-  // opens the first turn. Every consumer takes count + 1 turns per tile (S(0)
-  // alone, count - 1 steps, P V of the last block), and the round robin runs
-  // on from tile to tile. At the end consumer 0 takes one more turn_begin,
-  // which meets the last consumer's final arrival, so that every barrier ends
-  // with as many arrivals as waits.
+  // opens the first turn. Every consumer takes count + 1 turns (S(0) alone,
+  // count - 1 steps, P V of the last block), and the last consumer leaves
+  // out its final arrival, so that every barrier ends with as many
+  // arrivals as waits.
   auto turn_begin = [&]() {
     if constexpr (T::kPingPong) named_barrier_sync(T::kTurnBarrier + cw, 256);
   };
-  auto turn_end = [&]() {
-    if constexpr (T::kPingPong) named_barrier_arrive(T::kTurnBarrier + (cw + 1) % T::kConsumerWGs, 256);
+  auto turn_end = [&](bool last) {
+    if constexpr (T::kPingPong) {
+      if (!last || cw != T::kConsumerWGs - 1) {
+        named_barrier_arrive(T::kTurnBarrier + (cw + 1) % T::kConsumerWGs, 256);
+      }
+    }
   };
   if constexpr (T::kPingPong) {
     if (cw == T::kConsumerWGs - 1) named_barrier_arrive(T::kTurnBarrier, 256);
@@ -291,6 +265,10 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     if (lane == 0) mbar_arrive(empty_bar);
   };
 
+  // Scores of key block nb to probabilities (P in place), as in the classic
+  // kernel: the score rule, the softmax statistics (returning the factors O
+  // must be rescaled by), then dropout.
+  const Rule rule(p, geo, b, h);
   // A row's max moves only by more than 8 (log2 units) and O is rescaled
   // only when some row of the warp moved (OnlineSoftmax::update_stats): in
   // one run on the H200 (bf16, B 2, 8k, H x D = 2048, non-causal, against
@@ -302,147 +280,91 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // 65504 from p = 0.996 on (bf16 has fp32's range).
   constexpr bool kSlackFits = !(Rule::kDropout && std::is_same_v<Element, __half>);
   constexpr int kMaxSlack = (Rule::kFeatures != kNoFeatures || kHeadDim == 64) && kSlackFits ? 8 : 0;
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+  auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
+    const int col0 = nb * kBlockN;
+    apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
+    softmax.template update_stats<kMaxSlack>(s, factor, rule.exp_scale());
+    apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
+  };
 
-  int loaded = 0, tiles_done = 0;  // as the producer counts them
-  for_each_tile([&](int t) {
-    const Tile tile = tile_at(t);
-    if (skipped(tile)) return;
-    const int h = tile.h, b = tile.b, row0 = tile.row0;
-    const SeqInfo& seq = tile.seq;
-    const MaskGeometry geo(p, seq);
-    const int n_begin = geo.n_block_begin(row0, kBlockN);
-    const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
-    const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
-    // The outputs of a tile (batch, head, sequence), worked out where they are
-    // written rather than held across the key loop.
-    auto out_ptr = [&](const Tile& at) {
-      return static_cast<Element*>(p.out) +
-             at.seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, at.b, at.h);
-    };
-    auto lse_ptr = [&](const Tile& at) { return p.softmax_lse + at.seq.lse_offset(p, at.b, at.h); };
-    auto residual_ptr = [&](const Tile& at) {
-      return p.lse_residual ? p.lse_residual + at.seq.lse_offset(p, at.b, at.h) : nullptr;
-    };
-    if (count <= 0) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
-      write_empty_block<kBlockM, kHeadDim, 128 * T::kConsumerWGs>(p, h, out_ptr(tile), lse_ptr(tile),
-                                                                   residual_ptr(tile), row0, seq.seqlen_q, tid - 128);
-      return;
-    }
-    const int wg_row0 = row0 + 64 * cw;               // this warpgroup's first row
-    const int warp_row0 = wg_row0 + 16 * (warp % 4);  // this warp's first row
-    // The ring position of this tile's key block i.
-    auto stage_of = [&](int i) { return (loaded + i) % kStages; };
-    auto phase_of = [&](int i) { return ((loaded + i) / kStages) & 1; };
-
-    // Scores of key block nb to probabilities (P in place), as in the classic
-    // kernel: the score rule, the softmax statistics (returning the factors O
-    // must be rescaled by), then dropout.
-    const Rule rule(p, geo, b, h);
-    OnlineSoftmax<1> softmax;
-    softmax.init();
-    auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
-      const int col0 = nb * kBlockN;
-      apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
-      softmax.template update_stats<kMaxSlack>(s, factor, rule.exp_scale());
-      apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
-    };
-
-    float acc_o[1][kDT][4] = {};
-    float s[1][kNT][4];
-    float factor[1][2];
-    uint32_t p_frag[kBlockN / 16][4];
-    auto pack_p = [&]() {
+  float acc_o[1][kDT][4] = {};
+  float s[1][kNT][4];
+  float factor[1][2];
+  uint32_t p_frag[kBlockN / 16][4];
+  auto pack_p = [&]() {
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        p_frag[kk][0] = pack2<Element>(s[0][2 * kk][0], s[0][2 * kk][1]);
-        p_frag[kk][1] = pack2<Element>(s[0][2 * kk][2], s[0][2 * kk][3]);
-        p_frag[kk][2] = pack2<Element>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-        p_frag[kk][3] = pack2<Element>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      }
-    };
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      p_frag[kk][0] = pack2<Element>(s[0][2 * kk][0], s[0][2 * kk][1]);
+      p_frag[kk][1] = pack2<Element>(s[0][2 * kk][2], s[0][2 * kk][3]);
+      p_frag[kk][2] = pack2<Element>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      p_frag[kk][3] = pack2<Element>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+  };
 
-    // S(0) = Q K(0)^T.
-    mbar_wait(bar_q, tiles_done & 1);
-    mbar_wait(full_k + 8 * stage_of(0), phase_of(0));
+  // S(0) = Q K(0)^T.
+  mbar_wait(bar_q, 0);
+  mbar_wait(full_k, 0);
+  turn_begin();
+  wgmma_fence();
+  gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK);
+  wgmma_commit();
+  turn_end(false);
+  wgmma_wait<0>();
+  fence_regs(s[0]);
+  release(empty_k);
+  softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
+  if constexpr (kVarlen) zero_v_tail<T>(sV, full_v, seq.seqlen_k - (n_end - 1) * kBlockN);
+
+  // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
+  // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);
+  // rescale O. The last block (no S to compute) is peeled off, which keeps
+  // the loop body free of branches around the wgmmas (ptxas serializes
+  // them otherwise).
+  for (int i = 0; i < count - 1; ++i) {
+    pack_p();
+    const int sk = (i + 1) % kStages, sv = i % kStages;
+    mbar_wait(full_k + 8 * sk, ((i + 1) / kStages) & 1);
+    mbar_wait(full_v + 8 * sv, (i / kStages) & 1);
     turn_begin();
     wgmma_fence();
-    gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + stage_of(0) * T::kKVBytes);
+    gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + sk * T::kKVBytes);
     wgmma_commit();
-    turn_end();
-    wgmma_wait<0>();
+    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
+    wgmma_commit();
+    turn_end(false);
+    wgmma_wait<1>();
     fence_regs(s[0]);
-    release(empty_k + 8 * stage_of(0));
-    softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
-    if constexpr (kVarlen) {
-      mbar_wait(full_v + 8 * stage_of(0), phase_of(0));
-      zero_v_tail<T>(sV + stage_of(0) * T::kKVBytes, seq.seqlen_k - (n_end - 1) * kBlockN);
-    }
-
-    // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
-    // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);
-    // rescale O. The last block (no S to compute) is peeled off, which keeps
-    // the loop body free of branches around the wgmmas (ptxas serializes
-    // them otherwise).
-    for (int i = 0; i < count - 1; ++i) {
-      pack_p();
-      const int sk = stage_of(i + 1), sv = stage_of(i);
-      mbar_wait(full_k + 8 * sk, phase_of(i + 1));
-      mbar_wait(full_v + 8 * sv, phase_of(i));
-      turn_begin();
-      wgmma_fence();
-      gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + sk * T::kKVBytes);
-      wgmma_commit();
-      gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
-      wgmma_commit();
-      turn_end();
-      wgmma_wait<1>();
-      fence_regs(s[0]);
-      release(empty_k + 8 * sk);
-      softmax_block(s, factor, n_end - 2 - i);
-      const bool keep_o = kMaxSlack > 0 && OnlineSoftmax<1>::all_factors_one(factor);
-      wgmma_wait<0>();
-      fence_regs(acc_o[0]);
-      fence_regs(p_frag);
-      release(empty_v + 8 * sv);
-      if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
-    }
-    pack_p();
-    {
-      const int sv = stage_of(count - 1);
-      mbar_wait(full_v + 8 * sv, phase_of(count - 1));
-      turn_begin();
-      wgmma_fence();
-      gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
-      wgmma_commit();
-      turn_end();
-      wgmma_wait<0>();
-      fence_regs(acc_o[0]);
-      fence_regs(p_frag);
-      release(empty_v + 8 * sv);
-    }
-
-    // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
-    // rows of the Q tile (its last read of them, S of the last block, has
-    // completed; no other warpgroup reads them), then coalesced 16-byte
-    // stores. Then the Q tile is free for the next tile's Q: the generic
-    // proxy's accesses are ordered before the TMA's writes, and each warp
-    // reports (q_empty).
-    // The tile again, from an opaque copy of its index: reusing the one above
-    // would keep its coordinates alive across the key loop.
-    int t_again = t;
-    asm volatile("" : "+r"(t_again));
-    const Tile at = tile_at(t_again);
-    store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, cw, T::kEpilogueBarrier + cw, at.row0 + 64 * cw,
-                          at.seq.seqlen_q, at.h, out_ptr(at), lse_ptr(at), residual_ptr(at));
-    fence_proxy_async();
-    __syncwarp();
-    release(q_empty);
-    loaded += count;
-    ++tiles_done;
-  });
-  if constexpr (T::kPingPong) {
-    if (cw == 0) turn_begin();  // the last consumer's final arrival (or its opening one, without tiles)
+    release(empty_k + 8 * sk);
+    softmax_block(s, factor, n_end - 2 - i);
+    const bool keep_o = kMaxSlack > 0 && OnlineSoftmax<1>::all_factors_one(factor);
+    wgmma_wait<0>();
+    fence_regs(acc_o[0]);
+    fence_regs(p_frag);
+    release(empty_v + 8 * sv);
+    if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
   }
+  pack_p();
+  {
+    const int sv = (count - 1) % kStages;
+    mbar_wait(full_v + 8 * sv, ((count - 1) / kStages) & 1);
+    turn_begin();
+    wgmma_fence();
+    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
+    wgmma_commit();
+    turn_end(true);
+    wgmma_wait<0>();
+    fence_regs(acc_o[0]);
+    fence_regs(p_frag);
+    release(empty_v + 8 * sv);  // nobody waits for it any more; kept for the barrier's count
+  }
+
+  // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
+  // rows of the Q tile (its last read of them, S of the last block, has
+  // completed; no other warpgroup reads them), then coalesced 16-byte stores.
+  store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, cw, T::kEpilogueBarrier + cw, wg_row0, seq.seqlen_q,
+                        num_m_blocks, out_ptr(), lse_ptr(), residual_ptr());
 #endif  // FLASH_SM90_ENABLED
 }
 
