@@ -251,7 +251,7 @@ class _SilentRing(cp._Ring):
 
 def ring_compute_only(q, k, v, causal, layout):
     geo = cp._Geometry(_SilentRing(None), q, k, causal, (-1, -1), layout)
-    return cp._RingAttention.apply(q, k, v, geo, q.shape[-1] ** -0.5, False)[0]
+    return cp._RingAttention.apply(q, k, v, geo, q.shape[-1] ** -0.5, 0.0, False)[0]
 
 
 def ring_comm_only(run, k, v):

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from . import _ops
 from ._autocast import autocast_inputs
-from .interface import _window_sides
+from .interface import _softcap_value, _window_sides
 
 __all__ = [
     "ring_flash_attn_func",
@@ -282,16 +282,15 @@ def _wait(requests) -> None:
 
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-_FIELDS = ["q.shape", "k.shape", "v.shape", "dtype", "causal", "window_size", "layout", "softmax_scale", "method"]
+_FIELDS = ["q.shape", "k.shape", "v.shape", "dtype", "causal", "window_size", "layout", "softmax_scale", "softcap",
+           "method"]
 
 
-def _local_problem(q, k, v, layout, dropout_p, softcap, alibi_slopes) -> Optional[Tuple[type, str]]:
+def _local_problem(q, k, v, layout, dropout_p, alibi_slopes) -> Optional[Tuple[type, str]]:
     """What is wrong with this rank's arguments on their own, as (exception
     class, message), or None."""
     if dropout_p != 0.0:
         return NotImplementedError, f"dropout_p={dropout_p} is not supported yet (only 0.0)"
-    if softcap != 0.0:
-        return NotImplementedError, f"softcap={softcap} is not supported yet (only 0.0)"
     if alibi_slopes is not None:
         return NotImplementedError, "alibi_slopes is not supported yet (only None)"
     message = _shape_problem(q, k, v, layout)
@@ -325,17 +324,20 @@ def _shape_problem(q, k, v, layout) -> Optional[str]:
     return None
 
 
-def _check_across_ranks(ring: _Ring, q, k, v, causal, window, layout, softmax_scale, method, problem) -> None:
+def _check_across_ranks(ring: _Ring, q, k, v, causal, window, layout, softmax_scale, softcap, method,
+                        problem) -> None:
     """Raises on every rank if any rank's arguments are wrong or differ from
     rank 0's: one all_gather of a few integers, so that no rank goes on to
     wait for a partner that has already failed."""
     def shape(t):
         return list(t.shape) if isinstance(t, torch.Tensor) and t.dim() == 4 else [-1] * 4
 
-    scale_bits = torch.tensor([float(softmax_scale or 0.0)], dtype=torch.float64).view(torch.int64).item()
+    def bits(x):
+        return torch.tensor([float(x or 0.0)], dtype=torch.float64).view(torch.int64).item()
+
     fields = [shape(q), shape(k), shape(v),
               [_DTYPES.index(q.dtype) if problem is None else -1], [int(causal)], list(window),
-              [LAYOUTS.index(layout) if layout in LAYOUTS else -1], [scale_bits], [method]]
+              [LAYOUTS.index(layout) if layout in LAYOUTS else -1], [bits(softmax_scale)], [bits(softcap)], [method]]
     flat = [0 if problem is None else 1] + [x for f in fields for x in f]
     if ring.world_size == 1:
         rows = [flat]
@@ -385,21 +387,23 @@ def _rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return t[:, :, lo:hi].contiguous()
 
 
-def _fwd_block(q, k, v, b: _Block, scale: float):
-    """out, lse as an fp32/fp64 log-sum-exp including the residual."""
+def _fwd_block(q, k, v, b: _Block, scale: float, softcap: float):
+    """out, lse as an fp32/fp64 log-sum-exp including the residual. softcap
+    acts per score, so each block applies it as the whole call would."""
     out, lse, residual = _ops.fwd(q[:, b.q_lo:b.q_hi], k[:, b.k_lo:b.k_hi], v[:, b.k_lo:b.k_hi], None, scale, False,
-                                  b.window_left, b.window_right, False)
+                                  b.window_left, b.window_right, False, softcap)
     if residual.numel():
         lse = lse.double() + residual.double()
     return out, lse
 
 
-def _bwd_block(dout, q, k, v, out, lse, residual, dlse, b: _Block, scale: float, deterministic: bool):
+def _bwd_block(dout, q, k, v, out, lse, residual, dlse, b: _Block, scale: float, softcap: float,
+               deterministic: bool):
     res = _rows(residual, b.q_lo, b.q_hi) if residual.numel() else residual
     dl = _rows(dlse, b.q_lo, b.q_hi) if dlse is not None else None
     dq, dk, dv, *_ = _ops.bwd(dout[:, b.q_lo:b.q_hi], q[:, b.q_lo:b.q_hi], k[:, b.k_lo:b.k_hi], v[:, b.k_lo:b.k_hi],
                               out[:, b.q_lo:b.q_hi], _rows(lse, b.q_lo, b.q_hi), res, dl, None, scale, False,
-                              b.window_left, b.window_right, deterministic, False)
+                              b.window_left, b.window_right, deterministic, False, softcap)
     return dq, dk, dv
 
 
@@ -434,7 +438,7 @@ class _Geometry:
 class _RingAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, geo: _Geometry, scale: float, deterministic: bool):
+    def forward(ctx, q, k, v, geo: _Geometry, scale: float, softcap: float, deterministic: bool):
         ring, world = geo.ring, geo.ring.world_size
         acc = _acc_dtype(q.dtype)
         out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -444,7 +448,7 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < world:
                 next_kv, requests = ring.exchange(kv)
             for b in geo.ring_blocks((ring.rank - step) % world):
-                out_b, lse_b = _fwd_block(q, kv[0], kv[1], b, scale)
+                out_b, lse_b = _fwd_block(q, kv[0], kv[1], b, scale, softcap)
                 _merge_into(out_acc[:, b.q_lo:b.q_hi], lse_acc[:, :, b.q_lo:b.q_hi], out_b, lse_b)
             if step + 1 < world:
                 _wait(requests)
@@ -452,7 +456,7 @@ class _RingAttention(torch.autograd.Function):
         out = out_acc.to(q.dtype)
         lse, residual = _lse_parts(lse_acc, q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, residual)
-        ctx.geo, ctx.scale, ctx.deterministic = geo, scale, deterministic
+        ctx.geo, ctx.scale, ctx.softcap, ctx.deterministic = geo, scale, softcap, deterministic
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -473,7 +477,7 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
             for b in geo.ring_blocks((ring.rank - step) % world):
                 dq, dk, dv = _bwd_block(dout, q, kv[0], kv[1], out, lse, residual, dlse, b, ctx.scale,
-                                        ctx.deterministic)
+                                        ctx.softcap, ctx.deterministic)
                 dq_acc[:, b.q_lo:b.q_hi] += dq
                 dkv[0, :, b.k_lo:b.k_hi] += dk
                 dkv[1, :, b.k_lo:b.k_hi] += dv
@@ -490,7 +494,7 @@ class _RingAttention(torch.autograd.Function):
         if world > 1:
             _wait(dkv_requests)  # after a full turn: this rank's own K/V gradient
             dkv = dkv_in
-        return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -509,20 +513,20 @@ def _gather_kv(geo: _Geometry, kv: torch.Tensor) -> torch.Tensor:
 class _AllGatherAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, geo: _Geometry, scale: float, deterministic: bool):
+    def forward(ctx, q, k, v, geo: _Geometry, scale: float, softcap: float, deterministic: bool):
         full = _gather_kv(geo, torch.stack((k, v)))
         acc = _acc_dtype(q.dtype)
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
         lse_acc = torch.full((q.shape[0], q.shape[2], q.shape[1]), math.inf, dtype=acc, device=q.device)
         for b in geo.gathered_blocks():
-            out_b, lse_b = _fwd_block(q, full[0], full[1], b, scale)
+            out_b, lse_b = _fwd_block(q, full[0], full[1], b, scale, softcap)
             out[:, b.q_lo:b.q_hi] = out_b
             lse_acc[:, :, b.q_lo:b.q_hi] = lse_b
         lse, residual = _lse_parts(lse_acc, q.dtype)
         # The gathered K/V are not kept: the backward gathers them again, so
         # that a rank's saved memory stays its own share of the sequence.
         ctx.save_for_backward(q, k, v, out, lse, residual)
-        ctx.geo, ctx.scale, ctx.deterministic = geo, scale, deterministic
+        ctx.geo, ctx.scale, ctx.softcap, ctx.deterministic = geo, scale, softcap, deterministic
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -539,7 +543,7 @@ class _AllGatherAttention(torch.autograd.Function):
         dfull = torch.zeros(full.shape, dtype=acc, device=full.device)
         for b in geo.gathered_blocks():
             dq, dk, dv = _bwd_block(dout, q, full[0], full[1], out, lse, residual, dlse, b, ctx.scale,
-                                    ctx.deterministic)
+                                    ctx.softcap, ctx.deterministic)
             dq_all[:, b.q_lo:b.q_hi] = dq
             dfull[0, :, b.k_lo:b.k_hi] += dk
             dfull[1, :, b.k_lo:b.k_hi] += dv
@@ -550,7 +554,7 @@ class _AllGatherAttention(torch.autograd.Function):
         else:
             dkv = torch.empty_like(parts[0])
             dist.reduce_scatter(dkv, parts, op=dist.ReduceOp.SUM, group=ring.group)
-        return dq_all, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq_all, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -559,22 +563,26 @@ class _AllGatherAttention(torch.autograd.Function):
 def _context_parallel(fn, method, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                       deterministic, return_attn_probs, group, layout, check_args):
     ring = _Ring(group)
-    problem = _local_problem(q, k, v, layout, dropout_p, softcap, alibi_slopes)
+    problem = _local_problem(q, k, v, layout, dropout_p, alibi_slopes)
     try:
         window = _window_sides(window_size)
     except (TypeError, ValueError) as e:
         window, problem = (-1, -1), problem or (type(e), str(e).replace("flash_attn_ext: ", ""))
+    try:
+        softcap = _softcap_value(softcap)
+    except (TypeError, ValueError) as e:
+        softcap, problem = 0.0, problem or (type(e), str(e).replace("flash_attn_ext: ", ""))
     if problem is None and softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     if check_args or ring.world_size == 1:
-        _check_across_ranks(ring, q, k, v, bool(causal), window, layout, softmax_scale, method, problem)
+        _check_across_ranks(ring, q, k, v, bool(causal), window, layout, softmax_scale, softcap, method, problem)
     elif problem is not None:
         raise problem[0](f"{_PREFIX}: {problem[1]}")
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     q, k, v = autocast_inputs(q, k, v)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     geo = _Geometry(ring, q, k, bool(causal), window, layout)
-    out, lse = fn.apply(q, k, v, geo, float(softmax_scale), deterministic)
+    out, lse = fn.apply(q, k, v, geo, float(softmax_scale), softcap, deterministic)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -613,8 +621,10 @@ def ring_flash_attn_func(
     check_args=True (the default) exchanges them first (one small all_gather)
     so that a mismatch, or a rank rejecting its arguments, raises on every
     rank instead of leaving the others waiting; False skips that.
-    dropout_p, softcap and alibi_slopes must keep their defaults (not
-    supported yet: NotImplementedError). Attention bias is not supported.
+    softcap (> 0) caps every score as in flash_attn_func. dropout_p and
+    alibi_slopes must keep their defaults (not supported yet:
+    NotImplementedError; ALiBi's distances are global positions, which the
+    per-block calls do not know). Attention bias is not supported.
     """
     return _context_parallel(_RingAttention, 0, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                              alibi_slopes, deterministic, return_attn_probs, group, layout, check_args)

@@ -124,6 +124,11 @@ _CASES = {
                                               (1, 8, 24, 2, 2, 8), torch.float32, False),
     "all_gather-zigzag-causal-fp64": ("all_gather", "zigzag", dict(causal=True), (1, 16, 16, 2, 1, 8), torch.float64,
                                       False),
+    # softcap: every block caps its scores as the whole call does (scores up to ~6, cap 2).
+    "ring-zigzag-causal-softcap": ("ring", "zigzag", dict(causal=True, softcap=2.0), (1, 16, 16, 4, 2, 8),
+                                   torch.float32, True),
+    "all_gather-contiguous-window-softcap": ("all_gather", "contiguous", dict(window_size=(3, 2), softcap=1.5),
+                                             (1, 16, 16, 2, 2, 8), torch.float32, False),
 }
 
 
@@ -180,6 +185,7 @@ def _error_cases(rank, world_size):
         "dropout": attempt(dropout_p=0.1 if rank == 0 else 0.0),
         "odd": attempt(q=torch.randn(1, 7, 2, 8)),
         "causal": attempt(causal=rank == 0),
+        "softcap": attempt(softcap=2.0 if rank == 0 else 0.0),
         # After the errors, the group still works.
         "ok": attempt(causal=True),
     }
@@ -202,6 +208,7 @@ def _reference(name, q, k, v, dout, dlse):
     quantity -> (single-process, float64, [PyTorch's])."""
     opts = _CASES[name][2]
     causal, window = opts.get("causal", False), opts.get("window_size", (-1, -1))
+    softcap = opts.get("softcap", 0.0)
     refs = {}
     for kind in ("ours", "ref64", "lowp_math", "lowp_sdpa"):
         if kind in ("lowp_math", "lowp_sdpa") and q.dtype not in (torch.float16, torch.bfloat16):
@@ -210,9 +217,11 @@ def _reference(name, q, k, v, dout, dlse):
         if kind == "ours":
             out, lse, _ = flash_attn_ext.flash_attn_func(qq, kk, vv, return_attn_probs=True, **opts)
         elif kind == "ref64":
-            out, lse = attention_ref(qq, kk, vv, causal=causal, window=window)
+            out, lse = attention_ref(qq, kk, vv, causal=causal, window=window, softcap=softcap)
         elif kind == "lowp_math":
-            out, lse = attention_ref(qq, kk, vv, causal=causal, window=window, upcast=False)
+            out, lse = attention_ref(qq, kk, vv, causal=causal, window=window, softcap=softcap, upcast=False)
+        elif softcap:  # SDPA has no softcap: the math path is PyTorch's error alone
+            continue
         else:
             out, lse = sdpa_default(qq, kk, vv, causal=causal, window=window), None
         loss = (out.double() * dout.double()).sum()
@@ -252,7 +261,7 @@ def test_multi_rank_matches_single_process(world_size, name):
             assert_fp32_close(ours[i], ref64, what)
             assert_fp32_close(ours[i], single.double(), what + " vs flash_attn_func")
         else:
-            lowps = tuple(refs[k][i] for k in ("lowp_math", "lowp_sdpa"))
+            lowps = tuple(refs[k][i] for k in ("lowp_math", "lowp_sdpa") if k in refs)
             # One dtype rounding per contributing block, beside flash_attn_func's one.
             block_roundings = cp._block_rounding_slack(dtype, world_size)
             assert_close_to_ref(ours[i], ref64, lowps, what, slack=1e-5 + block_roundings)
@@ -272,6 +281,7 @@ def test_errors_raise_on_every_rank(world_size):
             assert errors["dropout"][0] == "RuntimeError" and "rank(s) [0]" in errors["dropout"][1]
         assert errors["odd"][0] == "ValueError" and "even" in errors["odd"][1]
         assert errors["causal"][0] == "ValueError" and "disagree on causal" in errors["causal"][1]
+        assert errors["softcap"][0] == "ValueError" and "disagree on softcap" in errors["softcap"][1]
         assert errors["ok"] is None, errors["ok"]
 
 
@@ -566,7 +576,8 @@ def single_rank_group():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["ring", "all_gather"])
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (False, (3, 2)), (True, (4, -1))])
-def test_single_rank_group_matches_flash_attn_func(single_rank_group, device, method, causal, window):
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_single_rank_group_matches_flash_attn_func(single_rank_group, device, method, causal, window, softcap):
     """One rank: zigzag still cuts the rank's sequence in two pieces, so
     windows run the planned calls and the lse merge against the dense kernel."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -574,10 +585,11 @@ def test_single_rank_group_matches_flash_attn_func(single_rank_group, device, me
     k = torch.randn(2, 32, 2, 32, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(2, 32, 2, 32, device=device, dtype=dtype, requires_grad=True)
     dout = torch.randn_like(q)
-    out, lse, _ = _FUNCS[method](q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+    out, lse, _ = _FUNCS[method](q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                 return_attn_probs=True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_out, ref_lse, _ = flash_attn_ext.flash_attn_func(q, k, v, causal=causal, window_size=window,
-                                                         return_attn_probs=True)
+                                                         softcap=softcap, return_attn_probs=True)
     ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, ref_out, **tol)
@@ -588,10 +600,12 @@ def test_single_rank_group_matches_flash_attn_func(single_rank_group, device, me
 
 def test_single_rank_group_rejects_unsupported(single_rank_group):
     q = torch.randn(1, 8, 2, 8)
-    for kw, name in ((dict(dropout_p=0.1), "dropout_p"), (dict(softcap=1.0), "softcap"),
-                     (dict(alibi_slopes=torch.zeros(2)), "alibi_slopes")):
+    for kw, name in ((dict(dropout_p=0.1), "dropout_p"), (dict(alibi_slopes=torch.zeros(2)), "alibi_slopes")):
         with pytest.raises(NotImplementedError, match=name):
             cp.ring_flash_attn_func(q, q, q, **kw)
+    for bad, error in ((-1.0, ValueError), (float("inf"), ValueError), ("2", TypeError)):
+        with pytest.raises(error, match="softcap"):
+            cp.ring_flash_attn_func(q, q, q, softcap=bad)
     with pytest.raises(ValueError, match="layout"):
         cp.all_gather_flash_attn_func(q, q, q, layout="striped")
     with pytest.raises(ValueError, match="same shape"):
