@@ -15,9 +15,9 @@ generator; two zeros without dropout), and the backward takes it back to
 regenerate the same keep-mask. S_dmask (return_softmax=True, which needs
 dropout_p > 0 as in flash-attn) is the probabilities (batch, nheads,
 seqlen_q, seqlen_k), negative where dropped; an empty tensor otherwise (and
-always for the varlen pair, whose return_softmax raises). Arguments whose
-feature is not implemented (left-padded KV) raise NotImplementedError
-naming the argument; softcap, alibi_slopes and dropout_p go to the kernels.
+always for the varlen pair, whose return_softmax raises). leftpad_k
+(left-padded keys) goes through a gather of k and v. softcap, alibi_slopes
+and dropout_p go to the kernels.
 
 lse: flash-attn's softmax_lse is fp32, and these functions neither return
 nor take the op's lse_residual. For fp16/bf16/fp32 inputs the op has none;
@@ -42,6 +42,7 @@ from .varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    unpad_left,
     unpage,
 )
 
@@ -72,15 +73,12 @@ def _round_multiple(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def _reject(dropout_p, return_softmax=False, **paged) -> float:
+def _reject(dropout_p, return_softmax=False) -> float:
     """Checks the arguments; returns dropout_p as a float."""
     dropout_p = dropout_value(dropout_p)
     if return_softmax and dropout_p == 0.0:
         # flash-attn itself only allows it with dropout.
         raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported (it needs dropout_p > 0)")
-    for name, value in paged.items():
-        if value is not None:
-            raise NotImplementedError(f"flash_attn_ext: {name} is not supported yet (only None)")
     return dropout_p
 
 
@@ -209,16 +207,23 @@ def _flash_attn_varlen_forward(
     (total_k, nheads_k, headdim), sequence i at rows cu_seqlens[i] to
     cu_seqlens[i + 1]; returns (out, softmax_lse (nheads, total_q) fp32,
     S_dmask, rng_state). block_table: paged k/v (flash_attn_ext.varlen.unpage);
-    seqused_k: keys used per sequence. zero_tensors has nothing to do (every
+    seqused_k: keys used per sequence; leftpad_k: where each sequence's keys
+    start within its rows (flash_attn_ext.varlen.unpad_left; not with
+    block_table, as in flash-attn). zero_tensors has nothing to do (every
     output row is written: rows outside every sequence get 0 and lse +inf).
     One rng_state serves the whole batch (the kernels' dropout counter holds
     the sequence index)."""
-    dropout_p = _reject(dropout_p, return_softmax, leftpad_k=leftpad_k)
+    dropout_p = _reject(dropout_p, return_softmax)
     if return_softmax:
         raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported by the varlen functions")
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    if block_table is not None and leftpad_k is not None:
+        # As in flash-attn 2.8, which refuses the pair.
+        raise NotImplementedError("flash_attn_ext: leftpad_k together with block_table (paged KV) is not supported")
     if block_table is not None:
         k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
+    if leftpad_k is not None:
+        k, v, cu_seqlens_k, seqused_k = unpad_left(k, v, cu_seqlens_k, leftpad_k, seqused_k)
     rng_state = _rng_state_for(dropout_p, q.device)
     with torch.no_grad():
         out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, int(max_seqlen_q),

@@ -114,6 +114,44 @@ def unpage(k_cache, v_cache, block_table, cu_seqlens_k, seqused_k=None):
     return (_gather_pages(k_cache, block_table, "k"), _gather_pages(v_cache, block_table, "v"), cu, seqused_k)
 
 
+def unpad_left(k, v, cu_seqlens_k, leftpad_k, seqused_k=None):
+    """Left-padded keys and values (flash-attn 2.8's leftpad_k) as the varlen
+    op takes them: sequence b's keys start leftpad_k[b] rows into its rows
+    cu_seqlens_k[b]:cu_seqlens_k[b + 1] (and number seqused_k[b] -
+    leftpad_k[b] where seqused_k is given, as flash-attn counts them).
+    Returns (k, v, cu_seqlens_k, seqused_k) with each sequence's keys moved
+    to the start of its rows: one gather of k and v, whose shapes depend on
+    the tensors' shapes only (no synchronisation; safe under CUDA-graph
+    capture). Offsets are clamped into the tensors, so a wrong leftpad_k
+    reads wrong rows, never outside k or v; its values are checked on CPU
+    tensors, and on others under FLASH_ATTN_EXT_DEBUG_CHECKS=1."""
+    batch = cu_seqlens_k.shape[0] - 1
+    if not isinstance(leftpad_k, torch.Tensor) or leftpad_k.dtype != torch.int32 or leftpad_k.shape != (batch,):
+        got = f"{leftpad_k.dtype} of shape {tuple(leftpad_k.shape)}" if isinstance(leftpad_k, torch.Tensor) \
+            else type(leftpad_k).__name__
+        raise ValueError(f"flash_attn_ext: leftpad_k must be an int32 ({batch},) tensor, one offset per sequence, "
+                         f"got {got}")
+    if leftpad_k.device != k.device:
+        raise ValueError(f"flash_attn_ext: leftpad_k is on {leftpad_k.device}, k on {k.device}")
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    used = lengths if seqused_k is None else seqused_k
+    if (k.device.type == "cpu" or _ops.debug_checks_enabled()) and not _ops.is_tracing() and batch:
+        bad = (leftpad_k < 0) | (leftpad_k > used)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise RuntimeError(f"flash_attn_ext: leftpad_k[{i}] = {int(leftpad_k[i])} is outside [0, "
+                               f"{int(used[i])}], the keys of sequence {i}")
+    total = k.shape[0]
+    if total == 0 or batch == 0:
+        return k, v, cu_seqlens_k, (used - leftpad_k).clamp_min(0).to(torch.int32)
+    rows = torch.arange(total, device=k.device)
+    # The sequence of each row (rows past the last one count as the last).
+    seq = torch.searchsorted(cu_seqlens_k[1:].long(), rows, right=True).clamp_max(batch - 1)
+    src = (rows + leftpad_k.long()[seq]).clamp(0, total - 1)
+    used = (used - leftpad_k).clamp_min(0).to(torch.int32)
+    return k.index_select(0, src), v.index_select(0, src), cu_seqlens_k, used
+
+
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
                       seqused_k=None, sinks=None, dropout_p=0.0):

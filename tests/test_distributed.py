@@ -682,9 +682,45 @@ def test_flash_attn_interface_rejects_unsupported():
     with pytest.raises(ValueError, match="rng_state"):  # dropout's backward needs its forward's rng_state
         fai._flash_attn_backward(q, q, q, q, out, lse, None, None, None, 0.5, 1.0, False, -1, -1, 0.0, None, False)
     cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="leftpad_k"):
-        fai._flash_attn_varlen_forward(q[0], q[0], q[0], cu, cu, 8, 8, 0.0, 1.0, False,
-                                       leftpad_k=torch.zeros(1, dtype=torch.int32))
+    pages = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="leftpad_k together with block_table"):  # as flash-attn
+        fai._flash_attn_varlen_forward(q[0], q[None, 0], q[None, 0], cu, cu, 8, 8, 0.0, 1.0, False,
+                                       block_table=pages, leftpad_k=torch.zeros(1, dtype=torch.int32))
+    for bad, error, match in ((torch.zeros(2, dtype=torch.int32), ValueError, r"int32 \(1,\)"),
+                              (torch.zeros(1, dtype=torch.int64), ValueError, "int32"),
+                              (torch.tensor([9], dtype=torch.int32), RuntimeError, r"leftpad_k\[0\] = 9"),
+                              (torch.tensor([-1], dtype=torch.int32), RuntimeError, "outside")):
+        with pytest.raises(error, match=match):
+            fai._flash_attn_varlen_forward(q[0], q[0], q[0], cu, cu, 8, 8, 0.0, 1.0, False, leftpad_k=bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_varlen_leftpad_k(device):
+    """leftpad_k: sequence i's keys start leftpad_k[i] rows into its rows (and, with seqused_k, number
+    seqused_k[i] - leftpad_k[i], as flash-attn counts them): the same as flash_attn_func on those keys."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lens_q, lens_k, pad = [3, 5, 2, 4], [9, 6, 4, 7], [2, 0, 4, 3]
+    cu_q = torch.tensor([0, 3, 8, 10, 14], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 15, 19, 26], dtype=torch.int32, device=device)
+    q = torch.randn(sum(lens_q), 4, 16, device=device, dtype=dtype)
+    k = torch.randn(sum(lens_k), 2, 16, device=device, dtype=dtype)
+    v = torch.randn(sum(lens_k), 2, 16, device=device, dtype=dtype)
+    leftpad = torch.tensor(pad, dtype=torch.int32, device=device)
+    for used in (None, [8, 6, 4, 5]):
+        seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device=device)
+        out, lse, _, _ = fai._flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 5, 9, 0.0, 0.25, True,
+                                                        leftpad_k=leftpad, seqused_k=seqused)
+        for i in range(4):
+            q0, q1, k0 = cu_q[i].item(), cu_q[i + 1].item(), cu_k[i].item()
+            k1 = cu_k[i + 1].item() if used is None else k0 + used[i]
+            k0 += pad[i]
+            if k0 == k1:  # no key left: out 0, lse +inf
+                assert (out[q0:q1] == 0).all() and torch.isinf(lse[:, q0:q1]).all()
+                continue
+            ref, ref_lse, _ = flash_attn_ext.flash_attn_func(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                                             softmax_scale=0.25, causal=True, return_attn_probs=True)
+            torch.testing.assert_close(out[q0:q1], ref[0], atol=0, rtol=0)
+            torch.testing.assert_close(lse[:, q0:q1], ref_lse[0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
