@@ -188,8 +188,8 @@ _LOG2E = 1.4426950408889634
 
 def sink_probabilities(sinks, softmax_lse, lse_residual):
     """exp(sink_h - lse_i), (batch, nheads, seqlen_q), as the forward's softmax
-    gave the sink of head h in row i: in fp64 where fwd kept an lse_residual
-    (the part of the log-sum-exp fp32 softmax_lse cannot hold,
+    gave the sink of head h in row i: in fp64 on CUDA and where fwd kept an
+    lse_residual (the part of the log-sum-exp fp32 softmax_lse cannot hold,
     csrc/flash_params.h; in fp32 the sum would round back to softmax_lse),
     else in softmax_lse's dtype. The CPU's residual is a natural log. CUDA's
     softmax runs in the log2 domain: its residual completes lse * log2(e)
@@ -198,13 +198,15 @@ def sink_probabilities(sinks, softmax_lse, lse_residual):
     there from the same two roundings: against the exact natural-log sink, a
     sink of -2**30 would be off by up to 64 log2 units."""
     sinks = sinks.detach()
+    if softmax_lse.device.type == "cuda":
+        lse_log2 = (softmax_lse * _LOG2E).double()  # fp32 products, as __fmul_rn; their difference exact in fp64
+        if lse_residual.numel():
+            lse_log2 = lse_log2 + lse_residual.double()
+        sink_log2 = (sinks.float() * _LOG2E).double()
+        return torch.exp2(sink_log2[None, :, None] - lse_log2)
     if not lse_residual.numel():
         dtype = torch.promote_types(softmax_lse.dtype, sinks.dtype)
         return torch.exp(sinks.to(dtype)[None, :, None] - softmax_lse.to(dtype))
-    if softmax_lse.device.type == "cuda":
-        lse_log2 = (softmax_lse * _LOG2E).double() + lse_residual.double()  # fp32 products, as __fmul_rn
-        sink_log2 = (sinks.float() * _LOG2E).double()
-        return torch.exp2(sink_log2[None, :, None] - lse_log2)
     lse = softmax_lse.double() + lse_residual.double()
     return torch.exp(sinks.double()[None, :, None] - lse)
 

@@ -140,7 +140,9 @@ bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stre
 template <typename Element, int kHeadDim>
 bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
   if constexpr (kHeadDim == 64) {
-    if (!flash::has_score_mods(params) && params.bias == nullptr && !flash::sm90::ws_fwd_varlen(params)) {
+    // The two-warpgroup tiles (144 KB) still run under a budget below these (152 KB).
+    if (!flash::has_score_mods(params) && params.bias == nullptr && !flash::sm90::ws_fwd_varlen(params) &&
+        flash::Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes <= flash::smem_budget()) {
       return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true>(params, stream);
     }
   }
