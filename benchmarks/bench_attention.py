@@ -4,7 +4,7 @@ compiled FlexAttention (`--impls ...,flex`: torch.compile(flex_attention), a cau
     python benchmarks/bench_attention.py                 # full sweep (~5 min on an H100)
     python benchmarks/bench_attention.py --quick         # bf16, hd 64/128, seqlen 1k/4k/16k, memory at 16k/32k
     python benchmarks/bench_attention.py --dtypes bf16 --hdims 128 --seqlens 4k,16k --causal 0
-    python benchmarks/bench_attention.py --quick --sm90-fwd classic,ws --directions fwd   # Hopper forwards side by side
+    python benchmarks/bench_attention.py --quick --sm90 classic,ws --directions fwd,bwd   # Hopper kernels side by side
 
 Sweep (the issue's spec): bf16 and fp16; head dim 64, 128, 256; causal and not;
 seqlen 512 ... 16k with batch * seqlen = 16k tokens and nheads * headdim = 2048.
@@ -25,10 +25,11 @@ Method:
     that refuses a configuration is recorded as None with its error; the run goes on.
   * Each row also records max |ours - backend| of the forward output (a sanity
     check that the timed kernel computes attention; tests do the real checking).
-  * --sm90-fwd classic,ws replaces "ours" by one implementation per Hopper
-    forward kernel, "ours:classic" and "ours:ws" (FLASH_ATTN_EXT_SM90_FWD set
-    around each; ws runs as ws_strict, so a call it cannot take is an error
-    row, not a silent classic measurement), with a ws/classic ratio column.
+  * --sm90 classic,ws (or its older name --sm90-fwd) replaces "ours" by one
+    implementation per Hopper kernel family, "ours:classic" and "ours:ws"
+    (FLASH_ATTN_EXT_SM90_FWD and FLASH_ATTN_EXT_SM90_BWD set around each; ws
+    runs as ws_strict, so a call it cannot take is an error row, not a silent
+    classic measurement), with a ws/classic ratio column.
   * Memory: forward+backward at seqlen 16k/32k/64k (bf16, hd128, B=1, H=16):
     torch.cuda.max_memory_allocated during the call minus memory allocated
     before it, q, k, v and dout already allocated; the floor is the bytes of
@@ -71,10 +72,11 @@ from common import (  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DIRECTIONS = ("fwd", "bwd", "fwdbwd")
-# --sm90-fwd: the value of FLASH_ATTN_EXT_SM90_FWD per kernel (ws strict: a
-# call the warp-specialized kernel cannot take fails instead of timing the
-# classic kernel under its name).
-SM90_FWD_KERNELS = {"classic": "classic", "ws": "ws_strict"}
+# --sm90: the value of FLASH_ATTN_EXT_SM90_FWD and _BWD per kernel family (ws
+# strict: a call the warp-specialized kernels cannot take fails instead of
+# timing the classic kernel under its name).
+SM90_KERNELS = {"classic": "classic", "ws": "ws_strict"}
+SM90_ENV = ("FLASH_ATTN_EXT_SM90_FWD", "FLASH_ATTN_EXT_SM90_BWD")
 
 
 def is_ours(name):
@@ -82,26 +84,28 @@ def is_ours(name):
 
 
 @contextlib.contextmanager
-def sm90_fwd_env(kernel):
-    """FLASH_ATTN_EXT_SM90_FWD for one implementation; the library reads it on every forward."""
-    old = os.environ.get("FLASH_ATTN_EXT_SM90_FWD")
-    os.environ["FLASH_ATTN_EXT_SM90_FWD"] = SM90_FWD_KERNELS[kernel]
+def sm90_env(kernel):
+    """The Hopper kernel switches for one implementation; the library reads them on every call."""
+    old = {name: os.environ.get(name) for name in SM90_ENV}
+    for name in SM90_ENV:
+        os.environ[name] = SM90_KERNELS[kernel]
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("FLASH_ATTN_EXT_SM90_FWD", None)
-        else:
-            os.environ["FLASH_ATTN_EXT_SM90_FWD"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def all_implementations():
     """common.implementations, compiled FlexAttention ("flex") and one "ours:<kernel>" per Hopper
-    forward kernel."""
+    kernel family."""
     impls = implementations("cuda")
     impls["flex"] = (contextlib.nullcontext, common.flex_attention_compiled)
-    for kernel in SM90_FWD_KERNELS:
-        impls[f"ours:{kernel}"] = (lambda k=kernel: sm90_fwd_env(k), impls["ours"][1])
+    for kernel in SM90_KERNELS:
+        impls[f"ours:{kernel}"] = (lambda k=kernel: sm90_env(k), impls["ours"][1])
     return impls
 
 
@@ -115,8 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--model-dim", type=int, default=2048, help="nheads * headdim")
     p.add_argument("--impls", default="ours,flash,cudnn,efficient")
     p.add_argument("--directions", default="fwd,bwd,fwdbwd")
-    p.add_argument("--sm90-fwd", default="", metavar="KERNELS",
-                   help="e.g. classic,ws: run ours once per Hopper forward kernel (FLASH_ATTN_EXT_SM90_FWD)")
+    p.add_argument("--sm90", "--sm90-fwd", dest="sm90", default="", metavar="KERNELS",
+                   help="e.g. classic,ws: run ours once per Hopper kernel family (FLASH_ATTN_EXT_SM90_FWD/_BWD)")
     p.add_argument("--memory-seqlens", default="16k,32k,64k", help="empty string: skip the memory table")
     p.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=100, help="do_bench rep, ms")
@@ -144,12 +148,12 @@ def parse_args(argv=None):
     args.seqlens = common.parse_list(args.seqlens, int)
     args.causal = common.parse_causal(args.causal)
     args.impls = common.parse_list(args.impls)
-    args.sm90_fwd = common.parse_list(args.sm90_fwd)
-    bad = [k for k in args.sm90_fwd if k not in SM90_FWD_KERNELS]
+    args.sm90 = common.parse_list(args.sm90)
+    bad = [k for k in args.sm90 if k not in SM90_KERNELS]
     if bad:
-        p.error(f"--sm90-fwd: {bad} not in {list(SM90_FWD_KERNELS)}")
-    if args.sm90_fwd:
-        variants = [f"ours:{k}" for k in args.sm90_fwd]
+        p.error(f"--sm90: {bad} not in {list(SM90_KERNELS)}")
+    if args.sm90:
+        variants = [f"ours:{k}" for k in args.sm90]
         at = args.impls.index("ours") if "ours" in args.impls else 0
         args.impls = args.impls[:at] + variants + [i for i in args.impls[at:] if i != "ours"]
     args.directions = common.parse_list(args.directions)

@@ -62,7 +62,7 @@ void run_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
     if (run_flash_fwd_sm90_ws<Element, kHeadDim>(params, stream)) return;
     if (run_flash_fwd_sm90<Element, kHeadDim>(params, stream)) return;
   } else {
-    FLASH_CHECK(flash::sm90::fwd_kernel_choice() != flash::sm90::FwdKernel::kWsStrict,
+    FLASH_CHECK(flash::sm90::fwd_kernel_choice() != flash::sm90::KernelChoice::kWsStrict,
                 "flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD=ws_strict, but this build has no Hopper forward for the "
                 "padded head dim ", std::to_string(kHeadDim));
   }

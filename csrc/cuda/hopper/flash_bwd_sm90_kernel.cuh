@@ -101,6 +101,101 @@ __device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const fl
   }
 }
 
+// The elementwise step of the backward on one warpgroup's fragments of S^T
+// and dP^T (keys as rows: this thread's rows key_row0 + g and + 8, query
+// columns q0 + 8j + 2t and + 1), shared by this kernel and the
+// warp-specialized one (flash_bwd_sm90_ws_kernel.cuh). The statistics of
+// the query columns sit in shared memory at lse_cols / residual_cols /
+// delta_cols[column - q0].
+
+// dbias (batch, nheads, seqlen_q, seqlen_k) of (b, h), or null: dense calls only.
+template <typename Element>
+__device__ __forceinline__ Element* dbias_of(const FlashBwdParams& p, int b, int h) {
+  return p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k : nullptr;
+}
+
+// S^T -> P^T in place by the score rule and the saved lse (and residual);
+// softcap's factor per score to `softcap_factors` (kSoftcap only). The
+// warpgroup's 64 keys start at wg_key0.
+template <typename Element, int kSN, typename Rule>
+__device__ __forceinline__ void probs_t(float (&acc_s)[kSN / 8][4], SoftcapFactors<Element, kSN / 8>& softcap_factors,
+                                        const Rule& rule, const MaskGeometry& geo, int q0, int wg_key0, int key_row0,
+                                        const float* lse_cols, const float* residual_cols, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const bool need_mask = !geo.tile_fully_visible(q0, kSN, wg_key0, 64);
+  // ALiBi's distances of this thread's scores (dead without ALiBi).
+  const KeyRowsDistance dist(rule, q0, key_row0, lane);
+  if (rule.fast_tile(need_mask)) {
+#pragma unroll
+    for (int j = 0; j < kSN / 8; ++j) {
+      const float2 l = *reinterpret_cast<const float2*>(lse_cols + 8 * j + 2 * t);
+      const float2 r = *reinterpret_cast<const float2*>(residual_cols + 8 * j + 2 * t);
+      const float lse_c[2] = {lse_log2(l.x), lse_log2(l.y)}, res_c[2] = {r.x, r.y};
+      float dsoftcap[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
+      }
+      if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kSN / 8; ++j) {
+      float dsoftcap[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_row0 + g + 8 * (e / 2);
+        const int c = 8 * j + 2 * t + (e % 2);
+        acc_s[j][e] = rule.prob(acc_s[j][e], q0 + c, key, dist.at(j, e), lse_log2(lse_cols[c]), residual_cols[c],
+                                need_mask, dsoftcap[e]);
+      }
+      if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
+    }
+  }
+}
+
+// The A operand of dV += P^T dO: P^T, or with dropout the dropped P^T
+// (kept / (1 - p), dropped 0).
+template <typename Element, int kSN, typename Rule>
+__device__ __forceinline__ void pack_p_operand(uint32_t (&p_frag)[kSN / 16][4], const float (&acc_s)[kSN / 8][4],
+                                               const Rule& rule, uint64_t keep_bits) {
+  if constexpr (Rule::kDropout) {
+    float p_dv[kSN / 8][4];
+    rule.dv_operand(p_dv, acc_s, keep_bits);
+    pack_a_frags<Element>(p_frag, p_dv);
+  } else {
+    pack_a_frags<Element>(p_frag, acc_s);
+  }
+}
+
+// dP^T -> dS^T in place; dbias (when not null) takes the gradient before
+// softcap's factor.
+template <typename Element, int kSN, typename Rule>
+__device__ __forceinline__ void dscores_t(float (&acc_dp)[kSN / 8][4], const float (&acc_s)[kSN / 8][4],
+                                          const SoftcapFactors<Element, kSN / 8>& softcap_factors, const Rule& rule,
+                                          const FlashBwdParams& p, Element* dbias, const float* delta_cols,
+                                          uint64_t keep_bits, int q0, int key_row0, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  rule.logit_grads_t(acc_dp, acc_s, delta_cols, lane, keep_bits);
+  if (dbias != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kSN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_row0 + g + 8 * (e / 2), row = q0 + 8 * j + 2 * t + (e % 2);
+        if (row < p.seqlen_q && key < p.seqlen_k) dbias[int64_t(row) * p.seqlen_k + key] = from_float<Element>(acc_dp[j][e]);
+      }
+    }
+  }
+  if constexpr (Rule::kSoftcap) {
+#pragma unroll
+    for (int j = 0; j < kSN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], softcap_factors.get(j, e));
+    }
+  }
+}
+
 template <typename T, bool kDq, int kFeatures>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const FlashBwdParams p) {
 #ifdef FLASH_SM90_ENABLED
@@ -124,7 +219,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
   const float* delta = p.softmax_d + blk.row_bh;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wg = warp / 4, warp_in_wg = warp % 4;
-  const int g = lane / 4, t = lane % 4;
 
   const int n0 = n_block * kBlockN;
   if (n0 >= seqlen_k) return;  // past the end of a shorter sequence (varlen)
@@ -165,9 +259,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
 
   using Rule = BwdScoreRule<Element, kFeatures>;
   const Rule rule(p, geo, b, h);
-  // dbias (batch, nheads, seqlen_q, seqlen_k): dense calls only.
-  Element* dbias = p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k
-                           : nullptr;
+  Element* dbias = dbias_of<Element>(p, b, h);
   // Descriptor strides (bytes): 8-row groups are one swizzle atom apart; the
   // next 64 columns (MN-major operands) are the next panel.
   constexpr uint32_t kSbo = 8 * kLine;
@@ -206,67 +298,16 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     // P^T from the score rule and the saved statistics while dP^T is still running.
     wgmma_wait<1>();
     fence_regs(acc_s);
-    const bool need_mask = !geo.tile_fully_visible(m0 + q_col0, kSN, n0 + wg_key0, 64);
-    // Softcap's factor per score of acc_s (kSoftcap; unused and gone otherwise).
     SoftcapFactors<Element, kSN / 8> softcap_factors;
-    // ALiBi's distances of this thread's scores (dead without ALiBi).
-    const KeyRowsDistance dist(rule, m0 + q_col0, n0 + key_row0, lane);
-    if (rule.fast_tile(need_mask)) {
-#pragma unroll
-      for (int j = 0; j < kSN / 8; ++j) {
-        const float2 l = *reinterpret_cast<const float2*>(sLse + q_col0 + 8 * j + 2 * t);
-        const float2 r = *reinterpret_cast<const float2*>(sResidual + q_col0 + 8 * j + 2 * t);
-        const float lse_c[2] = {lse_log2(l.x), lse_log2(l.y)}, res_c[2] = {r.x, r.y};
-        float dsoftcap[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
-        }
-        if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < kSN / 8; ++j) {
-        float dsoftcap[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = n0 + key_row0 + g + 8 * (e / 2);
-          const int col = q_col0 + 8 * j + 2 * t + (e % 2), row = m0 + col;
-          acc_s[j][e] = rule.prob(acc_s[j][e], row, key, dist.at(j, e), lse_log2(sLse[col]), sResidual[col], need_mask,
-                                  dsoftcap[e]);
-        }
-        if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
-      }
-    }
+    probs_t<Element, kSN>(acc_s, softcap_factors, rule, geo, m0 + q_col0, n0 + wg_key0, n0 + key_row0,
+                          sLse + q_col0, sResidual + q_col0, lane);
     uint32_t p_frag[kSN / 16][4];
-    if constexpr (Rule::kDropout) {  // dV takes the dropped P^T (kept / (1 - p), dropped 0)
-      float p_dv[kSN / 8][4];
-      rule.dv_operand(p_dv, acc_s, keep_bits);
-      pack_a_frags<Element>(p_frag, p_dv);
-    } else {
-      pack_a_frags<Element>(p_frag, acc_s);
-    }
+    pack_p_operand<Element, kSN>(p_frag, acc_s, rule, keep_bits);
 
     wgmma_wait<0>();
     fence_regs(acc_dp);
-    rule.logit_grads_t(acc_dp, acc_s, sDelta + q_col0, lane, keep_bits);
-    if (dbias != nullptr) {
-#pragma unroll
-      for (int j = 0; j < kSN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = n0 + key_row0 + g + 8 * (e / 2), row = m0 + q_col0 + 8 * j + 2 * t + (e % 2);
-          if (row < p.seqlen_q && key < p.seqlen_k) dbias[int64_t(row) * p.seqlen_k + key] = from_float<Element>(acc_dp[j][e]);
-        }
-      }
-    }
-    if constexpr (Rule::kSoftcap) {  // dS^T: through softcap
-#pragma unroll
-      for (int j = 0; j < kSN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dp[j][e] = rule.finish_ds(acc_dp[j][e], softcap_factors.get(j, e));
-      }
-    }
+    dscores_t<Element, kSN>(acc_dp, acc_s, softcap_factors, rule, p, dbias, sDelta + q_col0, keep_bits, m0 + q_col0,
+                            n0 + key_row0, lane);
     uint32_t ds_frag[kSN / 16][4];
     pack_a_frags<Element>(ds_frag, acc_dp);
 

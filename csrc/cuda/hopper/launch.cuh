@@ -18,6 +18,7 @@
 #include "../variants.h"
 #include "flash_bwd_sm90_kernel.cuh"
 #include "flash_fwd_sm90_kernel.cuh"
+#include "launch_bwd_ws.cuh"
 #include "sm90_dispatch.cuh"
 
 namespace flash {
@@ -78,7 +79,9 @@ bool run_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
 template <typename Element, int kHeadDim>
 bool run_flash_bwd_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
   using T90 = flash::Sm90BwdTraitsFor<Element, kHeadDim>;
-  if (!flash::sm90::enabled() || T90::kSmemBytes > flash::smem_budget()) return false;
+  if (!flash::sm90::enabled()) return false;
+  if (run_flash_bwd_dkdv_sm90_ws<Element, kHeadDim>(params, stream)) return true;
+  if (T90::kSmemBytes > flash::smem_budget()) return false;
   flash::launch_dkdv_sm90<T90>(params, stream);
   return true;
 }

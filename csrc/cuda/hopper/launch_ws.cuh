@@ -95,8 +95,8 @@ void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stre
 template <typename T, bool kPlainOnly = false>
 bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stream) {
   using Element = typename T::Element;
-  const sm90::FwdKernel choice = sm90::fwd_kernel_choice();
-  if (choice == sm90::FwdKernel::kClassic) return false;
+  const sm90::KernelChoice choice = sm90::fwd_kernel_choice();
+  if (choice == sm90::KernelChoice::kClassic) return false;
   const char* why = nullptr;
   if (!sm90::enabled()) {
     why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
@@ -106,7 +106,7 @@ bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stre
   sm90::WsFwdParams ws;
   if (why == nullptr) why = sm90::encode_ws_maps<T>(ws, params);
   if (why != nullptr) {
-    FLASH_CHECK(choice != sm90::FwdKernel::kWsStrict,
+    FLASH_CHECK(choice != sm90::KernelChoice::kWsStrict,
                 "flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD=ws_strict, but the warp-specialized forward cannot take "
                 "this call: ", why);
     return false;

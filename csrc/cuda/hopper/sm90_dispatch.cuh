@@ -13,7 +13,10 @@
 // the calls it cannot take (launch_ws.cuh: tensors TMA cannot describe), or the classic
 // kernel for every call. The warp-specialized forward measured 1.23x the
 // classic one (geometric mean over bf16 hd 64/128/256, seqlen 1k/4k/16k,
-// causal and not; 1.37x at hd 128, 16k; H200, torch 2.11).
+// causal and not; 1.37x at hd 128, 16k; H200, torch 2.11). The backward
+// likewise (FLASH_ATTN_EXT_SM90_BWD): flash_bwd_sm90_ws_kernel.cuh where
+// launch_bwd_ws.cuh allows (dense calls, head dims 64 and 128), else
+// flash_bwd_sm90_kernel.cuh.
 #pragma once
 
 #include <cstdlib>
@@ -49,23 +52,26 @@ inline bool enabled() {
   return device_is_sm90();
 }
 
-enum class FwdKernel {
+// Which Hopper kernel runs, forward (FLASH_ATTN_EXT_SM90_FWD) and backward
+// (FLASH_ATTN_EXT_SM90_BWD): ws (or unset), classic or ws_strict. Read on
+// every call, like FLASH_ATTN_EXT_DISABLE_SM90 (a getenv, against a launch
+// of microseconds), so that a test or a benchmark switches kernels within
+// one process.
+enum class KernelChoice {
   kClassic,   // the classic kernel for every call
   kWs,        // warp-specialized where it can, classic elsewhere (the default)
   kWsStrict,  // warp-specialized or an error naming why not (tests, benchmarks)
 };
 
-// FLASH_ATTN_EXT_SM90_FWD = ws (or unset) | classic | ws_strict. Read on
-// every forward, like FLASH_ATTN_EXT_DISABLE_SM90 (a getenv, against a
-// launch of microseconds), so that a test or a benchmark switches kernels
-// within one process.
-inline FwdKernel fwd_kernel_choice() {
-  const char* env = std::getenv("FLASH_ATTN_EXT_SM90_FWD");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "ws") == 0) return FwdKernel::kWs;
-  if (std::strcmp(env, "classic") == 0) return FwdKernel::kClassic;
-  if (std::strcmp(env, "ws_strict") == 0) return FwdKernel::kWsStrict;
-  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD must be classic, ws or ws_strict, got '", env, "'");
+inline KernelChoice kernel_choice(const char* variable) {
+  const char* env = std::getenv(variable);
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "ws") == 0) return KernelChoice::kWs;
+  if (std::strcmp(env, "classic") == 0) return KernelChoice::kClassic;
+  if (std::strcmp(env, "ws_strict") == 0) return KernelChoice::kWsStrict;
+  flash_attn_ext::fail("flash_attn_ext: ", variable, " must be classic, ws or ws_strict, got '", env, "'");
 }
+inline KernelChoice fwd_kernel_choice() { return kernel_choice("FLASH_ATTN_EXT_SM90_FWD"); }
+inline KernelChoice bwd_kernel_choice() { return kernel_choice("FLASH_ATTN_EXT_SM90_BWD"); }
 
 }  // namespace sm90
 }  // namespace flash

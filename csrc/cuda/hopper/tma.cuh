@@ -61,21 +61,23 @@ inline TensorMapEncodeTiled tensor_map_encoder() {
   return encoder;
 }
 
-// A (batch, seqlen, heads, dim) tensor of 16-bit elements as a TMA map (see
-// the file comment); strides in elements, the last dim contiguous. Returns
-// null on success, else why TMA cannot describe the tensor (the caller
-// falls back): a base or a stride that is not a multiple of 16 bytes, a
-// stride of 2^40 bytes or more, a dim that is not a multiple of 64, or a
-// size over 2^32. The stride of a dim of size 1 is never used and is
-// replaced by a valid one (such dims may carry any stride in PyTorch).
-inline const char* encode_bshd_map(CUtensorMap* map, const void* base, bool bf16, int64_t batch, int64_t seqlen,
-                                   int64_t heads, int64_t dim, int64_t batch_stride, int64_t row_stride,
-                                   int64_t head_stride, int box_rows) {
+// A (batch, seqlen, heads, dim) tensor of `dtype` (`elem_bytes` bytes an
+// element) as a TMA map (see the file comment; boxes 128 bytes wide: 64
+// 16-bit or 32 fp32 columns); strides in elements, the last dim contiguous.
+// Returns null on success, else why TMA cannot describe the tensor (the
+// caller falls back): a base or a stride that is not a multiple of 16
+// bytes, a stride of 2^40 bytes or more, a dim that is not a multiple of a
+// box's columns, or a size over 2^32. The stride of a dim of size 1 is never
+// used and is replaced by a valid one (such dims may carry any stride in
+// PyTorch).
+inline const char* encode_bshd_map_of(CUtensorMap* map, const void* base, CUtensorMapDataType dtype,
+                                      int64_t elem_bytes, int64_t batch, int64_t seqlen, int64_t heads, int64_t dim,
+                                      int64_t batch_stride, int64_t row_stride, int64_t head_stride, int box_rows) {
   const TensorMapEncodeTiled encode = tensor_map_encoder();
   if (encode == nullptr) return "the CUDA driver does not provide cuTensorMapEncodeTiled";
-  constexpr int64_t kElem = 2;
+  const int64_t box_cols = kLineBytes / elem_bytes;
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return "a tensor's data pointer is not 16-byte aligned";
-  if (dim % kPanelCols != 0) return "the head dim is not a multiple of 64";
+  if (dim % box_cols != 0) return "the head dim is not a multiple of a box's columns";
   if (box_rows < 1 || box_rows > 256) return "a TMA box has more than 256 rows";
   const int64_t sizes[4] = {dim, seqlen, heads, batch};
   int64_t strides[4] = {1, row_stride, head_stride, batch_stride};
@@ -90,21 +92,38 @@ inline const char* encode_bshd_map(CUtensorMap* map, const void* base, bool bf16
     global_dim[i] = static_cast<cuuint64_t>(sizes[i]);
   }
   for (int i = 1; i < 4; ++i) {
-    const int64_t bytes = strides[i] * kElem;
+    const int64_t bytes = strides[i] * elem_bytes;
     if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t(1) << 40)) {
       return "a tensor stride is not a positive multiple of 16 bytes below 2^40";
     }
     global_strides[i - 1] = static_cast<cuuint64_t>(bytes);
   }
-  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kPanelCols), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   // L2 promotion of 128 B: each box row is one 128-byte line (the choice of
   // FlashAttention-3 and CUTLASS for such boxes); zero fill out of bounds.
   const CUresult result =
-      encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, const_cast<void*>(base),
+      encode(map, dtype, 4, const_cast<void*>(base),
              global_dim, global_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return result == CUDA_SUCCESS ? nullptr : "cuTensorMapEncodeTiled rejected the tensor";
+}
+
+// The 16-bit inputs (the file comment's maps).
+inline const char* encode_bshd_map(CUtensorMap* map, const void* base, bool bf16, int64_t batch, int64_t seqlen,
+                                   int64_t heads, int64_t dim, int64_t batch_stride, int64_t row_stride,
+                                   int64_t head_stride, int box_rows) {
+  return encode_bshd_map_of(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            batch, seqlen, heads, dim, batch_stride, row_stride, head_stride, box_rows);
+}
+
+// An fp32 (batch, seqlen, heads, dim) tensor (the backward's dq_accum),
+// boxes of 32 columns: what the TMA reduction adds into.
+inline const char* encode_bshd_map_f32(CUtensorMap* map, const void* base, int64_t batch, int64_t seqlen,
+                                       int64_t heads, int64_t dim, int64_t batch_stride, int64_t row_stride,
+                                       int64_t head_stride, int box_rows) {
+  return encode_bshd_map_of(map, base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, batch, seqlen, heads, dim, batch_stride,
+                            row_stride, head_stride, box_rows);
 }
 
 // -------------------------------------------------------------- device

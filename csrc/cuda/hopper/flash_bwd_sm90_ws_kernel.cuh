@@ -1,0 +1,376 @@
+// FlashAttention backward on Hopper, warp-specialized (sm_90a): the
+// arithmetic of flash_bwd_sm90_kernel.cuh (one thread block per key block,
+// S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are the register A
+// operands of dV += P^T dO and dK += dS^T Q, the score rule's elementwise
+// step through probs_t / dscores_t), with the data movement taken off the
+// warps that compute, as the warp-specialized forward does:
+//
+//   warpgroup 0, the producer: setmaxnreg.dec; its first warp loads K and V
+//     once and then walks the query blocks i that can see this key block,
+//     filling a ring of kStages stages, each with Q_i and dO_i (TMA, issued
+//     by lane 0) and the rows' LSE, D and bias residual (4-byte cp.async by
+//     all 32 lanes, zero past the sequence, each lane's copies arriving on
+//     the stage's "full" mbarrier when they land). It waits only for a
+//     stage to be emptied by the consumers.
+//   warpgroups 1 and 2, the consumers (setmaxnreg.inc): 64 keys each, the
+//     classic kernel's loop, but with no block-wide barrier: the two meet
+//     only where dQ_i = dS_i K_j needs both halves of dS_i (a named barrier
+//     of their 256 threads; dS is double-buffered so that one consumer can
+//     write dS_{i+1} while the other still multiplies dS_i).
+//   dQ: each consumer's piece of dQ_i goes from its accumulators to shared
+//     memory (fp32, in TMA's 128-byte swizzle: conflict-free 8-byte stores)
+//     and one thread adds it into the fp32 dq_accum with a TMA reduction
+//     (cp.reduce.async.bulk.tensor ... add), which the copy engine performs
+//     while the consumers go on. The classic kernel's 16 vector atomics per
+//     thread per query block sat in the consumers' instruction stream.
+//
+// Dense calls, head dims 64 and 128, with or without dQ (the deterministic
+// backward computes dQ in its own kernel): the launcher
+// (launch_bwd_ws.cuh) sends variable-length calls, head dim 256 (whose
+// tiles and a dQ staging buffer do not fit shared memory twice) and tensors
+// TMA cannot describe to the classic kernel.
+#pragma once
+
+#include <cuda.h>
+
+#include "../../flash_params.h"
+#include "../../mask.h"
+#include "../flash_bwd_common.cuh"
+#include "../score_rule.cuh"
+#include "flash_bwd_sm90_kernel.cuh"  // probs_t, dscores_t, pack_p_operand, store_packed_sw128
+#include "sync.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace flash {
+namespace sm90 {
+
+// The kernel's one parameter (a __grid_constant__, as in the forward): the
+// call's params and the tensor maps of q, dout, k, v and dq_accum.
+struct WsBwdParams {
+  CUtensorMap tma_q, tma_do, tma_k, tma_v, tma_dq;
+  FlashBwdParams bwd;
+};
+
+template <typename Element_, int kHeadDim_, int kStages_>
+struct WsBwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kStages = kStages_;
+  // Head dim 64: 128 queries per step (the S^T / dP^T products get N = 128);
+  // 128: 64 queries (the dK / dV accumulators already take 128 registers).
+  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
+  static constexpr int kBlockN = 128;  // 64 keys per consumer warpgroup
+  static constexpr int kNThreads = 384;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24 + 2 x 240 = 3 x 168 (see the forward's traits)
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized backward has head dims 64 and 128");
+  // Per consumer: S^T / dP^T 64 keys x kSN queries, dK / dV 64 keys x the
+  // head dim; its dQ piece is 64 rows x kDqN columns: query rows split
+  // between the consumers when kBlockM = 128, head-dim halves otherwise.
+  static constexpr int kSN = kBlockM, kDkvN = kHeadDim;
+  static constexpr bool kDqSplitRows = kBlockM == 128;
+  static constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / 2;
+  static constexpr int kDqBoxCols = 32;  // fp32 columns of one 128-byte swizzled TMA box
+
+  static constexpr int kTileN = kBlockN * kHeadDim * 2;  // K or V
+  static constexpr int kTileM = kBlockM * kHeadDim * 2;  // one stage of Q or dO
+  static constexpr int kTileDs = kBlockN * kBlockM * 2;  // one buffer of dS^T
+  static constexpr int kDqPiece = 64 * kDqN * 4;         // one consumer's dQ piece, fp32
+  static constexpr int kKOff = 0;
+  static constexpr int kVOff = kKOff + kTileN;
+  static constexpr int kQOff = kVOff + kTileN;
+  static constexpr int kDoOff = kQOff + kStages * kTileM;
+  static constexpr int kDsOff = kDoOff + kStages * kTileM;  // 2 buffers
+  static constexpr int kDqOff = kDsOff + 2 * kTileDs;       // 2 pieces
+  static constexpr int kLseOff = kDqOff + 2 * kDqPiece;     // kStages x kBlockM floats each
+  static constexpr int kDeltaOff = kLseOff + kStages * kBlockM * 4;
+  static constexpr int kResidualOff = kDeltaOff + kStages * kBlockM * 4;
+  // mbarriers: K and V's, then full and empty per stage.
+  static constexpr int kBarOff = kResidualOff + kStages * kBlockM * 4;
+  static constexpr int kSmemBytes = kBarOff + 8 * (1 + 2 * kStages) + 1024;  // + realignment to the swizzle atom
+  // A stage is full after lane 0's arrive_expect_tx (Q and dO bytes) and
+  // the 32 producer lanes' cp.async arrivals (the row statistics); empty
+  // after lane 0 of each of the 8 consumer warps.
+  static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 8;
+  // Named barriers: the consumers' dS exchange, then each consumer's dQ piece.
+  static constexpr int kDsBarrier = 1, kDqBarrier = 2;
+  static_assert(kTileM % 1024 == 0 && kTileDs % 1024 == 0 && kDqPiece % 1024 == 0, "1024-byte swizzle alignment");
+};
+
+// One arrival on `bar` once all of this thread's earlier cp.async copies
+// have landed; .noinc: the arrival counts toward the barrier's expected
+// arrivals (kFullArrivals) instead of being added to them.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+#ifdef FLASH_SM90_ENABLED
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+
+// global += the box at `src` (shared memory), element-wise, by the TMA
+// unit; completes in the issuing thread's bulk group.
+__device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2,
+                                                  int c3) {
+#ifdef FLASH_SM90_ENABLED
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#ifdef FLASH_SM90_ENABLED
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// Until the issuing thread's bulk groups have read their shared memory
+// (kRead), or completed.
+template <bool kRead>
+__device__ __forceinline__ void bulk_wait_all() {
+#ifdef FLASH_SM90_ENABLED
+  if constexpr (kRead) {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  } else {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  }
+#endif
+}
+
+// A consumer's dQ piece (64 rows x kDqN columns of accumulator fragments,
+// warp w's rows 16w + g and + 8) into kDqN / 32 boxes of 64 rows x 32 fp32
+// columns in TMA's 128-byte swizzle: row r at r * 128 bytes, its 16-byte
+// chunk c at c ^ (r % 8). The 8-byte stores of a warp fall on every bank
+// exactly twice (two wavefronts, the minimum for 256 bytes).
+template <int kDqN>
+__device__ __forceinline__ void store_dq_piece(uint32_t dst, const float (&acc)[kDqN / 8][4], int warp_in_wg,
+                                               int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const int r = 16 * warp_in_wg + g;  // r + 8 has the same r % 8
+#pragma unroll
+  for (int j = 0; j < kDqN / 8; ++j) {
+    const int col = 8 * j + 2 * t, box = col / 32, chunk = (col % 32) / 4;
+    const uint32_t addr = dst + box * 64 * kLineBytes + r * kLineBytes + ((chunk ^ (r % 8)) << 4) + (col % 4) * 4;
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][0]), "f"(acc[j][1]) : "memory");
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr + 8 * kLineBytes), "f"(acc[j][2]), "f"(acc[j][3])
+                 : "memory");
+  }
+}
+
+template <typename T, bool kDq, int kFeatures>
+__global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(const __grid_constant__ WsBwdParams pw) {
+#ifdef FLASH_SM90_ENABLED
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kStages = T::kStages;
+  constexpr int kSN = T::kSN, kDkvN = T::kDkvN, kDqN = T::kDqN, kPanels = kHeadDim / kPanelCols;
+  constexpr int kLine = kLineBytes;
+  const FlashBwdParams& p = pw.bwd;
+  extern __shared__ char smem_raw[];
+  char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const uint32_t s_base = smem_u32(smem);
+  const uint32_t sK = s_base + T::kKOff, sV = s_base + T::kVOff;
+  const uint32_t bar_kv = s_base + T::kBarOff, full = bar_kv + 8, empty = full + 8 * kStages;  // + 8 * stage
+
+  const BwdBlock<Element> blk(p, kBlockN, p.seqlen_k);  // one key block
+  const int b = blk.b, h = blk.h;
+  const int n0 = blk.block * kBlockN;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  const MaskGeometry geo(p, blk.seq);
+  const int m_begin = geo.m_block_begin(n0, kBlockM);
+  const int count = geo.m_block_end(n0, kBlockN, kBlockM) - m_begin;  // query blocks, i = 0 .. count - 1
+
+  if (tid == 0) {
+    mbar_init(bar_kv, 1);
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(full + 8 * st, T::kFullArrivals);
+      mbar_init(empty + 8 * st, T::kEmptyArrivals);
+    }
+    fence_mbar_init();
+  }
+  __syncthreads();
+
+  // ------------------------------------------------------------ producer
+  if (wg == 0) {
+    setmaxnreg_dec<T::kProducerRegs>();
+    if (warp != 0 || count <= 0) return;  // nothing is loaded for a block no query sees
+    if (lane == 0) {
+      tma_prefetch_map(&pw.tma_q);
+      tma_prefetch_map(&pw.tma_do);
+      mbar_arrive_expect_tx(bar_kv, 2 * T::kTileN);
+#pragma unroll
+      for (int c = 0; c < kPanels; ++c) {
+        tma_load_4d(sK + c * kBlockN * kLine, &pw.tma_k, bar_kv, c * kPanelCols, n0, blk.hk, b);
+        tma_load_4d(sV + c * kBlockN * kLine, &pw.tma_v, bar_kv, c * kPanelCols, n0, blk.hk, b);
+      }
+    }
+    const float* lse = p.softmax_lse + blk.row_bh;
+    const float* delta = p.softmax_d + blk.row_bh;
+    const float* residual = p.lse_residual ? p.lse_residual + blk.row_bh : nullptr;
+    for (int i = 0; i < count; ++i) {
+      const int stage = i % kStages;
+      mbar_wait(empty + 8 * stage, ((i / kStages) & 1) ^ 1);
+      const int m0 = (m_begin + i) * kBlockM;
+      // The rows' statistics, 4 bytes a copy (no alignment guarantee), zero
+      // past the sequence; the residual is zero without a bias.
+      const uint32_t s_stats = s_base + stage * kBlockM * 4;
+#pragma unroll
+      for (int k = 0; k < kBlockM / 32; ++k) {
+        const int r = lane + 32 * k;
+        const bool in = m0 + r < blk.seq.seqlen_q;
+        const float* srcs[3] = {lse, delta, residual};
+        const int offs[3] = {T::kLseOff, T::kDeltaOff, T::kResidualOff};
+#pragma unroll
+        for (int v = 0; v < 3; ++v) {
+          const bool pred = in && srcs[v] != nullptr;
+          const float* src = pred ? srcs[v] + m0 + r : lse;
+          asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s_stats + offs[v] + 4 * r), "l"(src),
+                       "r"(pred ? 4 : 0));
+        }
+      }
+      cp_async_mbar_arrive(full + 8 * stage);
+      if (lane == 0) {
+        mbar_arrive_expect_tx(full + 8 * stage, 2 * T::kTileM);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c) {
+          tma_load_4d(s_base + T::kQOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_q, full + 8 * stage,
+                      c * kPanelCols, m0, h, b);
+          tma_load_4d(s_base + T::kDoOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_do, full + 8 * stage,
+                      c * kPanelCols, m0, h, b);
+        }
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------ consumers
+  setmaxnreg_inc<T::kConsumerRegs>();
+  const int cw = wg - 1, warp_in_wg = warp % 4;
+  const int ctid = tid - 128 * wg;  // thread within this consumer warpgroup
+  // This consumer's part: keys [wg_key0, + 64) of S^T (all kSN queries) and
+  // of dK / dV (the whole head dim); rows key_row0 + g (+ 8) for this
+  // thread; its dQ piece at query rows dq_row0.. and columns dq_col0...
+  const int wg_key0 = 64 * cw, key_row0 = wg_key0 + 16 * warp_in_wg;
+  const int dq_row0 = T::kDqSplitRows ? 64 * cw : 0, dq_col0 = T::kDqSplitRows ? 0 : kDqN * cw;
+  const uint32_t sDq = s_base + T::kDqOff + cw * T::kDqPiece;
+
+  float acc_dk[kDkvN / 8][4] = {};
+  float acc_dv[kDkvN / 8][4] = {};
+  using Rule = BwdScoreRule<Element, kFeatures>;
+  const Rule rule(p, geo, b, h);
+  Element* dbias = dbias_of<Element>(p, b, h);
+  constexpr uint32_t kSbo = 8 * kLine;
+  constexpr uint32_t kPanelN = kBlockN * kLine, kPanelM = kBlockM * kLine;
+
+  if (count > 0) mbar_wait(bar_kv, 0);
+  for (int i = 0; i < count; ++i) {
+    const int stage = i % kStages;
+    const int m0 = (m_begin + i) * kBlockM;
+    const uint32_t sQ = s_base + T::kQOff + stage * T::kTileM, sDo = s_base + T::kDoOff + stage * T::kTileM;
+    const uint32_t sDs = s_base + T::kDsOff + (i & 1) * T::kTileDs;
+    const float* stats = reinterpret_cast<const float*>(smem + stage * kBlockM * 4);
+    const float* sLse = stats + T::kLseOff / 4;
+    const float* sDelta = stats + T::kDeltaOff / 4;
+    const float* sResidual = stats + T::kResidualOff / 4;
+    mbar_wait(full + 8 * stage, (i / kStages) & 1);
+
+    float acc_s[kSN / 8][4], acc_dp[kSN / 8][4];
+    wgmma_fence();
+    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_s, sK + wg_key0 * kLine, kPanelN, sQ, kPanelM);
+    wgmma_commit();
+    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo, kPanelM);
+    wgmma_commit();
+    uint64_t keep_bits = 0;  // dropout's, drawn under the two products
+    if constexpr (Rule::kDropout) {
+      if (rule.has_dropout()) keep_bits = rule.template dropout_keep_bits_t<kSN>(n0 + key_row0, m0, lane);
+    }
+
+    wgmma_wait<1>();
+    fence_regs(acc_s);
+    SoftcapFactors<Element, kSN / 8> softcap_factors;
+    probs_t<Element, kSN>(acc_s, softcap_factors, rule, geo, m0, n0 + wg_key0, n0 + key_row0, sLse, sResidual, lane);
+    uint32_t p_frag[kSN / 16][4];
+    pack_p_operand<Element, kSN>(p_frag, acc_s, rule, keep_bits);
+    // dV += P^T dO (A from registers, B MN-major): on the tensor cores
+    // while dS^T is computed.
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kBlockM / 16; ++s) {
+      wgmma_rs<Element, kDkvN, 1>(acc_dv, p_frag[s], make_desc(sDo + s * 16 * kLine, kPanelM, kSbo), true);
+    }
+    wgmma_commit();
+
+    wgmma_wait<1>();  // dP^T (dV may still run)
+    fence_regs(acc_dp);
+    dscores_t<Element, kSN>(acc_dp, acc_s, softcap_factors, rule, p, dbias, sDelta, keep_bits, m0, n0 + key_row0,
+                            lane);
+    {
+      uint32_t ds_frag[kSN / 16][4];
+      pack_a_frags<Element>(ds_frag, acc_dp);
+      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
+    }
+    fence_proxy_async();
+    // dK reads this consumer's rows of dS^T, dQ both consumers' (kDq).
+    if constexpr (kDq) {
+      named_barrier_sync(T::kDsBarrier, 256);
+    } else {
+      named_barrier_sync(T::kDqBarrier + cw, 128);
+    }
+    // dK += dS^T Q: A = this consumer's 64 rows of dS^T (K-major, a panel
+    // per 64 queries), B = Q MN-major.
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kBlockM / 16; ++s) {
+      const uint32_t a = sDs + (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32;
+      wgmma_ss<Element, kDkvN, 0, 1>(acc_dk, make_desc(a, 16, kSbo), make_desc(sQ + s * 16 * kLine, kPanelM, kSbo),
+                                     true);
+    }
+    wgmma_commit();
+
+    if constexpr (kDq) {
+      // dQ piece = dS K: A = dS^T read MN-major, B = K MN-major.
+      const uint32_t a_base = sDs + (T::kDqSplitRows ? cw * kPanelN : 0);
+      const uint32_t b_base = sK + (dq_col0 / 64) * kPanelN;
+      float acc_dq[kDqN / 8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kBlockN / 16; ++s) {
+        wgmma_ss<Element, kDqN, 1, 1>(acc_dq, make_desc(a_base + s * 16 * kLine, kPanelN, kSbo),
+                                      make_desc(b_base + s * 16 * kLine, kPanelN, kSbo), s > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // dV and dK done: the stage is free
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);
+      if (lane == 0) mbar_arrive(empty + 8 * stage);
+      wgmma_wait<0>();
+      fence_regs(acc_dq);
+      // The piece to shared memory once the previous piece's reduction has
+      // read it, then one thread hands it to the TMA unit.
+      if (ctid == 0) bulk_wait_all<true>();
+      named_barrier_sync(T::kDqBarrier + cw, 128);
+      store_dq_piece<kDqN>(sDq, acc_dq, warp_in_wg, lane);
+      fence_proxy_async();
+      named_barrier_sync(T::kDqBarrier + cw, 128);
+      if (ctid == 0) {
+#pragma unroll
+        for (int box = 0; box < kDqN / T::kDqBoxCols; ++box) {
+          tma_reduce_add_4d(&pw.tma_dq, sDq + box * 64 * kLine, dq_col0 + box * T::kDqBoxCols, m0 + dq_row0, h, b);
+        }
+        bulk_commit();
+      }
+    } else {
+      wgmma_wait<0>();
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);
+      if (lane == 0) mbar_arrive(empty + 8 * stage);
+    }
+  }
+
+  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, 0, acc_dk, acc_dv, lane);
+  if (kDq && ctid == 0) bulk_wait_all<false>();  // the reductions read shared memory until they complete
+#endif  // FLASH_SM90_ENABLED
+}
+
+}  // namespace sm90
+}  // namespace flash

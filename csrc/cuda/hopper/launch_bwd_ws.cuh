@@ -1,0 +1,104 @@
+// The warp-specialized Hopper backward's launcher
+// (flash_bwd_sm90_ws_kernel.cuh): its tiles, the calls it cannot take, the
+// tensor maps. run_flash_bwd_dkdv_sm90_ws returns false, launching nothing,
+// when the classic Hopper backward must run instead: FLASH_ATTN_EXT_SM90_BWD
+// = classic, head dim 256, variable-length calls, tensors TMA cannot
+// describe, or a shared-memory budget the tiles exceed. With ws_strict those
+// (except head dim 256 and the budget, which no call can change) raise an
+// error naming the reason.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../cuda_check.h"
+#include "../device_props.cuh"
+#include "../variants.h"
+#include "flash_bwd_sm90_ws_kernel.cuh"
+#include "sm90_dispatch.cuh"
+#include "tma.cuh"
+
+namespace flash {
+
+// Two stages of Q / dO at both head dims: 190 KB at 64 (128-query steps:
+// the dS^T buffers are 32 KB each), 190 KB at 128; a third stage would not
+// fit next to the double-buffered dS^T and the dQ staging pieces.
+template <typename Element, int kHeadDim>
+using Sm90WsBwdTraitsFor = sm90::WsBwdTraits<Element, kHeadDim, 2>;
+
+namespace sm90 {
+
+// Why the warp-specialized backward cannot take this call, or null.
+template <typename T>
+const char* encode_ws_bwd_maps(WsBwdParams& ws, const FlashBwdParams& p) {
+  if (p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr || p.seqused_k != nullptr) {
+    return "variable-length calls run the classic backward";
+  }
+  constexpr bool kBf16 = std::is_same_v<typename T::Element, __nv_bfloat16>;
+  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
+                                    p.q_batch_stride, p.q_row_stride, p.q_head_stride, T::kBlockM);
+  if (why == nullptr) {
+    why = encode_bshd_map(&ws.tma_do, p.dout, kBf16, p.batch, p.seqlen_q, p.nheads, T::kHeadDim, p.do_batch_stride,
+                          p.do_row_stride, p.do_head_stride, T::kBlockM);
+  }
+  if (why == nullptr) {
+    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
+                          p.k_row_stride, p.k_head_stride, T::kBlockN);
+  }
+  if (why == nullptr) {
+    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
+                          p.v_row_stride, p.v_head_stride, T::kBlockN);
+  }
+  if (why == nullptr && p.dq_accum != nullptr) {
+    // dq_accum: (batch, seqlen_q, nheads, head dim) fp32, contiguous (bwd_cuda).
+    const int64_t row = int64_t(p.nheads) * T::kHeadDim;
+    why = encode_bshd_map_f32(&ws.tma_dq, p.dq_accum, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
+                              row * p.seqlen_q, row, T::kHeadDim, 64);
+  }
+  return why;
+}
+
+}  // namespace sm90
+
+template <typename T>
+void launch_flash_bwd_sm90_ws(const sm90::WsBwdParams& ws, cudaStream_t stream) {
+  const FlashBwdParams& p = ws.bwd;
+  const int64_t num_n_blocks = (p.seqlen_k + T::kBlockN - 1) / T::kBlockN;
+  const int64_t grid = num_n_blocks * p.batch * p.nheads;
+  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
+  dispatch_features(score_features(p), [&](auto features) {
+    constexpr int kFeatures = decltype(features)::value;
+    auto kernel = p.dq_accum != nullptr ? &sm90::flash_bwd_sm90_ws_kernel<T, true, kFeatures>
+                                        : &sm90::flash_bwd_sm90_ws_kernel<T, false, kFeatures>;
+    set_smem_limit(kernel, T::kSmemBytes);
+    kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(ws);
+    FLASH_CUDA_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace flash
+
+template <typename Element, int kHeadDim>
+bool run_flash_bwd_dkdv_sm90_ws(const FlashBwdParams& params, cudaStream_t stream) {
+  const flash::sm90::KernelChoice choice = flash::sm90::bwd_kernel_choice();
+  if (choice == flash::sm90::KernelChoice::kClassic) return false;
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+    using T = flash::Sm90WsBwdTraitsFor<Element, kHeadDim>;
+    if (T::kSmemBytes > flash::smem_budget()) return false;
+    flash::sm90::WsBwdParams ws;
+    const char* why = flash::sm90::encode_ws_bwd_maps<T>(ws, params);
+    if (why != nullptr) {
+      FLASH_CHECK(choice != flash::sm90::KernelChoice::kWsStrict,
+                  "flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD=ws_strict, but the warp-specialized backward cannot take "
+                  "this call: ", why);
+      return false;
+    }
+    ws.bwd = params;
+    flash::launch_flash_bwd_sm90_ws<T>(ws, stream);
+    return true;
+  } else {
+    return false;
+  }
+}

@@ -1,0 +1,220 @@
+"""The warp-specialized Hopper backward (csrc/cuda/hopper/flash_bwd_sm90_ws_kernel.cuh:
+TMA producer warp with a Q/dO ring, two consumer warpgroups meeting only for
+dS, dQ added into dq_accum by TMA reductions), selected by
+FLASH_ATTN_EXT_SM90_BWD. The tests run with `ws_strict`, under which a call
+the kernel cannot take raises instead of falling back to the classic kernel:
+a test that passes ran the warp-specialized backward. Out and every gradient
+against the float64 reference under the project's 2x rule
+(test_score_features.check_features): head dims 64 and 128, fp16 and bf16,
+causal or not, windows, GQA/MQA, seqlen_q != seqlen_k, lengths that are no
+multiple of the tiles, the deterministic backward (no dQ in this kernel),
+softcap, ALiBi, sinks, dropout (against the reference with the call's own
+mask) and a bias with its gradient. Then the fallbacks (variable-length
+calls and head dim 256 run the classic kernel; ws_strict names why), and the
+kernel names under the profiler.
+
+Skipped without CUDA, on a GPU other than compute capability 9.0, and for
+head dims or dtypes a restricted build left out.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+if torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("the warp-specialized backward runs on compute capability 9.0 (H100/H200) only",
+                allow_module_level=True)
+
+import flash_attn_ext  # noqa: E402
+from conftest import assert_close_to_ref, attention_ref, poison_allocator, random_qkv  # noqa: E402
+from test_score_features import check_features, random_features  # noqa: E402
+
+ENV = "FLASH_ATTN_EXT_SM90_BWD"
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+HEADDIMS = [64, 128]
+_MISSING = ("not compiled in this build", "no CUDA kernel compiled", "has no Hopper")
+
+
+@pytest.fixture
+def ws(monkeypatch):
+    monkeypatch.setenv(ENV, "ws_strict")
+
+
+def run_or_skip(fn):
+    try:
+        return fn()
+    except RuntimeError as exc:
+        if any(m in str(exc) for m in _MISSING):
+            pytest.skip(f"kernel not in this build: {str(exc).splitlines()[0][:200]}")
+        raise
+
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k): single rows, lengths below,
+# at and above the 64/128-row tiles, GQA and MQA, seqlen_q != seqlen_k both ways.
+SHAPES = [
+    (2, 1, 1, 2, 2),
+    (1, 77, 77, 4, 2),
+    (2, 128, 128, 2, 1),
+    (1, 200, 333, 4, 4),
+    (1, 1000, 260, 6, 2),
+    (1, 257, 1100, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ws_bwd_against_reference(ws, dtype, headdim, causal, deterministic, shape):
+    b, sq, sk, h, hk = shape
+    q, k, v = random_qkv(b, sq, sk, h, hk, headdim, dtype, "cuda")
+    run_or_skip(lambda: check_features(q, k, v, causal=causal, deterministic=deterministic))
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("window", [(24, 8), (100, -1), (-1, 0), (0, 0), (300, 300)])
+def test_ws_bwd_windows(ws, headdim, window):
+    q, k, v = random_qkv(2, 390, 517, 4, 2, headdim, torch.bfloat16, "cuda")
+    run_or_skip(lambda: check_features(q, k, v, window=window))
+
+
+FEATURES = [
+    pytest.param(dict(softcap=5.0), id="softcap"),
+    pytest.param(dict(alibi="head"), id="alibi"),
+    pytest.param(dict(sinks=True), id="sinks"),
+    pytest.param(dict(softcap=8.0, alibi="batch"), id="softcap-alibi"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("case", FEATURES)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 9))],
+                         ids=["full", "causal", "window"])
+def test_ws_bwd_score_features(ws, dtype, headdim, case, causal, window):
+    q, k, v = random_qkv(2, 150, 300, 4, 2, headdim, dtype, "cuda")
+    f = random_features(2, 4, "cuda", **case)
+    run_or_skip(lambda: check_features(q, k, v, causal=causal, window=window, lse_grad=True, **f))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ws_bwd_dropout_against_reference(ws, dtype, headdim, causal):
+    """The gradients of a dropout call equal the reference's with the keep-mask
+    the call itself returns (return_attn_probs: flash-attn's S_dmask, negated
+    where dropped)."""
+    torch.manual_seed(1234)
+    q, k, v = random_qkv(1, 130, 200, 2, 1, headdim, dtype, "cuda")
+    p = 0.17
+
+    def call():
+        return flash_attn_ext.flash_attn_func(q, k, v, dropout_p=p, causal=causal, return_attn_probs=True)
+
+    out, _, s_dmask = run_or_skip(call)
+    s_dmask = s_dmask.detach()
+    dout = torch.randn_like(out)
+    poison_allocator(q.device, 3 * q.numel() * q.element_size())
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    low_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref_out, _ = attention_ref(*ref_in, causal, dropout_mask=s_dmask, dropout_p=p)
+    low_out, _ = attention_ref(*low_in, causal, dropout_mask=s_dmask, dropout_p=p, upcast=False)
+    assert_close_to_ref(out, ref_out, low_out, "out")
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    low_grads = torch.autograd.grad(low_out, low_in, dout)
+    for name, ours, ref, low in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert not torch.isnan(ours).any(), name
+        assert_close_to_ref(ours, ref, low, name)
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_bwd_bias_grad(ws, headdim):
+    """A float attention bias with requires_grad (through the SDPA-compatible
+    function): dbias, dq, dk and dv against the float64 reference."""
+    b, h, sq, sk = 2, 3, 140, 270
+    q = torch.randn(b, h, sq, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, h, sk, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, h, sk, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = (torch.randn(b, h, sq, sk, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    out = run_or_skip(lambda: flash_attn_ext.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+    leaves = (q, k, v, bias)
+    ref_in = [x.detach().double().requires_grad_() for x in leaves]
+    low_in = [x.detach().clone().requires_grad_() for x in leaves]
+    ref_out = torch.nn.functional.scaled_dot_product_attention(*ref_in[:3], attn_mask=ref_in[3])
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        low_out = torch.nn.functional.scaled_dot_product_attention(*low_in[:3], attn_mask=low_in[3])
+    assert_close_to_ref(out, ref_out, low_out, "out")
+    ref_grads = torch.autograd.grad(ref_out, ref_in, dout.double())
+    low_grads = torch.autograd.grad(low_out, low_in, dout)
+    for name, ours, ref, low in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, low_grads):
+        assert not torch.isnan(ours).any(), name
+        assert_close_to_ref(ours, ref, low, name)
+
+
+def test_ws_bwd_varlen_runs_the_classic_kernel(monkeypatch):
+    """Variable-length calls fall back (and ws_strict says why)."""
+    q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
+
+    def call():
+        out = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, causal=True)
+        out.sum().backward()
+
+    monkeypatch.setenv(ENV, "ws_strict")
+    with pytest.raises(RuntimeError, match="variable-length calls run the classic backward"):
+        run_or_skip(call)
+    monkeypatch.setenv(ENV, "ws")
+    q.grad = None
+    run_or_skip(call)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_ws_bwd_bad_switch(monkeypatch):
+    q, k, v = random_qkv(1, 64, 64, 2, 2, 128, torch.bfloat16, "cuda")
+    out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v))
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(RuntimeError, match="FLASH_ATTN_EXT_SM90_BWD must be classic, ws or ws_strict"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_bwd_matches_classic(monkeypatch, headdim):
+    """The two backward kernels compute the same products per key block: they agree to rounding."""
+    q, k, v = random_qkv(2, 515, 515, 4, 2, headdim, torch.bfloat16, "cuda")
+    dout = torch.randn(2, 515, 4, headdim, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for kernel in ("ws_strict", "classic"):
+        monkeypatch.setenv(ENV, kernel)
+        out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v, causal=True))
+        results[kernel] = torch.autograd.grad(out, (q, k, v), dout)
+    for name, a, b in zip(("dq", "dk", "dv"), results["ws_strict"], results["classic"]):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 4 * torch.finfo(torch.bfloat16).eps * scale, name
+
+
+def test_ws_bwd_kernel_names(monkeypatch):
+    """The profiler sees the warp-specialized backward under ws and the classic one under classic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = random_qkv(1, 256, 256, 2, 2, 128, torch.bfloat16, "cuda")
+
+    def names():
+        out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v, causal=True))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out.sum().backward()
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if e.device_type.name == "CUDA" and "flash::" in e.name}
+
+    monkeypatch.setenv(ENV, "ws")
+    ws_names = names()
+    assert any("flash_bwd_sm90_ws_kernel" in n for n in ws_names), ws_names
+    monkeypatch.setenv(ENV, "classic")
+    classic_names = names()
+    assert any("flash_bwd_sm90_kernel" in n for n in classic_names), classic_names
+    assert not any("ws_kernel" in n for n in classic_names), classic_names
