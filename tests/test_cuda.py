@@ -295,6 +295,7 @@ def cuda_kernel_names(fn):
 def test_kernel_selection(monkeypatch, disable):
     monkeypatch.delenv("FLASH_ATTN_EXT_SMEM_BUDGET_KB", raising=False)  # the device's own choice
     monkeypatch.delenv("FLASH_ATTN_EXT_SM90_FWD", raising=False)
+    monkeypatch.delenv("FLASH_ATTN_EXT_SM90_BWD", raising=False)
     if disable:
         monkeypatch.setenv("FLASH_ATTN_EXT_DISABLE_SM90", "1")
     q, k, v = (randn(1, 256, 2, 128).requires_grad_() for _ in range(3))
@@ -306,9 +307,9 @@ def test_kernel_selection(monkeypatch, disable):
     names = cuda_kernel_names(fwd_bwd)
     hopper = sorted(n for n in names if "sm90" in n)
     if IS_SM90 and not disable:
-        # The warp-specialized forward by default (FLASH_ATTN_EXT_SM90_FWD unset).
+        # The warp-specialized kernels by default (FLASH_ATTN_EXT_SM90_FWD / _BWD unset).
         assert any("flash_fwd_sm90_ws_kernel" in n for n in hopper), names
-        assert any("flash_bwd_sm90_kernel" in n for n in hopper), names
+        assert any("flash_bwd_sm90_ws_kernel" in n for n in hopper), names
     else:
         assert not hopper, hopper
         assert any("flash_fwd_kernel" in n for n in names), names

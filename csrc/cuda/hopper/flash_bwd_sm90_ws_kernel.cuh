@@ -291,10 +291,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     pack_p_operand<Element, kSN>(p_frag, acc_s, rule, keep_bits);
     // dV += P^T dO (A from registers, B MN-major): on the tensor cores
     // while dS^T is computed.
+    const uint64_t desc_do = make_desc(sDo, kPanelM, kSbo);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kBlockM / 16; ++s) {
-      wgmma_rs<Element, kDkvN, 1>(acc_dv, p_frag[s], make_desc(sDo + s * 16 * kLine, kPanelM, kSbo), true);
+      wgmma_rs<Element, kDkvN, 1>(acc_dv, p_frag[s], desc_advance(desc_do, s * 16 * kLine), true);
     }
     wgmma_commit();
 
@@ -302,52 +303,51 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     fence_regs(acc_dp);
     dscores_t<Element, kSN>(acc_dp, acc_s, softcap_factors, rule, p, dbias, sDelta, keep_bits, m0, n0 + key_row0,
                             lane);
-    {
-      uint32_t ds_frag[kSN / 16][4];
-      pack_a_frags<Element>(ds_frag, acc_dp);
-      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
-    }
-    fence_proxy_async();
-    // dK reads this consumer's rows of dS^T, dQ both consumers' (kDq).
-    if constexpr (kDq) {
-      named_barrier_sync(T::kDsBarrier, 256);
-    } else {
-      named_barrier_sync(T::kDqBarrier + cw, 128);
-    }
-    // dK += dS^T Q: A = this consumer's 64 rows of dS^T (K-major, a panel
-    // per 64 queries), B = Q MN-major.
+    uint32_t ds_frag[kSN / 16][4];
+    pack_a_frags<Element>(ds_frag, acc_dp);
+    // dK += dS^T Q (A from registers, B MN-major).
+    const uint64_t desc_q = make_desc(sQ, kPanelM, kSbo);
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kBlockM / 16; ++s) {
-      const uint32_t a = sDs + (s / 4) * kPanelN + wg_key0 * kLine + (s % 4) * 32;
-      wgmma_ss<Element, kDkvN, 0, 1>(acc_dk, make_desc(a, 16, kSbo), make_desc(sQ + s * 16 * kLine, kPanelM, kSbo),
-                                     true);
+      wgmma_rs<Element, kDkvN, 1>(acc_dk, ds_frag[s], desc_advance(desc_q, s * 16 * kLine), true);
     }
     wgmma_commit();
 
     if constexpr (kDq) {
-      // dQ piece = dS K: A = dS^T read MN-major, B = K MN-major.
-      const uint32_t a_base = sDs + (T::kDqSplitRows ? cw * kPanelN : 0);
-      const uint32_t b_base = sK + (dq_col0 / 64) * kPanelN;
+      // This consumer's dS^T half into this step's buffer.
+      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
+      fence_proxy_async();
+    }
+    // dV and dK done: the stage is free, and P^T / dS^T leave the registers
+    // before the dQ product needs its accumulators.
+    wgmma_wait<0>();
+    fence_regs(acc_dv);
+    fence_regs(acc_dk);
+    fence_regs(p_frag);
+    fence_regs(ds_frag);
+    if (lane == 0) mbar_arrive(empty + 8 * stage);
+
+    if constexpr (kDq) {
+      // dQ piece = dS K over both consumers' halves: A = dS^T read MN-major,
+      // B = K MN-major. Thread 0 of each consumer arrives here only after
+      // its previous dQ reduction has read the staging piece, so after this
+      // barrier the piece is free to overwrite.
+      if (ctid == 0) bulk_wait_all<true>();
+      named_barrier_sync(T::kDsBarrier, 256);
+      const uint64_t desc_a = make_desc(sDs + (T::kDqSplitRows ? cw * kPanelN : 0), kPanelN, kSbo);
+      const uint64_t desc_b = make_desc(sK + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
       float acc_dq[kDqN / 8][4];
       wgmma_fence();
 #pragma unroll
       for (int s = 0; s < kBlockN / 16; ++s) {
-        wgmma_ss<Element, kDqN, 1, 1>(acc_dq, make_desc(a_base + s * 16 * kLine, kPanelN, kSbo),
-                                      make_desc(b_base + s * 16 * kLine, kPanelN, kSbo), s > 0);
+        wgmma_ss<Element, kDqN, 1, 1>(acc_dq, desc_advance(desc_a, s * 16 * kLine), desc_advance(desc_b, s * 16 * kLine),
+                                      s > 0);
       }
       wgmma_commit();
-      wgmma_wait<1>();  // dV and dK done: the stage is free
-      fence_regs(acc_dv);
-      fence_regs(acc_dk);
-      fence_regs(p_frag);
-      if (lane == 0) mbar_arrive(empty + 8 * stage);
       wgmma_wait<0>();
       fence_regs(acc_dq);
-      // The piece to shared memory once the previous piece's reduction has
-      // read it, then one thread hands it to the TMA unit.
-      if (ctid == 0) bulk_wait_all<true>();
-      named_barrier_sync(T::kDqBarrier + cw, 128);
+      // The piece to shared memory, then one thread hands it to the TMA unit.
       store_dq_piece<kDqN>(sDq, acc_dq, warp_in_wg, lane);
       fence_proxy_async();
       named_barrier_sync(T::kDqBarrier + cw, 128);
@@ -358,12 +358,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
         }
         bulk_commit();
       }
-    } else {
-      wgmma_wait<0>();
-      fence_regs(acc_dv);
-      fence_regs(acc_dk);
-      fence_regs(p_frag);
-      if (lane == 0) mbar_arrive(empty + 8 * stage);
     }
   }
 

@@ -95,6 +95,14 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
          | uint64_t((addr >> 4) & 0x3FFF);             // start address
 }
 
+// The descriptor of the operand `bytes` (a multiple of 16) past the one of
+// `desc`: one 64-bit add to the start-address field, which cannot carry out
+// of its 14 bits (shared-memory addresses are below 2^18 bytes). Loops over
+// k-slices advance one base descriptor instead of building each slice's
+// from its address, which ptxas otherwise keeps as a loop-invariant
+// register per slice (and spilled in the warp-specialized backward).
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef FLASH_SM90_ENABLED
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -224,10 +232,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (
 template <typename Element, int kN, int kK>
 __device__ __forceinline__ void wgmma_abt_kmajor(float (&acc)[kN / 8][4], uint32_t a, uint32_t a_panel, uint32_t b,
                                                  uint32_t b_panel) {
+  const uint64_t desc_a = make_desc(a, 16, 8 * kLineBytes), desc_b = make_desc(b, 16, 8 * kLineBytes);
 #pragma unroll
   for (int s = 0; s < kK / 16; ++s) {
-    const uint32_t a_s = a + (s / 4) * a_panel + (s % 4) * 32, b_s = b + (s / 4) * b_panel + (s % 4) * 32;
-    wgmma_ss<Element, kN, 0, 0>(acc, make_desc(a_s, 16, 8 * kLineBytes), make_desc(b_s, 16, 8 * kLineBytes), s > 0);
+    wgmma_ss<Element, kN, 0, 0>(acc, desc_advance(desc_a, (s / 4) * a_panel + (s % 4) * 32),
+                                desc_advance(desc_b, (s / 4) * b_panel + (s % 4) * 32), s > 0);
   }
 }
 
