@@ -56,19 +56,20 @@ template <typename Element_, int kHeadDim_, int kStages_>
 struct WsBwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kStages = kStages_;
-  // Head dim 64: 128 queries per step (the S^T / dP^T products get N = 128);
-  // 128: 64 queries (the dK / dV accumulators already take 128 registers).
-  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
+  // 64 queries per step. At head dim 128 the dK / dV accumulators take 128
+  // registers, which leaves no room for more; at 64, 128-query steps (the
+  // classic kernel's) made ptxas serialize every wgmma of the loop for
+  // want of registers (C7512), and ran at 0.87x the classic kernel.
+  static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 128;  // 64 keys per consumer warpgroup
   static constexpr int kNThreads = 384;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24 + 2 x 240 = 3 x 168 (see the forward's traits)
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized backward has head dims 64 and 128");
   // Per consumer: S^T / dP^T 64 keys x kSN queries, dK / dV 64 keys x the
-  // head dim; its dQ piece is 64 rows x kDqN columns: query rows split
-  // between the consumers when kBlockM = 128, head-dim halves otherwise.
+  // head dim; its dQ piece is the 64 query rows x kDqN columns, one
+  // head-dim half per consumer.
   static constexpr int kSN = kBlockM, kDkvN = kHeadDim;
-  static constexpr bool kDqSplitRows = kBlockM == 128;
-  static constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / 2;
+  static constexpr int kDqN = kHeadDim / 2;
   static constexpr int kDqBoxCols = 32;  // fp32 columns of one 128-byte swizzled TMA box
 
   static constexpr int kTileN = kBlockN * kHeadDim * 2;  // K or V
@@ -91,8 +92,8 @@ struct WsBwdTraits {
   // the 32 producer lanes' cp.async arrivals (the row statistics); empty
   // after lane 0 of each of the 8 consumer warps.
   static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 8;
-  // Named barriers: the consumers' dS exchange, then each consumer's dQ piece.
-  static constexpr int kDsBarrier = 1, kDqBarrier = 2;
+  // Named barrier: the consumers' dS exchange.
+  static constexpr int kDsBarrier = 1;
   static_assert(kTileM % 1024 == 0 && kTileDs % 1024 == 0 && kDqPiece % 1024 == 0, "1024-byte swizzle alignment");
 };
 
@@ -135,14 +136,17 @@ __device__ __forceinline__ void bulk_wait_all() {
 #endif
 }
 
-// A consumer's dQ piece (64 rows x kDqN columns of accumulator fragments,
-// warp w's rows 16w + g and + 8) into kDqN / 32 boxes of 64 rows x 32 fp32
-// columns in TMA's 128-byte swizzle: row r at r * 128 bytes, its 16-byte
-// chunk c at c ^ (r % 8). The 8-byte stores of a warp fall on every bank
-// exactly twice (two wavefronts, the minimum for 256 bytes).
+// One warp's 16 rows of a consumer's dQ piece (accumulator fragments of 16
+// x kDqN, rows g and g + 8) into its slab of kDqN / 32 boxes of 64 rows x 32
+// fp32 columns in TMA's 128-byte swizzle: row r at r * 128 bytes, its
+// 16-byte chunk c at c ^ (r % 8). The warp's rows 16 w .. 16 w + 15 start
+// 2048 bytes into each box, on a swizzle atom, so the warp hands them to the
+// TMA unit itself (boxes of 16 rows) and no other warp waits for it. The
+// 8-byte stores of a warp fall on every bank exactly twice (two wavefronts,
+// the minimum for 256 bytes).
 template <int kDqN>
-__device__ __forceinline__ void store_dq_piece(uint32_t dst, const float (&acc)[kDqN / 8][4], int warp_in_wg,
-                                               int lane) {
+__device__ __forceinline__ void store_dq_slab(uint32_t dst, const float (&acc)[kDqN / 8][4], int warp_in_wg,
+                                              int lane) {
   const int g = lane / 4, t = lane % 4;
   const int r = 16 * warp_in_wg + g;  // r + 8 has the same r % 8
 #pragma unroll
@@ -244,12 +248,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   // ------------------------------------------------------------ consumers
   setmaxnreg_inc<T::kConsumerRegs>();
   const int cw = wg - 1, warp_in_wg = warp % 4;
-  const int ctid = tid - 128 * wg;  // thread within this consumer warpgroup
   // This consumer's part: keys [wg_key0, + 64) of S^T (all kSN queries) and
   // of dK / dV (the whole head dim); rows key_row0 + g (+ 8) for this
-  // thread; its dQ piece at query rows dq_row0.. and columns dq_col0...
+  // thread; its dQ piece at columns dq_col0...
   const int wg_key0 = 64 * cw, key_row0 = wg_key0 + 16 * warp_in_wg;
-  const int dq_row0 = T::kDqSplitRows ? 64 * cw : 0, dq_col0 = T::kDqSplitRows ? 0 : kDqN * cw;
+  const int dq_col0 = kDqN * cw;
   const uint32_t sDq = s_base + T::kDqOff + cw * T::kDqPiece;
 
   float acc_dk[kDkvN / 8][4] = {};
@@ -330,12 +333,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
 
     if constexpr (kDq) {
       // dQ piece = dS K over both consumers' halves: A = dS^T read MN-major,
-      // B = K MN-major. Thread 0 of each consumer arrives here only after
-      // its previous dQ reduction has read the staging piece, so after this
-      // barrier the piece is free to overwrite.
-      if (ctid == 0) bulk_wait_all<true>();
+      // B = K MN-major. Lane 0 of each warp arrives here only after its
+      // previous dQ reduction has read the warp's staging slab, so after
+      // this barrier the slabs are free to overwrite.
+      if (lane == 0) bulk_wait_all<true>();
       named_barrier_sync(T::kDsBarrier, 256);
-      const uint64_t desc_a = make_desc(sDs + (T::kDqSplitRows ? cw * kPanelN : 0), kPanelN, kSbo);
+      const uint64_t desc_a = make_desc(sDs, kPanelN, kSbo);
       const uint64_t desc_b = make_desc(sK + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
       float acc_dq[kDqN / 8][4];
       wgmma_fence();
@@ -347,14 +350,16 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(acc_dq);
-      // The piece to shared memory, then one thread hands it to the TMA unit.
-      store_dq_piece<kDqN>(sDq, acc_dq, warp_in_wg, lane);
+      // This warp's rows of the piece to shared memory, then its lane 0 hands
+      // them to the TMA unit.
+      store_dq_slab<kDqN>(sDq, acc_dq, warp_in_wg, lane);
       fence_proxy_async();
-      named_barrier_sync(T::kDqBarrier + cw, 128);
-      if (ctid == 0) {
+      __syncwarp();
+      if (lane == 0) {
 #pragma unroll
         for (int box = 0; box < kDqN / T::kDqBoxCols; ++box) {
-          tma_reduce_add_4d(&pw.tma_dq, sDq + box * 64 * kLine, dq_col0 + box * T::kDqBoxCols, m0 + dq_row0, h, b);
+          tma_reduce_add_4d(&pw.tma_dq, sDq + box * 64 * kLine + 16 * warp_in_wg * kLine,
+                            dq_col0 + box * T::kDqBoxCols, m0 + 16 * warp_in_wg, h, b);
         }
         bulk_commit();
       }
@@ -362,7 +367,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   }
 
   store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, 0, acc_dk, acc_dv, lane);
-  if (kDq && ctid == 0) bulk_wait_all<false>();  // the reductions read shared memory until they complete
+  if (kDq && lane == 0) bulk_wait_all<false>();  // the reductions read shared memory until they complete
 #endif  // FLASH_SM90_ENABLED
 }
 

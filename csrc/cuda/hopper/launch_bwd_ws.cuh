@@ -22,11 +22,11 @@
 
 namespace flash {
 
-// Two stages of Q / dO at both head dims: 190 KB at 64 (128-query steps:
-// the dS^T buffers are 32 KB each), 190 KB at 128; a third stage would not
-// fit next to the double-buffered dS^T and the dQ staging pieces.
+// Stages of Q / dO: 3 at head dim 64 (131 KB), 2 at 128 (195 KB: a third
+// would need 228 KB, over the 227 KB a block may have, next to the
+// double-buffered dS^T and the dQ staging pieces).
 template <typename Element, int kHeadDim>
-using Sm90WsBwdTraitsFor = sm90::WsBwdTraits<Element, kHeadDim, 2>;
+using Sm90WsBwdTraitsFor = sm90::WsBwdTraits<Element, kHeadDim, (kHeadDim == 64 ? 3 : 2)>;
 
 namespace sm90 {
 
@@ -52,10 +52,11 @@ const char* encode_ws_bwd_maps(WsBwdParams& ws, const FlashBwdParams& p) {
                           p.v_row_stride, p.v_head_stride, T::kBlockN);
   }
   if (why == nullptr && p.dq_accum != nullptr) {
-    // dq_accum: (batch, seqlen_q, nheads, head dim) fp32, contiguous (bwd_cuda).
+    // dq_accum: (batch, seqlen_q, nheads, head dim) fp32, contiguous
+    // (bwd_cuda); boxes of one warp's 16 rows.
     const int64_t row = int64_t(p.nheads) * T::kHeadDim;
     why = encode_bshd_map_f32(&ws.tma_dq, p.dq_accum, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
-                              row * p.seqlen_q, row, T::kHeadDim, 64);
+                              row * p.seqlen_q, row, T::kHeadDim, 16);
   }
   return why;
 }

@@ -96,12 +96,17 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
 }
 
 // The descriptor of the operand `bytes` (a multiple of 16) past the one of
-// `desc`: one 64-bit add to the start-address field, which cannot carry out
-// of its 14 bits (shared-memory addresses are below 2^18 bytes). Loops over
+// `desc`: an add to the start-address field, which cannot carry out of its
+// 14 bits (shared-memory addresses are below 2^18 bytes). Loops over
 // k-slices advance one base descriptor instead of building each slice's
 // from its address, which ptxas otherwise keeps as a loop-invariant
 // register per slice (and spilled in the warp-specialized backward).
-__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+// The add is done on the low word (the address field cannot carry into the
+// leading-byte-offset field above it either), so that it is one 32-bit add.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4), hi = static_cast<uint32_t>(desc >> 32);
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
 
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef FLASH_SM90_ENABLED
