@@ -1,28 +1,39 @@
 // FlashAttention backward on Hopper, warp-specialized (sm_90a): the
-// arithmetic of flash_bwd_sm90_kernel.cuh (one thread block per key block,
-// S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are the register A
-// operands of dV += P^T dO and dK += dS^T Q, the score rule's elementwise
-// step through probs_t / dscores_t), with the data movement taken off the
-// warps that compute, as the warp-specialized forward does:
+// arithmetic of flash_bwd_sm90_kernel.cuh (one thread block per key block of
+// 128 keys, S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are the
+// register A operands of dV += P^T dO and dK += dS^T Q, the score rule's
+// elementwise step through probs_t / dscores_t), with the data movement
+// taken off the warps that compute, as the warp-specialized forward does:
 //
 //   warpgroup 0, the producer: setmaxnreg.dec; its first warp loads K and V
-//     once and then walks the query blocks i that can see this key block,
-//     filling a ring of kStages stages, each with Q_i and dO_i (TMA, issued
-//     by lane 0) and the rows' LSE, D and bias residual (4-byte cp.async by
-//     all 32 lanes, zero past the sequence, each lane's copies arriving on
-//     the stage's "full" mbarrier when they land). It waits only for a
-//     stage to be emptied by the consumers.
-//   warpgroups 1 and 2, the consumers (setmaxnreg.inc): 64 keys each, the
-//     classic kernel's loop, but with no block-wide barrier: the two meet
-//     only where dQ_i = dS_i K_j needs both halves of dS_i (a named barrier
-//     of their 256 threads; dS is double-buffered so that one consumer can
-//     write dS_{i+1} while the other still multiplies dS_i).
-//   dQ: each consumer's piece of dQ_i goes from its accumulators to shared
-//     memory (fp32, in TMA's 128-byte swizzle: conflict-free 8-byte stores)
-//     and one thread adds it into the fp32 dq_accum with a TMA reduction
-//     (cp.reduce.async.bulk.tensor ... add), which the copy engine performs
-//     while the consumers go on. The classic kernel's 16 vector atomics per
-//     thread per query block sat in the consumers' instruction stream.
+//     once and then walks the 64-query blocks i that can see this key
+//     block, filling a ring of kStages stages, each with Q_i and dO_i (TMA,
+//     issued by lane 0) and the rows' LSE, D and bias residual (4-byte
+//     cp.async by all 32 lanes, zero past the sequence, each lane's copies
+//     arriving on the stage's "full" mbarrier when they land). It waits only
+//     for a stage to be emptied by the consumers.
+//   warpgroups 1 and 2, the consumers (setmaxnreg.inc), 64 keys each. Per
+//     query block: S^T and dP^T on the tensor cores; P^T from S^T (dP^T
+//     still running); dV += P^T dO issued at once, so that it runs under the
+//     computation of dS^T; dK += dS^T Q; dS^T to shared memory; the stage
+//     released once dV and dK complete; then dQ_i = dS_i K_j. No block-wide
+//     barrier: at head dim 128 the consumers meet once per query block,
+//     where dQ needs both halves of dS^T (double-buffered, so that one can
+//     write the next block's while the other still reads this one's); at 64
+//     they never wait for each other (WsBwdTraits::kDqOverOwnKeys).
+//   dQ: each warp's rows of its consumer's dQ piece go from the
+//     accumulators to shared memory (fp32, in TMA's 128-byte swizzle:
+//     conflict-free 8-byte stores) and the warp's lane 0 adds them into the
+//     fp32 dq_accum with a TMA reduction (cp.reduce.async.bulk.tensor ...
+//     add), which the copy engine performs while the consumers go on. The
+//     classic kernel's 16 vector atomics per thread per query block sat in
+//     the consumers' instruction stream.
+//
+// Tried and dropped: leaving dQ_i's product running into step i + 1 and
+// storing it under the next S^T / dP^T (ptxas serializes every wgmma when
+// an accumulator is read across the loop's back edge, C7514); 128-query
+// steps at head dim 64 (the classic kernel's: ptxas serialized every wgmma
+// for want of registers, C7512, 0.87x the classic kernel).
 //
 // Dense calls, head dims 64 and 128, with or without dQ (the deterministic
 // backward computes dQ in its own kernel): the launcher
@@ -66,10 +77,20 @@ struct WsBwdTraits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24 + 2 x 240 = 3 x 168 (see the forward's traits)
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized backward has head dims 64 and 128");
   // Per consumer: S^T / dP^T 64 keys x kSN queries, dK / dV 64 keys x the
-  // head dim; its dQ piece is the 64 query rows x kDqN columns, one
-  // head-dim half per consumer.
+  // head dim, and a dQ piece of the 64 query rows x kDqN columns:
+  //  * head dim 128: one head-dim half per consumer, summed over all 128
+  //    keys, so the consumers exchange their halves of dS^T (a barrier of
+  //    both);
+  //  * head dim 64 (kDqOverOwnKeys): all 64 columns, summed over the
+  //    consumer's own 64 keys, so each reads only its own dS^T and the two
+  //    never wait for each other; the TMA unit adds both pieces into
+  //    dq_accum (twice the reduction traffic of one piece). Halves of 32
+  //    columns would start mid-line in the 128-byte swizzle, which an
+  //    MN-major wgmma operand cannot.
   static constexpr int kSN = kBlockM, kDkvN = kHeadDim;
-  static constexpr int kDqN = kHeadDim / 2;
+  static constexpr bool kDqOverOwnKeys = kHeadDim == 64;
+  static constexpr int kDqN = kDqOverOwnKeys ? kHeadDim : kHeadDim / 2;
+  static constexpr int kDqKeys = kDqOverOwnKeys ? 64 : kBlockN;  // the dQ product's reduction
   static constexpr int kDqBoxCols = 32;  // fp32 columns of one 128-byte swizzled TMA box
 
   static constexpr int kTileN = kBlockN * kHeadDim * 2;  // K or V
@@ -92,7 +113,8 @@ struct WsBwdTraits {
   // the 32 producer lanes' cp.async arrivals (the row statistics); empty
   // after lane 0 of each of the 8 consumer warps.
   static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 8;
-  // Named barrier: the consumers' dS exchange.
+  // Named barriers: the consumers' dS exchange (head dim 128), or each
+  // consumer's own dS^T rows (64: kDsBarrier + consumer, 128 threads).
   static constexpr int kDsBarrier = 1;
   static_assert(kTileM % 1024 == 0 && kTileDs % 1024 == 0 && kDqPiece % 1024 == 0, "1024-byte swizzle alignment");
 };
@@ -252,7 +274,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   // of dK / dV (the whole head dim); rows key_row0 + g (+ 8) for this
   // thread; its dQ piece at columns dq_col0...
   const int wg_key0 = 64 * cw, key_row0 = wg_key0 + 16 * warp_in_wg;
-  const int dq_col0 = kDqN * cw;
+  const int dq_col0 = T::kDqOverOwnKeys ? 0 : kDqN * cw;
   const uint32_t sDq = s_base + T::kDqOff + cw * T::kDqPiece;
 
   float acc_dk[kDkvN / 8][4] = {};
@@ -318,7 +340,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     wgmma_commit();
 
     if constexpr (kDq) {
-      // This consumer's dS^T half into this step's buffer.
+      // This consumer's rows of dS^T into this step's buffer.
       store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
       fence_proxy_async();
     }
@@ -332,18 +354,24 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     if (lane == 0) mbar_arrive(empty + 8 * stage);
 
     if constexpr (kDq) {
-      // dQ piece = dS K over both consumers' halves: A = dS^T read MN-major,
-      // B = K MN-major. Lane 0 of each warp arrives here only after its
-      // previous dQ reduction has read the warp's staging slab, so after
-      // this barrier the slabs are free to overwrite.
+      // dQ piece = dS K: A = dS^T read MN-major, B = K MN-major, over both
+      // consumers' keys or this one's (kDqOverOwnKeys). Lane 0 of each warp
+      // arrives here only after its previous dQ reduction has read the
+      // warp's staging slab, so after this barrier the slabs are free to
+      // overwrite.
       if (lane == 0) bulk_wait_all<true>();
-      named_barrier_sync(T::kDsBarrier, 256);
-      const uint64_t desc_a = make_desc(sDs, kPanelN, kSbo);
-      const uint64_t desc_b = make_desc(sK + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
+      if constexpr (T::kDqOverOwnKeys) {
+        named_barrier_sync(T::kDsBarrier + 1 + cw, 128);
+      } else {
+        named_barrier_sync(T::kDsBarrier, 256);
+      }
+      const int dq_key0 = T::kDqOverOwnKeys ? wg_key0 : 0;
+      const uint64_t desc_a = make_desc(sDs + dq_key0 * kLine, kPanelN, kSbo);
+      const uint64_t desc_b = make_desc(sK + dq_key0 * kLine + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
       float acc_dq[kDqN / 8][4];
       wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < kBlockN / 16; ++s) {
+      for (int s = 0; s < T::kDqKeys / 16; ++s) {
         wgmma_ss<Element, kDqN, 1, 1>(acc_dq, desc_advance(desc_a, s * 16 * kLine), desc_advance(desc_b, s * 16 * kLine),
                                       s > 0);
       }
