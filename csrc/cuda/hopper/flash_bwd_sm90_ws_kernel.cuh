@@ -340,6 +340,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     fence_regs(acc_dk);
     fence_regs(p_frag);
     fence_regs(ds_frag);
+    // Lane 0's arrival releases the stage for its warp: __syncwarp orders
+    // the other lanes' reads of the row statistics before it (an mbarrier
+    // arrival releases only the arriving thread's own accesses; racecheck
+    // reported the producer's next stores to the stage against them).
+    __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * stage);
 
     if constexpr (kDq) {
