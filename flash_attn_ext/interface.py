@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _ops
+from . import _ops, fp8
 from ._autocast import autocast_inputs
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
@@ -105,11 +105,14 @@ def _check_sizes(q, k, v):
 
 
 def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap=0.0,
-               alibi_slopes=None, sinks=None, dropout_p=0.0):
+               alibi_slopes=None, sinks=None, dropout_p=0.0, q_descale=None, k_descale=None, v_descale=None):
     window_left, window_right = _window_sides(window_size)
     softcap = _softcap_value(softcap)
     # Before autocast, which looks at q's device only.
     _ops.check_same_device("flash_attn_ext", {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes, "sinks": sinks})
+    fp8_call = fp8.is_fp8_call("flash_attn_ext.flash_attn_func", q, k, v, q_descale, k_descale, v_descale)
+    if fp8_call:
+        q, k, v = fp8.dequantize_dense("flash_attn_ext.flash_attn_func", q, k, v, q_descale, k_descale, v_descale)
     _check_sizes(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
@@ -118,6 +121,8 @@ def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, retur
     rng_state = _ops.draw_rng_state(q.device) if dropout_p > 0 else None
     out, softmax_lse, _ = _ops.call_fwd(q, k, v, None, float(softmax_scale), bool(causal), window_left, window_right,
                                          deterministic, softcap, alibi_slopes, sinks, dropout_p, rng_state)
+    if fp8_call:
+        out = out.to(fp8.OUT_DTYPE)
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
         # information with dropout (None without, as flash-attn's).
@@ -144,6 +149,9 @@ def flash_attn_func(
     *,
     s_aux: Optional[torch.Tensor] = None,
     learnable_sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
 
@@ -177,13 +185,19 @@ def flash_attn_func(
             fp32 (nheads,) logits that join every row's softmax denominator
             without a value (gpt-oss); softmax_lse includes them, and they
             receive a gradient.
+        q_descale, k_descale, v_descale (keyword only): with float8_e4m3fn
+            q, k and v, fp32 (batch, nheads_k) or single-value factors that
+            turn the FP8 values into real ones (FlashAttention-3's names and
+            shapes); the output is then bfloat16, and there is no backward.
+            See flash_attn_ext/fp8.py (computed through bfloat16 for now).
 
     Rows that see no key (causal with seqlen_q > seqlen_k, or a window) give
     output 0, softmax_lse +inf and zero gradients.
     """
     dropout_p = dropout_value(dropout_p)
     return _attention(q, k, v, softmax_scale, causal, window_size, deterministic, return_attn_probs, softcap,
-                      alibi_slopes, _sinks_argument(s_aux, learnable_sink), dropout_p)
+                      alibi_slopes, _sinks_argument(s_aux, learnable_sink), dropout_p, q_descale, k_descale,
+                      v_descale)
 
 
 def flash_attn_qkvpacked_func(

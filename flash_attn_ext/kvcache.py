@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from . import _ops
+from . import _ops, fp8
 from .interface import _sinks_argument, _softcap_value, _window_sides
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -116,6 +116,9 @@ def flash_attn_with_kvcache(
     *,
     s_aux: Optional[torch.Tensor] = None,
     learnable_sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Attention of q over a KV cache, after appending k and v to it in place
     (flash-attn 2.8's signature and semantics).
@@ -152,6 +155,10 @@ def flash_attn_with_kvcache(
             GPU; n > 0 forces n (CUDA; the CPU ignores it).
         return_softmax_lse: also return softmax_lse (batch, nheads, seqlen_q) fp32.
         s_aux / learnable_sink (keyword only): attention sinks, fp32 (nheads,).
+        q_descale, k_descale, v_descale (keyword only): FlashAttention-3's
+            FP8 factors; FP8 caches are not supported here yet
+            (NotImplementedError), only by flash_attn_func and
+            flash_attn_varlen_func (flash_attn_ext/fp8.py).
 
     Returns out (batch, seqlen_q, nheads, headdim), and softmax_lse with
     return_softmax_lse. No backward (as in flash-attn): asking for a gradient
@@ -160,6 +167,12 @@ def flash_attn_with_kvcache(
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
+    descales = [n for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))
+                if d is not None]
+    if descales or any(t.dtype in fp8.FP8_DTYPES for t in (q, k_cache, v_cache)):
+        raise NotImplementedError(
+            f"flash_attn_ext.flash_attn_with_kvcache: FP8 caches ({', '.join(descales) or 'float8_e4m3fn inputs'}) "
+            "are not supported yet; flash_attn_func and flash_attn_varlen_func take FP8 inputs")
     if q.dim() != 4:
         raise RuntimeError(f"flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got {q.dim()}-D")
     if k_cache.dim() != 4 or v_cache.dim() != 4:

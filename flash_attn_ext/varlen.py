@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _ops
+from . import _ops, fp8
 from ._autocast import autocast_inputs
 from .interface import _sinks_argument, _softcap_value, _window_sides, dropout_value
 
@@ -154,7 +154,7 @@ def unpad_left(k, v, cu_seqlens_k, leftpad_k, seqused_k=None):
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                       window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table=None,
-                      seqused_k=None, sinks=None, dropout_p=0.0):
+                      seqused_k=None, sinks=None, dropout_p=0.0, q_descale=None, k_descale=None, v_descale=None):
     dropout_p = dropout_value(dropout_p)
     window_left, window_right = _window_sides(window_size)
     softcap = _softcap_value(softcap)
@@ -166,8 +166,12 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
+    fn = "flash_attn_ext.flash_attn_varlen_func"
+    fp8_call = fp8.is_fp8_call(fn, q, k, v, q_descale, k_descale, v_descale)
     if block_table is not None:
         k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
+    if fp8_call:  # after unpage: each sequence's keys are then its own rows
+        q, k, v = fp8.dequantize_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
     if q.dim() == 3 and q.shape[-1] == 0:
         raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
     if _ops.debug_checks_enabled() and not _ops.is_tracing() and q.device.type != "cpu":
@@ -189,6 +193,8 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                                           float(softmax_scale), bool(causal), window_left, window_right,
                                           deterministic, softcap, alibi_slopes, sinks, dropout_p, rng_state)
+    if fp8_call:
+        out = out.to(fp8.OUT_DTYPE)
     if return_attn_probs:
         # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only carries
         # information with dropout (None without, as flash-attn's).
@@ -254,6 +260,9 @@ def flash_attn_varlen_func(
     seqused_k: Optional[torch.Tensor] = None,
     s_aux: Optional[torch.Tensor] = None,
     learnable_sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Exact attention over a batch of variable-length sequences, unpadded.
 
@@ -281,6 +290,9 @@ def flash_attn_varlen_func(
             first seqused_k[b] keys (vLLM's convention).
         s_aux / learnable_sink (keyword only): attention sinks, as in
             flash_attn_func.
+        q_descale, k_descale, v_descale (keyword only): float8_e4m3fn inputs'
+            factors, fp32 (batch, nheads_k) or one value, as in
+            flash_attn_func (paged FP8 caches too: per sequence).
 
     Returns out (total_q, nheads, headdim). Rows of q outside every sequence
     get out 0 and lse +inf; a sequence without keys gives output 0 (lse
@@ -288,7 +300,8 @@ def flash_attn_varlen_func(
     """
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                              window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
-                             seqused_k, _sinks_argument(s_aux, learnable_sink), dropout_p)
+                             seqused_k, _sinks_argument(s_aux, learnable_sink), dropout_p, q_descale, k_descale,
+                             v_descale)
 
 
 def flash_attn_varlen_qkvpacked_func(
