@@ -110,12 +110,14 @@ struct WsBwdTraits {
   static constexpr int kBarOff = kResidualOff + kStages * kBlockM * 4;
   static constexpr int kSmemBytes = kBarOff + 8 * (1 + 2 * kStages) + 1024;  // + realignment to the swizzle atom
   // A stage is full after lane 0's arrive_expect_tx (Q and dO bytes) and
-  // the 32 producer lanes' arrivals (the row statistics); empty after lane
-  // 0 of each of the 8 consumer warps.
-  static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 8;
+  // the 32 producer lanes' arrivals (the row statistics); empty after all
+  // 256 consumer threads (each read some of the stage's statistics).
+  static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 256;
   // Named barriers: the consumers' dS exchange (head dim 128), or each
-  // consumer's own dS^T rows (64: kDsBarrier + consumer, 128 threads).
-  static constexpr int kDsBarrier = 1;
+  // consumer's own dS^T rows (64: kDsBarrier + 1 + consumer, 128 threads);
+  // then one per consumer warp for its dQ slab (kSlabBarrier + warp, 32
+  // threads).
+  static constexpr int kDsBarrier = 1, kSlabBarrier = 4;
   static_assert(kTileM % 1024 == 0 && kTileDs % 1024 == 0 && kDqPiece % 1024 == 0, "1024-byte swizzle alignment");
 };
 
@@ -319,6 +321,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
                             lane);
     uint32_t ds_frag[kSN / 16][4];
     pack_a_frags<Element>(ds_frag, acc_dp);
+    if constexpr (kDq) {
+      // This consumer's rows of dS^T into this step's buffer, before dK's
+      // wgmma takes ds_frag (its A registers may not be read while it runs).
+      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
+      fence_proxy_async();
+    }
     // dK += dS^T Q (A from registers, B MN-major).
     const uint64_t desc_q = make_desc(sQ, kPanelM, kSbo);
     wgmma_fence();
@@ -328,11 +336,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     }
     wgmma_commit();
 
-    if constexpr (kDq) {
-      // This consumer's rows of dS^T into this step's buffer.
-      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
-      fence_proxy_async();
-    }
     // dV and dK done: the stage is free, and P^T / dS^T leave the registers
     // before the dQ product needs its accumulators.
     wgmma_wait<0>();
@@ -340,12 +343,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     fence_regs(acc_dk);
     fence_regs(p_frag);
     fence_regs(ds_frag);
-    // Lane 0's arrival releases the stage for its warp: __syncwarp orders
-    // the other lanes' reads of the row statistics before it (an mbarrier
-    // arrival releases only the arriving thread's own accesses; racecheck
-    // reported the producer's next stores to the stage against them).
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty + 8 * stage);
+    // Every consumer thread arrives: an mbarrier arrival releases only the
+    // arriving thread's own accesses, and each thread read some of the
+    // stage's row statistics (lane 0 arriving after a __syncwarp, which
+    // compiles to nothing here, left that order to the hardware; racecheck
+    // reported the producer's next stores against those reads).
+    mbar_arrive(empty + 8 * stage);
 
     if constexpr (kDq) {
       // dQ piece = dS K: A = dS^T read MN-major, B = K MN-major, over both
@@ -373,10 +376,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       wgmma_wait<0>();
       fence_regs(acc_dq);
       // This warp's rows of the piece to shared memory, then its lane 0 hands
-      // them to the TMA unit.
+      // them to the TMA unit, after a barrier of the warp's 32 threads (a
+      // named barrier orders the other lanes' stores before lane 0's
+      // reduction; __syncwarp compiles to nothing here).
       store_dq_slab<kDqN>(sDq, acc_dq, warp_in_wg, lane);
       fence_proxy_async();
-      __syncwarp();
+      named_barrier_sync(T::kSlabBarrier + 4 * cw + warp_in_wg, 32);
       if (lane == 0) {
 #pragma unroll
         for (int box = 0; box < kDqN / T::kDqBoxCols; ++box) {
