@@ -194,6 +194,20 @@ def test_ws_bwd_varlen_runs_the_classic_kernel(monkeypatch):
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_ws_bwd_strict_names_what_it_cannot_take(monkeypatch):
+    """Head dim 256 runs the classic backward; under ws_strict it raises saying why."""
+    q, k, v = random_qkv(1, 64, 64, 2, 2, 256, torch.bfloat16, "cuda")
+    out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v))
+    monkeypatch.setenv(ENV, "ws_strict")
+    with pytest.raises(RuntimeError, match="has head dims 64 and 128 only"):
+        out.sum().backward()
+    monkeypatch.setenv(ENV, "ws")
+    q.grad = None
+    out = flash_attn_ext.flash_attn_func(q, k, v)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 def test_ws_bwd_bad_switch(monkeypatch):
     q, k, v = random_qkv(1, 64, 64, 2, 2, 128, torch.bfloat16, "cuda")
     out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v))

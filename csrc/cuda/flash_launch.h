@@ -82,7 +82,13 @@ void run_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
               "flash_attn_ext: the backward's first phase needs softmax_d and ", params.deterministic ? "dq" : "dq_accum");
   run_flash_bwd_preprocess<Element, kHeadDim>(params, stream);
   bool launched = false;
-  if constexpr (flash::sm90::kHasBwd<kHeadDim>) launched = run_flash_bwd_dkdv_sm90<Element, kHeadDim>(params, stream);
+  if constexpr (flash::sm90::kHasBwd<kHeadDim>) {
+    launched = run_flash_bwd_dkdv_sm90<Element, kHeadDim>(params, stream);
+  } else {
+    FLASH_CHECK(flash::sm90::bwd_kernel_choice() != flash::sm90::KernelChoice::kWsStrict,
+                "flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD=ws_strict, but this build has no Hopper backward for the "
+                "padded head dim ", std::to_string(kHeadDim));
+  }
   if (!launched) run_flash_bwd_dkdv_sm80<Element, kHeadDim>(params, stream);
   if (params.deterministic) run_flash_bwd_dq_sm80<Element, kHeadDim>(params, stream);
 }

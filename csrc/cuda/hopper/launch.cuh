@@ -79,9 +79,8 @@ bool run_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream) {
 template <typename Element, int kHeadDim>
 bool run_flash_bwd_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream) {
   using T90 = flash::Sm90BwdTraitsFor<Element, kHeadDim>;
-  if (!flash::sm90::enabled()) return false;
   if (run_flash_bwd_dkdv_sm90_ws<Element, kHeadDim>(params, stream)) return true;
-  if (T90::kSmemBytes > flash::smem_budget()) return false;
+  if (!flash::sm90::enabled() || T90::kSmemBytes > flash::smem_budget()) return false;
   flash::launch_dkdv_sm90<T90>(params, stream);
   return true;
 }

@@ -1,11 +1,11 @@
 // The warp-specialized Hopper backward's launcher
 // (flash_bwd_sm90_ws_kernel.cuh): its tiles, the calls it cannot take, the
 // tensor maps. run_flash_bwd_dkdv_sm90_ws returns false, launching nothing,
-// when the classic Hopper backward must run instead: FLASH_ATTN_EXT_SM90_BWD
-// = classic, head dim 256, variable-length calls, tensors TMA cannot
-// describe, or a shared-memory budget the tiles exceed. With ws_strict those
-// (except head dim 256 and the budget, which no call can change) raise an
-// error naming the reason.
+// when another backward must run instead: FLASH_ATTN_EXT_SM90_BWD = classic,
+// not a Hopper device (or FLASH_ATTN_EXT_DISABLE_SM90), head dim 256,
+// variable-length calls, tensors TMA cannot describe, or a shared-memory
+// budget the tiles exceed. With ws_strict each of those raises an error
+// naming the reason instead.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -85,21 +85,28 @@ template <typename Element, int kHeadDim>
 bool run_flash_bwd_dkdv_sm90_ws(const FlashBwdParams& params, cudaStream_t stream) {
   const flash::sm90::KernelChoice choice = flash::sm90::bwd_kernel_choice();
   if (choice == flash::sm90::KernelChoice::kClassic) return false;
-  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+  const char* why = nullptr;
+  bool launched = false;
+  if (!flash::sm90::enabled()) {
+    why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
+  } else if constexpr (kHeadDim == 64 || kHeadDim == 128) {
     using T = flash::Sm90WsBwdTraitsFor<Element, kHeadDim>;
-    if (T::kSmemBytes > flash::smem_budget()) return false;
     flash::sm90::WsBwdParams ws;
-    const char* why = flash::sm90::encode_ws_bwd_maps<T>(ws, params);
-    if (why != nullptr) {
-      FLASH_CHECK(choice != flash::sm90::KernelChoice::kWsStrict,
-                  "flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD=ws_strict, but the warp-specialized backward cannot take "
-                  "this call: ", why);
-      return false;
+    if (T::kSmemBytes > flash::smem_budget()) {
+      why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
+    } else {
+      why = flash::sm90::encode_ws_bwd_maps<T>(ws, params);
     }
-    ws.bwd = params;
-    flash::launch_flash_bwd_sm90_ws<T>(ws, stream);
-    return true;
+    if (why == nullptr) {
+      ws.bwd = params;
+      flash::launch_flash_bwd_sm90_ws<T>(ws, stream);
+      launched = true;
+    }
   } else {
-    return false;
+    why = "it has head dims 64 and 128 only";
   }
+  FLASH_CHECK(launched || choice != flash::sm90::KernelChoice::kWsStrict,
+              "flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD=ws_strict, but the warp-specialized backward cannot take this "
+              "call: ", why);
+  return launched;
 }
