@@ -199,7 +199,7 @@ def test_ws_bwd_strict_names_what_it_cannot_take(monkeypatch):
     q, k, v = random_qkv(1, 64, 64, 2, 2, 256, torch.bfloat16, "cuda")
     out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v))
     monkeypatch.setenv(ENV, "ws_strict")
-    with pytest.raises(RuntimeError, match="has head dims 64 and 128 only"):
+    with pytest.raises(RuntimeError, match="has head dims 64 and 128 only|has no Hopper backward"):
         out.sum().backward()
     monkeypatch.setenv(ENV, "ws")
     q.grad = None
