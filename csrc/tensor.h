@@ -36,6 +36,8 @@ inline std::string dtype_name(ScalarType t) {
     case ScalarType::Bool: return "torch.bool";
     case ScalarType::Int: return "torch.int32";
     case ScalarType::Long: return "torch.int64";
+    case ScalarType::Float8_e4m3fn: return "torch.float8_e4m3fn";
+    case ScalarType::Float8_e5m2: return "torch.float8_e5m2";
     default: return "dtype #" + std::to_string(static_cast<int>(t));
   }
 }

@@ -6,7 +6,7 @@ value x descale) under the 2x rule, with PyTorch's bfloat16 attention on the
 same values as the baseline; per-(batch, kv head), single-value and absent
 descales, GQA, causal masks, windows, zero-length sequences; and the errors
 that name a bad argument (mixed dtypes, e5m2, descales without FP8, wrong
-shape, dtype or device, a gradient, the kv-cache function)."""
+shape, dtype or device, a gradient, the kv-cache and SDPA functions)."""
 from __future__ import annotations
 
 import pytest
@@ -151,3 +151,6 @@ def test_fp8_errors(device):
         flash_attn_ext.flash_attn_with_kvcache(qb, qb, qb, k_descale=good)
     with pytest.raises(NotImplementedError, match="FP8 caches"):
         flash_attn_ext.flash_attn_with_kvcache(q8, k8, v8)
+    # The SDPA-compatible function takes no descales: FP8 is refused by name.
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        flash_attn_ext.scaled_dot_product_attention(q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2))

@@ -89,26 +89,6 @@ __device__ __forceinline__ void store_packed_sw128(char* smem, int rows, int row
   }
 }
 
-// Accumulator fragments of 16-column slices -> packed A fragments.
-template <typename Element, int kSlices>
-__device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const float (&c)[2 * kSlices][4]) {
-#pragma unroll
-  for (int s = 0; s < kSlices; ++s) {
-    a[s][0] = pack2<Element>(c[2 * s][0], c[2 * s][1]);
-    a[s][1] = pack2<Element>(c[2 * s][2], c[2 * s][3]);
-    a[s][2] = pack2<Element>(c[2 * s + 1][0], c[2 * s + 1][1]);
-    a[s][3] = pack2<Element>(c[2 * s + 1][2], c[2 * s + 1][3]);
-  }
-}
-
-// The elementwise step of the backward on one warpgroup's fragments of S^T
-// and dP^T (keys as rows: this thread's rows key_row0 + g and + 8, query
-// columns q0 + 8j + 2t and + 1), shared by this kernel and the
-// warp-specialized one (flash_bwd_sm90_ws_kernel.cuh). The statistics of
-// the query columns sit in shared memory at lse_cols / residual_cols /
-// delta_cols[column - q0].
-
-// dbias (batch, nheads, seqlen_q, seqlen_k) of (b, h), or null: dense calls only.
 template <typename Element>
 __device__ __forceinline__ Element* dbias_of(const FlashBwdParams& p, int b, int h) {
   return p.dbias ? static_cast<Element*>(p.dbias) + (int64_t(b) * p.nheads + h) * p.seqlen_q * p.seqlen_k : nullptr;
@@ -316,14 +296,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     if constexpr (!T::kPInSmem) {
       // A from registers, N = the whole head dim.
       wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kBlockM / 16; ++s) {
-        wgmma_rs<Element, kDkvN, 1>(acc_dv, p_frag[s], make_desc(sDo + s * 16 * kLine, kPanelM, kSbo), true);
-      }
-#pragma unroll
-      for (int s = 0; s < kBlockM / 16; ++s) {
-        wgmma_rs<Element, kDkvN, 1>(acc_dk, ds_frag[s], make_desc(sQ + s * 16 * kLine, kPanelM, kSbo), true);
-      }
+      wgmma_rs_b_mn<Element, kDkvN>(acc_dv, p_frag, sDo, kPanelM);
+      wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
       wgmma_commit();
       if constexpr (kDq) store_packed_sw128(smem + T::kDsOff, kBlockN, key_row0, q_col0, ds_frag, lane);
     } else {

@@ -307,12 +307,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     pack_p_operand<Element, kSN>(p_frag, acc_s, rule, keep_bits);
     // dV += P^T dO (A from registers, B MN-major): on the tensor cores
     // while dS^T is computed.
-    const uint64_t desc_do = make_desc(sDo, kPanelM, kSbo);
     wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < kBlockM / 16; ++s) {
-      wgmma_rs<Element, kDkvN, 1>(acc_dv, p_frag[s], desc_advance(desc_do, s * 16 * kLine), true);
-    }
+    wgmma_rs_b_mn<Element, kDkvN>(acc_dv, p_frag, sDo, kPanelM);
     wgmma_commit();
 
     wgmma_wait<1>();  // dP^T (dV may still run)
@@ -328,12 +324,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       fence_proxy_async();
     }
     // dK += dS^T Q (A from registers, B MN-major).
-    const uint64_t desc_q = make_desc(sQ, kPanelM, kSbo);
     wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < kBlockM / 16; ++s) {
-      wgmma_rs<Element, kDkvN, 1>(acc_dk, ds_frag[s], desc_advance(desc_q, s * 16 * kLine), true);
-    }
+    wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
     wgmma_commit();
 
     // dV and dK done: the stage is free, and P^T / dS^T leave the registers

@@ -216,15 +216,6 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   // rescale O. The last block (no S to compute) is peeled off, which keeps
   // the loop body free of branches around the wgmmas: ptxas serializes them
   // otherwise.
-  auto pack_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      p_frag[kk][0] = pack2<Element>(s[0][2 * kk][0], s[0][2 * kk][1]);
-      p_frag[kk][1] = pack2<Element>(s[0][2 * kk][2], s[0][2 * kk][3]);
-      p_frag[kk][2] = pack2<Element>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-      p_frag[kk][3] = pack2<Element>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-    }
-  };
   auto barrier_and_prefetch = [&](int i) {
     cp_async_wait<0>();
     fence_proxy_async();
@@ -234,7 +225,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
     cp_async_commit();
   };
   for (int i = 0; i < count - 1; ++i) {
-    pack_p();
+    pack_a_frags<Element>(p_frag, s[0]);
     barrier_and_prefetch(i);
     wgmma_fence();
     gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + ((i + 1) % 2) * T::kKVBytes);
@@ -249,7 +240,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
     fence_regs(p_frag);
     OnlineSoftmax<1>::rescale(acc_o, factor);
   }
-  pack_p();
+  pack_a_frags<Element>(p_frag, s[0]);
   barrier_and_prefetch(count - 1);
   wgmma_fence();
   gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + ((count - 1) % 2) * T::kKVBytes);

@@ -293,15 +293,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   float s[1][kNT][4];
   float factor[1][2];
   uint32_t p_frag[kBlockN / 16][4];
-  auto pack_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      p_frag[kk][0] = pack2<Element>(s[0][2 * kk][0], s[0][2 * kk][1]);
-      p_frag[kk][1] = pack2<Element>(s[0][2 * kk][2], s[0][2 * kk][3]);
-      p_frag[kk][2] = pack2<Element>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-      p_frag[kk][3] = pack2<Element>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-    }
-  };
 
   // S(0) = Q K(0)^T.
   mbar_wait(bar_q, 0);
@@ -323,7 +314,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // the loop body free of branches around the wgmmas (ptxas serializes
   // them otherwise).
   for (int i = 0; i < count - 1; ++i) {
-    pack_p();
+    pack_a_frags<Element>(p_frag, s[0]);
     const int sk = (i + 1) % kStages, sv = i % kStages;
     mbar_wait(full_k + 8 * sk, ((i + 1) / kStages) & 1);
     mbar_wait(full_v + 8 * sv, (i / kStages) & 1);
@@ -345,7 +336,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     release(empty_v + 8 * sv);
     if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
   }
-  pack_p();
+  pack_a_frags<Element>(p_frag, s[0]);
   {
     const int sv = (count - 1) % kStages;
     mbar_wait(full_v + 8 * sv, ((count - 1) / kStages) & 1);

@@ -245,6 +245,32 @@ __device__ __forceinline__ void wgmma_abt_kmajor(float (&acc)[kN / 8][4], uint32
   }
 }
 
+// Accumulator fragments of 16-column slices -> packed A fragments (one per
+// k-slice of 16), as the register A operand of a following wgmma.
+template <typename Element, int kSlices>
+__device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const float (&c)[2 * kSlices][4]) {
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    a[s][0] = pack2<Element>(c[2 * s][0], c[2 * s][1]);
+    a[s][1] = pack2<Element>(c[2 * s][2], c[2 * s][3]);
+    a[s][2] = pack2<Element>(c[2 * s + 1][0], c[2 * s + 1][1]);
+    a[s][3] = pack2<Element>(c[2 * s + 1][2], c[2 * s + 1][3]);
+  }
+}
+
+// acc (64 x kN) += A B over a reduction dim of 16 kSlices: A the packed
+// register fragments, B MN-major in SW128 panels of `panel` bytes starting
+// at b (k-slice s 16 lines further). Issues the wgmmas, no commit.
+template <typename Element, int kN, int kSlices>
+__device__ __forceinline__ void wgmma_rs_b_mn(float (&acc)[kN / 8][4], const uint32_t (&a)[kSlices][4], uint32_t b,
+                                              uint32_t panel) {
+  const uint64_t desc_b = make_desc(b, panel, 8 * kLineBytes);
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    wgmma_rs<Element, kN, 1>(acc, a[s], desc_advance(desc_b, s * 16 * kLineBytes), true);
+  }
+}
+
 #undef FLASH_WGMMA_SS
 #undef FLASH_WGMMA_RS
 #undef FLASH_REGS_16
