@@ -475,6 +475,8 @@ CONFIG_CASES = {
     "paged1": (dict(new=1, capacity=150, page_size=1), {}),
     "paged16": (dict(new=1, capacity=700, page_size=16, leftpad=True), dict(num_splits=3)),
     "paged256": (dict(new=1, capacity=700, page_size=256), {}),
+    "paged24": (dict(new=1, capacity=700, page_size=24), dict(num_splits=4)),  # boxes of 8 rows, tiles across pages
+    "paged64": (dict(batch=2, capacity=1300, page_size=64, lengths=[1300, 777]), {}),
     "batch_idx_leftpad": (dict(new=2, capacity=300, batch_idx=True, leftpad=True), {}),
     "row_chunks": (dict(seqlen_q=5, new=5, capacity=300), {}),
     "features": (dict(seqlen_q=2, nheads=4, new=1, capacity=400, lengths=[350, 0, 40]), "features"),
@@ -508,6 +510,42 @@ def test_decode_configs(config, name, monkeypatch):
             pytest.skip(str(e).splitlines()[0])
         raise
     case.check(out, lse, causal=causal, window=window, name=f"{config}/{name}", **ref)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
+@pytest.mark.parametrize("layout", ["contiguous", "leftpad", "paged8", "paged16", "paged24", "paged16_leftpad"])
+def test_decode_nonfinite_outside_sequences(config, layout, monkeypatch):
+    """Cache rows that no sequence owns (past its length, before its left padding, pages no table
+    names) hold +-inf. A kernel that loads whole tiles must keep them out of the output: a key
+    masked to P = 0 still gives 0 * inf = NaN in P V if its V row reaches the product."""
+    if not compiled_hdim("cuda", 128):
+        pytest.skip("head dim 128 not compiled in this build")
+    monkeypatch.setenv("FLASH_ATTN_EXT_DECODE_CONFIG", config)
+    page = {"paged8": 8, "paged16": 16, "paged24": 24, "paged16_leftpad": 16}.get(layout)
+    case = Case("cuda", torch.bfloat16, batch=3, nheads=8, nheads_k=2, d=128, capacity=700, page_size=page,
+                leftpad="leftpad" in layout, lengths=[650, 70, 129])
+    cap = case.capacity
+    pos = torch.arange(cap, device="cuda")
+    for b in range(case.batch):
+        lp = case.leftpad[b].item() if case.leftpad is not None else 0
+        outside = (pos < lp) | (pos >= case.lengths[b])
+        sign = torch.where(pos % 2 == 0, 1.0, -1.0)[:, None, None]
+        for cache in (case.k_cache, case.v_cache):
+            if case.block_table is None:
+                cache[b][outside] = (sign * float("inf")).expand(cap, 2, 128)[outside].to(cache.dtype)
+            else:
+                rows = case.block_table[b].long().repeat_interleave(page)[outside]
+                cache[rows, pos[outside] % page] = float("inf")
+    if case.block_table is not None:  # the blocks no table names
+        used = torch.zeros(case.k_cache.shape[0], dtype=torch.bool, device="cuda")
+        used[case.block_table.long().flatten()] = True
+        case.k_cache[~used], case.v_cache[~used] = float("-inf"), float("inf")
+    case.k_cache0, case.v_cache0 = case.k_cache.clone(), case.v_cache.clone()
+    for splits in (1, 3):
+        out, lse = case.run(causal=True, num_splits=splits)
+        assert torch.isfinite(out).all(), f"{config}/{layout}/splits {splits}: a non-finite output"
+        case.check(out, lse, causal=True, name=f"{config}/{layout}/splits {splits}")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

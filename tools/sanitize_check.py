@@ -3,7 +3,9 @@ kernels on a few small shapes that hit partial tiles, causal masks, GQA,
 seqlen_q != seqlen_k, rows with no visible key and padded head dims; and
 variable-length batches (empty sequences, seqused_k, paged keys, and
 cumulative lengths that point past the tensors, which the kernels must
-clamp).
+clamp); and decode steps over KV caches (contiguous, left-padded, paged with
+pages of 8, 16, 24 and 256 rows, with lengths, left pads and block ids out of
+range, which the decode kernel clamps).
 
     compute-sanitizer --tool memcheck  --kernel-name kns=flash python3 tools/sanitize_check.py
     compute-sanitizer --tool racecheck --kernel-name kns=flash python3 tools/sanitize_check.py
@@ -41,6 +43,16 @@ VARLEN_CASES = [
     ([9, 70], [33, 300], 2, 2, 64, True, "paged"),
     ([5, 6], [5, 6], 2, 2, 64, False, "out-of-range"),
 ]
+# Decode: (page size or None, leftpad, out-of-range index values, num_splits)
+DECODE_CASES = [
+    (None, False, False, 1),
+    (None, True, False, 3),
+    (None, False, True, 0),
+    (8, False, False, 0),
+    (16, False, True, 2),
+    (24, True, False, 0),
+    (256, False, False, 1),
+]
 MISSING = ("not compiled in this build", "no CUDA kernel compiled", "Could not run 'flash_attn_ext::")
 
 
@@ -71,6 +83,35 @@ def run_varlen(lens_q, lens_k, H, Hk, D, causal, extra, dtype):
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     torch.cuda.synchronize()
     return (out, *grads)
+
+
+def run_decode(page, leftpad, out_of_range, splits, dtype):
+    """One flash_attn_with_kvcache step (append and attend); returns the output."""
+    batch, H, Hk, D, capacity = 3, 8, 2, 128, 300
+    lens = [0, 150, 299]
+    if page is None:
+        k_cache = torch.randn(batch, capacity, Hk, D, device="cuda", dtype=dtype)
+        table = None
+    else:
+        width = -(-capacity // page)
+        k_cache = torch.randn(batch * width + 1, page, Hk, D, device="cuda", dtype=dtype)
+        table = torch.randperm(batch * width, device="cuda")[: batch * width].view(batch, width).int()
+        if out_of_range:
+            table[1, 0], table[2, -1] = -5, 10_000
+    v_cache = torch.randn_like(k_cache)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    if out_of_range:
+        seqlens[2] = 100_000
+    pads = torch.tensor([0, 7, 40], dtype=torch.int32, device="cuda") if leftpad else None
+    q = torch.randn(batch, 1, H, D, device="cuda", dtype=dtype)
+    k_new, v_new = torch.randn(batch, 1, Hk, D, device="cuda", dtype=dtype), None
+    v_new = torch.randn_like(k_new)
+    out = flash_attn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k_new if not out_of_range else None,
+                                                 v_new if not out_of_range else None, cache_seqlens=seqlens,
+                                                 cache_leftpad=pads, block_table=table, causal=True,
+                                                 num_splits=splits)
+    torch.cuda.synchronize()
+    return out
 
 
 def main() -> int:
@@ -115,6 +156,20 @@ def main() -> int:
             if not all(torch.isfinite(t).all() for t in tensors):
                 bad += 1
                 print(f"non-finite varlen result: {dtype} {(lens_q, lens_k, H, Hk, D, causal, extra)}")
+    for dtype in dtypes:
+        for case in DECODE_CASES:
+            try:
+                out = run_decode(*case, dtype)
+            except (RuntimeError, NotImplementedError) as exc:
+                if any(m in str(exc) for m in MISSING):
+                    skipped += 1
+                    continue
+                raise
+            ran += 1
+            # Out-of-range index values give a clamped (wrong but finite) answer.
+            if not torch.isfinite(out).all():
+                bad += 1
+                print(f"non-finite decode result: {dtype} {case}")
     print(f"sanitize_check: {ran} cases ran, {skipped} skipped (not in this build), {bad} non-finite")
     return 1 if bad or ran == 0 else 0
 

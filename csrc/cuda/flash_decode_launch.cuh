@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "cuda_check.h"
@@ -36,9 +37,11 @@ namespace decode {
 //   and 4 / 3 / 2 stages up to head dim 64 / 128 / 256, with the first
 //   entry's load, evict_first and pdl: at head dim 256 two warps of
 //   cp.async spill registers, four do not.)
-//   load:   kCpAsync (16-byte cp.async by every thread) or kBulk (one TMA
-//           bulk copy per K/V row onto an mbarrier; sm_90a only, elsewhere
-//           the same shape with cp.async).
+//   load:   kCpAsync (16-byte cp.async by every thread), kBulk (one TMA
+//           bulk copy per K/V row onto an mbarrier) or kTma (tensor-map
+//           boxes into swizzled panels, for the calls tma_maps_refusal
+//           accepts, else kBulk of the same shape); kBulk and kTma are
+//           sm_90a only, elsewhere the same shape runs with cp.async.
 //   evict_first: L2 evict-first policy on the K/V copies (and, cp.async,
 //           a 256-byte L2 prefetch size).
 //   pdl:    programmatic dependent launch (sm_90a): the decode kernel may
@@ -64,8 +67,12 @@ inline constexpr DecodeConfig kDecodeConfigs[] = {
     // 0.932; b8s3p 0.922; a4s3ep 0.919; a4s3p 0.918; a4s3 0.916 / 0.899,
     // 0.980; a4s6ep 0.899; a2s6ep 0.895; bulk copies with 6 stages (b2s6p,
     // b4s6p) 0.57-0.61, dropped with the other losers.
+    // Tensor-map loads (kTma, this session): see flash_decode_kernel.cuh's
+    // file comment for why; t4s2p trades the pipeline's depth for three
+    // blocks per SM.
+    {"t4s3p", 4, 3, DecodeLoad::kTma, true, true},
+    {"t4s2p", 4, 2, DecodeLoad::kTma, true, true},
     {"b4s3p", 4, 3, DecodeLoad::kBulk, true, true},
-    {"b8s3p", 8, 3, DecodeLoad::kBulk, true, true},
     {"a4s3", 4, 3, DecodeLoad::kCpAsync, false, false},  // the kernel as first measured, for comparisons
 };
 inline constexpr int kNumDecodeConfigs = sizeof(kDecodeConfigs) / sizeof(kDecodeConfigs[0]);
@@ -95,38 +102,75 @@ inline int decode_config_from_env() {
 // Whether sm_90a code runs here (bulk copies, programmatic dependent launch).
 inline bool decode_sm90() { return flash::sm90::kBuilt && flash::sm90::enabled(); }
 
+// Why the kTma load cannot take these parameters (null when it can), with
+// the tensor maps it needs written to `maps`: the head dim is not a whole
+// number of 64-column panels (or is padded), a paged cache's pages are not a
+// multiple of 8 rows or the sequences are left-padded (boxes would straddle
+// pages), or the driver's encoder refuses the cache's layout (alignment,
+// strides). Called when planning and again when launching, so both pick the
+// same kernel.
+template <typename Element>
+const char* tma_maps_refusal(const FlashKvcacheParams& p, int head_dim, int block_n, DecodeMaps* maps) {
+  if (head_dim % 64 != 0 || p.headdim != head_dim) return "the head dim is not a multiple of 64";
+  const bool paged = p.block_table != nullptr;
+  if (paged && (p.page_size % 8 != 0 || p.cache_leftpad != nullptr)) {
+    return "pages of a multiple of 8 rows without left padding";
+  }
+  const int box_rows = paged ? tma_box_rows(p.page_size, block_n) : block_n;
+  const int64_t rows = paged ? p.page_size : p.capacity;
+  constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
+  const char* why = sm90::encode_bshd_map(&maps->k, p.k, kBf16, p.cache_rows, rows, p.nheads_k, head_dim,
+                                          p.k_batch_stride, p.k_row_stride, p.k_head_stride, box_rows);
+  if (why == nullptr) {
+    why = sm90::encode_bshd_map(&maps->v, p.v, kBf16, p.cache_rows, rows, p.nheads_k, head_dim, p.v_batch_stride,
+                                p.v_row_stride, p.v_head_stride, box_rows);
+  }
+  return why;
+}
+
 template <typename Element, int kHeadDim, int kIndex, DecodeLoad kLoad>
 using ConfigTraits = DecodeTraits<Element, kHeadDim, config_warps(kIndex, kHeadDim), config_stages(kIndex, kHeadDim),
                                   kLoad, kDecodeConfigs[kIndex].evict_first>;
 
-// Calls fn(TypeTag<Traits>) for configuration `index` (the first entry for
-// head dims other than kSweepHeadDim), as this device can run it.
+// Calls fn(TypeTag<Traits>, maps) for configuration `index` (the first
+// entry for head dims other than kSweepHeadDim), as this device and these
+// parameters can run it (maps: the kTma load's tensor maps, else zeros).
 template <typename Element, int kHeadDim, int kIndex, typename Fn>
-void with_config_index(Fn&& fn) {
+void with_config_index(const FlashKvcacheParams& p, Fn&& fn) {
   constexpr DecodeConfig c = kDecodeConfigs[kIndex];
   using Small = DecodeTraits<Element, kHeadDim, 2, 2>;
   using CpAsync = ConfigTraits<Element, kHeadDim, kIndex, DecodeLoad::kCpAsync>;
-  if constexpr (c.load == DecodeLoad::kBulk) {
+  DecodeMaps maps{};
+  auto with_maps = [&](auto tag) { fn(tag, maps); };
+  if constexpr (c.load != DecodeLoad::kCpAsync) {
     if (decode_sm90()) {
+      if constexpr (c.load == DecodeLoad::kTma && kHeadDim % 64 == 0) {
+        using Tma = ConfigTraits<Element, kHeadDim, kIndex, DecodeLoad::kTma>;
+        if (tma_maps_refusal<Element>(p, kHeadDim, Tma::kBlockN, &maps) == nullptr) {
+          launch_first_fitting<Tma, Small>("decode", kHeadDim, smem_budget(), with_maps);
+          return;
+        }
+        maps = DecodeMaps{};
+      }
       launch_first_fitting<ConfigTraits<Element, kHeadDim, kIndex, DecodeLoad::kBulk>, Small>("decode", kHeadDim,
-                                                                                             smem_budget(), fn);
+                                                                                             smem_budget(), with_maps);
       return;
     }
   }
-  launch_first_fitting<CpAsync, Small>("decode", kHeadDim, smem_budget(), fn);
+  launch_first_fitting<CpAsync, Small>("decode", kHeadDim, smem_budget(), with_maps);
 }
 
 template <typename Element, int kHeadDim, typename Fn, int... kIndex>
-void with_config_impl(int index, Fn&& fn, std::integer_sequence<int, kIndex...>) {
-  ((index == kIndex ? with_config_index<Element, kHeadDim, kIndex>(fn) : void()), ...);
+void with_config_impl(int index, const FlashKvcacheParams& p, Fn&& fn, std::integer_sequence<int, kIndex...>) {
+  ((index == kIndex ? with_config_index<Element, kHeadDim, kIndex>(p, fn) : void()), ...);
 }
 
 template <typename Element, int kHeadDim, typename Fn>
-void with_config(int index, Fn&& fn) {
+void with_config(int index, const FlashKvcacheParams& p, Fn&& fn) {
   if constexpr (kHeadDim == kSweepHeadDim) {
-    with_config_impl<Element, kHeadDim>(index, fn, std::make_integer_sequence<int, kNumDecodeConfigs>{});
+    with_config_impl<Element, kHeadDim>(index, p, fn, std::make_integer_sequence<int, kNumDecodeConfigs>{});
   } else {
-    with_config_index<Element, kHeadDim, 0>(fn);
+    with_config_index<Element, kHeadDim, 0>(p, fn);
   }
 }
 
@@ -199,7 +243,7 @@ template <typename Element, int kHeadDim>
 int plan_flash_decode(FlashKvcacheParams& params, int requested_splits) {
   int splits = 1;
   params.decode_config = flash::decode::decode_config_from_env();
-  flash::decode::with_config<Element, kHeadDim>(params.decode_config, [&](auto tag) {
+  flash::decode::with_config<Element, kHeadDim>(params.decode_config, params, [&](auto tag, const auto&) {
     using Traits = typename decltype(tag)::type;
     const int tiles = std::max(1, (params.capacity + Traits::kBlockN - 1) / Traits::kBlockN);
     if (requested_splits > 0) {
@@ -218,7 +262,7 @@ template <typename Element, int kHeadDim>
 void run_flash_decode(const FlashKvcacheParams& params, cudaStream_t stream) {
   const int index = kHeadDim == flash::decode::kSweepHeadDim ? params.decode_config : 0;
   const bool pdl = flash::decode::kDecodeConfigs[index].pdl && flash::decode::decode_sm90();
-  flash::decode::with_config<Element, kHeadDim>(index, [&](auto tag) {
+  flash::decode::with_config<Element, kHeadDim>(index, params, [&](auto tag, const flash::decode::DecodeMaps& maps) {
     using Traits = typename decltype(tag)::type;
     const int chunks = flash::decode::num_row_chunks(params, Traits::kRows);
     const int64_t blocks = static_cast<int64_t>(params.batch) * params.nheads_k * chunks * params.num_splits;
@@ -226,7 +270,8 @@ void run_flash_decode(const FlashKvcacheParams& params, cudaStream_t stream) {
                 std::to_string(blocks), " blocks) exceeds 2**31 - 1; use fewer splits");
     auto launch = [&](auto kernel) {
       FLASH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-      flash::decode::launch_kernel(kernel, blocks, Traits::kNThreads, Traits::kSmemBytes, stream, pdl, params, chunks);
+      flash::decode::launch_kernel(kernel, blocks, Traits::kNThreads, Traits::kSmemBytes, stream, pdl, params, chunks,
+                                   maps);
     };
     if (flash::has_score_mods(params)) {
       launch(flash::decode::flash_decode_kernel<Traits, true>);
