@@ -13,7 +13,7 @@
 //    of one sequence still fills every SM;
 //  * K and V tiles stream through a kStages-deep pipeline (several tiles in
 //    flight per block), each row copied from where the cache keeps it, in
-//    one of two ways (DecodeLoad):
+//    one of three ways (DecodeLoad):
 //    - kCpAsync (every GPU): 16-byte cp.async copies by all threads; the
 //      per-row element offsets of a tile are worked out one iteration before
 //      its copies are issued (threads [0, kBlockN) one row each, the

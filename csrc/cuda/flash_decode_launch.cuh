@@ -63,13 +63,16 @@ inline constexpr DecodeConfig kDecodeConfigs[] = {
     // name     warps stages load                  evict_first pdl
     // Sweep on an H200 (torch 2.11, bf16, hd 128, the 17 contiguous shapes of
     // bench_decode.py; geometric mean / minimum of ours / cuDNN, paged-16 /
-    // contiguous): b4s3p 0.936 / 0.917, 0.963 (the default); b4s3 (no PDL)
+    // contiguous), before the kTma load: b4s3p 0.936 / 0.917, 0.963 (the default then); b4s3 (no PDL)
     // 0.932; b8s3p 0.922; a4s3ep 0.919; a4s3p 0.918; a4s3 0.916 / 0.899,
     // 0.980; a4s6ep 0.899; a2s6ep 0.895; bulk copies with 6 stages (b2s6p,
     // b4s6p) 0.57-0.61, dropped with the other losers.
-    // Tensor-map loads (kTma, this session): see flash_decode_kernel.cuh's
-    // file comment for why; t4s2p trades the pipeline's depth for three
-    // blocks per SM.
+    // Tensor-map loads (kTma): see flash_decode_kernel.cuh's file comment
+    // for why. Sweep on an H200 (same shapes, one process, ours / cuDNN):
+    // t4s3p 1.006 geometric mean, 0.985 minimum (MHA batch 8), paged-16 /
+    // contiguous 0.965 (the default); t4s2p (three blocks per SM, one tile
+    // in flight each) 0.989 / 0.878 (batch 1 x 4k) but ahead of t4s3p by
+    // 0.5-1.3% on caches of 1 GB and more; b4s3p 0.943 in that run.
     {"t4s3p", 4, 3, DecodeLoad::kTma, true, true},
     {"t4s2p", 4, 2, DecodeLoad::kTma, true, true},
     {"b4s3p", 4, 3, DecodeLoad::kBulk, true, true},
