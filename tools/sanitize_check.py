@@ -114,64 +114,55 @@ def run_decode(page, leftpad, out_of_range, splits, dtype):
     return out
 
 
+def run_dense(B, Sq, Sk, H, Hk, D, causal, dtype):
+    """Forward and backward of one flash_attn_func case; returns the results."""
+    q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
+    out = flash_attn_ext.flash_attn_func(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    torch.cuda.synchronize()
+    return (out, *grads)
+
+
 def main() -> int:
     dtypes = [torch.bfloat16, torch.float16]
     if len(sys.argv) > 1 and sys.argv[1] == "--one-dtype":
         dtypes = dtypes[:1]
-    ran = skipped = bad = 0
+    counts = {"ran": 0, "skipped": 0, "bad": 0}
+
+    def check(label, fn, *args):
+        """Runs one case; a build without its kernels skips it; a non-finite
+        result counts as bad (out-of-range index values give clamped, wrong
+        but finite, answers)."""
+        try:
+            tensors = fn(*args)
+        except (RuntimeError, NotImplementedError) as exc:
+            if any(m in str(exc) for m in MISSING):
+                counts["skipped"] += 1
+                return
+            raise
+        counts["ran"] += 1
+        if not all(torch.isfinite(t).all() for t in tensors):
+            counts["bad"] += 1
+            print(f"non-finite result: {label} {args}")
+
     # Both kernel families: on compute capability 9.0 the Hopper kernels run by
     # default and FLASH_ATTN_EXT_DISABLE_SM90=1 (read on every call) selects
     # the mma.sync ones; elsewhere both passes run the mma.sync kernels.
-    runs = [(dtype, disable) for disable in ("0", "1") for dtype in dtypes]
-    for dtype, disable in runs:
+    for disable in ("0", "1"):
         os.environ["FLASH_ATTN_EXT_DISABLE_SM90"] = disable
-        for B, Sq, Sk, H, Hk, D, causal in CASES:
-            q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
-            k = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
-            v = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
-            try:
-                out = flash_attn_ext.flash_attn_func(q, k, v, causal=causal)
-                grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-                torch.cuda.synchronize()
-            except (RuntimeError, NotImplementedError) as exc:
-                if any(m in str(exc) for m in MISSING):
-                    skipped += 1
-                    continue
-                raise
-            ran += 1
-            if not all(torch.isfinite(t).all() for t in (out, *grads)):
-                bad += 1
-                print(f"non-finite result: {dtype} {(B, Sq, Sk, H, Hk, D, causal)} sm90 disabled={disable}")
-    for dtype, disable in runs:
-        os.environ["FLASH_ATTN_EXT_DISABLE_SM90"] = disable
-        for lens_q, lens_k, H, Hk, D, causal, extra in VARLEN_CASES:
-            try:
-                tensors = run_varlen(lens_q, lens_k, H, Hk, D, causal, extra, dtype)
-            except (RuntimeError, NotImplementedError) as exc:
-                if any(m in str(exc) for m in MISSING):
-                    skipped += 1
-                    continue
-                raise
-            ran += 1
-            if not all(torch.isfinite(t).all() for t in tensors):
-                bad += 1
-                print(f"non-finite varlen result: {dtype} {(lens_q, lens_k, H, Hk, D, causal, extra)}")
+        for dtype in dtypes:
+            for case in CASES:
+                check(f"dense, sm90 disabled={disable}", run_dense, *case, dtype)
+            for case in VARLEN_CASES:
+                check(f"varlen, sm90 disabled={disable}", run_varlen, *case, dtype)
     for dtype in dtypes:
         for case in DECODE_CASES:
-            try:
-                out = run_decode(*case, dtype)
-            except (RuntimeError, NotImplementedError) as exc:
-                if any(m in str(exc) for m in MISSING):
-                    skipped += 1
-                    continue
-                raise
-            ran += 1
-            # Out-of-range index values give a clamped (wrong but finite) answer.
-            if not torch.isfinite(out).all():
-                bad += 1
-                print(f"non-finite decode result: {dtype} {case}")
-    print(f"sanitize_check: {ran} cases ran, {skipped} skipped (not in this build), {bad} non-finite")
-    return 1 if bad or ran == 0 else 0
+            check("decode", lambda *a: (run_decode(*a),), *case, dtype)
+    print(f"sanitize_check: {counts['ran']} cases ran, {counts['skipped']} skipped (not in this build), "
+          f"{counts['bad']} non-finite")
+    return 1 if counts["bad"] or counts["ran"] == 0 else 0
 
 
 if __name__ == "__main__":
