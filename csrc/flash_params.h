@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "host_device.h"
+
 // Additive bias values below -kBiasFloor act as -kBiasFloor (-inf stays
 // -inf, and NaN acts as -kBiasFloor too), in every kernel, CPU and CUDA,
 // forward and backward: floored_bias in score_rule.h. Masks are often
@@ -19,6 +21,15 @@
 // finite. Outputs and gradients are unchanged; only softmax_lse of a row
 // whose keys all carry such a bias reads -1e38 + log(keys).
 constexpr float kBiasFloor = 1e38f;
+
+// A descale table of the FP8 forward: fp32 (batch, nheads_k) with any
+// strides (0 for one value broadcast, as flash_attn_ext/fp8.py passes a
+// per-tensor scale); a null pointer reads as 1.
+struct DescaleTable {
+  const float* ptr = nullptr;
+  int64_t batch_stride = 0, head_stride = 0;
+  FLASH_HOST_DEVICE float at(int b, int hk) const { return ptr == nullptr ? 1.f : ptr[b * batch_stride + hk * head_stride]; }
+};
 
 struct FlashFwdParams {
   // Inputs.
@@ -113,6 +124,23 @@ struct FlashFwdParams {
   // A double, so that fp64 inputs (CPU) are scaled exactly.
   double dropout_p = 0.0;
   const int64_t* rng_state = nullptr;
+
+  // FP8 (float8_e4m3fn) inputs: the fwd_fp8 op only (csrc/cuda/flash_fwd_fp8_host.cpp);
+  // every other op leaves these at their defaults. The real value of an
+  // element of (batch b, kv head hk) is its e4m3 value times the table's
+  // (b, hk) entry (query head h reads kv head h / (nheads / nheads_k)'s):
+  // q_descale * k_descale joins the softmax scale, v_descale multiplies
+  // the output. out is bf16.
+  DescaleTable q_descale, k_descale, v_descale;
+  // V transposed (the 8-bit wgmma reads both operands K-major, so P V needs
+  // keys along the rows): v_t (batch, nheads_k, headdim, vt_cols), the keys
+  // of each 32-key group permuted as the kernel's P fragments need
+  // (hopper/wgmma.cuh, pack_a_frags_e4m3) and zero past the sequence's keys
+  // up to a multiple of 128. Varlen: batch 1, sequence b's keys from column
+  // cu_seqlens_vt[b] (its start rounded up to 128 columns per sequence).
+  // p.v points at v_t.
+  int64_t vt_batch_stride = 0, vt_head_stride = 0, vt_dim_stride = 0, vt_cols = 0;
+  const int* cu_seqlens_vt = nullptr;
 };
 
 struct FlashBwdParams : FlashFwdParams {

@@ -20,7 +20,11 @@ import pathlib
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 SM90_HEAD_DIMS = (64, 128, 256)  # the head dims with Hopper kernels (hopper/sm90_dispatch.cuh)
-DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
+DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16", "e4m3": "__nv_fp8_e4m3"}
+# FP8 (e4m3) inputs have one kernel, the warp-specialized Hopper forward,
+# at head dims 128 and 256 (hopper/launch_ws.cuh; the fwd_fp8 op): two
+# units, not a dtype axis of every family.
+FP8_UNITS = {("fwd", "sm90ws"): (128, 256)}
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "csrc" / "cuda" / "instantiations"
@@ -56,7 +60,10 @@ def units():
     wanted = {}
     for (direction, arch), (header, names) in UNITS.items():
         params = "FlashFwdParams" if direction == "fwd" else "FlashBwdParams"
-        for head_dim, dtype in itertools.product(SM90_HEAD_DIMS if arch.startswith("sm90") else HEAD_DIMS, DTYPES):
+        head_dims = SM90_HEAD_DIMS if arch.startswith("sm90") else HEAD_DIMS
+        for head_dim, dtype in itertools.product(head_dims, DTYPES):
+            if dtype == "e4m3" and head_dim not in FP8_UNITS.get((direction, arch), ()):
+                continue
             text = "".join(f"template {RETURNS.get(name, 'void')} {name}<{DTYPES[dtype]}, {head_dim}>"
                            f"(const {params}&, cudaStream_t);\n" for name in names)
             wanted[file_name(direction, head_dim, dtype, arch)] = TEMPLATE.format(header=header, instantiations=text)

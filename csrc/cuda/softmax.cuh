@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "../flash_params.h"
 #include "../score_rule.h"
@@ -74,8 +75,15 @@ struct OnlineSoftmax {
   // when no row in the warp moved (all_factors_one). P = exp2(s - max) is
   // then at most 2^kMaxSlack, which fp32 sums and 16-bit P hold without loss
   // (the same relative rounding), and lse = max + log2(sum) is unchanged.
-  template <int kMaxSlack = 0, int kNT>
-  __device__ __forceinline__ void update_stats(float (&s)[kMT][kNT][4], float (&factor)[kMT][2], float scale_log2) {
+  // kPShift > 0 (the FP8 forward): the row's reference point is its max
+  // minus kPShift, so P = exp2(s - max + kPShift) lies in [0, 2^kPShift]
+  // and, rounded to e4m3 for P V, keeps its 3 mantissa bits down to
+  // 2^-kPShift times smaller values before e4m3's subnormals (2^-6) and
+  // underflow (2^-9) set in. The sums carry the same factor, so out =
+  // (P V) / sum and lse = reference + log2(sum) are unchanged.
+  template <int kMaxSlack = 0, int kNT, int kPShift = 0>
+  __device__ __forceinline__ void update_stats(float (&s)[kMT][kNT][4], float (&factor)[kMT][2], float scale_log2,
+                                               std::integral_constant<int, kPShift> = {}) {
     float m_use[kMT][2];
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
@@ -88,7 +96,12 @@ struct OnlineSoftmax {
         }
         mx = quad_max(mx);
         const float m_old = row_max[mi][hr];
-        float m_new = fmaxf(m_old, mx * scale_log2);
+        float m_new;
+        if constexpr (kPShift == 0) {
+          m_new = fmaxf(m_old, mx * scale_log2);
+        } else {
+          m_new = fmaxf(m_old, fmaf(mx, scale_log2, -float(kPShift)));  // -inf stays -inf
+        }
         if constexpr (kMaxSlack > 0) {
           // Also false for m_old = -inf (an infinite step) and for NaN.
           if (m_new - m_old <= float(kMaxSlack)) m_new = m_old;

@@ -69,12 +69,13 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[kHeadDim / 8][4], const u
 // tile at `tile` (kBlockM rows, SW128; the Q tile, which nothing reads any
 // more) and out to global memory in coalesced 16-byte stores, after named
 // barrier `barrier` (128 threads) says the warpgroup's rows are written.
+// out_scale multiplies every output (the FP8 forward's v_descale; 1 else).
 // Shared by the classic and the warp-specialized kernels.
 template <int kBlockM, typename Element, int kDT>
 __device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoftmax<1>& softmax,
                                              float (&acc_o)[1][kDT][4], char* tile, int wg, int barrier,
                                              int first_row, int seqlen_q, int num_m_blocks, Element* out,
-                                             float* lse_out, float* residual_out) {
+                                             float* lse_out, float* residual_out, float out_scale = 1.f) {
   constexpr int kHeadDim = kDT * 8;
   const int tid = threadIdx.x, lane = tid % 32, warp = (tid / 32) % 4, g = lane / 4, t = lane % 4;
   const int tile_row0 = 64 * wg;  // this warpgroup's first row in the tile
@@ -87,6 +88,7 @@ __device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoft
     softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
   }
   softmax.finalize(inv_sum, lse, residual);
+  inv_sum[0][0] *= out_scale, inv_sum[0][1] *= out_scale;
   if (t == 0) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {

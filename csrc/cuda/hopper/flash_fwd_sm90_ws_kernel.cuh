@@ -32,6 +32,34 @@
 // the epilogue; O through this warpgroup's rows of the Q tile to coalesced
 // 16-byte stores.
 //
+// FP8 (Element = __nv_fp8_e4m3, the fwd_fp8 op; kFp8 in the traits): the
+// same kernel with e4m3 wgmmas (k = 32 a step, fp32 accumulators). What
+// differs, all decided at compile time:
+//   - tiles hold 128 e4m3 columns a 128-byte line (one panel at head dim
+//     128), and 8-bit wgmmas read both operands K-major, so V arrives
+//     transposed, V^T (batch, nheads_k, headdim, keys), loaded as headdim
+//     lines of 128 keys (one box), which is the K-major B operand of
+//     O += P V^T^T. The transpose is done once per call, before the kernel
+//     (flash_attn_ext/fp8.py, transpose_v: one read and write of V, 1 byte an
+//     element, next to the kernel's O(seqlen) reads of it), rather than in
+//     shared memory by extra warps (FlashAttention-3's way), which would cost
+//     shared-memory bandwidth and registers in every key block;
+//   - P goes from the fp32 scores to e4m3 A fragments in the thread that
+//     holds them (pack_a_frags_e4m3), the key order within 32-key slices
+//     permuted instead, which V^T's column order matches (wgmma.cuh);
+//   - P is exp2(s - max + 8) in [0, 256] (OnlineSoftmax's kPShift): e4m3's
+//     normal range then reaches P values 2^8 times smaller (the sums carry
+//     the factor, out and lse are unchanged);
+//   - q_descale * k_descale of the (batch, kv head) multiplies the exp2
+//     scale; v_descale multiplies 1 / rowsum in the epilogue; the output is
+//     bf16, staged through a buffer of its own (the Q tile is half its size);
+//   - variable-length calls read V^T at the sequence's own column start
+//     (cu_seqlens_vt), whose columns past the sequence are zero up to the
+//     next multiple of 128: a key block never reaches another sequence, and
+//     zero_v_tail is not needed.
+// Only the plain rule (no bias, softcap, ALiBi, dropout, sinks): the
+// dispatcher in fp8.py sends calls with those to the dequantizing path.
+//
 // Dense (batch, seqlen, heads, dim) inputs through three 4-D tensor maps;
 // variable-length calls (kVarlen) through maps of all rows of a side as one
 // batch entry, at each sequence's first row (SeqInfo). A box that runs past
@@ -69,15 +97,23 @@ struct WsFwdParams {
 
 template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2>
 struct WsFwdTraits {
-  using Element = Element_;
+  using Element = Element_;  // of q, k and v
+  static constexpr bool kFp8 = kIsFp8<Element>;
+  // The output's type: bf16 for FP8 inputs (FlashAttention-3's), else the inputs'.
+  using Out = std::conditional_t<kFp8, __nv_bfloat16, Element>;
+  static constexpr int kElemBytes = kFp8 ? 1 : 2;
+  static constexpr int kPanelElems = kLineBytes / kElemBytes;  // columns of a 128-byte line (a TMA box)
   static constexpr int kHeadDim = kHeadDim_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kConsumerWGs = kConsumerWGs_;
   static constexpr int kBlockM = 64 * kConsumerWGs;
   static constexpr int kNThreads = 128 * (kConsumerWGs + 1);
   // Ping-pong for head dims up to 128, as FlashAttention-3 does; at 256 the
-  // O accumulator (128 registers) leaves the two warpgroups' products long
-  // enough to overlap on their own.
-  static constexpr bool kPingPong = kConsumerWGs >= 2 && kHeadDim <= 128;
+  // O accumulator (128 registers) leaves the two warpgroups' 16-bit products
+  // long enough to overlap on their own. FP8 products take half the time,
+  // so the softmax is the larger share and ping-pong hides it at 256 too.
+  static constexpr bool kPingPong = kConsumerWGs >= 2 && (kHeadDim <= 128 || kFp8);
+  // P = exp2(s - max + kPShift) (OnlineSoftmax::update_stats): FP8 only.
+  static constexpr int kPShift = kFp8 ? 8 : 0;
   // Register budgets after setmaxnreg. The block is launched with 65536 /
   // kNThreads registers a thread (ptxas: 168 at 384 threads, 128 at 512),
   // and the budgets must add up to no more than that block total, or
@@ -89,13 +125,18 @@ struct WsFwdTraits {
   static_assert(kProducerRegs + kConsumerWGs * kConsumerRegs <= (65536 / kNThreads / 8 * 8) * (kConsumerWGs + 1),
                 "setmaxnreg budgets exceed the block's registers");
 
-  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
-  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;  // one stage of K or of V
+  static constexpr int kQBytes = kBlockM * kHeadDim * kElemBytes;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * kElemBytes;  // one stage of K or of V (V^T for FP8)
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kQBytes;
   static constexpr int kVOff = kKOff + kStages * kKVBytes;
+  // The epilogue's staging tile of O (kBlockM x kHeadDim of Out, SW128
+  // panels): the Q tile where it is large enough (16-bit inputs), a buffer
+  // of its own after the V stages for FP8.
+  static constexpr int kOBytes = kFp8 ? kBlockM * kHeadDim * 2 : 0;
+  static constexpr int kOOff = kFp8 ? kVOff + kStages * kKVBytes : kQOff;
   // mbarriers, 8 bytes each: Q's, then full K, full V, empty K, empty V per stage.
-  static constexpr int kBarOff = kVOff + kStages * kKVBytes;
+  static constexpr int kBarOff = kVOff + kStages * kKVBytes + kOBytes;
   static constexpr int kNumBarriers = 1 + 4 * kStages;
   static constexpr int kSmemBytes = kBarOff + 8 * kNumBarriers + 1024;  // + realignment to the swizzle atom
   // Arrivals that empty a stage: lane 0 of every consumer warp.
@@ -108,6 +149,9 @@ struct WsFwdTraits {
   static constexpr int kTailBarrier = kEpilogueBarrier + kConsumerWGs;  // zero_v_tail
 
   static_assert(kHeadDim % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "unsupported tile");
+  // FP8: whole 128-byte lines of Q and K (head dims 128 and 256) and V^T
+  // lines of 128 keys (one box of kHeadDim <= 256 rows).
+  static_assert(!kFp8 || (kHeadDim % 128 == 0 && kHeadDim <= 256 && kBlockN == 128), "unsupported FP8 tile");
   static_assert(kBlockM <= 256 && kBlockN <= 256, "TMA boxes have at most 256 rows");
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles must keep the 1024-byte swizzle alignment");
 };
@@ -140,8 +184,9 @@ template <typename T, typename Rule, bool kVarlen>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(const __grid_constant__ WsFwdParams pw) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
+  using Out = typename T::Out;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kHeadDim = T::kHeadDim, kStages = T::kStages;
-  constexpr int kNT = kBlockN / 8, kDT = kHeadDim / 8, kPanels = kHeadDim / kPanelCols;
+  constexpr int kNT = kBlockN / 8, kDT = kHeadDim / 8, kPanels = kHeadDim / T::kPanelElems;
   const FlashFwdParams& p = pw.fwd;
   extern __shared__ char smem_raw[];
   char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -171,7 +216,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // The outputs of this (batch, head), worked out where they are written
   // (here and in the epilogue) rather than held across the key loop.
   auto out_ptr = [&]() {
-    return static_cast<Element*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
+    return static_cast<Out*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
   };
   auto lse_ptr = [&]() { return p.softmax_lse + seq.lse_offset(p, b, h); };
   auto residual_ptr = [&]() { return p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr; };
@@ -205,7 +250,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       mbar_arrive_expect_tx(bar_q, T::kQBytes);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c) {
-        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * kPanelCols, int(seq.q_start) + row0, h,
+        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * T::kPanelElems, int(seq.q_start) + row0, h,
                     p.cu_seqlens_q ? 0 : b);
       }
       // Block i of the visit (key block n_end - 1 - i) into stage i % kStages,
@@ -217,8 +262,24 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
         const int key0 = int(seq.k_start) + (n_end - 1 - i) * kBlockN;
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) {
-          tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage, c * kPanelCols,
-                      key0, hk, p.cu_seqlens_k ? 0 : b);
+          tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage,
+                      c * T::kPanelElems, key0, hk, p.cu_seqlens_k ? 0 : b);
+        }
+      };
+      // FP8's V^T: one box of kHeadDim lines x 128 keys, at the sequence's
+      // own column start (cu_seqlens_vt) when variable-length.
+      auto load_vt = [&](int i) {
+        const int stage = i % kStages;
+        mbar_wait(empty_v + 8 * stage, ((i / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(full_v + 8 * stage, T::kKVBytes);
+        const int col0 = (p.cu_seqlens_vt ? p.cu_seqlens_vt[b] : 0) + (n_end - 1 - i) * kBlockN;
+        tma_load_4d(sV + stage * T::kKVBytes, &pw.tma_v, full_v + 8 * stage, col0, 0, hk, p.cu_seqlens_vt ? 0 : b);
+      };
+      auto load_v = [&](int i) {
+        if constexpr (T::kFp8) {
+          load_vt(i);
+        } else {
+          load(&pw.tma_v, sV, full_v, empty_v, i);
         }
       };
       // In the order the consumers need them: K(0); then K(i + 1) and V(i),
@@ -226,7 +287,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       load(&pw.tma_k, sK, full_k, empty_k, 0);
       for (int i = 0; i < count; ++i) {
         if (i + 1 < count) load(&pw.tma_k, sK, full_k, empty_k, i + 1);
-        load(&pw.tma_v, sV, full_v, empty_v, i);
+        load_v(i);
       }
     }
     return;
@@ -265,6 +326,10 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     if (lane == 0) mbar_arrive(empty_bar);
   };
 
+  float acc_o[1][kDT][4] = {};
+  float s[1][kNT][4];
+  float factor[1][2];
+
   // Scores of key block nb to probabilities (P in place), as in the classic
   // kernel: the score rule, the softmax statistics (returning the factors O
   // must be rescaled by), then dropout.
@@ -278,21 +343,45 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // anyway and the vote and branch only lengthen the step. Not with fp16
   // and dropout: P / (1 - p) up to 2^8 / (1 - p) would overflow fp16's
   // 65504 from p = 0.996 on (bf16 has fp32's range).
-  constexpr bool kSlackFits = !(Rule::kDropout && std::is_same_v<Element, __half>);
+  // FP8: no slack (P would reach 2^(8 + kPShift), past e4m3's 448).
+  constexpr bool kSlackFits = !(Rule::kDropout && std::is_same_v<Element, __half>) && !T::kFp8;
   constexpr int kMaxSlack = (Rule::kFeatures != kNoFeatures || kHeadDim == 64) && kSlackFits ? 8 : 0;
+  static_assert(!T::kFp8 || (Rule::kFeatures == kNoFeatures && !Rule::kHasBias && Rule::kDefersScale),
+                "the FP8 forward takes the plain rule, whose exp2 FFMA carries the whole scale");
+  // FP8: the q and k descales of this (batch, kv head) join the exp2 scale
+  // (16-bit inputs keep reading the scale at its use, a constant-bank operand).
+  const float qk_descale = T::kFp8 ? p.q_descale.at(b, hk) * p.k_descale.at(b, hk) : 1.f;
   OnlineSoftmax<1> softmax;
   softmax.init();
   auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
     const int col0 = nb * kBlockN;
     apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
-    softmax.template update_stats<kMaxSlack>(s, factor, rule.exp_scale());
+    softmax.template update_stats<kMaxSlack>(s, factor, T::kFp8 ? rule.exp_scale() * qk_descale : rule.exp_scale(),
+                                             std::integral_constant<int, T::kPShift>{});
     apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
   };
+  // P V: 16-bit P as k16 fragments and V read MN-major; e4m3 P as k32
+  // fragments and V^T read K-major, N in pieces of 128 head-dim rows.
+  auto pack_p = [&](auto& p_frag) {
+    if constexpr (T::kFp8) {
+      pack_a_frags_e4m3(p_frag, s[0]);
+    } else {
+      pack_a_frags<Element>(p_frag, s[0]);
+    }
+  };
+  auto gemm_o = [&](const auto& p_frag, uint32_t sv) {
+    if constexpr (T::kFp8) {
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 128; ++n) {
+        auto& acc = *reinterpret_cast<float(*)[16][4]>(&acc_o[0][n * 16]);
+        wgmma_rs_e4m3_b_kmajor<128>(acc, p_frag, sv + n * 128 * kLineBytes);
+      }
+    } else {
+      gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sv);
+    }
+  };
 
-  float acc_o[1][kDT][4] = {};
-  float s[1][kNT][4];
-  float factor[1][2];
-  uint32_t p_frag[kBlockN / 16][4];
+  uint32_t p_frag[kBlockN / kKStep<Element>][4];
 
   // S(0) = Q K(0)^T.
   mbar_wait(bar_q, 0);
@@ -306,7 +395,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   fence_regs(s[0]);
   release(empty_k);
   softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
-  if constexpr (kVarlen) zero_v_tail<T>(sV, full_v, seq.seqlen_k - (n_end - 1) * kBlockN);
+  if constexpr (kVarlen && !T::kFp8) zero_v_tail<T>(sV, full_v, seq.seqlen_k - (n_end - 1) * kBlockN);
 
   // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
   // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);
@@ -314,7 +403,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // the loop body free of branches around the wgmmas (ptxas serializes
   // them otherwise).
   for (int i = 0; i < count - 1; ++i) {
-    pack_a_frags<Element>(p_frag, s[0]);
+    pack_p(p_frag);
     const int sk = (i + 1) % kStages, sv = i % kStages;
     mbar_wait(full_k + 8 * sk, ((i + 1) / kStages) & 1);
     mbar_wait(full_v + 8 * sv, (i / kStages) & 1);
@@ -322,7 +411,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     wgmma_fence();
     gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + sk * T::kKVBytes);
     wgmma_commit();
-    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
+    gemm_o(p_frag, sV + sv * T::kKVBytes);
     wgmma_commit();
     turn_end(false);
     wgmma_wait<1>();
@@ -336,13 +425,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     release(empty_v + 8 * sv);
     if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
   }
-  pack_a_frags<Element>(p_frag, s[0]);
+  pack_p(p_frag);
   {
     const int sv = (count - 1) % kStages;
     mbar_wait(full_v + 8 * sv, ((count - 1) / kStages) & 1);
     turn_begin();
     wgmma_fence();
-    gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sV + sv * T::kKVBytes);
+    gemm_o(p_frag, sV + sv * T::kKVBytes);
     wgmma_commit();
     turn_end(true);
     wgmma_wait<0>();
@@ -352,10 +441,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   }
 
   // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
-  // rows of the Q tile (its last read of them, S of the last block, has
-  // completed; no other warpgroup reads them), then coalesced 16-byte stores.
-  store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, cw, T::kEpilogueBarrier + cw, wg_row0, seq.seqlen_q,
-                        num_m_blocks, out_ptr(), lse_ptr(), residual_ptr());
+  // rows of the staging tile (16-bit: the Q tile, whose last read, S of the
+  // last block, has completed; no other warpgroup reads them; FP8: a buffer
+  // of its own), then coalesced 16-byte stores. FP8's v_descale joins 1 / rowsum.
+  const float out_scale = T::kFp8 ? p.v_descale.at(b, hk) : 1.f;
+  store_output<kBlockM>(p, softmax, acc_o, smem + T::kOOff, cw, T::kEpilogueBarrier + cw, wg_row0, seq.seqlen_q,
+                        num_m_blocks, out_ptr(), lse_ptr(), residual_ptr(), out_scale);
 #endif  // FLASH_SM90_ENABLED
 }
 

@@ -7,7 +7,11 @@
 // since the H200 measured it at 1.23x the classic kernel. Dense and
 // variable-length calls alike (kVarlen: cu_seqlens or seqused_k); the
 // classic kernel runs when TMA cannot describe a tensor (encode_bshd_map)
-// or the tiles exceed the shared-memory budget.
+// or the tiles exceed the shared-memory budget. FP8 (Element =
+// __nv_fp8_e4m3, units *_e4m3_sm90ws.cu, called by the fwd_fp8 op only):
+// the same kernel and launcher with the plain score rule; it has no
+// fallback in C++ (flash_attn_ext/fp8.py decided that it can run), so
+// whatever stops it raises, naming why.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -46,6 +50,14 @@ using Sm90WsFwdTraitsFor =
 template <typename Element>
 using Sm90WsFwdTraitsHd64Plain = sm90::WsFwdTraits<Element, 64, 128, 4, 3>;
 
+// FP8, head dims 128 and 256: 128-key blocks (V^T lines of 128 keys, one
+// SW128 panel) and two consumer warpgroups at both, since e4m3 tiles are
+// half the bytes: the S accumulator (64 registers), O (64 / 128) and P (16)
+// fit the 240 registers even at 256. Stages: 3 at 128 (144 KB with the
+// 32 KB output staging tile), 2 at 256 (224 KB of the 227 KB).
+template <int kHeadDim>
+using Sm90WsFwdTraitsE4m3 = sm90::WsFwdTraits<__nv_fp8_e4m3, kHeadDim, 128, (kHeadDim == 128 ? 3 : 2), 2>;
+
 namespace sm90 {
 
 // Whether a call needs the kernel's per-sequence offsets and lengths
@@ -58,21 +70,30 @@ inline bool ws_fwd_varlen(const FlashFwdParams& p) {
 // not. A variable-length side (cu_seqlens set) is one batch entry of all
 // its rows (total_q / total_k), which the kernel addresses at the
 // sequence's first row.
+// FP8's V^T (batch, nheads_k, headdim, vt_cols) is described as such a
+// tensor with headdim as its rows and the keys as its columns: boxes of 128
+// keys x headdim rows, one per stage.
 template <typename T>
 const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
-  constexpr bool kBf16 = std::is_same_v<typename T::Element, __nv_bfloat16>;
+  using Element = typename T::Element;
   const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
   const int64_t batch_q = varlen_q ? 1 : p.batch, rows_q = varlen_q ? p.total_q : p.seqlen_q;
   const int64_t batch_k = varlen_k ? 1 : p.batch, rows_k = varlen_k ? p.total_k : p.seqlen_k;
-  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, batch_q, rows_q, p.nheads, T::kHeadDim,
-                                    p.q_batch_stride, p.q_row_stride, p.q_head_stride, T::kBlockM);
+  const char* why = encode_bshd_map_for<Element>(&ws.tma_q, p.q, batch_q, rows_q, p.nheads, T::kHeadDim,
+                                                 p.q_batch_stride, p.q_row_stride, p.q_head_stride, T::kBlockM);
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
-                          p.k_row_stride, p.k_head_stride, T::kBlockN);
+    why = encode_bshd_map_for<Element>(&ws.tma_k, p.k, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
+                                       p.k_row_stride, p.k_head_stride, T::kBlockN);
   }
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
-                          p.v_row_stride, p.v_head_stride, T::kBlockN);
+    if constexpr (T::kFp8) {
+      why = encode_bshd_map_for<Element>(&ws.tma_v, p.v, p.cu_seqlens_vt ? 1 : p.batch, T::kHeadDim, p.nheads_k,
+                                         p.vt_cols, p.vt_batch_stride, p.vt_dim_stride, p.vt_head_stride,
+                                         T::kHeadDim);
+    } else {
+      why = encode_bshd_map_for<Element>(&ws.tma_v, p.v, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
+                                         p.v_row_stride, p.v_head_stride, T::kBlockN);
+    }
   }
   return why;
 }
@@ -137,14 +158,52 @@ bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stre
 
 }  // namespace flash
 
+namespace flash {
+
+// The FP8 forward: always this kernel (ws_strict's behaviour, whatever
+// FLASH_ATTN_EXT_SM90_FWD says, since the 16-bit kernels cannot read e4m3),
+// the plain score rule, dense or variable-length.
+template <int kHeadDim>
+void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t stream) {
+  using T = Sm90WsFwdTraitsE4m3<kHeadDim>;
+  const char* why = nullptr;
+  if (!sm90::enabled()) {
+    why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
+  } else if (T::kSmemBytes > smem_budget()) {
+    why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
+  } else if (has_score_mods(params) || params.bias != nullptr || params.sinks != nullptr) {
+    why = "the call has a bias, a score feature (softcap, ALiBi, dropout) or sinks";
+  } else if ((params.cu_seqlens_k != nullptr) != (params.cu_seqlens_vt != nullptr)) {
+    why = "v_t must be laid out by sequence (cu_seqlens_vt) exactly when k is (cu_seqlens_k)";
+  }
+  sm90::WsFwdParams ws;
+  if (why == nullptr) why = sm90::encode_ws_maps<T>(ws, params);
+  FLASH_CHECK(why == nullptr, "flash_attn_ext: the FP8 forward cannot take this call: ", why);
+  ws.fwd = params;
+  using Rule = CudaScoreRule<__nv_bfloat16, false, kNoFeatures>;
+  if (sm90::ws_fwd_varlen(params)) {
+    launch_flash_fwd_sm90_ws<T, Rule, true>(ws, stream);
+  } else {
+    launch_flash_fwd_sm90_ws<T, Rule, false>(ws, stream);
+  }
+}
+
+}  // namespace flash
+
 template <typename Element, int kHeadDim>
 bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
-  if constexpr (kHeadDim == 64) {
-    // The two-warpgroup tiles (144 KB) still run under a budget below these (152 KB).
-    if (!flash::has_score_mods(params) && params.bias == nullptr && !flash::sm90::ws_fwd_varlen(params) &&
-        flash::Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes <= flash::smem_budget()) {
-      return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true>(params, stream);
+  if constexpr (flash::sm90::kIsFp8<Element>) {
+    static_assert(kHeadDim == 128 || kHeadDim == 256, "the FP8 forward has head dims 128 and 256");
+    flash::run_flash_fwd_sm90_ws_e4m3<kHeadDim>(params, stream);
+    return true;
+  } else {
+    if constexpr (kHeadDim == 64) {
+      // The two-warpgroup tiles (144 KB) still run under a budget below these (152 KB).
+      if (!flash::has_score_mods(params) && params.bias == nullptr && !flash::sm90::ws_fwd_varlen(params) &&
+          flash::Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes <= flash::smem_budget()) {
+        return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true>(params, stream);
+      }
     }
+    return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsFor<Element, kHeadDim>>(params, stream);
   }
-  return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsFor<Element, kHeadDim>>(params, stream);
 }

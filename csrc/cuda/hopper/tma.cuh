@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "wgmma.cuh"
 
@@ -115,6 +116,22 @@ inline const char* encode_bshd_map(CUtensorMap* map, const void* base, bool bf16
                                    int64_t head_stride, int box_rows) {
   return encode_bshd_map_of(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
                             batch, seqlen, heads, dim, batch_stride, row_stride, head_stride, box_rows);
+}
+
+// The map of Element's type: 16-bit inputs as above; e4m3 (the FP8
+// forward) as bytes, whose 128-byte boxes are 128 columns (the TMA unit only
+// moves them, so UINT8 describes them exactly).
+template <typename Element>
+inline const char* encode_bshd_map_for(CUtensorMap* map, const void* base, int64_t batch, int64_t seqlen,
+                                       int64_t heads, int64_t dim, int64_t batch_stride, int64_t row_stride,
+                                       int64_t head_stride, int box_rows) {
+  if constexpr (kIsFp8<Element>) {
+    return encode_bshd_map_of(map, base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, seqlen, heads, dim, batch_stride,
+                              row_stride, head_stride, box_rows);
+  } else {
+    return encode_bshd_map(map, base, std::is_same_v<Element, __nv_bfloat16>, batch, seqlen, heads, dim,
+                           batch_stride, row_stride, head_stride, box_rows);
+  }
 }
 
 // An fp32 (batch, seqlen, heads, dim) tensor (the backward's dq_accum),

@@ -18,6 +18,12 @@
 //             a k16 step is +16 rows (2048 B, SBO = 1024 B per 8 rows); the
 //             next 64 output columns are the next panel (LBO = panel bytes).
 //
+// FP8 (e4m3, the FP8 forward): the same 128-byte lines hold 128 elements,
+// and a wgmma reduces over k = 32 (32 bytes, as k = 16 of 16-bit types), so
+// the byte offsets of K-major k-steps are unchanged. 8-bit operands must be
+// K-major on both sides (no transpose immediates): V is read as V^T (see
+// flash_fwd_sm90_ws_kernel.cuh).
+//
 // wgmma accumulator fragments (m64nN, fp32) are those of mma.sync per warp:
 // warp w of the warpgroup owns rows 16w..16w+15, lane (g = lane/4, t = lane%4)
 // holds acc[j][0..1] at (16w + g, 8j + 2t + {0,1}) and acc[j][2..3] at
@@ -28,6 +34,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -43,6 +50,13 @@ namespace sm90 {
 
 constexpr int kPanelCols = 64;      // 16-bit elements per 128-byte line
 constexpr int kLineBytes = 128;
+
+// The FP8 element type of the FP8 forward (float8_e4m3fn).
+template <typename Element>
+inline constexpr bool kIsFp8 = std::is_same_v<Element, __nv_fp8_e4m3>;
+// Reduction elements of one wgmma: 32 bytes of a K-major line either way.
+template <typename Element>
+inline constexpr int kKStep = kIsFp8<Element> ? 32 : 16;
 
 // Byte offset of element (row, col) of a tile with `rows` rows in SW128 panels.
 __device__ __forceinline__ int swizzled_offset(int rows, int row, int col) {
@@ -194,12 +208,30 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[kN][4]) {
                : ACC                                                                                           \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)), "n"(kTransB))
 
+// The e4m3 forms (k32): no transpose immediates, both operands K-major.
+#define FLASH_WGMMA_SS_E4M3(N, REGS, ACC, DA, DB, SC)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SC ", 0;\n"                                             \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 " REGS ", " DA ", " DB ", p, 1, 1;\n}\n" \
+               : ACC                                                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
+#define FLASH_WGMMA_RS_E4M3(N, REGS, ACC, A0, A1, A2, A3, DB, SC)                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SC ", 0;\n"                                                     \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 " REGS ", {" A0 ", " A1 ", " A2 ", " A3 \
+               "}, " DB ", p, 1, 1;\n}\n"                                                                        \
+               : ACC                                                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)))
+
 template <typename Element, int kN, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N must be 32, 64 or 128");
+  static_assert(!kIsFp8<Element> || (kTransA == 0 && kTransB == 0 && kN >= 64),
+                "wgmma_ss: e4m3 operands are K-major, N 64 or 128");
 #ifdef FLASH_SM90_ENABLED
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
-  if constexpr (kN == 32) {
+  if constexpr (kIsFp8<Element>) {
+    if constexpr (kN == 64) FLASH_WGMMA_SS_E4M3(64, FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34");
+    else FLASH_WGMMA_SS_E4M3(128, FLASH_REGS_64, FLASH_ACC_N128, "%64", "%65", "%66");
+  } else if constexpr (kN == 32) {
     if constexpr (kBf16) FLASH_WGMMA_SS(32, "bf16", FLASH_REGS_16, FLASH_ACC_N32, "%16", "%17", "%18", "%19", "%20");
     else FLASH_WGMMA_SS(32, "f16", FLASH_REGS_16, FLASH_ACC_N32, "%16", "%17", "%18", "%19", "%20");
   } else if constexpr (kN == 64) {
@@ -216,9 +248,13 @@ template <typename Element, int kN, int kTransB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b,
                                          bool accumulate) {
   static_assert(kN == 64 || kN == 128, "wgmma_rs: N must be 64 or 128");
+  static_assert(!kIsFp8<Element> || kTransB == 0, "wgmma_rs: e4m3 B is K-major");
 #ifdef FLASH_SM90_ENABLED
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
-  if constexpr (kN == 64) {
+  if constexpr (kIsFp8<Element>) {
+    if constexpr (kN == 64) FLASH_WGMMA_RS_E4M3(64, FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36", "%37");
+    else FLASH_WGMMA_RS_E4M3(128, FLASH_REGS_64, FLASH_ACC_N128, "%64", "%65", "%66", "%67", "%68", "%69");
+  } else if constexpr (kN == 64) {
     if constexpr (kBf16)
       FLASH_WGMMA_RS(64, "bf16", FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36", "%37", "%38");
     else FLASH_WGMMA_RS(64, "f16", FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36", "%37", "%38");
@@ -231,15 +267,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (
 }
 
 // acc (64 x kN) = A B^T over a reduction dim of kK: A (64 rows) and B (kN
-// rows) both K-major in SW128 panels starting at a / b, whose 64-column
-// panels are a_panel / b_panel bytes apart (k-steps of 32 bytes inside a
-// line, the next panel every 4 steps). Issues the wgmmas, no commit.
+// rows) both K-major in SW128 panels starting at a / b, whose 128-byte
+// panels (64 16-bit or 128 e4m3 columns) are a_panel / b_panel bytes apart
+// (k-steps of 32 bytes inside a line, the next panel every 4 steps).
+// Issues the wgmmas, no commit.
 template <typename Element, int kN, int kK>
 __device__ __forceinline__ void wgmma_abt_kmajor(float (&acc)[kN / 8][4], uint32_t a, uint32_t a_panel, uint32_t b,
                                                  uint32_t b_panel) {
   const uint64_t desc_a = make_desc(a, 16, 8 * kLineBytes), desc_b = make_desc(b, 16, 8 * kLineBytes);
 #pragma unroll
-  for (int s = 0; s < kK / 16; ++s) {
+  for (int s = 0; s < kK / kKStep<Element>; ++s) {
     wgmma_ss<Element, kN, 0, 0>(acc, desc_advance(desc_a, (s / 4) * a_panel + (s % 4) * 32),
                                 desc_advance(desc_b, (s / 4) * b_panel + (s % 4) * 32), s > 0);
   }
@@ -258,6 +295,54 @@ __device__ __forceinline__ void pack_a_frags(uint32_t (&a)[kSlices][4], const fl
   }
 }
 
+// Four fp32 values to e4m3 bytes (round to nearest, saturating at 448), the
+// first in the lowest byte: cvt's e4m3x2 puts its first operand in the high
+// byte.
+__device__ __forceinline__ uint32_t pack4_e4m3(float x0, float x1, float x2, float x3) {
+  uint16_t lo = 0, hi = 0;
+#ifdef FLASH_SM90_ENABLED
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
+#endif
+  return uint32_t(lo) | (uint32_t(hi) << 16);
+}
+
+// The e4m3 form: accumulator fragments of 32-column slices -> the A
+// operand of a k32 wgmma, WITHOUT moving data between threads. The k32
+// A fragment of lane (g, t) holds row g at k-positions 4t..4t+3 and
+// 16+4t..16+4t+3 (registers 0 and 2; row g + 8 in 1 and 3), while the
+// accumulator gives it columns 2t, 2t+1 of each of the slice's four n-tiles.
+// So position 16h + 4t + 2i + e of the slice carries key (column)
+// 16h + 8i + 2t + e (h, i, e in {0, 1}): a fixed permutation of the 32 keys
+// of every slice, the same for every lane. O += P V is unchanged when V's
+// keys are permuted alike, which the FP8 forward's V^T layout does
+// (flash_attn_ext/fp8.py, transpose_v): no shuffle, no byte_perm.
+template <int kSlices>
+__device__ __forceinline__ void pack_a_frags_e4m3(uint32_t (&a)[kSlices][4], const float (&c)[4 * kSlices][4]) {
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    a[s][0] = pack4_e4m3(c[4 * s][0], c[4 * s][1], c[4 * s + 1][0], c[4 * s + 1][1]);
+    a[s][1] = pack4_e4m3(c[4 * s][2], c[4 * s][3], c[4 * s + 1][2], c[4 * s + 1][3]);
+    a[s][2] = pack4_e4m3(c[4 * s + 2][0], c[4 * s + 2][1], c[4 * s + 3][0], c[4 * s + 3][1]);
+    a[s][3] = pack4_e4m3(c[4 * s + 2][2], c[4 * s + 2][3], c[4 * s + 3][2], c[4 * s + 3][3]);
+  }
+}
+
+// acc (64 x kN) += A B^T over a reduction dim of 32 kSlices: A the packed
+// e4m3 register fragments (pack_a_frags_e4m3), B (kN rows) K-major in one
+// SW128 panel of 128 keys a line starting at b (k-slice s 32 bytes further
+// along the lines). Issues the wgmmas, no commit.
+template <int kN, int kSlices>
+__device__ __forceinline__ void wgmma_rs_e4m3_b_kmajor(float (&acc)[kN / 8][4], const uint32_t (&a)[kSlices][4],
+                                                       uint32_t b) {
+  static_assert(kSlices * 32 <= kLineBytes, "the keys of one B line");
+  const uint64_t desc_b = make_desc(b, 16, 8 * kLineBytes);
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    wgmma_rs<__nv_fp8_e4m3, kN, 0>(acc, a[s], desc_advance(desc_b, s * 32), true);
+  }
+}
+
 // acc (64 x kN) += A B over a reduction dim of 16 kSlices: A the packed
 // register fragments, B MN-major in SW128 panels of `panel` bytes starting
 // at b (k-slice s 16 lines further). Issues the wgmmas, no commit.
@@ -273,6 +358,8 @@ __device__ __forceinline__ void wgmma_rs_b_mn(float (&acc)[kN / 8][4], const uin
 
 #undef FLASH_WGMMA_SS
 #undef FLASH_WGMMA_RS
+#undef FLASH_WGMMA_SS_E4M3
+#undef FLASH_WGMMA_RS_E4M3
 #undef FLASH_REGS_16
 #undef FLASH_REGS_32
 #undef FLASH_REGS_64
