@@ -4,7 +4,9 @@ Environment switches (all optional):
   FLASH_ATTN_EXT_FORCE_CPU=1   build the CPU implementation only, even where nvcc is present.
   FLASH_ATTN_EXT_FORCE_CUDA=1  fail unless the CUDA implementation can be built.
   FLASH_ATTN_EXT_HDIMS=64,128  compile CUDA kernels for these head dims only (default: all).
-  FLASH_ATTN_EXT_DTYPES=bf16   compile CUDA kernels for these dtypes only (fp16, bf16; default: both).
+  FLASH_ATTN_EXT_DTYPES=bf16   compile CUDA kernels for these dtypes only (fp16, bf16, e4m3; default: all).
+                               e4m3: the native FP8 forward (Hopper, head dims 128/256); without it FP8
+                               inputs run through the dequantizing path (flash_attn_ext/fp8.py).
   FLASH_ATTN_EXT_DIRECTIONS=fwd  compile these CUDA directions only (fwd, bwd; default: both); the
                                other op then has no CUDA kernel registered. For development builds.
   FLASH_ATTN_EXT_DEBUG=1       keep debug info (-g) in the C++ objects (default -g0: the CPU
@@ -50,7 +52,8 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ALL_HDIMS = (32, 64, 96, 128, 192, 256)
-ALL_DTYPES = ("fp16", "bf16")
+ALL_DTYPES = ("fp16", "bf16", "e4m3")
+FP8_HDIMS = (128, 256)  # the head dims of the e4m3 units (tools/generate_kernels.py)
 ALL_DIRECTIONS = ("fwd", "bwd")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -134,14 +137,17 @@ def cpu_isa_flags():
     return flags
 
 
-def write_build_config(isa_flags) -> None:
-    """Records, for flash_attn_ext/_ops.py, the CPU features the build needs (as /proc/cpuinfo names them)."""
+def write_build_config(isa_flags, fp8_head_dims=()) -> None:
+    """Records, for flash_attn_ext/_ops.py, the CPU features the build needs (as /proc/cpuinfo names them),
+    and, for flash_attn_ext/fp8.py, the head dims with a native FP8 forward."""
     features = tuple(f[2:] for f in isa_flags if f.startswith("-m") and "=" not in f)
     with open(os.path.join(HERE, "flash_attn_ext", "_build_config.py"), "w") as f:
         f.write(
             "# Written by setup.py when the extension was built; not in git.\n"
             "# The x86 instruction sets the CPU kernels were compiled for (/proc/cpuinfo names).\n"
             f"CPU_FEATURES = {features!r}\n"
+            "# Head dims of the native FP8 (e4m3) forward on Hopper compiled in (empty: FP8 dequantizes).\n"
+            f"FP8_FWD_HEAD_DIMS = {tuple(fp8_head_dims)!r}\n"
         )
 
 
@@ -175,7 +181,7 @@ def extensions():
     shared = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     cpu_sources = shared + rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     flags = cpu_flags()
-    write_build_config(cpu_isa_flags())
+    write_build_config(cpu_isa_flags())  # rewritten below with the FP8 head dims of a CUDA build
     log(f"CPU kernels compiled with: {' '.join(flags)}")
     cpu = CppExtension(
         "flash_attn_ext._C",
@@ -190,6 +196,8 @@ def extensions():
     hdims = env_list("FLASH_ATTN_EXT_HDIMS", ALL_HDIMS, int)
     dtypes = env_list("FLASH_ATTN_EXT_DTYPES", ALL_DTYPES, str)
     directions = env_list("FLASH_ATTN_EXT_DIRECTIONS", ALL_DIRECTIONS, str)
+    fp8_hdims = [d for d in FP8_HDIMS if d in hdims] if has_sm90a and "e4m3" in dtypes and "fwd" in directions else []
+    write_build_config(cpu_isa_flags(), fp8_hdims)
     cuda_dir = os.path.join(HERE, "csrc", "cuda")
     # checks.cpp (input validation, params filling) is linked into both libraries.
     sources = [os.path.join("csrc", "checks.cpp")]

@@ -52,6 +52,16 @@ FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL(cuda)
 #undef FLASH_ATTN_EXT_DECLARE_IMPL
 #undef FLASH_ATTN_EXT_DECLARE_VARLEN_IMPL
 
+// fwd_fp8 (CUDA only, cuda/flash_fwd_fp8_host.cpp): the native FP8 forward
+// on Hopper; see its schema in ops.cpp.
+std::tuple<Tensor, Tensor> fwd_fp8_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_descale,
+                                        const Tensor& k_descale, const Tensor& v_descale,
+                                        const std::optional<Tensor>& cu_seqlens_q,
+                                        const std::optional<Tensor>& cu_seqlens_k,
+                                        const std::optional<Tensor>& seqused_k, int64_t max_seqlen_q,
+                                        int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                        int64_t window_left, int64_t window_right);
+
 // fwd_kvcache (inference over a KV cache, csrc/kvcache.h): cpu/kvcache_cpu.cpp
 // and cuda/flash_decode_host.cpp.
 #define FLASH_ATTN_EXT_DECLARE_KVCACHE(suffix)                                                          \

@@ -133,15 +133,29 @@ struct FlashFwdParams {
   // the output. out is bf16.
   DescaleTable q_descale, k_descale, v_descale;
   // V transposed (the 8-bit wgmma reads both operands K-major, so P V needs
-  // keys along the rows): v_t (batch, nheads_k, headdim, vt_cols), the keys
-  // of each 32-key group permuted as the kernel's P fragments need
-  // (hopper/wgmma.cuh, pack_a_frags_e4m3) and zero past the sequence's keys
-  // up to a multiple of 128. Varlen: batch 1, sequence b's keys from column
-  // cu_seqlens_vt[b] (its start rounded up to 128 columns per sequence).
-  // p.v points at v_t.
+  // keys along the rows), written by the op's own transpose kernel
+  // (cuda/flash_fwd_fp8_transpose.cu) from v: v_t (batch, nheads_k, headdim,
+  // vt_cols) bytes, dense, or (1, nheads_k, headdim, vt_cols) varlen with
+  // sequence b's keys from column fp8_vt_start(b, k_start); within every
+  // 32-key group the keys in the order the kernel's P fragments need
+  // (hopper/wgmma.cuh, pack_a_frags_e4m3); each sequence's columns past its
+  // (used) keys zero up to the next multiple of 128, so that no key block
+  // reads another sequence's values. p.v points at v_t.
   int64_t vt_batch_stride = 0, vt_head_stride = 0, vt_dim_stride = 0, vt_cols = 0;
-  const int* cu_seqlens_vt = nullptr;
 };
+
+// Where sequence b's keys start in a varlen v_t: its start in k rounded up
+// to 16 columns (aligned 16-byte stores), plus 144 columns per earlier
+// sequence, so that the 128-column multiple a sequence is padded to never
+// reaches the next one (start_{b+1} - start_b >= len_b - 15 + 144 >
+// round_up(len_b, 128)). 0 for dense calls (batch is a tensor dim there).
+FLASH_HOST_DEVICE inline int64_t fp8_vt_start(const FlashFwdParams& p, int b, int64_t k_start) {
+  return p.cu_seqlens_k != nullptr ? (k_start + 15) / 16 * 16 + int64_t(144) * b : 0;
+}
+// Columns of a varlen v_t: past the last sequence's padded end.
+inline int64_t fp8_vt_varlen_cols(int64_t total_k, int64_t batch) {
+  return (total_k + 144 * (batch + 1) + 127) / 128 * 128;
+}
 
 struct FlashBwdParams : FlashFwdParams {
   const void* dout = nullptr;

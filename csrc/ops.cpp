@@ -87,6 +87,22 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor? cache_leftpad, Tensor? block_table, float softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap=0., Tensor? alibi_slopes=None, Tensor? sinks=None, int num_splits=0) "
       "-> (Tensor out, Tensor softmax_lse)");
+  // The native FP8 forward (CUDA, Hopper; flash_attn_ext/fp8.py decides
+  // which calls take it, and sends the others to the dequantizing path).
+  // Forward only, no autograd. q, k, v float8_e4m3fn as fwd's (batch,
+  // seqlen, heads, headdim), or varlen_fwd's (total, heads, headdim) with
+  // cu_seqlens_q/_k (and seqused_k, max_seqlen_q/_k; ignored when dense);
+  // head dims 128 and 256, one for q, k and v; 16-byte aligned data and
+  // strides. q_descale, k_descale, v_descale: fp32 (batch, nheads_k), any
+  // strides (expand a single value): real values are e4m3 values times these
+  // (query head h uses kv head h / (nheads / nheads_k)'s); they must be
+  // positive and finite. softmax_scale > 0. Returns out bf16 (q's shape) and
+  // softmax_lse fp32 ((batch, nheads, seqlen_q), or (nheads, total_q)), as
+  // fwd / varlen_fwd.
+  m.def(
+      "fwd_fp8(Tensor q, Tensor k, Tensor v, Tensor q_descale, Tensor k_descale, Tensor v_descale, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
+      "float softmax_scale, bool causal, int window_left, int window_right) -> (Tensor out, Tensor softmax_lse)");
   // The keep-mask fwd/bwd apply for dropout_p and rng_state (int64 (2,),
   // CPU), bool (batch, nheads, seqlen_q, seqlen_k), True = kept: the same
   // function of (seed, offset, batch, head, row, col) as every kernel's.

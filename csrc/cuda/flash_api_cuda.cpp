@@ -13,6 +13,7 @@ STABLE_TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
 #ifdef FLASH_ATTN_EXT_BUILD_FWD
   m.impl("fwd", TORCH_BOX(&flash_attn_ext::fwd_cuda));
   m.impl("varlen_fwd", TORCH_BOX(&flash_attn_ext::varlen_fwd_cuda));
+  m.impl("fwd_fp8", TORCH_BOX(&flash_attn_ext::fwd_fp8_cuda));
 #endif
 #ifdef FLASH_ATTN_EXT_BUILD_BWD
   m.impl("bwd", TORCH_BOX(&flash_attn_ext::bwd_cuda));

@@ -8,6 +8,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <string>
@@ -15,7 +16,8 @@
 #include "../flash_params.h"
 #include "hopper/sm90_dispatch.cuh"
 
-// Element is __half or __nv_bfloat16. kHeadDim is the padded head dim the
+// Element is __half or __nv_bfloat16 (__nv_fp8_e4m3 for run_flash_fwd_sm90_ws
+// at head dims 128 and 256: the FP8 forward, flash_fwd_fp8_host.cpp). kHeadDim is the padded head dim the
 // kernels are compiled for (params.headdim <= kHeadDim; the host pads inputs
 // so that params.headdim == kHeadDim). Each launcher picks tile sizes,
 // selects the compiled variant (bias; the score features: softcap, ALiBi,
@@ -44,6 +46,11 @@ bool run_flash_bwd_dkdv_sm90(const FlashBwdParams& params, cudaStream_t stream);
 // take the call (same head dims as run_flash_fwd_sm90).
 template <typename Element, int kHeadDim>
 bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream);
+
+// The FP8 forward's V transpose (flash_fwd_fp8_transpose.cu): params.v
+// (e4m3, with params' k layout: dense or varlen, seqused_k) into `vt`, laid
+// out as params.vt_* describe (flash_params.h, v_t).
+void run_fp8_transpose_v(const FlashFwdParams& params, void* vt, cudaStream_t stream);
 
 // The backward's row-wise kernels, the same everywhere (flash_bwd_launch.cuh):
 // D = rowsum(dO * O) - dlse into params.softmax_d (and the zeroed fp32 dq

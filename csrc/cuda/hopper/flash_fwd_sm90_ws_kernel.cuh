@@ -40,13 +40,14 @@
 //     transposed, V^T (batch, nheads_k, headdim, keys), loaded as headdim
 //     lines of 128 keys (one box), which is the K-major B operand of
 //     O += P V^T^T. The transpose is done once per call, before the kernel
-//     (flash_attn_ext/fp8.py, transpose_v: one read and write of V, 1 byte an
-//     element, next to the kernel's O(seqlen) reads of it), rather than in
-//     shared memory by extra warps (FlashAttention-3's way), which would cost
-//     shared-memory bandwidth and registers in every key block;
+//     (cuda/flash_fwd_fp8_transpose.cu: one read and write of V, 1 byte an
+//     element, next to the kernel's seqlen_q / 128 reads of every V tile),
+//     rather than in shared memory by extra warps (FlashAttention-3's way),
+//     which costs shared-memory bandwidth and registers in every key block;
 //   - P goes from the fp32 scores to e4m3 A fragments in the thread that
 //     holds them (pack_a_frags_e4m3), the key order within 32-key slices
-//     permuted instead, which V^T's column order matches (wgmma.cuh);
+//     permuted instead, which the transpose writes V^T's columns in
+//     (wgmma.cuh);
 //   - P is exp2(s - max + 8) in [0, 256] (OnlineSoftmax's kPShift): e4m3's
 //     normal range then reaches P values 2^8 times smaller (the sums carry
 //     the factor, out and lse are unchanged);
@@ -54,9 +55,9 @@
 //     scale; v_descale multiplies 1 / rowsum in the epilogue; the output is
 //     bf16, staged through a buffer of its own (the Q tile is half its size);
 //   - variable-length calls read V^T at the sequence's own column start
-//     (cu_seqlens_vt), whose columns past the sequence are zero up to the
-//     next multiple of 128: a key block never reaches another sequence, and
-//     zero_v_tail is not needed.
+//     (fp8_vt_start, flash_params.h), whose columns past the sequence are
+//     zero up to the next multiple of 128: a key block never reaches another
+//     sequence, and zero_v_tail is not needed.
 // Only the plain rule (no bias, softcap, ALiBi, dropout, sinks): the
 // dispatcher in fp8.py sends calls with those to the dequantizing path.
 //
@@ -267,13 +268,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
         }
       };
       // FP8's V^T: one box of kHeadDim lines x 128 keys, at the sequence's
-      // own column start (cu_seqlens_vt) when variable-length.
+      // own column start when variable-length (fp8_vt_start).
       auto load_vt = [&](int i) {
         const int stage = i % kStages;
         mbar_wait(empty_v + 8 * stage, ((i / kStages) & 1) ^ 1);
         mbar_arrive_expect_tx(full_v + 8 * stage, T::kKVBytes);
-        const int col0 = (p.cu_seqlens_vt ? p.cu_seqlens_vt[b] : 0) + (n_end - 1 - i) * kBlockN;
-        tma_load_4d(sV + stage * T::kKVBytes, &pw.tma_v, full_v + 8 * stage, col0, 0, hk, p.cu_seqlens_vt ? 0 : b);
+        const int col0 = int(fp8_vt_start(p, b, seq.k_start)) + (n_end - 1 - i) * kBlockN;
+        tma_load_4d(sV + stage * T::kKVBytes, &pw.tma_v, full_v + 8 * stage, col0, 0, hk, p.cu_seqlens_k ? 0 : b);
       };
       auto load_v = [&](int i) {
         if constexpr (T::kFp8) {

@@ -87,7 +87,7 @@ const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
   }
   if (why == nullptr) {
     if constexpr (T::kFp8) {
-      why = encode_bshd_map_for<Element>(&ws.tma_v, p.v, p.cu_seqlens_vt ? 1 : p.batch, T::kHeadDim, p.nheads_k,
+      why = encode_bshd_map_for<Element>(&ws.tma_v, p.v, varlen_k ? 1 : p.batch, T::kHeadDim, p.nheads_k,
                                          p.vt_cols, p.vt_batch_stride, p.vt_dim_stride, p.vt_head_stride,
                                          T::kHeadDim);
     } else {
@@ -173,8 +173,6 @@ void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t strea
     why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
   } else if (has_score_mods(params) || params.bias != nullptr || params.sinks != nullptr) {
     why = "the call has a bias, a score feature (softcap, ALiBi, dropout) or sinks";
-  } else if ((params.cu_seqlens_k != nullptr) != (params.cu_seqlens_vt != nullptr)) {
-    why = "v_t must be laid out by sequence (cu_seqlens_vt) exactly when k is (cu_seqlens_k)";
   }
   sm90::WsFwdParams ws;
   if (why == nullptr) why = sm90::encode_ws_maps<T>(ws, params);
