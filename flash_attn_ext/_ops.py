@@ -526,3 +526,23 @@ def _fwd_kvcache_backward(ctx, *grads):
 
 torch.library.register_autograd("flash_attn_ext::fwd_kvcache", _fwd_kvcache_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# The native FP8 forward (flash_attn_ext/fp8.py calls it for the calls it can
+# take): forward only, like FlashAttention-3's FP8 attention; FP8 inputs that
+# require a gradient are refused before it is reached (fp8._check_no_grad).
+fwd_fp8 = torch.ops.flash_attn_ext.fwd_fp8.default
+
+
+@torch.library.register_fake("flash_attn_ext::fwd_fp8")
+def _fwd_fp8_fake(q, k, v, q_descale, k_descale, v_descale, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                  max_seqlen_k, softmax_scale, causal, window_left, window_right):
+    check_same_device("flash_attn_ext::fwd_fp8", locals())
+    out = q.new_empty(q.shape, dtype=torch.bfloat16)
+    if cu_seqlens_q is None:
+        batch, seqlen_q, nheads, _ = q.shape
+        softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    else:
+        total_q, nheads, _ = q.shape
+        softmax_lse = q.new_empty((nheads, total_q), dtype=torch.float32)
+    return out, softmax_lse

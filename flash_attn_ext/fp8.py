@@ -9,21 +9,104 @@ in FlashAttention-3. The output is bfloat16 (FlashAttention-3's), softmax_lse
 fp32. Forward only, as in FlashAttention-3: FP8 inputs that require a
 gradient raise.
 
-How it is computed today: q, k and v are dequantized (value x descale) to
-bfloat16 on CUDA (fp32 on the CPU, then the output rounded to bfloat16) and
-the regular kernels run. That is exact to the inputs' FP8 values up to one
-bfloat16 rounding of each dequantized element, but it is no faster than a
-bfloat16 call (it reads and writes each input once more): the FP8 tensor-core
-forward of issue 13 is still to come, and will keep these semantics.
+Two ways to compute it, chosen in one place, `native_fp8_reason`:
+
+- native: the FP8 tensor-core forward on Hopper (the fwd_fp8 op: e4m3 wgmmas
+  for Q K^T and P V in the warp-specialized kernel, q_descale * k_descale
+  folded into the softmax scale, v_descale into the output; P is rounded to
+  e4m3 as in FlashAttention-3). For H100/H200 (compute capability 9.0), a
+  build with the e4m3 units (setup.py's FLASH_ATTN_EXT_DTYPES), head dims
+  128 and 256 (one for q, k and v), dense and variable-length calls, causal
+  masks, windows, GQA/MQA, a positive softmax_scale, and no softcap, ALiBi,
+  dropout, sinks or paged keys. Descales must be positive and finite (as
+  quantization scales are; FLASH_ATTN_EXT_DEBUG_CHECKS=1 verifies it).
+- dequantize: q, k and v are dequantized (value x descale) to bfloat16 on
+  CUDA (fp32 on the CPU, then the output rounded to bfloat16) and the
+  regular kernels run: every other call (CPU, other GPUs, head dims 32, 64,
+  96, 192 and head dims that need padding, the score features above,
+  paged keys, empty problems). Exact to the inputs' FP8 values up to one
+  bfloat16 rounding of each dequantized element, and no faster than a
+  bfloat16 call.
+
+FLASH_ATTN_EXT_FP8_FWD (read on every call; developer and test switch):
+`auto` (default) as above, `dequant` always dequantizes, `native_strict`
+raises a RuntimeError naming why when the native kernel cannot take a call
+(the tests use it to prove that the native kernel ran).
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import Optional, Tuple
 
 import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 OUT_DTYPE = torch.bfloat16
+MODE_ENV = "FLASH_ATTN_EXT_FP8_FWD"
+
+
+def _compiled_head_dims() -> Tuple[int, ...]:
+    """Head dims of the native FP8 forward in this build (setup.py records them)."""
+    try:
+        from ._build_config import FP8_FWD_HEAD_DIMS
+    except ImportError:  # no build record, or one from before FP8_FWD_HEAD_DIMS existed
+        return ()
+    return tuple(FP8_FWD_HEAD_DIMS)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_mode() -> str:
+    mode = os.environ.get(MODE_ENV, "") or "auto"
+    if mode not in ("auto", "dequant", "native_strict"):
+        raise RuntimeError(f"flash_attn_ext: {MODE_ENV} must be auto, dequant or native_strict, got {mode!r}")
+    return mode
+
+
+def native_fp8_reason(q, k, v, softmax_scale, softcap=0.0, alibi_slopes=None, sinks=None, dropout_p=0.0,
+                      paged=False) -> Optional[str]:
+    """Why the native FP8 kernel cannot take this call, or None when it can.
+
+    The one place where an FP8 call's path is decided (the module docstring
+    lists the rules); the fwd_fp8 op itself raises on anything else rather
+    than fall back."""
+    if fp8_mode() == "dequant":
+        return f"{MODE_ENV}=dequant"
+    if q.device.type != "cuda":
+        return f"the tensors are on {q.device.type}, not CUDA"
+    dims = _compiled_head_dims()
+    if not dims:
+        return "this build has no native FP8 forward (it needs sm_90a and e4m3 in FLASH_ATTN_EXT_DTYPES)"
+    if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) != (9, 0):
+        return "the GPU is not compute capability 9.0 (H100/H200)"
+    if os.environ.get("FLASH_ATTN_EXT_DISABLE_SM90", "") not in ("", "0"):
+        return "FLASH_ATTN_EXT_DISABLE_SM90 is set"
+    d = q.shape[-1]
+    if d not in dims or k.shape[-1] != d or v.shape[-1] != d:
+        return (f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]}: the native FP8 forward has one head dim of "
+                f"{', '.join(map(str, dims))}")
+    features = [name for name, on in (("softcap", softcap > 0), ("alibi_slopes", alibi_slopes is not None),
+                                      ("dropout", dropout_p > 0), ("sinks", sinks is not None),
+                                      ("paged keys (block_table)", paged)) if on]
+    if features:
+        return f"{', '.join(features)}: the native FP8 forward takes the plain softmax only"
+    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        return f"softmax_scale {softmax_scale!r} is not positive and finite"
+    if q.numel() == 0 or k.numel() == 0:
+        return "an empty problem"
+    return None
+
+
+def use_native(fn: str, reason: Optional[str]) -> bool:
+    """Applies native_strict: a reason becomes an error."""
+    if reason is not None and fp8_mode() == "native_strict":
+        raise RuntimeError(f"{fn}: {MODE_ENV}=native_strict, but the native FP8 forward cannot take this call: {reason}")
+    return reason is None
 
 
 def is_fp8_call(fn: str, q, k, v, q_descale, k_descale, v_descale) -> bool:
@@ -117,3 +200,52 @@ def dequantize_varlen(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k
     q_rows = rows_batch(cu_seqlens_q, q.shape[0])
     k_rows = rows_batch(cu_seqlens_k, k.shape[0])
     return (_dequantize(q, tables[0], q_rows), _dequantize(k, tables[1], k_rows), _dequantize(v, tables[2], k_rows))
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy where its data or strides are not 16-byte
+    aligned (the native kernel's TMA and 16-byte loads need both)."""
+    ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(
+        st % 16 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
+    return x if ok else x.contiguous()
+
+
+def _check_descale_values(fn, tables):
+    """FLASH_ATTN_EXT_DEBUG_CHECKS=1: descales positive and finite (the native
+    kernel folds q_descale * k_descale into an exp2 scale that must be)."""
+    from . import _ops
+    if not _ops.debug_checks_enabled() or _ops.is_tracing():
+        return
+    for name, t in zip(("q_descale", "k_descale", "v_descale"), tables):
+        if t.numel() and not bool(torch.isfinite(t).all() and (t > 0).all()):
+            raise RuntimeError(f"{fn}: {name} must be positive and finite for the native FP8 forward, got values in "
+                               f"[{t.min().item()}, {t.max().item()}]")
+
+
+def native_dense(fn: str, q, k, v, q_descale, k_descale, v_descale, softmax_scale: float, causal: bool,
+                 window_left: int, window_right: int):
+    """(out bf16, softmax_lse) of dense FP8 inputs by the native kernel."""
+    from . import _ops
+    _check_no_grad(fn, q, k, v)
+    _check_shapes(fn, q, k, v, 4)
+    batch, nheads_k = q.shape[0], k.shape[2]
+    tables = [_descale_table(fn, n, d, batch, nheads_k, q.device)
+              for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+    _check_descale_values(fn, tables)
+    return _ops.fwd_fp8(_aligned(q), _aligned(k), _aligned(v), *tables, None, None, None, 0, 0, float(softmax_scale),
+                        bool(causal), window_left, window_right)
+
+
+def native_varlen(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q: int, max_seqlen_k: int,
+                  q_descale, k_descale, v_descale, softmax_scale: float, causal: bool, window_left: int,
+                  window_right: int):
+    """(out bf16, softmax_lse) of variable-length FP8 inputs by the native kernel."""
+    from . import _ops
+    _check_no_grad(fn, q, k, v)
+    _check_shapes(fn, q, k, v, 3)
+    batch, nheads_k = cu_seqlens_q.numel() - 1, k.shape[1]
+    tables = [_descale_table(fn, n, d, batch, nheads_k, q.device)
+              for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+    _check_descale_values(fn, tables)
+    return _ops.fwd_fp8(_aligned(q), _aligned(k), _aligned(v), *tables, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                        max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal), window_left, window_right)

@@ -110,9 +110,17 @@ def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, retur
     softcap = _softcap_value(softcap)
     # Before autocast, which looks at q's device only.
     _ops.check_same_device("flash_attn_ext", {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes, "sinks": sinks})
-    fp8_call = fp8.is_fp8_call("flash_attn_ext.flash_attn_func", q, k, v, q_descale, k_descale, v_descale)
+    fn = "flash_attn_ext.flash_attn_func"
+    fp8_call = fp8.is_fp8_call(fn, q, k, v, q_descale, k_descale, v_descale)
+    if fp8_call and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        reason = fp8.native_fp8_reason(q, k, v, scale, softcap, alibi_slopes, sinks, dropout_p)
+        if fp8.use_native(fn, reason):
+            out, softmax_lse = fp8.native_dense(fn, q, k, v, q_descale, k_descale, v_descale, scale, bool(causal),
+                                                window_left, window_right)
+            return (out, softmax_lse, None) if return_attn_probs else out
     if fp8_call:
-        q, k, v = fp8.dequantize_dense("flash_attn_ext.flash_attn_func", q, k, v, q_descale, k_descale, v_descale)
+        q, k, v = fp8.dequantize_dense(fn, q, k, v, q_descale, k_descale, v_descale)
     _check_sizes(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5

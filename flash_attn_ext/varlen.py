@@ -168,9 +168,14 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
     fn = "flash_attn_ext.flash_attn_varlen_func"
     fp8_call = fp8.is_fp8_call(fn, q, k, v, q_descale, k_descale, v_descale)
+    native = False
+    if fp8_call and q.dim() == 3 and k.dim() == 3 and v.dim() == 3:
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        native = fp8.use_native(fn, fp8.native_fp8_reason(q, k, v, scale, softcap, alibi_slopes, sinks, dropout_p,
+                                                          paged=block_table is not None))
     if block_table is not None:
         k, v, cu_seqlens_k, seqused_k = unpage(k, v, block_table, cu_seqlens_k, seqused_k)
-    if fp8_call:  # after unpage: each sequence's keys are then its own rows
+    if fp8_call and not native:  # after unpage: each sequence's keys are then its own rows
         q, k, v = fp8.dequantize_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
     if q.dim() == 3 and q.shape[-1] == 0:
         raise RuntimeError("flash_attn_ext: head dim must be between 1 and 256, got 0 (q.shape[-1] == 0)")
@@ -185,6 +190,11 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                                    f"values in [{int(used.min())}, {int(used.max())}]")
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
+    if native:
+        out, softmax_lse = fp8.native_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                             max_seqlen_k, q_descale, k_descale, v_descale, softmax_scale,
+                                             bool(causal), window_left, window_right)
+        return (out, softmax_lse, None) if return_attn_probs else out
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     q, k, v = autocast_inputs(q, k, v)
     # One rng_state for the batch: the kernels' dropout counter holds the
