@@ -204,10 +204,12 @@ def dequantize_varlen(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """x, or a contiguous copy where its data or strides are not 16-byte
-    aligned (the native kernel's TMA and 16-byte loads need both)."""
-    ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(
+    aligned (the native kernel's TMA and 16-byte loads need both). Storage
+    offsets rather than data pointers (allocations are aligned), which fake
+    tensors under torch.compile have too."""
+    ok = x.stride(-1) == 1 and x.storage_offset() % 16 == 0 and all(
         st % 16 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
-    return x if ok else x.contiguous()
+    return x if ok else x.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
 
 
 def _check_descale_values(fn, tables):

@@ -14,6 +14,7 @@ import torch
 
 import flash_attn_ext
 from conftest import DEVICES, assert_close_to_ref, attention_ref, poison_allocator
+from flash_attn_ext.reference import visible_mask
 
 E4M3 = torch.float8_e4m3fn
 
@@ -154,3 +155,249 @@ def test_fp8_errors(device):
     # The SDPA-compatible function takes no descales: FP8 is refused by name.
     with pytest.raises(RuntimeError, match="float8_e4m3fn"):
         flash_attn_ext.scaled_dot_product_attention(q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2))
+
+
+# ---------------------------------------------------------------- native FP8 forward (Hopper)
+#
+# The FP8 tensor-core forward (fwd_fp8 op) for the calls fp8.native_fp8_reason
+# accepts, under FLASH_ATTN_EXT_FP8_FWD=native_strict, which raises rather
+# than dequantize: a passing test ran the native kernel (test_fp8_native_kernel_names
+# also sees it in the profiler).
+#
+# Tolerance. The native kernel rounds P = exp(s - max) (times 2^8) to e4m3
+# before P V (3 mantissa bits: a relative error up to 2^-4 per probability,
+# 2^-9 absolute in the shifted units below e4m3's normal range), accumulates
+# in fp32 on the tensor cores and rounds out to bf16; the row sums use the
+# unrounded P, as FlashAttention-3's. That is far coarser than the bf16
+# path, so the project's 2x rule is applied to a model of these roundings
+# instead of PyTorch's bf16 attention: `fp8_model` computes in float64 from
+# the same real inputs with P rounded to e4m3 at the row's final max (the
+# kernel rounds at its running max, which differs only by a factor applied
+# after the rounding: the same error distribution, not the same errors) and
+# the output rounded to bf16. Ours must stay within 2x the model's max error
+# plus half a bf16 ulp of the largest output. The dequantizing path's error
+# (bf16 P) is computed alongside and must be smaller than the model's (it
+# is the reference for what FP8 P costs); inputs with fp8 values x 3 and
+# descales in [0.25, 1.25] give peaked rows (score spreads of ~10), so a
+# wrong key order of P against V^T would show as errors of order |v|, far
+# above the bound.
+
+def _native_available():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return "the native FP8 forward runs on compute capability 9.0 (H100/H200)"
+    from flash_attn_ext import fp8
+    if not fp8._compiled_head_dims():
+        return "this build has no native FP8 forward (e4m3 not in FLASH_ATTN_EXT_DTYPES)"
+    return None
+
+
+needs_native = pytest.mark.skipif(_native_available() is not None, reason=str(_native_available()))
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "native_strict")
+    monkeypatch.delenv("FLASH_ATTN_EXT_DISABLE_SM90", raising=False)
+
+
+def fp8_model(qr, kr, vr, scale, causal=False, window=(-1, -1)):
+    """float64 attention of (b, s, h, d) real inputs with the native kernel's
+    roundings: P x 2^8 to e4m3, out to bf16 (see the tolerance above)."""
+    h, hk = qr.shape[2], kr.shape[2]
+    qd, kd, vd = (x.transpose(1, 2) for x in (qr, kr, vr))  # (b, h, s, d)
+    kd, vd = (x.repeat_interleave(h // hk, dim=1) for x in (kd, vd))
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    vis = visible_mask(qr.shape[1], kr.shape[1], causal, window, device=qr.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows without keys: P = 0
+    p = torch.exp(s - m) * 256.0
+    rowsum = p.sum(-1, keepdim=True)
+    p8 = p.to(torch.float32).to(E4M3).to(torch.float64)
+    o = torch.where(rowsum > 0, (p8 @ vd) / rowsum.clamp_min(1e-300), torch.zeros((), dtype=torch.float64))
+    return o.transpose(1, 2).to(torch.bfloat16).to(torch.float64)
+
+
+def check_native(out, lse, q8, k8, v8, ds, hk, causal=False, window=(-1, -1), scale=None, name="out"):
+    """The native output against the float64 reference (bound: the tolerance above) and its lse."""
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any(), f"{name}: NaN or wrong dtype"
+    qr, kr, vr = (real(x, d, hk) for x, d in zip((q8, k8, v8), ds))
+    scale = q8.shape[-1] ** -0.5 if scale is None else scale
+    ref, ref_lse = attention_ref(qr, kr, vr, causal, window, softmax_scale=scale)
+    model = fp8_model(qr, kr, vr, scale, causal, window)
+    err = (out.double() - ref).abs().max().item()
+    model_err = (model - ref).abs().max().item()
+    top = max(1.0, ref.abs().max().item())
+    bound = 2 * model_err + 2.0 ** -9 * top
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x the FP8 model's {model_err:.3e} + slack"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite), f"{name}: rows without keys must have lse +inf"
+    lse_err = (lse.double() - ref_lse)[finite].abs().max().item() if finite.any() else 0.0
+    assert lse_err <= 1e-3 * max(1.0, ref_lse[finite].abs().max().item() if finite.any() else 1.0), \
+        f"{name}: lse error {lse_err:.3e}"
+    return err, model_err
+
+
+@needs_native
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("kind", ["batch-head", "tensor", "none"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(2, 300, 300, 4, 2), (1, 129, 1000, 2, 1), (2, 700, 129, 4, 4), (1, 1, 1, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fp8_native_dense(native, d, kind, causal, shape):
+    """GQA/MQA, Sq != Sk both ways (rows without keys when causal with Sq > Sk),
+    partial query and key tiles, every descale form; poisoned output memory."""
+    b, sq, sk, h, hk = shape
+    q8, k8, v8 = fp8_qkv(b, sq, sk, h, hk, d, "cuda")
+    ds = descales(kind, b, hk, "cuda")
+    poison_allocator("cuda", b * sq * h * d * 2)
+    out, lse, _ = flash_attn_ext.flash_attn_func(q8, k8, v8, causal=causal, q_descale=ds[0], k_descale=ds[1],
+                                                 v_descale=ds[2], return_attn_probs=True)
+    assert out.shape == (b, sq, h, d) and lse.shape == (b, h, sq)
+    err, model_err = check_native(out, lse, q8, k8, v8, ds, hk, causal)
+    # What FP8 P costs: the dequantizing path (bf16 P) does better than the model of the native roundings
+    # (up to a bf16 ulp of the output, where both are bf16 roundings: one key per row).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASH_ATTN_EXT_FP8_FWD", "dequant")
+        deq = flash_attn_ext.flash_attn_func(q8, k8, v8, causal=causal, q_descale=ds[0], k_descale=ds[1],
+                                             v_descale=ds[2])
+    check_dense(deq, q8, k8, v8, ds, hk, causal)
+    ref, _ = attention_ref(*(real(x, dd, hk) for x, dd in zip((q8, k8, v8), ds)), causal)
+    deq_err = (deq.double() - ref).abs().max().item()
+    assert deq_err <= model_err + 2.0 ** -8 * max(1.0, ref.abs().max().item()), (deq_err, model_err, err)
+
+
+@needs_native
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("window", [(20, 5), (0, 0), (200, -1), (-1, 64)], ids=str)
+def test_fp8_native_windows_and_scale(native, d, window):
+    b, sq, sk, h, hk = 1, 333, 400, 4, 2
+    q8, k8, v8 = fp8_qkv(b, sq, sk, h, hk, d, "cuda")
+    ds = descales("batch-head", b, hk, "cuda")
+    out, lse, _ = flash_attn_ext.flash_attn_func(q8, k8, v8, window_size=window, softmax_scale=0.05,
+                                                 return_attn_probs=True, q_descale=ds[0], k_descale=ds[1],
+                                                 v_descale=ds[2])
+    check_native(out, lse, q8, k8, v8, ds, hk, window=window, scale=0.05)
+
+
+@needs_native
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("used", [False, True], ids=["all-keys", "seqused_k"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp8_native_varlen(native, d, used, causal):
+    """Per-sequence descales over a length mix (an empty query sequence, a key
+    sequence of 4, partial tiles, one over two key blocks), seqused_k, and
+    NaN in the rows of k and v no sequence uses: each sequence against its
+    own dense reference; rows outside every sequence stay 0 / +inf."""
+    lens_q, lens_k = [5, 0, 300, 129, 64], [9, 4, 300, 700, 64]
+    h, hk = 4, 2
+    b = len(lens_q)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")  # noqa: E731
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    q8 = (torch.randn(sum(lens_q) + 3, h, d) * 3).to(device="cuda", dtype=E4M3)  # 3 rows in no sequence
+    k8 = (torch.randn(sum(lens_k), hk, d) * 3).to(device="cuda", dtype=E4M3)
+    v8 = (torch.randn(sum(lens_k), hk, d) * 3).to(device="cuda", dtype=E4M3)
+    seqused = None
+    if used:
+        seqused = torch.tensor([9, 2, 250, 513, 0], dtype=torch.int32, device="cuda")
+        for i in range(b):  # NaN (0x7f in e4m3) in the keys past each sequence's used ones
+            lo, hi = int(cu_k[i]) + int(seqused[i]), int(cu_k[i + 1])
+            k8.view(torch.uint8)[lo:hi] = 0x7F
+            v8.view(torch.uint8)[lo:hi] = 0x7F
+    ds = descales("batch-head", b, hk, "cuda")
+    poison_allocator("cuda", (sum(lens_q) + 3) * h * d * 2)
+    out, lse, _ = flash_attn_ext.flash_attn_varlen_func(q8, k8, v8, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                        causal=causal, seqused_k=seqused, return_attn_probs=True,
+                                                        q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
+    assert out.shape == q8.shape and lse.shape == (h, q8.shape[0])
+    assert (out[-3:] == 0).all() and torch.isinf(lse[:, -3:]).all()
+    for i in range(b):
+        qs = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        nk = int(seqused[i]) if used else lens_k[i]
+        ks = slice(int(cu_k[i]), int(cu_k[i]) + nk)
+        if qs.stop == qs.start:
+            continue
+        one = [dd[i : i + 1] for dd in ds]
+        if nk == 0:
+            assert (out[qs] == 0).all() and torch.isinf(lse[:, qs]).all(), f"sequence {i}: no keys"
+            continue
+        check_native(out[qs][None], lse[:, qs][None], q8[qs][None], k8[ks][None], v8[ks][None], one, hk, causal,
+                     name=f"sequence {i}")
+
+
+@needs_native
+def test_fp8_native_strided_inputs(native):
+    """Inputs whose strides or offsets TMA cannot take are copied first (fp8._aligned)."""
+    b, s, h, d = 2, 200, 2, 128
+    qkv = (torch.randn(b, s, 3 * h * d + 16) * 3).to(device="cuda", dtype=E4M3)
+    q8, k8, v8 = (qkv[..., 1 + i * h * d: 1 + (i + 1) * h * d].unflatten(-1, (h, d)) for i in range(3))  # odd offset
+    ds = descales("tensor", b, h, "cuda")
+    out, lse, _ = flash_attn_ext.flash_attn_func(q8, k8, v8, causal=True, return_attn_probs=True,
+                                                 q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
+    check_native(out, lse, q8, k8, v8, ds, h, causal=True)
+
+
+@needs_native
+def test_fp8_native_strict_refusals(native):
+    """native_strict names what the native kernel does not take; auto dequantizes those calls."""
+    q8, k8, v8 = fp8_qkv(1, 64, 64, 2, 2, 128, "cuda")
+    cases = [(dict(softcap=5.0), "softcap"), (dict(alibi_slopes=torch.ones(2, device="cuda")), "alibi_slopes"),
+             (dict(dropout_p=0.1), "dropout"), (dict(softmax_scale=-0.1), "softmax_scale")]
+    for kwargs, word in cases:
+        with pytest.raises(RuntimeError, match=f"native_strict.*{word}"):
+            flash_attn_ext.flash_attn_func(q8, k8, v8, **kwargs)
+    q64, k64, v64 = fp8_qkv(1, 64, 64, 2, 2, 64, "cuda")
+    with pytest.raises(RuntimeError, match="native_strict.*head dims q 64"):
+        flash_attn_ext.flash_attn_func(q64, k64, v64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASH_ATTN_EXT_FP8_FWD", "auto")
+        out = flash_attn_ext.flash_attn_func(q8, k8, v8, softcap=5.0)  # the dequantizing path
+        assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+        mp.setenv("FLASH_ATTN_EXT_FP8_FWD", "bogus")
+        with pytest.raises(RuntimeError, match="FLASH_ATTN_EXT_FP8_FWD must be"):
+            flash_attn_ext.flash_attn_func(q8, k8, v8)
+
+
+@needs_native
+def test_fp8_native_kernel_names(monkeypatch):
+    """The profiler sees the e4m3 instance of the warp-specialized kernel (and the V transpose) under auto,
+    and no FP8 kernel under dequant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q8, k8, v8 = fp8_qkv(1, 256, 256, 2, 2, 128, "cuda")
+
+    def names():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            flash_attn_ext.flash_attn_func(q8, k8, v8, causal=True)
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if e.device_type.name == "CUDA" and "flash::" in e.name}
+
+    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "auto")
+    auto = names()
+    assert any("flash_fwd_sm90_ws_kernel" in n and "fp8_e4m3" in n for n in auto), auto
+    assert any("fp8_transpose_v_kernel" in n for n in auto), auto
+    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "dequant")
+    deq = names()
+    assert not any("fp8" in n for n in deq), deq
+
+
+@needs_native
+def test_fp8_native_compile_and_graph(native):
+    """torch.compile traces the native call into one graph (fwd_fp8's fake kernel), and a CUDA graph replays it."""
+    q8, k8, v8 = fp8_qkv(2, 130, 130, 2, 1, 128, "cuda")
+    ds = descales("batch-head", 2, 1, "cuda")
+    fn = lambda q, k, v: flash_attn_ext.flash_attn_func(q, k, v, causal=True, q_descale=ds[0],  # noqa: E731
+                                                        k_descale=ds[1], v_descale=ds[2])
+    eager = fn(q8, k8, v8)
+    compiled = torch.compile(fn, fullgraph=True)(q8, k8, v8)
+    assert torch.equal(eager, compiled)
+    static = [x.clone() for x in (q8, k8, v8)]
+    fn(*static)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = fn(*static)
+    fresh = fp8_qkv(2, 130, 130, 2, 1, 128, "cuda")
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    assert torch.equal(graphed, fn(*fresh))
