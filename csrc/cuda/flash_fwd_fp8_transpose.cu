@@ -7,11 +7,11 @@
 // keys up to its next multiple of 128 columns.
 //
 // Why a kernel of our own: the permuted transpose as a torch copy of an
-// 8-dim permuted view gathers single bytes 1-2 KB apart (measured nothing;
-// expected to run far below the bandwidth the attention kernel's time
-// allows), while this kernel reads and writes V once in 16-byte accesses:
-// ~2 * |V| bytes, e.g. 64 MB at 16k tokens x 2048 (H x D), some 20 us on an
-// H200 next to the attention's hundreds. One thread block per (64 columns,
+// 8-dim permuted view gathers single bytes 1-2 KB apart (not measured;
+// expected far below the bandwidth the attention's time allows), while this
+// kernel reads and writes V once in 16-byte accesses: ~2 |V| bytes, e.g.
+// 64 MB at 16k tokens x 2048 (H x D), an expected ~20 us on an H200 next to
+// the attention's hundreds. One thread block per (64 columns,
 // 64 head-dim rows, kv head, sequence): 256 threads load 64 keys x 64 bytes
 // (a 16-byte load each) into shared memory, then each writes 16 permuted
 // columns of one row (a 16-byte store each). Plain CUDA, every
