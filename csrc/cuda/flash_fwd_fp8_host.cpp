@@ -121,6 +121,10 @@ std::tuple<Tensor, Tensor> fwd_fp8_cuda(const Tensor& q_in, const Tensor& k_in, 
                 " and ", num(k.size(0)));
   }
 
+  const DescaleTable q_table = descale_table(q_descale, "q_descale", batch, nheads_k, q_in);
+  const DescaleTable k_table = descale_table(k_descale, "k_descale", batch, nheads_k, q_in);
+  const DescaleTable v_table = descale_table(v_descale, "v_descale", batch, nheads_k, q_in);
+
   const int64_t rows_q = q.size(1);
   const std::array<int64_t, 4> out_shape{q.size(0), rows_q, nheads, head_dim};
   const std::array<int64_t, 3> lse_shape{q.size(0), nheads, rows_q};
@@ -153,9 +157,9 @@ std::tuple<Tensor, Tensor> fwd_fp8_cuda(const Tensor& q_in, const Tensor& k_in, 
   params.vt_head_stride = v_t.stride(1);
   params.vt_dim_stride = v_t.stride(2);
   params.vt_cols = vt_cols;
-  params.q_descale = descale_table(q_descale, "q_descale", batch, nheads_k, q_in);
-  params.k_descale = descale_table(k_descale, "k_descale", batch, nheads_k, q_in);
-  params.v_descale = descale_table(v_descale, "v_descale", batch, nheads_k, q_in);
+  params.q_descale = q_table;
+  params.k_descale = k_table;
+  params.v_descale = v_table;
 
 #if defined(FLASH_ATTN_EXT_DTYPE_E4M3) && defined(FLASH_ATTN_EXT_SM90)
   const cudaStream_t stream = cuda.stream();
