@@ -401,3 +401,16 @@ def test_fp8_native_compile_and_graph(native):
         dst.copy_(src)
     graph.replay()
     assert torch.equal(graphed, fn(*fresh))
+
+
+@needs_native
+def test_fp8_native_opcheck():
+    """fwd_fp8 as PyTorch sees it: schema, fake kernel against the real one (dense and varlen)."""
+    q8, k8, v8 = fp8_qkv(2, 70, 150, 4, 2, 128, "cuda")
+    ds = [d.expand(2, 2) for d in descales("tensor", 2, 2, "cuda")]
+    torch.library.opcheck(torch.ops.flash_attn_ext.fwd_fp8.default,
+                          (q8, k8, v8, *ds, None, None, None, 0, 0, 0.1, True, -1, -1))
+    cu_q = torch.tensor([0, 30, 70], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 100, 150], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.flash_attn_ext.fwd_fp8.default,
+                          (q8[0], k8[0], v8[0], *ds, cu_q, cu_k, None, 40, 100, 0.1, False, 16, -1))
