@@ -96,7 +96,7 @@ STABLE_TORCH_LIBRARY(flash_attn_ext, m) {
   // strides. q_descale, k_descale, v_descale: fp32 (batch, nheads_k), any
   // strides (expand a single value): real values are e4m3 values times these
   // (query head h uses kv head h / (nheads / nheads_k)'s); they must be
-  // positive and finite. softmax_scale > 0. Returns out bf16 (q's shape) and
+  // finite and not negative. softmax_scale > 0. Returns out bf16 (q's shape) and
   // softmax_lse fp32 ((batch, nheads, seqlen_q), or (nheads, total_q)), as
   // fwd / varlen_fwd.
   m.def(

@@ -18,8 +18,12 @@ Two ways to compute it, chosen in one place, `native_fp8_reason`:
   build with the e4m3 units (setup.py's FLASH_ATTN_EXT_DTYPES), head dims
   128 and 256 (one for q, k and v), dense and variable-length calls, causal
   masks, windows, GQA/MQA, a positive softmax_scale, and no softcap, ALiBi,
-  dropout, sinks or paged keys. Descales must be positive and finite (as
-  quantization scales are; FLASH_ATTN_EXT_DEBUG_CHECKS=1 verifies it).
+  dropout, sinks or paged keys. Descales must be finite and not negative
+  (as quantization scales are; FLASH_ATTN_EXT_DEBUG_CHECKS=1 verifies it):
+  the kernel's online softmax takes the row max of the raw scores, which a
+  negative q_descale * k_descale would turn into the min. Head dim 64 is not
+  native: its 64-byte e4m3 rows would need a 64-byte-swizzled layout the
+  kernel does not have.
 - dequantize: q, k and v are dequantized (value x descale) to bfloat16 on
   CUDA (fp32 on the CPU, then the output rounded to bfloat16) and the
   regular kernels run: every other call (CPU, other GPUs, head dims 32, 64,
@@ -213,14 +217,15 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_descale_values(fn, tables):
-    """FLASH_ATTN_EXT_DEBUG_CHECKS=1: descales positive and finite (the native
-    kernel folds q_descale * k_descale into an exp2 scale that must be)."""
+    """FLASH_ATTN_EXT_DEBUG_CHECKS=1: descales finite and not negative (the
+    native kernel folds q_descale * k_descale into an exp2 scale that must be
+    positive; a zero product acts as a zero scale)."""
     from . import _ops
     if not _ops.debug_checks_enabled() or _ops.is_tracing():
         return
     for name, t in zip(("q_descale", "k_descale", "v_descale"), tables):
-        if t.numel() and not bool(torch.isfinite(t).all() and (t > 0).all()):
-            raise RuntimeError(f"{fn}: {name} must be positive and finite for the native FP8 forward, got values in "
+        if t.numel() and not bool(torch.isfinite(t).all() and (t >= 0).all()):
+            raise RuntimeError(f"{fn}: {name} must be finite and not negative for the native FP8 forward, got values in "
                                f"[{t.min().item()}, {t.max().item()}]")
 
 

@@ -414,3 +414,16 @@ def test_fp8_native_opcheck():
     cu_k = torch.tensor([0, 100, 150], dtype=torch.int32, device="cuda")
     torch.library.opcheck(torch.ops.flash_attn_ext.fwd_fp8.default,
                           (q8[0], k8[0], v8[0], *ds, cu_q, cu_k, None, 40, 100, 0.1, False, 16, -1))
+
+
+@needs_native
+def test_fp8_native_zero_descale(native):
+    """A q_descale of 0 (an all-zero q quantized with descale 0): every visible key weighs the same, masked
+    keys stay out (no 0 x -inf = NaN)."""
+    b, sq, sk, h, hk, d = 2, 150, 150, 2, 1, 128
+    q8, k8, v8 = fp8_qkv(b, sq, sk, h, hk, d, "cuda")
+    ds = list(descales("batch-head", b, hk, "cuda"))
+    ds[0] = torch.zeros_like(ds[0])
+    out, lse, _ = flash_attn_ext.flash_attn_func(q8, k8, v8, causal=True, return_attn_probs=True,
+                                                 q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
+    check_native(out, lse, q8, k8, v8, ds, hk, causal=True)

@@ -351,7 +351,10 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
                 "the FP8 forward takes the plain rule, whose exp2 FFMA carries the whole scale");
   // FP8: the q and k descales of this (batch, kv head) join the exp2 scale
   // (16-bit inputs keep reading the scale at its use, a constant-bank operand).
-  const float qk_descale = T::kFp8 ? p.q_descale.at(b, hk) * p.k_descale.at(b, hk) : 1.f;
+  // A zero product (q or k all zero, quantized with descale 0) becomes a tiny
+  // positive one, as the host does with a zero softmax_scale: every score
+  // is then 0, and masked ones stay -inf instead of 0 x -inf = NaN.
+  const float qk_descale = T::kFp8 ? fmaxf(p.q_descale.at(b, hk) * p.k_descale.at(b, hk), 1e-30f) : 1.f;
   OnlineSoftmax<1> softmax;
   softmax.init();
   auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
