@@ -5,7 +5,8 @@ variable-length batches (empty sequences, seqused_k, paged keys, and
 cumulative lengths that point past the tensors, which the kernels must
 clamp); and decode steps over KV caches (contiguous, left-padded, paged with
 pages of 8, 16, 24 and 256 rows, with lengths, left pads and block ids out of
-range, which the decode kernel clamps).
+range, which the decode kernel clamps); and FP8 forwards (the native Hopper
+kernel where it is built), dense and varlen.
 
     compute-sanitizer --tool memcheck  --kernel-name kns=flash python3 tools/sanitize_check.py
     compute-sanitizer --tool racecheck --kernel-name kns=flash python3 tools/sanitize_check.py
@@ -125,6 +126,31 @@ def run_dense(B, Sq, Sk, H, Hk, D, causal, dtype):
     return (out, *grads)
 
 
+def run_fp8(varlen, dtype):
+    """One FP8 forward (the native Hopper kernel where the build and GPU have it, else the
+    dequantizing path): partial tiles, GQA, causal; varlen with an empty sequence."""
+    del dtype  # FP8 inputs; the output is bf16
+    e4m3 = torch.float8_e4m3fn
+    H, Hk, D = 4, 2, 128
+    ds = [torch.rand(3 if varlen else 2, Hk, device="cuda") + 0.25 for _ in range(3)]
+    if varlen:
+        lens_q, lens_k = [70, 0, 129], [200, 5, 129]
+        cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")  # noqa: E731
+        q = (torch.randn(sum(lens_q), H, D, device="cuda") * 3).to(e4m3)
+        k = (torch.randn(sum(lens_k), Hk, D, device="cuda") * 3).to(e4m3)
+        v = (torch.randn(sum(lens_k), Hk, D, device="cuda") * 3).to(e4m3)
+        out = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                                    causal=True, q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
+    else:
+        q = (torch.randn(2, 130, H, D, device="cuda") * 3).to(e4m3)
+        k = (torch.randn(2, 300, Hk, D, device="cuda") * 3).to(e4m3)
+        v = (torch.randn(2, 300, Hk, D, device="cuda") * 3).to(e4m3)
+        out = flash_attn_ext.flash_attn_func(q, k, v, causal=True, q_descale=ds[0], k_descale=ds[1],
+                                             v_descale=ds[2])
+    torch.cuda.synchronize()
+    return (out,)
+
+
 def main() -> int:
     dtypes = [torch.bfloat16, torch.float16]
     if len(sys.argv) > 1 and sys.argv[1] == "--one-dtype":
@@ -160,6 +186,8 @@ def main() -> int:
     for dtype in dtypes:
         for case in DECODE_CASES:
             check("decode", lambda *a: (run_decode(*a),), *case, dtype)
+    for varlen in (False, True):
+        check("fp8", run_fp8, varlen, None)
     print(f"sanitize_check: {counts['ran']} cases ran, {counts['skipped']} skipped (not in this build), "
           f"{counts['bad']} non-finite")
     return 1 if counts["bad"] or counts["ran"] == 0 else 0
