@@ -50,8 +50,10 @@
 // last load of the block, so the producer has nothing else to run ahead
 // with). dQ rows past the sequence are then exact zeros, and are also
 // cleared before the TMA reduction (a non-finite value in this sequence's
-// keys must not reach the next sequence's dQ); dK / dV rows past it are
-// never stored. Dense calls compile none of this (kVarlen = false).
+// keys or values must not reach the next sequence's dQ), and a warp's box
+// of rows all past it is not added; dK / dV rows past it are never stored.
+// Dense calls compile none of this (kVarlen = false): their PTX is that of
+// the kernel before it took variable-length calls.
 //
 // Head dims 64 and 128, with or without dQ (the deterministic backward
 // computes dQ in its own kernel): the launcher (launch_bwd_ws.cuh) sends
@@ -466,8 +468,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       const int warp_m0 = m0 + 16 * warp_in_wg;  // the warp's first query row
       if constexpr (kVarlen) {
         // Rows past the sequence (the next sequence's in dq_accum): exact
-        // zeros when this sequence's keys are finite; cleared, so that they
-        // stay zeros when they are not.
+        // zeros when this sequence's K and V rows are finite; cleared, so
+        // that they stay zeros when they are not.
         const int row = warp_m0 + lane / 4;
 #pragma unroll
         for (int j = 0; j < kDqN / 8; ++j) {
