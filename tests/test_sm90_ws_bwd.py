@@ -9,9 +9,16 @@ against the float64 reference under the project's 2x rule
 causal or not, windows, GQA/MQA, seqlen_q != seqlen_k, lengths that are no
 multiple of the tiles, the deterministic backward (no dQ in this kernel),
 softcap, ALiBi, sinks, dropout (against the reference with the call's own
-mask) and a bias with its gradient. Then the fallbacks (variable-length
-calls and head dim 256 run the classic kernel; ws_strict names why), and the
-kernel names under the profiler.
+mask) and a bias with its gradient. Variable-length calls (the kernel's
+kVarlen variant) against the per-sequence float64 reference of
+test_varlen.check_varlen: length mixes with 0, 1, and lengths below, at and
+above the 64-query / 128-key tiles, Sq != Sk per sequence, causal and
+windows, GQA/MQA, the score features, seqused_k, rows past the last
+sequence, the deterministic backward; NaN/inf in a neighbouring sequence
+and in the padding past the last one reach no other gradient; the classic
+kernel's varlen gradients, with and without dropout. Then the fallback
+(head dim 256 runs the classic kernel; ws_strict names why), and the kernel
+names under the profiler.
 
 Skipped without CUDA, on a GPU other than compute capability 9.0, and for
 head dims or dtypes a restricted build left out.
@@ -30,6 +37,7 @@ if torch.cuda.get_device_capability() != (9, 0):
 import flash_attn_ext  # noqa: E402
 from conftest import assert_close_to_ref, attention_ref, poison_allocator, random_qkv  # noqa: E402
 from test_score_features import check_features, random_features  # noqa: E402
+from test_varlen import check_varlen, cu_of  # noqa: E402
 
 ENV = "FLASH_ATTN_EXT_SM90_BWD"
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -176,22 +184,130 @@ def test_ws_bwd_bias_grad(monkeypatch, headdim):
         assert diff <= torch.finfo(torch.bfloat16).eps * scale, f"{name}: ws and classic differ by {diff}"
 
 
-def test_ws_bwd_varlen_runs_the_classic_kernel(monkeypatch):
-    """Variable-length calls fall back (and ws_strict says why)."""
-    q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
+def _random_mix(seed, n):
+    """n (seqlen_q, seqlen_k) pairs drawn from lengths that matter to the
+    tiles: 0, 1, below / at / above 64 and 128, and longer; Sq != Sk."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [0, 1, 2, 37, 63, 64, 65, 127, 128, 129, 191, 200, 257, 300]
+    pick = lambda: pool[torch.randint(len(pool), (1,), generator=g).item()]  # noqa: E731
+    return [pick() for _ in range(n)], [pick() for _ in range(n)]
 
-    def call():
-        out = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 200, 200, causal=True)
-        out.sum().backward()
 
-    monkeypatch.setenv(ENV, "ws_strict")
-    with pytest.raises(RuntimeError, match="variable-length calls run the classic backward"):
-        run_or_skip(call)
-    monkeypatch.setenv(ENV, "ws")
-    q.grad = None
-    run_or_skip(call)
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+# (lens_q, lens_k): empty sequences, single rows, partial tiles on both
+# sides, Sq != Sk either way, a long query run against few keys, random mixes.
+VARLEN_MIXES = [
+    pytest.param(([3, 0, 70, 1, 129], [5, 0, 70, 9, 129]), id="mixed"),
+    pytest.param(([200, 64, 65, 128], [64, 300, 127, 129]), id="tiles"),
+    pytest.param(([1, 1, 1, 1], [40, 7, 130, 1]), id="decode-like"),
+    pytest.param(([17, 33, 0], [0, 33, 12]), id="no-keys"),
+    pytest.param(_random_mix(11, 7), id="random-a"),
+    pytest.param(_random_mix(12, 9), id="random-b"),
+]
+VARLEN_MASKS = [(False, (-1, -1)), (True, (-1, -1)), (False, (16, 4)), (False, (100, 0))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal,window", VARLEN_MASKS, ids=["full", "causal", "window", "window-causal"])
+@pytest.mark.parametrize("lens", VARLEN_MIXES)
+def test_ws_bwd_varlen(ws, dtype, headdim, causal, window, lens):
+    lens_q, lens_k = lens
+    run_or_skip(lambda: check_varlen(lens_q, lens_k, 4, 2, headdim, dtype, "cuda", causal=causal, window=window))
+
+
+VARLEN_CASES = [
+    pytest.param(dict(deterministic=True), id="deterministic"),
+    pytest.param(dict(deterministic=True, causal=True, extra_q_rows=5), id="deterministic-causal-outside"),
+    pytest.param(dict(softcap=5.0, alibi="batch", causal=True), id="softcap-alibi"),
+    pytest.param(dict(sinks=True, window=(24, 0), lse_grad=True), id="sinks-window-dlse"),
+    pytest.param(dict(used_k=[10, 0, 100, 129], causal=True), id="seqused_k"),
+    pytest.param(dict(extra_q_rows=5, lse_grad=True), id="rows-outside"),
+    pytest.param(dict(nheads_k=1, causal=True), id="mqa"),
+]
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("case", VARLEN_CASES)
+def test_ws_bwd_varlen_features(ws, headdim, case):
+    case = dict(case)
+    nheads_k = case.pop("nheads_k", 2)
+    run_or_skip(lambda: check_varlen([20, 64, 130, 1], [30, 5, 140, 200], 4, nheads_k, headdim, torch.bfloat16,
+                                     "cuda", **case))
+
+
+def _varlen_grads(q, k, v, dout, cu_q, cu_k, max_q, max_k, **kw):
+    out = run_or_skip(lambda: flash_attn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kw))
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ws_bwd_varlen_neighbours_do_not_leak(ws, headdim, causal, deterministic):
+    """NaN / inf in one sequence's q, k, v and dout, and in the padding rows
+    past the last sequence (read by the boxes that run past a sequence, not
+    by any sequence), change no other sequence's gradients: dk and dv equal
+    (bitwise: each key block sums its query blocks in a fixed order) those
+    of a call where the same rows are finite, dq within the rounding of its
+    fp32 reductions (exactly without atomics); the padding rows' gradients
+    are 0."""
+    lens_q, lens_k = [70, 1, 129, 45, 64, 0, 100], [90, 30, 129, 200, 63, 17, 5]
+    bad = 3  # the poisoned sequence, between partial tiles on both sides
+    pad_q, pad_k = 37, 61
+    total_q, total_k = sum(lens_q) + pad_q, sum(lens_k) + pad_k
+    cu_q, cu_k = cu_of(lens_q, "cuda"), cu_of(lens_k, "cuda")
+    rows_q, rows_k = cu_q.tolist(), cu_k.tolist()
+    torch.manual_seed(5)
+    dtype = torch.bfloat16
+    q0 = torch.randn(total_q, 4, headdim, device="cuda", dtype=dtype)
+    k0 = torch.randn(total_k, 2, headdim, device="cuda", dtype=dtype)
+    v0 = torch.randn(total_k, 2, headdim, device="cuda", dtype=dtype)
+    dout0 = torch.randn(total_q, 4, headdim, device="cuda", dtype=dtype)
+    q1, k1, v1, dout1 = (t.clone() for t in (q0, k0, v0, dout0))
+    for t, val, rows in ((q1, float("nan"), rows_q), (dout1, float("inf"), rows_q), (k1, float("inf"), rows_k),
+                         (v1, float("nan"), rows_k)):
+        t[rows[bad]:rows[bad + 1]] = val
+        t[rows[-1]:] = -val if val == float("inf") else val
+    kw = dict(causal=causal, deterministic=deterministic)
+    max_q, max_k = max(lens_q), max(lens_k)
+    clean = _varlen_grads(*(t.requires_grad_() for t in (q0, k0, v0)), dout0, cu_q, cu_k, max_q, max_k, **kw)
+    poisoned = _varlen_grads(*(t.requires_grad_() for t in (q1, k1, v1)), dout1, cu_q, cu_k, max_q, max_k, **kw)
+    for name, a, b, rows in zip(("dq", "dk", "dv"), poisoned, clean, (rows_q, rows_k, rows_k)):
+        assert (a[rows[-1]:] == 0).all(), f"{name}: padding rows past the last sequence"
+        for s in range(len(lens_q)):
+            if s == bad or rows[s] == rows[s + 1]:
+                continue
+            x, y = a[rows[s]:rows[s + 1]].float(), b[rows[s]:rows[s + 1]].float()
+            assert torch.isfinite(x).all(), f"{name}: non-finite in sequence {s}"
+            if name == "dq" and not deterministic:
+                tol = 4 * torch.finfo(dtype).eps * max(y.abs().max().item(), 1e-6)
+                assert (x - y).abs().max().item() <= tol, f"{name}: sequence {s} differs"
+            else:
+                assert torch.equal(x, y), f"{name}: sequence {s} differs"
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["plain", "dropout"])
+def test_ws_bwd_varlen_matches_classic(monkeypatch, headdim, dropout_p):
+    """The varlen gradients of the two backward kernels (the same products
+    per key block, the same dropout draws) agree to rounding, GQA included."""
+    lens_q, lens_k = [130, 0, 1, 77, 256, 63], [100, 5, 129, 77, 300, 0]
+    cu_q, cu_k = cu_of(lens_q, "cuda"), cu_of(lens_k, "cuda")
+    torch.manual_seed(9)
+    q = torch.randn(sum(lens_q), 4, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    results = {}
+    for kernel in ("ws_strict", "classic"):
+        monkeypatch.setenv(ENV, kernel)
+        torch.manual_seed(3)  # the same dropout draws for both
+        results[kernel] = _varlen_grads(q, k, v, dout, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                        dropout_p=dropout_p)
+    for name, a, b in zip(("dq", "dk", "dv"), results["ws_strict"], results["classic"]):
+        assert torch.isfinite(a).all(), name
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 4 * torch.finfo(torch.bfloat16).eps * scale, name
 
 
 def test_ws_bwd_strict_names_what_it_cannot_take(monkeypatch):

@@ -35,11 +35,30 @@
 // steps at head dim 64 (the classic kernel's: ptxas serialized every wgmma
 // for want of registers, C7512, 0.87x the classic kernel).
 //
-// Dense calls, head dims 64 and 128, with or without dQ (the deterministic
-// backward computes dQ in its own kernel): the launcher
-// (launch_bwd_ws.cuh) sends variable-length calls, head dim 256 (whose
-// tiles and a dQ staging buffer do not fit shared memory twice) and tensors
-// TMA cannot describe to the classic kernel.
+// Variable-length calls (kVarlen: cu_seqlens, seqused_k) as in the
+// warp-specialized forward: a varlen side is one tensor map over all its
+// rows, and boxes start at the sequence's first row (SeqInfo). A box that
+// runs past the sequence reads the next sequence's rows (or unused keys
+// under seqused_k) where a dense call's box gets TMA's zero fill. The
+// scores of those rows are masked, but every operand row meets zeros in
+// some product (dV += P^T dO, dK += dS^T Q, dQ += dS K, dP^T = V dO^T), and
+// 0 times a non-finite value is NaN: the rows are zeroed in shared memory
+// before any wgmma reads them -- K and V's once per block by the consumers
+// (zero_tile_tails), Q and dO's of the sequence's last, partial query block
+// by the producer, which loads that block on a barrier of its own, zeroes
+// the rows and only then arrives on the stage's "full" barrier (it is the
+// last load of the block, so the producer has nothing else to run ahead
+// with). dQ rows past the sequence are then exact zeros, and are also
+// cleared before the TMA reduction (a non-finite value in this sequence's
+// keys or values must not reach the next sequence's dQ), and a warp's box
+// of rows all past it is not added; dK / dV rows past it are never stored.
+// Dense calls compile none of this (kVarlen = false): their PTX is that of
+// the kernel before it took variable-length calls.
+//
+// Head dims 64 and 128, with or without dQ (the deterministic backward
+// computes dQ in its own kernel): the launcher (launch_bwd_ws.cuh) sends
+// head dim 256 (whose tiles and a dQ staging buffer do not fit shared
+// memory twice) and tensors TMA cannot describe to the classic kernel.
 #pragma once
 
 #include <cuda.h>
@@ -106,9 +125,11 @@ struct WsBwdTraits {
   static constexpr int kLseOff = kDqOff + 2 * kDqPiece;     // kStages x kBlockM floats each
   static constexpr int kDeltaOff = kLseOff + kStages * kBlockM * 4;
   static constexpr int kResidualOff = kDeltaOff + kStages * kBlockM * 4;
-  // mbarriers: K and V's, then full and empty per stage.
+  // mbarriers: K and V's, full and empty per stage, then the partial query
+  // block's own (kVarlen: the producer's load of it, before it zeroes the
+  // rows past the sequence).
   static constexpr int kBarOff = kResidualOff + kStages * kBlockM * 4;
-  static constexpr int kSmemBytes = kBarOff + 8 * (1 + 2 * kStages) + 1024;  // + realignment to the swizzle atom
+  static constexpr int kSmemBytes = kBarOff + 8 * (2 + 2 * kStages) + 1024;  // + realignment to the swizzle atom
   // A stage is full after lane 0's arrive_expect_tx (Q and dO bytes) and
   // the 32 producer lanes' arrivals (the row statistics); empty after all
   // 256 consumer threads (each read some of the stage's statistics).
@@ -116,8 +137,9 @@ struct WsBwdTraits {
   // Named barriers: the consumers' dS exchange (head dim 128), or each
   // consumer's own dS^T rows (64: kDsBarrier + 1 + consumer, 128 threads);
   // then one per consumer warp for its dQ slab (kSlabBarrier + warp, 32
-  // threads).
-  static constexpr int kDsBarrier = 1, kSlabBarrier = 4;
+  // threads); then both consumers' zeroing of K / V rows past a sequence
+  // (kVarlen, 256 threads).
+  static constexpr int kDsBarrier = 1, kSlabBarrier = 4, kTailBarrier = 12;
   static_assert(kTileM % 1024 == 0 && kTileDs % 1024 == 0 && kDqPiece % 1024 == 0, "1024-byte swizzle alignment");
 };
 
@@ -174,7 +196,45 @@ __device__ __forceinline__ void store_dq_slab(uint32_t dst, const float (&acc)[k
   }
 }
 
-template <typename T, bool kDq, int kFeatures>
+// Rows [valid, kRows) of two SW128 tiles of kRows rows and kPanels panels
+// each, at tile0 and tile0 + tile_bytes, to zero: whole 128-byte rows, so
+// the swizzle does not matter. kThreads threads (thread index `idx`, a
+// multiple of 8 threads) share the work, 8 to a row. A rolled loop: the
+// producer warp runs it with 24 registers (unrolled, ptxas precomputed the
+// addresses and spilled 2.6 KB).
+template <int kRows, int kPanels, int kThreads>
+__device__ __forceinline__ void zero_rows_from(uint32_t tile0, uint32_t tile_bytes, int valid, int idx) {
+  constexpr int kChunksPerRow = kLineBytes / 16, kRowStep = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0, "whole rows per round of the threads");
+  uint32_t addr = tile0 + (valid + idx / kChunksPerRow) * kLineBytes + (idx % kChunksPerRow) * 16;
+#pragma unroll 1
+  for (int row = valid + idx / kChunksPerRow; row < kRows; row += kRowStep, addr += kRowStep * kLineBytes) {
+#pragma unroll
+    for (int c = 0; c < kPanels; ++c) {
+      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr + c * kRows * kLineBytes), "r"(0)
+                   : "memory");
+      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr + tile_bytes + c * kRows * kLineBytes),
+                   "r"(0)
+                   : "memory");
+    }
+  }
+}
+
+// kVarlen, the key block that ends past its sequence's keys (`valid` of
+// kBlockN rows inside it): K and V's rows from `valid` on to zero, by the
+// 256 consumer threads, after K and V have landed and before either
+// consumer's first wgmma (fence.proxy.async: ordinary stores, read next by
+// the async proxy). Every consumer thread must call this (it ends on a
+// named barrier).
+template <typename T>
+__device__ __forceinline__ void zero_tile_tails(uint32_t sK, int valid, int ctid) {
+  static_assert(T::kVOff == T::kKOff + T::kTileN, "V follows K");
+  zero_rows_from<T::kBlockN, T::kHeadDim / kPanelCols, 256>(sK, T::kTileN, valid, ctid);
+  fence_proxy_async();
+  named_barrier_sync(T::kTailBarrier, 256);
+}
+
+template <typename T, bool kDq, int kFeatures, bool kVarlen>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(const __grid_constant__ WsBwdParams pw) {
 #ifdef FLASH_SM90_ENABLED
   using Element = typename T::Element;
@@ -187,10 +247,19 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   const uint32_t s_base = smem_u32(smem);
   const uint32_t sK = s_base + T::kKOff, sV = s_base + T::kVOff;
   const uint32_t bar_kv = s_base + T::kBarOff, full = bar_kv + 8, empty = full + 8 * kStages;  // + 8 * stage
+  const uint32_t bar_tail = empty + 8 * kStages;  // kVarlen
 
   const BwdBlock<Element> blk(p, kBlockN, p.seqlen_k);  // one key block
   const int b = blk.b, h = blk.h;
   const int n0 = blk.block * kBlockN;
+  if (kVarlen && n0 >= blk.seq.seqlen_k) return;  // past the end of a shorter sequence
+  // The tensor-map coordinates of the sequence's row 0: a dense side has a
+  // batch entry per sequence, a varlen side one entry of all its rows
+  // (launch_bwd_ws.cuh).
+  auto q_row = [&](int m0) { return kVarlen ? int(blk.seq.q_start) + m0 : m0; };
+  auto q_batch = [&]() { return kVarlen && p.cu_seqlens_q != nullptr ? 0 : b; };
+  const int k_row0 = kVarlen ? int(blk.seq.k_start) + n0 : n0;
+  const int k_batch = kVarlen && p.cu_seqlens_k != nullptr ? 0 : b;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
   const MaskGeometry geo(p, blk.seq);
   const int m_begin = geo.m_block_begin(n0, kBlockM);
@@ -203,6 +272,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       mbar_init(full + 8 * st, T::kFullArrivals);
       mbar_init(empty + 8 * st, T::kEmptyArrivals);
     }
+    if constexpr (kVarlen) mbar_init(bar_tail, 1);
     fence_mbar_init();
   }
   __syncthreads();
@@ -217,8 +287,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       mbar_arrive_expect_tx(bar_kv, 2 * T::kTileN);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c) {
-        tma_load_4d(sK + c * kBlockN * kLine, &pw.tma_k, bar_kv, c * kPanelCols, n0, blk.hk, b);
-        tma_load_4d(sV + c * kBlockN * kLine, &pw.tma_v, bar_kv, c * kPanelCols, n0, blk.hk, b);
+        tma_load_4d(sK + c * kBlockN * kLine, &pw.tma_k, bar_kv, c * kPanelCols, k_row0, blk.hk, k_batch);
+        tma_load_4d(sV + c * kBlockN * kLine, &pw.tma_v, bar_kv, c * kPanelCols, k_row0, blk.hk, k_batch);
       }
     }
     const float* lse = p.softmax_lse + blk.row_bh;
@@ -243,16 +313,35 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
         stats[T::kDeltaOff / 4 + r] = in ? delta[m0 + r] : 0.f;
         stats[T::kResidualOff / 4 + r] = in && residual != nullptr ? residual[m0 + r] : 0.f;
       }
-      mbar_arrive(full + 8 * stage);
+      // kVarlen: the sequence's last query block, when partial (then it is
+      // also this loop's last), loads on bar_tail instead; its rows past
+      // the sequence are zeroed below before the stage is full.
+      const bool tail = kVarlen && m0 + kBlockM > blk.seq.seqlen_q;
+      if (!tail) mbar_arrive(full + 8 * stage);
       if (lane == 0) {
-        mbar_arrive_expect_tx(full + 8 * stage, 2 * T::kTileM);
+        const uint32_t bar = tail ? bar_tail : full + 8 * stage;
+        mbar_arrive_expect_tx(bar, 2 * T::kTileM);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) {
-          tma_load_4d(s_base + T::kQOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_q, full + 8 * stage,
-                      c * kPanelCols, m0, h, b);
-          tma_load_4d(s_base + T::kDoOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_do, full + 8 * stage,
-                      c * kPanelCols, m0, h, b);
+          tma_load_4d(s_base + T::kQOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_q, bar, c * kPanelCols,
+                      q_row(m0), h, q_batch());
+          tma_load_4d(s_base + T::kDoOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_do, bar, c * kPanelCols,
+                      q_row(m0), h, q_batch());
         }
+      }
+      if (tail) {
+        // Once the boxes have landed (the one use of bar_tail), Q and dO's
+        // rows of the next sequence to zero (Q and dO are adjacent tile
+        // rings, kStages tiles apart), ordered before the consumers' wgmmas
+        // by fence.proxy.async and each lane's arrival; lane 0 arrives once
+        // more in place of the arrive_expect_tx the stage did not get.
+        static_assert(T::kDoOff == T::kQOff + kStages * T::kTileM, "dO's ring follows Q's");
+        mbar_wait(bar_tail, 0);
+        zero_rows_from<kBlockM, kPanels, 32>(s_base + T::kQOff + stage * T::kTileM, kStages * T::kTileM,
+                                                blk.seq.seqlen_q - m0, lane);
+        fence_proxy_async();
+        mbar_arrive(full + 8 * stage);
+        if (lane == 0) mbar_arrive(full + 8 * stage);
       }
     }
     return;
@@ -276,7 +365,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   constexpr uint32_t kSbo = 8 * kLine;
   constexpr uint32_t kPanelN = kBlockN * kLine, kPanelM = kBlockM * kLine;
 
-  if (count > 0) mbar_wait(bar_kv, 0);
+  if (count > 0) {
+    mbar_wait(bar_kv, 0);
+    if constexpr (kVarlen) {
+      if (n0 + kBlockN > blk.seq.seqlen_k) zero_tile_tails<T>(sK, blk.seq.seqlen_k - n0, tid - 128);
+    }
+  }
   for (int i = 0; i < count; ++i) {
     const int stage = i % kStages;
     const int m0 = (m_begin + i) * kBlockM;
@@ -371,14 +465,27 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       // them to the TMA unit, after a barrier of the warp's 32 threads (a
       // named barrier orders the other lanes' stores before lane 0's
       // reduction; __syncwarp compiles to nothing here).
+      const int warp_m0 = m0 + 16 * warp_in_wg;  // the warp's first query row
+      if constexpr (kVarlen) {
+        // Rows past the sequence (the next sequence's in dq_accum): exact
+        // zeros when this sequence's K and V rows are finite; cleared, so
+        // that they stay zeros when they are not.
+        const int row = warp_m0 + lane / 4;
+#pragma unroll
+        for (int j = 0; j < kDqN / 8; ++j) {
+          if (row >= blk.seq.seqlen_q) acc_dq[j][0] = acc_dq[j][1] = 0.f;
+          if (row + 8 >= blk.seq.seqlen_q) acc_dq[j][2] = acc_dq[j][3] = 0.f;
+        }
+      }
       store_dq_slab<kDqN>(sDq, acc_dq, warp_in_wg, lane);
       fence_proxy_async();
       named_barrier_sync(T::kSlabBarrier + 4 * cw + warp_in_wg, 32);
-      if (lane == 0) {
+      // (kVarlen: a warp whose rows all lie past the sequence adds nothing.)
+      if (lane == 0 && (!kVarlen || warp_m0 < blk.seq.seqlen_q)) {
 #pragma unroll
         for (int box = 0; box < kDqN / T::kDqBoxCols; ++box) {
           tma_reduce_add_4d(&pw.tma_dq, sDq + box * 64 * kLine + 16 * warp_in_wg * kLine,
-                            dq_col0 + box * T::kDqBoxCols, m0 + 16 * warp_in_wg, h, b);
+                            dq_col0 + box * T::kDqBoxCols, q_row(warp_m0), h, q_batch());
         }
         bulk_commit();
       }

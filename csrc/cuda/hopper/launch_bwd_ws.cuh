@@ -3,9 +3,10 @@
 // tensor maps. run_flash_bwd_dkdv_sm90_ws returns false, launching nothing,
 // when another backward must run instead: FLASH_ATTN_EXT_SM90_BWD = classic,
 // not a Hopper device (or FLASH_ATTN_EXT_DISABLE_SM90), head dim 256,
-// variable-length calls, tensors TMA cannot describe, or a shared-memory
-// budget the tiles exceed. With ws_strict each of those raises an error
-// naming the reason instead.
+// tensors TMA cannot describe, or a shared-memory budget the tiles exceed.
+// With ws_strict each of those raises an error naming the reason instead.
+// Dense and variable-length calls alike (kVarlen: cu_seqlens or seqused_k,
+// as the warp-specialized forward's launcher decides).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,33 +31,45 @@ using Sm90WsBwdTraitsFor = sm90::WsBwdTraits<Element, kHeadDim, (kHeadDim == 64 
 
 namespace sm90 {
 
-// Why the warp-specialized backward cannot take this call, or null.
+// Whether a call needs the kernel's per-sequence offsets and lengths
+// (kVarlen): cu_seqlens on either side, or seqused_k.
+inline bool ws_bwd_varlen(const FlashBwdParams& p) {
+  return p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr || p.seqused_k != nullptr;
+}
+
+// The tensor maps of q, dout, k, v and dq_accum for tiles of T; null on
+// success, else why the warp-specialized backward cannot take the call. A
+// variable-length side (cu_seqlens set) is one batch entry of all its rows
+// (total_q / total_k), which the kernel addresses at the sequence's first
+// row.
 template <typename T>
 const char* encode_ws_bwd_maps(WsBwdParams& ws, const FlashBwdParams& p) {
-  if (p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr || p.seqused_k != nullptr) {
-    return "variable-length calls run the classic backward";
-  }
   constexpr bool kBf16 = std::is_same_v<typename T::Element, __nv_bfloat16>;
-  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
+  const bool varlen_q = p.cu_seqlens_q != nullptr, varlen_k = p.cu_seqlens_k != nullptr;
+  const int64_t batch_q = varlen_q ? 1 : p.batch, rows_q = varlen_q ? p.total_q : p.seqlen_q;
+  const int64_t batch_k = varlen_k ? 1 : p.batch, rows_k = varlen_k ? p.total_k : p.seqlen_k;
+  const char* why = encode_bshd_map(&ws.tma_q, p.q, kBf16, batch_q, rows_q, p.nheads, T::kHeadDim,
                                     p.q_batch_stride, p.q_row_stride, p.q_head_stride, T::kBlockM);
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_do, p.dout, kBf16, p.batch, p.seqlen_q, p.nheads, T::kHeadDim, p.do_batch_stride,
+    why = encode_bshd_map(&ws.tma_do, p.dout, kBf16, batch_q, rows_q, p.nheads, T::kHeadDim, p.do_batch_stride,
                           p.do_row_stride, p.do_head_stride, T::kBlockM);
   }
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
+    why = encode_bshd_map(&ws.tma_k, p.k, kBf16, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.k_batch_stride,
                           p.k_row_stride, p.k_head_stride, T::kBlockN);
   }
   if (why == nullptr) {
-    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, p.batch, p.seqlen_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
+    why = encode_bshd_map(&ws.tma_v, p.v, kBf16, batch_k, rows_k, p.nheads_k, T::kHeadDim, p.v_batch_stride,
                           p.v_row_stride, p.v_head_stride, T::kBlockN);
   }
   if (why == nullptr && p.dq_accum != nullptr) {
-    // dq_accum: (batch, seqlen_q, nheads, head dim) fp32, contiguous
-    // (bwd_cuda); boxes of one warp's 16 rows.
+    // dq_accum: (query rows, nheads, head dim) fp32, contiguous (bwd_cuda):
+    // (batch, seqlen_q) rows dense, total_q varlen (the rows of q, as
+    // flash_bwd_launch.cuh's all_rows walks them); boxes of one warp's 16
+    // rows, which the TMA unit clips at the last row.
     const int64_t row = int64_t(p.nheads) * T::kHeadDim;
-    why = encode_bshd_map_f32(&ws.tma_dq, p.dq_accum, p.batch, p.seqlen_q, p.nheads, T::kHeadDim,
-                              row * p.seqlen_q, row, T::kHeadDim, 16);
+    why = encode_bshd_map_f32(&ws.tma_dq, p.dq_accum, batch_q, rows_q, p.nheads, T::kHeadDim, row * rows_q, row,
+                              T::kHeadDim, 16);
   }
   return why;
 }
@@ -69,13 +82,25 @@ void launch_flash_bwd_sm90_ws(const sm90::WsBwdParams& ws, cudaStream_t stream) 
   const int64_t num_n_blocks = (p.seqlen_k + T::kBlockN - 1) / T::kBlockN;
   const int64_t grid = num_n_blocks * p.batch * p.nheads;
   FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
-  dispatch_features(score_features(p), [&](auto features) {
+  // Variable-length calls have no bias (the varlen ops take none): the
+  // kernel would index it, and dbias, densely.
+  FLASH_CHECK(!sm90::ws_bwd_varlen(p) || (p.bias == nullptr && p.dbias == nullptr),
+              "flash_attn_ext: a bias with variable-length sequences");
+  auto launch = [&](auto varlen, auto features) {
+    constexpr bool kVarlen = decltype(varlen)::value;
     constexpr int kFeatures = decltype(features)::value;
-    auto kernel = p.dq_accum != nullptr ? &sm90::flash_bwd_sm90_ws_kernel<T, true, kFeatures>
-                                        : &sm90::flash_bwd_sm90_ws_kernel<T, false, kFeatures>;
+    auto kernel = p.dq_accum != nullptr ? &sm90::flash_bwd_sm90_ws_kernel<T, true, kFeatures, kVarlen>
+                                        : &sm90::flash_bwd_sm90_ws_kernel<T, false, kFeatures, kVarlen>;
     set_smem_limit(kernel, T::kSmemBytes);
     kernel<<<dim3(grid), dim3(T::kNThreads), T::kSmemBytes, stream>>>(ws);
     FLASH_CUDA_LAUNCH_CHECK();
+  };
+  dispatch_features(score_features(p), [&](auto features) {
+    if (sm90::ws_bwd_varlen(p)) {
+      launch(std::true_type{}, features);
+    } else {
+      launch(std::false_type{}, features);
+    }
   });
 }
 
