@@ -173,13 +173,18 @@ def _check_shapes(fn: str, q, k, v, dims: int):
         raise ValueError(f"{fn}: nheads ({q.shape[-2]}) must be a multiple of nheads_k ({k.shape[-2]})")
 
 
+def _checked_tables(fn: str, q, k, v, q_descale, k_descale, v_descale, dims: int, batch: int):
+    """Every FP8 path's checks (no gradient, shapes) and its three fp32
+    (batch, nheads_k) descale tables."""
+    _check_no_grad(fn, q, k, v)
+    _check_shapes(fn, q, k, v, dims)
+    return [_descale_table(fn, n, d, batch, k.shape[-2], q.device)
+            for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+
+
 def dequantize_dense(fn: str, q, k, v, q_descale, k_descale, v_descale) -> Tuple[torch.Tensor, ...]:
     """q, k, v of (batch, seqlen, heads, d) as the kernels' dtype."""
-    _check_no_grad(fn, q, k, v)
-    _check_shapes(fn, q, k, v, 4)
-    batch, nheads_k = q.shape[0], k.shape[2]
-    tables = [_descale_table(fn, n, d, batch, nheads_k, q.device)
-              for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+    tables = _checked_tables(fn, q, k, v, q_descale, k_descale, v_descale, 4, q.shape[0])
     return tuple(_dequantize(x, t, None) for x, t in zip((q, k, v), tables))
 
 
@@ -194,11 +199,8 @@ def rows_batch(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 def dequantize_varlen(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale,
                       v_descale) -> Tuple[torch.Tensor, ...]:
     """q (total_q, heads, d), k, v (total_k, heads_k, d) as the kernels' dtype."""
-    _check_no_grad(fn, q, k, v)
-    _check_shapes(fn, q, k, v, 3)
     batch, nheads_k = cu_seqlens_q.numel() - 1, k.shape[1]
-    tables = [_descale_table(fn, n, d, batch, nheads_k, q.device)
-              for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+    tables = _checked_tables(fn, q, k, v, q_descale, k_descale, v_descale, 3, batch)
     if batch == 0:  # no sequence: every row is outside one (its output is 0); any scale does
         tables = [torch.ones((1, nheads_k), dtype=torch.float32, device=q.device)] * 3
     q_rows = rows_batch(cu_seqlens_q, q.shape[0])
@@ -233,11 +235,7 @@ def native_dense(fn: str, q, k, v, q_descale, k_descale, v_descale, softmax_scal
                  window_left: int, window_right: int):
     """(out bf16, softmax_lse) of dense FP8 inputs by the native kernel."""
     from . import _ops
-    _check_no_grad(fn, q, k, v)
-    _check_shapes(fn, q, k, v, 4)
-    batch, nheads_k = q.shape[0], k.shape[2]
-    tables = [_descale_table(fn, n, d, batch, nheads_k, q.device)
-              for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+    tables = _checked_tables(fn, q, k, v, q_descale, k_descale, v_descale, 4, q.shape[0])
     _check_descale_values(fn, tables)
     return _ops.fwd_fp8(_aligned(q), _aligned(k), _aligned(v), *tables, None, None, None, 0, 0, float(softmax_scale),
                         bool(causal), window_left, window_right)
@@ -248,11 +246,7 @@ def native_varlen(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_s
                   window_right: int):
     """(out bf16, softmax_lse) of variable-length FP8 inputs by the native kernel."""
     from . import _ops
-    _check_no_grad(fn, q, k, v)
-    _check_shapes(fn, q, k, v, 3)
-    batch, nheads_k = cu_seqlens_q.numel() - 1, k.shape[1]
-    tables = [_descale_table(fn, n, d, batch, nheads_k, q.device)
-              for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))]
+    tables = _checked_tables(fn, q, k, v, q_descale, k_descale, v_descale, 3, cu_seqlens_q.numel() - 1)
     _check_descale_values(fn, tables)
     return _ops.fwd_fp8(_aligned(q), _aligned(k), _aligned(v), *tables, cu_seqlens_q, cu_seqlens_k, seqused_k,
                         max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal), window_left, window_right)

@@ -117,7 +117,7 @@ const char* tma_maps_refusal(const FlashKvcacheParams& p, int head_dim, int bloc
   if (head_dim % 64 != 0 || p.headdim != head_dim) return "the head dim is not a multiple of 64";
   const bool paged = p.block_table != nullptr;
   if (paged && (p.page_size % 8 != 0 || p.cache_leftpad != nullptr)) {
-    return "pages of a multiple of 8 rows without left padding";
+    return "a paged cache whose pages are not a multiple of 8 rows, or with left padding";
   }
   const int box_rows = paged ? tma_box_rows(p.page_size, block_n) : block_n;
   const int64_t rows = paged ? p.page_size : p.capacity;
