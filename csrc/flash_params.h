@@ -12,7 +12,7 @@
 #include "host_device.h"
 
 // Additive bias values below -kBiasFloor act as -kBiasFloor (-inf stays
-// -inf, and NaN acts as -kBiasFloor too), in every kernel, CPU and CUDA,
+// -inf, and a NaN stays NaN: its row's output is NaN), in every kernel, CPU and CUDA,
 // forward and backward: floored_bias in score_rule.h. Masks are often
 // built from torch.finfo(dtype).min (-3.4e38), which the CUDA kernels'
 // log2-domain scores (bias * log2(e)) would overflow to -inf, turning "every

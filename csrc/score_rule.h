@@ -45,12 +45,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Step 4's bias value, times `unit` (log2(e) in log2 units, 1 in natural
 // ones): below -kBiasFloor it counts as -kBiasFloor (flash_params.h), so that
 // finite masks built from finfo.min stay finite in the log2 domain; -inf
-// stays -inf (a hidden key). A NaN counts as -kBiasFloor too (the comparison
-// below is fmaxf's, which the CUDA kernels have always used).
+// stays -inf (a hidden key). A NaN stays NaN, so that its row's output is
+// NaN, as in PyTorch's math path (written as b < floor, which is false for
+// a NaN; fmaxf's b > floor form would turn it into a silently masked key).
 template <typename T>
 FLASH_HOST_DEVICE T floored_bias(T b, T unit) {
   const T floor = -static_cast<T>(kBiasFloor);
-  return b == -std::numeric_limits<T>::infinity() ? b : (b > floor ? b : floor) * unit;
+  return b == -std::numeric_limits<T>::infinity() ? b : (b < floor ? floor : b) * unit;
 }
 
 enum class ScoreUnits {
@@ -232,6 +233,26 @@ struct ScoreRule {
       return has_softcap;
     }
   }
+
+  // Whether dropout runs: compiled in, and asked for by the call (known at
+  // compile time in a one-feature variant). The run-time flag must not be
+  // what a one-feature kernel tests: ptxas, short of registers, re-derived
+  // it from params.dropout_p with an fp64 compare at every score (the Hopper
+  // backward at hd 128: 32 DSETP per thread and query block).
+  FLASH_HOST_DEVICE bool dropout_on() const {
+    if constexpr (!kDropout) {
+      return false;
+    } else if constexpr (kOneFeature) {
+      return true;
+    } else {
+      return dropout.on;
+    }
+  }
+
+  // What the CUDA forwards multiply the output by after dividing by the row
+  // sum: dropout's 1 / (1 - p) where dropout runs (they drop P without
+  // scaling it, one FMUL per score fewer: O is linear in it), else 1.
+  FLASH_HOST_DEVICE float dropout_out_scale() const { return dropout_on() ? dropout.scale : 1.f; }
 
   // Steps 1-4: the logit of the raw score s at (row, col), in the rule's
   // units; `bias` is the bias there as stored (bias_at, Row::bias or

@@ -8,6 +8,7 @@ none is ignored.
 """
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Optional, Tuple
 
@@ -20,10 +21,18 @@ __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_
 
 
 def dropout_value(dropout_p, name: str = "dropout_p") -> float:
-    """dropout_p as the op takes it: a float in [0, 1); ValueError naming it otherwise."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    """dropout_p as the op takes it: a float in [0, 1); ValueError naming it otherwise.
+    Any real number is taken (numpy scalars and 0-d tensors too, as PyTorch's
+    SDPA takes them), but not a bool."""
+    value = None
+    if isinstance(dropout_p, torch.Tensor):
+        if dropout_p.dim() == 0 and dropout_p.dtype != torch.bool and not dropout_p.is_complex():
+            value = float(dropout_p)
+    elif isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool):
+        value = float(dropout_p)
+    if value is None or not 0.0 <= value < 1.0:
         raise ValueError(f"flash_attn_ext: {name} must be a number in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
+    return value
 
 
 def dropout_probs(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes, sinks, dropout_p, rng_state):
@@ -121,6 +130,10 @@ def _attention(q, k, v, softmax_scale, causal, window_size, deterministic, retur
             return (out, softmax_lse, None) if return_attn_probs else out
     if fp8_call:
         q, k, v = fp8.dequantize_dense(fn, q, k, v, q_descale, k_descale, v_descale)
+    # flash-attn copies inputs whose last dimension is strided (its
+    # maybe_contiguous); the op reads any other strides in place.
+    q, k, v = (x.contiguous() if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.size(-1) > 1 and x.stride(-1) != 1
+               else x for x in (q, k, v))
     _check_sizes(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5

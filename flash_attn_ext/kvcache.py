@@ -136,9 +136,10 @@ def flash_attn_with_kvcache(
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), with k and v
             only; seqlen_ro at least the cache's capacity per sequence. k is
             rotated at its cache positions; q at positions cache_seqlens[b] +
-            i when causal or windowed, else every row of q at
-            cache_seqlens[b] (flash-attn's convention; positions count from
-            the cache's first slot, left padding included).
+            i when causal or windowed (a window side narrower than the
+            cache's capacity: flash-attn drops wider ones), else every row of
+            q at cache_seqlens[b] (flash-attn's convention; positions count
+            from the cache's first slot, left padding included).
         cache_seqlens: int or int32 (batch,): keys in each sequence's cache
             before the append (left padding included). None: the whole cache.
         cache_batch_idx: int32 (batch,): the cache row of each sequence
@@ -221,6 +222,8 @@ def flash_attn_with_kvcache(
         if cache_batch_idx is not None:
             raise RuntimeError("flash_attn_ext: cache_batch_idx cannot be combined with a block_table (the block "
                                "table already says where each sequence's keys are)")
+        if block_table.stride(-1) != 1 and block_table.shape[-1] > 1:
+            block_table = block_table.contiguous()  # as flash-attn's maybe_contiguous: the op reads rows
         page_size = k_cache.shape[1]
         capacity = block_table.shape[1] * page_size
     else:
@@ -282,7 +285,10 @@ def flash_attn_with_kvcache(
         pos = pos.long()
         if rotary_cos is not None:
             k = _rotate(k, rotary_cos[pos][:, :, None], rotary_sin[pos][:, :, None], rotary_interleaved)
-            if causal or (window_left, window_right) != (-1, -1):
+            # flash-attn 2.8 (mha_fwd_kvcache) first drops a window side as
+            # wide as the cache (>= capacity: -1), so only a narrower window
+            # makes the call local and shifts q's positions row by row.
+            if causal or 0 <= window_left < capacity or 0 <= window_right < capacity:
                 q_pos = (start[:, None].long() + torch.arange(seqlen_q, device=device)).clamp(
                     max=rotary_cos.shape[0] - 1)
             else:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops
-from .sdpa import attention_bshd
+from .sdpa import attention_bshd, cast_bias
 
 __all__ = ["MultiheadAttention", "replace_attention"]
 
@@ -174,11 +174,22 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         src_len = k.size(1)
 
         # q's dtype, not query's: under autocast the projections return fp16/bf16.
-        bias = self._merged_bias(attn_mask, key_padding_mask, bsz, tgt_len, src_len, q.dtype)
+        # A float32 mask with fp16/bf16 inputs is added in float32, as
+        # PyTorch's SDPA path does (cast, -1e5 overflows fp16 and loses bf16
+        # digits): off CUDA, where the op has float32 kernels, the attention
+        # then runs in float32.
+        compute_dtype = q.dtype
+        if (query.dtype in (torch.float16, torch.bfloat16) and q.device.type != "cuda"
+                and any(m is not None and m.dtype == torch.float32 for m in (attn_mask, key_padding_mask))):
+            compute_dtype = torch.float32
+        bias = self._merged_bias(attn_mask, key_padding_mask, bsz, tgt_len, src_len, compute_dtype)
         scale = 1.0 / math.sqrt(head_dim)
         rng_state = _ops.draw_rng_state(q.device) if dropout_p > 0 else None
-        out = attention_bshd(q, k, v, bias, scale, causal_top_left=is_causal, dropout_p=dropout_p,
-                             rng_state=rng_state)  # (N, L, H, D)
+        out = attention_bshd(q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), bias, scale,
+                             causal_top_left=is_causal, dropout_p=dropout_p,
+                             rng_state=rng_state).to(q.dtype)  # (N, L, H, D)
+        if bias is not None:
+            bias = bias.to(q.dtype)  # the weights below stay in q's dtype
 
         weights = None
         if need_weights:
@@ -250,7 +261,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             bias = kpm if bias is None else bias + kpm
         if bias is None:
             return None
-        return bias.to(dtype).expand(bsz, num_heads, tgt_len, src_len)
+        return cast_bias(bias, dtype).expand(bsz, num_heads, tgt_len, src_len)
 
 
 def replace_attention(model: torch.nn.Module) -> torch.nn.Module:

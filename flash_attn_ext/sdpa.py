@@ -34,13 +34,26 @@ def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An attention mask as an additive bias of `dtype`, keeping its shape.
 
     Boolean masks follow PyTorch's SDPA convention (True = attend): they become
-    0 where True and -inf where False. Float masks are cast (differentiably, so
-    a mask that requires grad receives its gradient).
+    0 where True and -inf where False. Float masks are cast (cast_bias;
+    differentiably, so a mask that requires grad receives its gradient).
     """
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         return torch.where(mask, zero, torch.full_like(zero, float("-inf")))
-    return mask.to(dtype)
+    return cast_bias(mask, dtype)
+
+
+def cast_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float bias cast to `dtype`, its finite values first clamped to
+    dtype's finite range: a float32 -1e5 (a common "masked" value) would
+    become -inf in fp16, turning a row whose keys all carry it from PyTorch's
+    uniform average into a row without keys (output 0). +-inf and NaN pass
+    unchanged."""
+    if bias.dtype != dtype and bias.dtype.is_floating_point and dtype.is_floating_point:
+        info = torch.finfo(dtype)
+        if info.max < torch.finfo(bias.dtype).max:
+            bias = torch.where(torch.isfinite(bias), bias.clamp(info.min, info.max), bias)
+    return bias.to(dtype)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +145,9 @@ def scaled_dot_product_attention(
     then Hq % Hk == 0 (query head h uses key/value head h // (Hq // Hk)).
     `attn_mask` is boolean (True = attend) or additive float (float32 or the
     dtype of query), broadcastable to (..., Hq, L, S); a float mask that
-    requires grad gets its gradient. `is_causal` is PyTorch's top-left causal
+    requires grad gets its gradient (a float32 mask with fp16/bf16 inputs is
+    added in float32, as PyTorch's math path does: off CUDA the call then runs
+    in float32). `is_causal` is PyTorch's top-left causal
     mask (query i attends to keys j <= i) and excludes `attn_mask`. `scale`
     defaults to 1/sqrt(E). `dropout_p` in [0, 1) drops attention
     probabilities in the kernels (flash-attn's semantics; the mask comes from
@@ -144,7 +159,10 @@ def scaled_dot_product_attention(
     Memory is linear in L and S except for a materialised `attn_mask`.
 
     Differences from PyTorch: a head dim E of 0 and zero heads raise an error
-    (the op's head dim is 1 to 256, and it needs at least one head).
+    (the op's head dim is 1 to 256, and it needs at least one head), and so
+    does a value head dim Ev above 256.
+    On CUDA a float32 mask with fp16/bf16 inputs is cast to their dtype, its
+    finite values clamped to that dtype's range (cast_bias).
     """
     dropout_p = dropout_value(dropout_p)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
@@ -177,6 +195,7 @@ def scaled_dot_product_attention(
         )
     if attn_mask is not None:
         _check_mask_dtype(attn_mask, query)
+    input_dtype = query.dtype
 
     seqlen_q, head_dim = query.shape[-2:]
     seqlen_k, head_dim_v = value.shape[-2:]
@@ -222,6 +241,17 @@ def scaled_dot_product_attention(
             return x.unsqueeze(0)
         return x.reshape(-1, *x.shape[-3:])  # > 4-D: may copy
 
+    # A float32 mask with fp16/bf16 inputs: PyTorch's CPU math path computes in
+    # float32 and adds the mask there; casting the mask to fp16/bf16 instead
+    # would overflow it (-1e5 -> -inf in fp16: a row of large finite biases
+    # becomes a row without keys) or round it (bf16 keeps 8 bits). Where the
+    # op has float32 kernels (all but CUDA) the call runs in float32 too.
+    compute_dtype = query.dtype
+    if (attn_mask is not None and attn_mask.dtype == torch.float32
+            and query.dtype in (torch.float16, torch.bfloat16) and query.device.type != "cuda"):
+        compute_dtype = attn_mask.dtype
+        query, key, value = query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype)
+
     q4, k4, v4 = to_bhsd(query, hq), to_bhsd(key, hk), to_bhsd(value, hv)
     if hk != hv:
         # The op shares one head count between k and v: repeat both up to Hq.
@@ -233,7 +263,7 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         full = (*lead, hq, seqlen_q, seqlen_k)
         try:
-            bias = mask_to_bias(attn_mask, query.dtype).expand(full)
+            bias = mask_to_bias(attn_mask, compute_dtype).expand(full)
         except RuntimeError:
             raise RuntimeError(
                 f"{_NAME}: attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
@@ -247,6 +277,8 @@ def scaled_dot_product_attention(
         dropout_p=dropout_p,
     )
     out = out.transpose(1, 2)  # (B, H, L, Ev), a view of the op's (B, L, H, Ev) output
+    if out.dtype != input_dtype:
+        out = out.to(input_dtype)  # computed in float32 for a float32 mask (above)
     if max(query.dim(), key.dim(), value.dim()) == 2:
         return out[0, 0]
     if len(lead) != 1:

@@ -20,6 +20,7 @@ or the outputs.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -61,6 +62,11 @@ def _as_int(value, name: str) -> int:
         value = int(value)
     if isinstance(value, torch.SymInt):  # traced by torch.compile
         return value
+    if not isinstance(value, bool) and not isinstance(value, int):
+        try:
+            value = operator.index(value)  # numpy integers, as flash-attn's op takes them
+        except TypeError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"flash_attn_ext: {name} must be an int, got {type(value).__name__} {value!r}")
     if value < 0:
@@ -91,7 +97,10 @@ def unpage(k_cache, v_cache, block_table, cu_seqlens_k, seqused_k=None):
     block_table: int32 (batch, max_blocks_per_seq); sequence b's keys are the
     first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its pages (and
     at most seqused_k[b] of them). Shapes depend on the tensors' shapes only,
-    so this is safe under CUDA-graph capture."""
+    so this is safe under CUDA-graph capture. The block ids the sequences use
+    (and that their lengths fit their rows) are checked on CPU tensors, and on
+    others under FLASH_ATTN_EXT_DEBUG_CHECKS=1; otherwise a wrong id is
+    clamped into the cache."""
     if block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise ValueError(f"flash_attn_ext: block_table must be an int32 (batch, max_blocks_per_seq) tensor, got "
                          f"{block_table.dtype} of shape {tuple(block_table.shape)}")
@@ -102,12 +111,26 @@ def unpage(k_cache, v_cache, block_table, cu_seqlens_k, seqused_k=None):
         raise ValueError(f"flash_attn_ext: with block_table, k and v must be paged caches (num_blocks, "
                          f"page_size, nheads_k, headdim) of one shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    if _ops.debug_checks_enabled() and not _ops.is_tracing() and block_table.numel():
-        lo, hi = int(block_table.min()), int(block_table.max())
-        if lo < 0 or hi >= k_cache.shape[0]:
-            raise RuntimeError(f"flash_attn_ext: block_table holds block ids in [{lo}, {hi}], outside the "
-                               f"cache's {k_cache.shape[0]} blocks")
     lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    if (block_table.device.type == "cpu" or _ops.debug_checks_enabled()) and not _ops.is_tracing():
+        # The pages each sequence uses (entries past them may hold anything).
+        page_size = k_cache.shape[1]
+        used = lengths if seqused_k is None else torch.minimum(seqused_k, lengths)
+        capacity = block_table.shape[1] * page_size
+        if lengths.numel() and int(lengths.min()) < 0:
+            b = int(torch.argmin(lengths))
+            raise RuntimeError(f"flash_attn_ext: cu_seqlens_k must be non-decreasing, but cu_seqlens_k[{b + 1}] < "
+                               f"cu_seqlens_k[{b}]")
+        if lengths.numel() and int(lengths.max()) > capacity:
+            b = int(torch.argmax(lengths))
+            raise RuntimeError(f"flash_attn_ext: sequence {b} has {int(lengths[b])} keys (from cu_seqlens_k), more "
+                               f"than its block_table row addresses ({block_table.shape[1]} pages of {page_size})")
+        needed = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page_size < used[:, None]
+        bad = needed & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b, j = (int(x) for x in torch.nonzero(bad)[0])
+            raise RuntimeError(f"flash_attn_ext: block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, "
+                               f"{k_cache.shape[0]}), the blocks of the cache")
     seqused_k = lengths if seqused_k is None else torch.minimum(seqused_k, lengths)
     per_seq = block_table.shape[1] * k_cache.shape[1]
     cu = torch.arange(0, block_table.shape[0] + 1, dtype=torch.int32, device=cu_seqlens_k.device) * per_seq
@@ -163,9 +186,12 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     _ops.check_same_device("flash_attn_ext.flash_attn_varlen_func", {
         "q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k,
         "block_table": block_table, "alibi_slopes": alibi_slopes, "sinks": sinks})
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
+    # A head dim with a stride other than 1 is copied (flash-attn's
+    # maybe_contiguous); the op reads any other strides in place.
+    q, k, v = (x.contiguous() if x.dim() >= 1 and x.size(-1) > 1 and x.stride(-1) != 1 else x for x in (q, k, v))
     fn = "flash_attn_ext.flash_attn_varlen_func"
     fp8_call = fp8.is_fp8_call(fn, q, k, v, q_descale, k_descale, v_descale)
     native = False
@@ -294,8 +320,8 @@ def flash_attn_varlen_func(
         block_table: int32 (batch, max_blocks_per_seq): paged k/v, sequence b's
             keys being the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
             its pages. The pages are gathered into a contiguous copy first (the
-            forward kernels read contiguous keys); block ids are clamped into
-            the cache.
+            forward kernels read contiguous keys); the block ids in use are
+            checked on CPU tensors, clamped into the cache elsewhere.
         seqused_k (keyword only): int32 (batch,): sequence b uses only its
             first seqused_k[b] keys (vLLM's convention).
         s_aux / learnable_sink (keyword only): attention sinks, as in

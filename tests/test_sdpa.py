@@ -153,6 +153,42 @@ def test_fully_masked_rows(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_in_float_mask_makes_its_row_nan(device, dtype):
+    # As PyTorch's math path: the row with a NaN bias is NaN, every other row
+    # finite and right (a NaN used to act as a masked key, silently).
+    need(device, dtype)
+    q = torch.randn(2, 3, 9, 32, device=device, dtype=dtype)
+    k = torch.randn(2, 3, 13, 32, device=device, dtype=dtype)
+    v = torch.randn(2, 3, 13, 32, device=device, dtype=dtype)
+    mask = torch.randn(9, 13, device=device, dtype=dtype)
+    mask[4, 7] = float("nan")
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.isnan(out[:, :, 4]).all()
+    rows = [i for i in range(9) if i != 4]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    assert torch.isfinite(out[:, :, rows]).all()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out[:, :, rows].double(), ref[:, :, rows], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_mask_beyond_fp16_range(device):
+    # A float32 -1e5 on every key of a row (PyTorch's math path: the softmax
+    # of the scores alone) must not become -inf in fp16 (a row without keys).
+    need(device, torch.float16)
+    q = torch.randn(1, 2, 6, 32, device=device, dtype=torch.float16)
+    k = torch.randn(1, 2, 10, 32, device=device, dtype=torch.float16)
+    v = torch.randn(1, 2, 10, 32, device=device, dtype=torch.float16)
+    mask = torch.zeros(6, 10, device=device)
+    mask[2] = -1e5
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :, 2].double(), ref[:, :, 2], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gqa(device, dtype, is_causal):

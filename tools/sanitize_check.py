@@ -1,9 +1,10 @@
 """A small workload for compute-sanitizer: forward and backward of our CUDA
 kernels on a few small shapes that hit partial tiles, causal masks, GQA,
-seqlen_q != seqlen_k, rows with no visible key and padded head dims; and
-variable-length batches (empty sequences, seqused_k, paged keys, and
-cumulative lengths that point past the tensors, which the kernels must
-clamp); and decode steps over KV caches (contiguous, left-padded, paged with
+seqlen_q != seqlen_k, rows with no visible key and padded head dims, with
+and without dropout; and variable-length batches (empty sequences,
+seqused_k, paged keys, and cumulative lengths that point past the tensors,
+which the kernels must clamp); and decode steps over KV caches (contiguous,
+left-padded, paged with
 pages of 8, 16, 24 and 256 rows, with lengths, left pads and block ids out of
 range, which the decode kernel clamps); and FP8 forwards (the native Hopper
 kernel where it is built), dense and varlen.
@@ -115,12 +116,12 @@ def run_decode(page, leftpad, out_of_range, splits, dtype):
     return out
 
 
-def run_dense(B, Sq, Sk, H, Hk, D, causal, dtype):
+def run_dense(B, Sq, Sk, H, Hk, D, causal, dtype, dropout_p=0.0):
     """Forward and backward of one flash_attn_func case; returns the results."""
     q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True)
-    out = flash_attn_ext.flash_attn_func(q, k, v, causal=causal)
+    out = flash_attn_ext.flash_attn_func(q, k, v, causal=causal, dropout_p=dropout_p)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     torch.cuda.synchronize()
     return (out, *grads)
@@ -180,6 +181,8 @@ def main() -> int:
         for dtype in dtypes:
             for case in CASES:
                 check(f"dense, sm90 disabled={disable}", run_dense, *case, dtype)
+            for case in CASES[:3]:  # dropout: the keep-bit shuffles of the backwards
+                check(f"dense dropout, sm90 disabled={disable}", run_dense, *case, dtype, 0.1)
             for case in VARLEN_CASES:
                 check(f"varlen, sm90 disabled={disable}", run_varlen, *case, dtype)
     for dtype in dtypes:

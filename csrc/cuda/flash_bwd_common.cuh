@@ -269,11 +269,12 @@ __device__ __forceinline__ void add_dq_strip(const FlashBwdParams& p, const SeqI
 }
 
 // Epilogue of the dK/dV kernels: one warp's 16 keys (key0..) x kN columns
-// (col0..) of dK = scale * (dS^T Q) and dV, in the input dtype.
+// (col0..) of dK = scale * (dS^T Q) and dV = dv_scale * acc_dv (dropout's
+// 1 / (1 - p), BwdScoreRule::dv_scale), in the input dtype.
 template <typename Element, int kN>
 __device__ __forceinline__ void store_dkdv_strip(const FlashBwdParams& p, const SeqInfo& seq, int b, int h, int key0,
                                                  int col0, const float (&acc_dk)[kN / 8][4],
-                                                 const float (&acc_dv)[kN / 8][4], int lane) {
+                                                 const float (&acc_dv)[kN / 8][4], float dv_scale, int lane) {
   const int g = lane / 4, t = lane % 4;
   Element* dk = static_cast<Element*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h);
   Element* dv = static_cast<Element*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, h);
@@ -287,7 +288,7 @@ __device__ __forceinline__ void store_dkdv_strip(const FlashBwdParams& p, const 
         *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
             pack2<Element>(acc_dk[j][2 * half] * p.softmax_scale_f, acc_dk[j][2 * half + 1] * p.softmax_scale_f);
         *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
-            pack2<Element>(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]);
+            pack2<Element>(acc_dv[j][2 * half] * dv_scale, acc_dv[j][2 * half + 1] * dv_scale);
       }
     }
   }

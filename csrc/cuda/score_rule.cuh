@@ -160,7 +160,11 @@ __device__ __forceinline__ void for_each_dropout_keep(const Dropout& dropout, in
 // equal to its key parity) and hands the halves it does not use to the
 // other over a shuffle: one Philox call per thread and tile, as in the
 // forward, instead of two (every lane of the warp must call this).
-// fn(j, e, kept).
+// fn(j, jk, mine, kept) for the score of n-tile j and key half jk (keys g or
+// g + 8) in this lane's own query column (mine: fragment element
+// 2 jk + parity) or in the other one (2 jk + (parity ^ 1)). The arguments
+// are compile-time constants once unrolled, the lane's parity is not: the
+// caller maps mine to an element (dropout_keep_bits_t, once per fragment).
 template <int kN, typename Fn>
 __device__ __forceinline__ void for_each_dropout_keep_t(const Dropout& dropout, int key_row0, int q_col0, int lane,
                                                         Fn&& fn) {
@@ -168,43 +172,44 @@ __device__ __forceinline__ void for_each_dropout_keep_t(const Dropout& dropout, 
   const int g = lane >> 2, t = lane & 3;
   const uint32_t key_group = (static_cast<uint32_t>(key_row0 >> 4) << 2) | static_cast<uint32_t>(g >> 1);
   const int parity = g & 1;  // this lane's key parity, and the query column it draws
+  // This lane's half of a word, moved to the top (where Dropout::kept
+  // compares an odd column: the low half then cannot change the outcome).
+  const uint32_t mine_shift = parity ? 0u : 16u;
+  // The other parity's halves of words w0 (jk = 0) and w1 (jk = 1), low and
+  // high half of one word: bytes 0-1 of both words, or bytes 2-3.
+  const uint32_t give_bytes = parity ? 0x5410u : 0x7632u;
 #pragma unroll
   for (int jj = 0; jj < kN / 16; ++jj) {
     uint32_t w[4];
     dropout.draw(key_group, ((static_cast<uint32_t>(q_col0 >> 4) + jj) << 3) | static_cast<uint32_t>(2 * t + parity),
                  w);
-    // The other parity's halves of this draw, two to a word, for the partner;
-    // what comes back is this parity's halves of the partner's draw, in the
-    // high half of each word (where Dropout::kept compares an odd column).
-    uint32_t give[2], got[2];
+    uint32_t got[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      give[i] = parity ? (w[2 * i] & 0xFFFFu) | (w[2 * i + 1] << 16) : (w[2 * i] >> 16) | (w[2 * i + 1] & 0xFFFF0000u);
-      got[i] = __shfl_xor_sync(0xFFFFFFFFu, give[i], 4);
-    }
+    for (int i = 0; i < 2; ++i) got[i] = __shfl_xor_sync(0xFFFFFFFFu, __byte_perm(w[2 * i], w[2 * i + 1], give_bytes), 4);
+    // What came back: this parity's halves of the partner's draw, jk = 0 in
+    // the low half of got[jq], jk = 1 in the high half.
 #pragma unroll
     for (int jq = 0; jq < 2; ++jq) {
 #pragma unroll
       for (int jk = 0; jk < 2; ++jk) {
-        const uint32_t theirs = jk ? got[jq] & 0xFFFF0000u : got[jq] << 16;
-        fn(2 * jj + jq, 2 * jk + parity, dropout.kept(w[2 * jq + jk], parity != 0));
-        fn(2 * jj + jq, 2 * jk + (parity ^ 1), dropout.kept(theirs, true));
+        fn(2 * jj + jq, jk, true, (w[2 * jq + jk] << mine_shift) < dropout.threshold_hi);
+        fn(2 * jj + jq, jk, false, (jk ? got[jq] : got[jq] << 16) < dropout.threshold_hi);
       }
     }
   }
 }
 
 // The forward's dropout, after the online softmax has taken the tile's
-// probabilities into its row sums (softmax_lse does not see dropout): a kept
-// P becomes P / (1 - p), a dropped one 0, before O += P V. A no-op unless
+// probabilities into its row sums (softmax_lse does not see dropout): a
+// dropped P becomes 0 before O += P V, a kept one stays P, and the epilogue
+// multiplies O by 1 / (1 - p) (ScoreRule::dropout_out_scale). A no-op unless
 // the rule has kDropout and the call asks for dropout (a uniform branch).
 template <typename Rule, int kMT, int kNT>
 __device__ __forceinline__ void apply_dropout(float (&s)[kMT][kNT][4], const Rule& rule, int row0, int col0, int lane) {
   if constexpr (Rule::kDropout) {
-    if (rule.dropout.on) {
-      const float scale = rule.dropout.scale;
+    if (rule.dropout_on()) {
       for_each_dropout_keep<kMT, kNT>(rule.dropout, row0, col0, lane, [&](int mi, int nj, int e, bool kept) {
-        s[mi][nj][e] = kept ? s[mi][nj][e] * scale : 0.f;
+        if (!kept) s[mi][nj][e] = 0.f;
       });
     }
   }
@@ -307,13 +312,7 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
 
   // Dropout (kDropout only; ../dropout.h) of this (batch, head).
   __device__ __forceinline__ const Dropout& dropout() const { return this->unbiased.dropout; }
-  __device__ __forceinline__ bool has_dropout() const {
-    if constexpr (kDropout) {
-      return dropout().on;
-    } else {
-      return false;
-    }
-  }
+  __device__ __forceinline__ bool has_dropout() const { return this->unbiased.dropout_on(); }
   // Which scores of this thread's P^T fragment (keys as rows, kN / 8
   // n-tiles, see for_each_dropout_keep_t) dropout keeps: bit 4 j + e. One
   // register pair instead of a mark on every score, so that the kernels can
@@ -323,23 +322,35 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
   template <int kN>
   __device__ __forceinline__ uint64_t dropout_keep_bits_t(int key_row0, int q_col0, int lane) const {
     static_assert(kN / 8 * 4 <= 64, "a bit per score of the fragment");
+    // Bit 4 j + 2 jk + (mine ? 0 : 1) first, each at a constant position
+    // (a compare and a predicated OR per score), then, for a lane of odd key
+    // parity, whose own column is the odd one, every pair of bits swapped.
     uint64_t bits = 0;
-    for_each_dropout_keep_t<kN>(dropout(), key_row0, q_col0, lane,
-                                [&](int j, int e, bool kept) { bits |= uint64_t(kept) << (4 * j + e); });
+    for_each_dropout_keep_t<kN>(dropout(), key_row0, q_col0, lane, [&](int j, int jk, bool mine, bool kept) {
+      if (kept) bits |= uint64_t(1) << (4 * j + 2 * jk + (mine ? 0 : 1));
+    });
+    constexpr uint64_t kEven = 0x5555555555555555ull;
+    if ((lane >> 2) & 1) bits = ((bits & kEven) << 1) | ((bits >> 1) & kEven);
+    // Opaque from here (the swap is not pushed into the uses): the Hopper
+    // backward at hd 128 spilled 96 bytes with it, 124 without.
+    asm volatile("" : "+l"(bits));
     return bits;
   }
   __device__ __forceinline__ static bool kept(uint64_t keep_bits, int j, int e) { return (keep_bits >> (4 * j + e)) & 1; }
-  // The operand of dV += P^T dO: P, or with dropout P / (1 - p) where kept
-  // and 0 where dropped.
+  // The operand of dV += P^T dO: P, or with dropout P where kept and 0
+  // where dropped. Dropout's 1 / (1 - p) is left to the epilogue (dv_scale():
+  // dV is linear in it), one FMUL per score fewer in the loop.
   template <int kN>
   __device__ __forceinline__ void dv_operand(float (&dst)[kN][4], const float (&src)[kN][4], uint64_t keep_bits) const {
     const bool on = has_dropout();
-    const float scale = on ? dropout().scale : 1.f;
 #pragma unroll
     for (int j = 0; j < kN; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[j][e] = !on || kept(keep_bits, j, e) ? src[j][e] * scale : 0.f;
+      for (int e = 0; e < 4; ++e) dst[j][e] = !on || kept(keep_bits, j, e) ? src[j][e] : 0.f;
   }
+  // What the epilogue multiplies dV by (dv_operand): 1 / (1 - p) with
+  // dropout, else 1.
+  __device__ __forceinline__ float dv_scale() const { return has_dropout() ? dropout().scale : 1.f; }
   // dP^T fragments to the logit's gradient in place, with D of query column
   // c at delta_cols[c] (the fragment's first query column is 0 there):
   // logit_grad, with dropout of dP ∘ keep / (1 - p) (the loss sees P only
@@ -355,7 +366,9 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
         const float2 d = *reinterpret_cast<const float2*>(delta_cols + 8 * j + 2 * t);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float dprob = kept(keep_bits, j, e) ? dp[j][e] * scale : 0.f;
+          // The select before the scale, which then fuses with logit_grad's
+          // subtraction of D (an FFMA).
+          const float dprob = (kept(keep_bits, j, e) ? dp[j][e] : 0.f) * scale;
           dp[j][e] = logit_grad(prob[j][e], dprob, e % 2 == 0 ? d.x : d.y);
         }
       }

@@ -135,7 +135,7 @@ __device__ __forceinline__ void probs_t(float (&acc_s)[kSN / 8][4], SoftcapFacto
 }
 
 // The A operand of dV += P^T dO: P^T, or with dropout the dropped P^T
-// (kept / (1 - p), dropped 0).
+// (kept P, dropped 0; the epilogue applies 1 / (1 - p)).
 template <typename Element, int kSN, typename Rule>
 __device__ __forceinline__ void pack_p_operand(uint32_t (&p_frag)[kSN / 16][4], const float (&acc_s)[kSN / 8][4],
                                                const Rule& rule, uint64_t keep_bits) {
@@ -356,7 +356,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
     }
   }
 
-  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, dkv_col0, acc_dk, acc_dv, lane);
+  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, dkv_col0, acc_dk, acc_dv,
+                                   rule.dv_scale(), lane);
 #endif  // FLASH_SM90_ENABLED
 }
 

@@ -492,7 +492,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     }
   }
 
-  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, 0, acc_dk, acc_dv, lane);
+  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, 0, acc_dk, acc_dv,
+                                   rule.dv_scale(), lane);
   if (kDq && lane == 0) bulk_wait_all<false>();  // the reductions read shared memory until they complete
 #endif  // FLASH_SM90_ENABLED
 }

@@ -69,7 +69,8 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[kHeadDim / 8][4], const u
 // tile at `tile` (kBlockM rows, SW128; the Q tile, which nothing reads any
 // more) and out to global memory in coalesced 16-byte stores, after named
 // barrier `barrier` (128 threads) says the warpgroup's rows are written.
-// out_scale multiplies every output (the FP8 forward's v_descale; 1 else).
+// out_scale multiplies every output (the FP8 forward's v_descale, dropout's
+// 1 / (1 - p); 1 else).
 // Shared by the classic and the warp-specialized kernels.
 template <int kBlockM, typename Element, int kDT>
 __device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoftmax<1>& softmax,
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
   // Epilogue: O / rowsum through this warpgroup's own rows of the Q tile (no
   // other warpgroup reads them), then coalesced 16-byte stores.
   store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, wg, 1 + wg, wg_row0, seq.seqlen_q, num_m_blocks, out,
-                        lse_out, residual_out);
+                        lse_out, residual_out, rule.dropout_out_scale());
 #endif  // FLASH_SM90_ENABLED
 }
 

@@ -341,11 +341,11 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // the exact max) softcap 1.16x, dropout 1.07x, ALiBi 1.03x, head dim 64
   // 1.05x faster; plain head dim 128 0.92x (0.98x causal) and 256 0.95x
   // slower, where the softmax hides under the other warpgroup's GEMMs
-  // anyway and the vote and branch only lengthen the step. Not with fp16
-  // and dropout: P / (1 - p) up to 2^8 / (1 - p) would overflow fp16's
-  // 65504 from p = 0.996 on (bf16 has fp32's range).
+  // anyway and the vote and branch only lengthen the step. Dropout keeps P
+  // as it is (apply_dropout; 1 / (1 - p) is the epilogue's), so P stays
+  // below 2^8 in fp16 too.
   // FP8: no slack (P would reach 2^(8 + kPShift), past e4m3's 448).
-  constexpr bool kSlackFits = !(Rule::kDropout && std::is_same_v<Element, __half>) && !T::kFp8;
+  constexpr bool kSlackFits = !T::kFp8;
   constexpr int kMaxSlack = (Rule::kFeatures != kNoFeatures || kHeadDim == 64) && kSlackFits ? 8 : 0;
   static_assert(!T::kFp8 || (Rule::kFeatures == kNoFeatures && !Rule::kHasBias && Rule::kDefersScale),
                 "the FP8 forward takes the plain rule, whose exp2 FFMA carries the whole scale");
@@ -447,8 +447,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
   // rows of the staging tile (16-bit: the Q tile, whose last read, S of the
   // last block, has completed; no other warpgroup reads them; FP8: a buffer
-  // of its own), then coalesced 16-byte stores. FP8's v_descale joins 1 / rowsum.
-  const float out_scale = T::kFp8 ? p.v_descale.at(b, hk) : 1.f;
+  // of its own), then coalesced 16-byte stores. FP8's v_descale and
+  // dropout's 1 / (1 - p) join 1 / rowsum.
+  const float out_scale = (T::kFp8 ? p.v_descale.at(b, hk) : 1.f) * rule.dropout_out_scale();
   store_output<kBlockM>(p, softmax, acc_o, smem + T::kOOff, cw, T::kEpilogueBarrier + cw, wg_row0, seq.seqlen_q,
                         num_m_blocks, out_ptr(), lse_ptr(), residual_ptr(), out_scale);
 #endif  // FLASH_SM90_ENABLED

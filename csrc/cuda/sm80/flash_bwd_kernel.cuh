@@ -218,7 +218,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     }
     // dV_j += P^T dO_i straight from the accumulator fragments (they are the
     // A operand) while P^T is the only tile alive besides dK/dV. With
-    // dropout, dV takes the dropped P^T (kept / (1 - p), dropped 0).
+    // dropout, dV takes the dropped P^T (kept P, dropped 0; the epilogue
+    // applies 1 / (1 - p)).
     if constexpr (Rule::kDropout) {
       float p_dv[T::kMPerWarp / 8][4];
       rule.dv_operand(p_dv, acc_s, keep_bits);
@@ -283,7 +284,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
     }
   }
 
-  store_dkdv_strip<Element, T::kDPerWarp>(p, blk.seq, b, h, n0 + key_row0, d_col0, acc_dk, acc_dv, lane);
+  store_dkdv_strip<Element, T::kDPerWarp>(p, blk.seq, b, h, n0 + key_row0, d_col0, acc_dk, acc_dv,
+                                          rule.dv_scale(), lane);
 }
 
 }  // namespace flash

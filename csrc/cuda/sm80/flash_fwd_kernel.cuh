@@ -385,6 +385,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       softmax.add_sink(sink_log2(params, sink_bh % params.nheads), acc_o, t == 0);
     }
     softmax.finalize(inv_sum, lse, residual);
+    {  // apply_dropout left dropout's 1 / (1 - p) to here (1 without dropout)
+      const float drop_scale = rule.dropout_out_scale();
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi) inv_sum[mi][0] *= drop_scale, inv_sum[mi][1] *= drop_scale;
+    }
     if (t == 0) {
 #pragma unroll
       for (int mi = 0; mi < kMT; ++mi)
