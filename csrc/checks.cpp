@@ -375,7 +375,7 @@ VarlenViews::VarlenViews(const Tensor& dout_, const Tensor& out_, const Tensor& 
     : dout(rows_view(dout_, "dout")),
       out(rows_view(out_, "out")),
       lse(lse_view(softmax_lse, "softmax_lse")),
-      lse_residual(lse_residual_.numel() == 0 ? lse_residual_ : lse_view(lse_residual_, "lse_residual")) {
+      lse_residual(lse_residual_.dim() != 2 ? lse_residual_ : lse_view(lse_residual_, "lse_residual")) {
   if (dsoftmax_lse.has_value()) dlse = lse_view(*dsoftmax_lse, "dsoftmax_lse");
 }
 

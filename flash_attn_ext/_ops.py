@@ -5,8 +5,9 @@ Loading `flash_attn_ext._C` registers the schemas and the CPU kernels, and
 torch only) the CUDA kernels; this module adds what torch.compile and autograd need: fake (meta)
 implementations that compute output shapes without running anything, and the
 backward formula of `fwd`, which calls the `bwd` op. At the end: what
-torch.func transforms need (`call_fwd`, vmap rules), and bwd's autograd
-kernel, which makes double backward raise instead of returning zeros.
+torch.func transforms need (`call_fwd`, `call_varlen_fwd`, `call_fwd_kvcache`,
+vmap rules), and bwd's / varlen_bwd's autograd kernels, which make double
+backward raise instead of returning zeros.
 """
 from __future__ import annotations
 
@@ -488,18 +489,59 @@ def _varlen_backward(ctx, dout, dsoftmax_lse, _dlse_residual):
 torch.library.register_autograd("flash_attn_ext::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
 
 
+class _VarlenBwdOnceDifferentiable(_BwdOnceDifferentiable):
+    """_BwdOnceDifferentiable for varlen_bwd: a backward that builds a graph
+    (create_graph=True, torch.func.grad) gets usable gradients, and only
+    differentiating them again raises."""
+
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        with torch.enable_grad(), torch._C._AutoDispatchBelowAutograd():
+            return varlen_bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
 def _varlen_bwd_autograd(keyset, *args):
     # As _bwd_autograd: the gradients are not themselves differentiable.
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        raise RuntimeError(
-            "flash_attn_ext: double backward through flash_attn_varlen_func is not supported: the attention "
-            "backward is not itself differentiable"
-        )
+        with _enable_single_level_autograd_function():
+            return _VarlenBwdOnceDifferentiable.apply(keyset, *args)
     with torch._C._AutoDispatchBelowAutograd():
         return varlen_bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
 _autograd_lib.impl("varlen_bwd", _varlen_bwd_autograd, "Autograd", with_keyset=True)
+
+
+class _VarlenFwdFunction(torch.autograd.Function):
+    """varlen_fwd with its autograd formula, in the form torch.func transforms
+    accept (as _FwdFunction for fwd): without it torch.func.grad fails inside
+    Function.apply and torch.func.jvp returns a zero tangent."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return varlen_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _varlen_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _varlen_backward(ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_FORWARD_MODE_ERROR)
+
+
+def call_varlen_fwd(*args):
+    """torch.ops.flash_attn_ext.varlen_fwd(*args), usable under torch.func
+    transforms (grad, vjp, vmap; jvp raises): what flash_attn_varlen_func calls."""
+    if torch._C._are_functorch_transforms_active():
+        return _VarlenFwdFunction.apply(*args)
+    return varlen_fwd(*args)
 # fwd_kvcache: inference over a KV cache (csrc/kvcache.h), called by
 # flash_attn_ext.kvcache.flash_attn_with_kvcache. Forward only, like
 # flash-attn's: its autograd formula raises when a gradient reaches it.
@@ -526,6 +568,37 @@ def _fwd_kvcache_backward(ctx, *grads):
 
 torch.library.register_autograd("flash_attn_ext::fwd_kvcache", _fwd_kvcache_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+class _FwdKvcacheFunction(torch.autograd.Function):
+    """fwd_kvcache under torch.func transforms: vmap runs it, a gradient or a
+    forward-mode tangent raises (torch.func.jvp would otherwise return zeros)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return fwd_kvcache(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _fwd_kvcache_backward(ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_FORWARD_MODE_ERROR)
+
+
+def call_fwd_kvcache(*args):
+    """torch.ops.flash_attn_ext.fwd_kvcache(*args), with torch.func transforms
+    answered as in eager mode: what flash_attn_with_kvcache calls."""
+    if torch._C._are_functorch_transforms_active():
+        return _FwdKvcacheFunction.apply(*args)
+    return fwd_kvcache(*args)
 
 
 # The native FP8 forward (flash_attn_ext/fp8.py calls it for the calls it can

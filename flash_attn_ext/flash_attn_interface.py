@@ -7,7 +7,9 @@ they return themselves, and hand the merged lse back to the backward. This
 module has those four functions with flash-attn 2.8's exact signatures and
 return values, backed by the `flash_attn_ext::fwd` / `bwd` ops, and
 `install_as_flash_attn()`, which makes `import flash_attn` find this package
-where flash-attn itself is not installed, so such libraries run unchanged.
+where flash-attn itself is not installed, so such libraries run unchanged
+(with `flash_attn.bert_padding`, flash_attn_ext.bert_padding; flash-attn's
+other submodules, such as flash_attn.layers.rotary, are not provided).
 
 Dropout follows flash-attn 2.8's convention: the forward returns
 rng_state, int64 (2,) = [seed, offset] on q's device (drawn from torch's
@@ -28,6 +30,7 @@ residual and are exact).
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -282,7 +285,11 @@ def install_as_flash_attn(force: bool = False) -> types.ModuleType:
     """Makes `import flash_attn` and `from flash_attn.flash_attn_interface
     import ...` find flash_attn_ext (this module, flash_attn_func and the
     packed variants, flash_attn_with_kvcache, __version__ = FLASH_ATTN_VERSION), for libraries written
-    against flash-attn. Refuses (RuntimeError) where a real flash_attn is
+    against flash-attn, and `flash_attn.bert_padding` (flash_attn_ext.bert_padding: unpad_input,
+    pad_input, index_first_axis, ...). Other flash-attn submodules (flash_attn.layers, .ops,
+    .modules, ...) are absent: importing them raises ModuleNotFoundError. The modules carry
+    import specs, so importlib.util.find_spec("flash_attn") (transformers' availability checks)
+    answers instead of raising. Refuses (RuntimeError) where a real flash_attn is
     installed or imported, unless force=True. Returns the `flash_attn` module."""
     existing = sys.modules.get("flash_attn")
     if existing is not None and getattr(existing, "__flash_attn_ext__", False):
@@ -295,10 +302,16 @@ def install_as_flash_attn(force: bool = False) -> types.ModuleType:
     package.__version__ = FLASH_ATTN_VERSION
     package.__flash_attn_ext__ = True
     package.__path__ = []  # a package, so that its submodule imports resolve through sys.modules
+    # A module without __spec__ in sys.modules makes importlib.util.find_spec raise ValueError.
+    package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
     package.flash_attn_interface = sys.modules[__name__]
+    from . import bert_padding
+
+    package.bert_padding = bert_padding
     for name in ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
                  "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"):
         setattr(package, name, globals()[name])
     sys.modules["flash_attn"] = package
     sys.modules["flash_attn.flash_attn_interface"] = sys.modules[__name__]
+    sys.modules["flash_attn.bert_padding"] = bert_padding
     return package

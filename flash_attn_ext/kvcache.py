@@ -306,7 +306,7 @@ def flash_attn_with_kvcache(
         cache_seqlens = (start + seqlen_new).to(torch.int32)
 
     q = q if q.stride(-1) == 1 or q.shape[-1] == 1 else q.contiguous()
-    out, softmax_lse = _ops.fwd_kvcache(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad,
+    out, softmax_lse = _ops.call_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad,
                                         block_table, float(softmax_scale), bool(causal), window_left, window_right,
                                         softcap, alibi_slopes, sinks, int(num_splits))
     return (out, softmax_lse) if return_softmax_lse else out

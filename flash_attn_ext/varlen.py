@@ -226,7 +226,7 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     # One rng_state for the batch: the kernels' dropout counter holds the
     # sequence index.
     rng_state = _ops.draw_rng_state(q.device) if dropout_p > 0 else None
-    out, softmax_lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+    out, softmax_lse, _ = _ops.call_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                                           float(softmax_scale), bool(causal), window_left, window_right,
                                           deterministic, softcap, alibi_slopes, sinks, dropout_p, rng_state)
     if fp8_call:

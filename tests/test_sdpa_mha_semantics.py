@@ -14,7 +14,6 @@ Inputs are fresh random numbers every run (conftest seeds each test).
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest

@@ -40,6 +40,11 @@ How the attention function maps transformers' arguments onto our ops:
     each row, and the bottom-right causal alignment of the varlen kernels
     lines each sequence's queries up with its own last keys. Outputs at
     padded query positions are 0.
+  * a boolean 2-D mask with non-causal attention and no window (an
+    encoder, or an encoder-decoder's cross-attention, whose mask pads the
+    encoder's keys and says nothing of the decoder's queries): only the keys
+    are unpadded; every query of a row attends to that row's tokens, as in
+    transformers' sdpa and eager.
   * `cu_seq_lens_q` / `cu_seq_lens_k` (and `max_length_q` / `max_length_k`)
     keyword arguments (padding-free training, e.g. DataCollatorWithFlattening):
     `flash_attn_varlen_func` on the flattened batch.
@@ -339,6 +344,28 @@ def _varlen_by_ids(q, k, v, ids, **attn):
     return out.view(batch, len_q, q.shape[2], v.shape[-1])
 
 
+def _varlen_by_keys(q, k, v, mask, **attn):
+    """Non-causal attention of every query of row b to the tokens of row b of
+    the boolean key mask (batch, length_k). Returns (batch, seqlen_q, nheads,
+    headdim_v); 0 for a row without tokens."""
+    batch, len_q = q.shape[0], q.shape[1]
+    if k.shape[1] > mask.shape[1]:  # a static cache: only the first slots are filled
+        k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+    elif k.shape[1] < mask.shape[1]:
+        mask = mask[:, -k.shape[1]:]
+    len_k = k.shape[1]
+    tokens = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    counts_k = mask.sum(1, dtype=torch.int32)
+    cu_k = torch.nn.functional.pad(counts_k.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * len_q
+    max_k = int(counts_k.max()) if batch else 0
+    o = flash_attn_varlen_func(q.reshape(batch * len_q, q.shape[2], q.shape[3]),
+                               k.reshape(batch * len_k, k.shape[2], k.shape[3])[tokens],
+                               v.reshape(batch * len_k, v.shape[2], v.shape[3])[tokens], cu_q, cu_k, len_q, max_k,
+                               **attn)
+    return o.view(batch, len_q, q.shape[2], v.shape[-1])
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       sliding_window: Optional[int] = None, softcap: Optional[float] = None,
@@ -383,6 +410,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     batch, len_q = q.shape[0], q.shape[1]
 
     if attention_mask is not None:
+        if not causal and window == (-1, -1) and attention_mask.dtype == torch.bool:
+            # A key-padding mask (cross-attention's queries are not the keys' positions).
+            return _varlen_by_keys(q, k, v, attention_mask, **attn), None
         return _varlen_by_ids(q, k, v, attention_mask, **attn), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
