@@ -261,7 +261,8 @@ torch.library.register_autograd("flash_attn_ext::fwd", _backward, setup_context=
 # Function.apply rejects that form while a torch.func transform is active
 # ("it must override the setup_context staticmethod", pytorch/pytorch#170834).
 # The entry points therefore call `call_fwd`, which under a transform applies
-# the same formula through _FwdFunction, written in the form torch.func takes.
+# the same formula through a Function written in the form torch.func takes
+# (_transformable).
 # Outside transforms the op is called directly, so eager mode, torch.compile
 # and torch.export see exactly the op.
 
@@ -271,36 +272,47 @@ _FORWARD_MODE_ERROR = (
 )
 
 
-class _FwdFunction(torch.autograd.Function):
-    """The fwd op with its autograd formula (_setup_context, _backward), in
-    the form torch.func transforms accept."""
+def _transformable(op, setup_context, backward, name):
+    """`op` with its autograd formula (setup_context, backward) as a
+    torch.autograd.Function in the form torch.func transforms accept (grad,
+    vjp, jacrev, vmap and their compositions; a forward-mode tangent
+    raises: torch.func.jvp would otherwise return zeros), and the caller the
+    entry points use: that Function under a transform, the op itself
+    otherwise."""
 
-    # vmap: forward and backward only call the ops, which vmap batches.
-    generate_vmap_rule = True
+    class Function(torch.autograd.Function):
+        # vmap: forward and backward only call the ops, which vmap batches.
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(*inputs):
-        return fwd(*inputs)
+        @staticmethod
+        def forward(*inputs):
+            return op(*inputs)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_FORWARD_MODE_ERROR)
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise NotImplementedError(_FORWARD_MODE_ERROR)
+
+    Function.__name__ = Function.__qualname__ = name
+
+    def call(*args):
+        if torch._C._are_functorch_transforms_active():
+            return Function.apply(*args)
+        return op(*args)
+
+    return call
 
 
-def call_fwd(*args):
-    """torch.ops.flash_attn_ext.fwd(*args), usable under torch.func transforms
-    (grad, vjp, jacrev, vmap and their compositions): what the entry points call."""
-    if torch._C._are_functorch_transforms_active():
-        return _FwdFunction.apply(*args)
-    return fwd(*args)
+# torch.ops.flash_attn_ext.fwd(*args), usable under torch.func transforms:
+# what the entry points call.
+call_fwd = _transformable(fwd, _setup_context, _backward, "_FwdFunction")
 
 
 class _BwdOnceDifferentiable(torch.autograd.function._SingleLevelFunction):
@@ -512,36 +524,13 @@ def _varlen_bwd_autograd(keyset, *args):
 _autograd_lib.impl("varlen_bwd", _varlen_bwd_autograd, "Autograd", with_keyset=True)
 
 
-class _VarlenFwdFunction(torch.autograd.Function):
-    """varlen_fwd with its autograd formula, in the form torch.func transforms
-    accept (as _FwdFunction for fwd): without it torch.func.grad fails inside
-    Function.apply and torch.func.jvp returns a zero tangent."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return varlen_fwd(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _varlen_setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _varlen_backward(ctx, *grads)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_FORWARD_MODE_ERROR)
+# torch.ops.flash_attn_ext.varlen_fwd(*args), usable under torch.func
+# transforms as call_fwd (without it torch.func.grad fails inside
+# Function.apply and torch.func.jvp returns a zero tangent): what
+# flash_attn_varlen_func calls.
+call_varlen_fwd = _transformable(varlen_fwd, _varlen_setup_context, _varlen_backward, "_VarlenFwdFunction")
 
 
-def call_varlen_fwd(*args):
-    """torch.ops.flash_attn_ext.varlen_fwd(*args), usable under torch.func
-    transforms (grad, vjp, vmap; jvp raises): what flash_attn_varlen_func calls."""
-    if torch._C._are_functorch_transforms_active():
-        return _VarlenFwdFunction.apply(*args)
-    return varlen_fwd(*args)
 # fwd_kvcache: inference over a KV cache (csrc/kvcache.h), called by
 # flash_attn_ext.kvcache.flash_attn_with_kvcache. Forward only, like
 # flash-attn's: its autograd formula raises when a gradient reaches it.
@@ -570,35 +559,11 @@ torch.library.register_autograd("flash_attn_ext::fwd_kvcache", _fwd_kvcache_back
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-class _FwdKvcacheFunction(torch.autograd.Function):
-    """fwd_kvcache under torch.func transforms: vmap runs it, a gradient or a
-    forward-mode tangent raises (torch.func.jvp would otherwise return zeros)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return fwd_kvcache(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _fwd_kvcache_backward(ctx, *grads)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_FORWARD_MODE_ERROR)
-
-
-def call_fwd_kvcache(*args):
-    """torch.ops.flash_attn_ext.fwd_kvcache(*args), with torch.func transforms
-    answered as in eager mode: what flash_attn_with_kvcache calls."""
-    if torch._C._are_functorch_transforms_active():
-        return _FwdKvcacheFunction.apply(*args)
-    return fwd_kvcache(*args)
+# torch.ops.flash_attn_ext.fwd_kvcache(*args), with torch.func transforms
+# answered as in eager mode (vmap runs it, a gradient or a tangent raises):
+# what flash_attn_with_kvcache calls.
+call_fwd_kvcache = _transformable(fwd_kvcache, lambda ctx, inputs, output: None, _fwd_kvcache_backward,
+                                  "_FwdKvcacheFunction")
 
 
 # The native FP8 forward (flash_attn_ext/fp8.py calls it for the calls it can
