@@ -72,11 +72,18 @@ from common import (  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DIRECTIONS = ("fwd", "bwd", "fwdbwd")
-# --sm90: the value of FLASH_ATTN_EXT_SM90_FWD and _BWD per kernel family (ws
-# strict: a call the warp-specialized kernels cannot take fails instead of
-# timing the classic kernel under its name).
-SM90_KERNELS = {"classic": "classic", "ws": "ws_strict"}
-SM90_ENV = ("FLASH_ATTN_EXT_SM90_FWD", "FLASH_ATTN_EXT_SM90_BWD")
+# --sm90: the Hopper kernel switches per variant of ours (ws strict: a call the
+# warp-specialized kernels cannot take fails instead of timing the classic
+# kernel under its name; narrow / wide: the warp-specialized forward's key
+# blocks for plain calls at head dim 256, FLASH_ATTN_EXT_SM90_FWD_TILES).
+_WS = {"FLASH_ATTN_EXT_SM90_FWD": "ws_strict", "FLASH_ATTN_EXT_SM90_BWD": "ws_strict"}
+SM90_KERNELS = {
+    "classic": {"FLASH_ATTN_EXT_SM90_FWD": "classic", "FLASH_ATTN_EXT_SM90_BWD": "classic"},
+    "ws": _WS,
+    "narrow": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "narrow"},
+    "wide": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "wide"},
+}
+SM90_ENV = ("FLASH_ATTN_EXT_SM90_FWD", "FLASH_ATTN_EXT_SM90_BWD", "FLASH_ATTN_EXT_SM90_FWD_TILES")
 
 
 def is_ours(name):
@@ -88,7 +95,8 @@ def sm90_env(kernel):
     """The Hopper kernel switches for one implementation; the library reads them on every call."""
     old = {name: os.environ.get(name) for name in SM90_ENV}
     for name in SM90_ENV:
-        os.environ[name] = SM90_KERNELS[kernel]
+        os.environ.pop(name, None)
+    os.environ.update(SM90_KERNELS[kernel])
     try:
         yield
     finally:
@@ -120,7 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--impls", default="ours,flash,cudnn,efficient")
     p.add_argument("--directions", default="fwd,bwd,fwdbwd")
     p.add_argument("--sm90", "--sm90-fwd", dest="sm90", default="", metavar="KERNELS",
-                   help="e.g. classic,ws: run ours once per Hopper kernel family (FLASH_ATTN_EXT_SM90_FWD/_BWD)")
+                   help="e.g. classic,ws or narrow,wide: run ours once per Hopper kernel variant (SM90_KERNELS)")
     p.add_argument("--memory-seqlens", default="16k,32k,64k", help="empty string: skip the memory table")
     p.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=float, default=100, help="do_bench rep, ms")

@@ -12,6 +12,7 @@ backward raise instead of returning zeros.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 from torch._functorch.utils import enable_single_level_autograd_function as _enable_single_level_autograd_function
 
 
@@ -303,7 +304,10 @@ def _transformable(op, setup_context, backward, name):
     Function.__name__ = Function.__qualname__ = name
 
     def call(*args):
-        if torch._C._are_functorch_transforms_active():
+        # Under torch.autograd.forward_ad's dual level too: the op itself,
+        # whose registered formula has no forward mode, returned its outputs
+        # without a tangent (a silent wrong answer); the Function raises.
+        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
             return Function.apply(*args)
         return op(*args)
 

@@ -169,6 +169,30 @@ def test_varlen_func_grad_and_create_graph():
         torch.autograd.grad(g2[0].square().sum(), leaves[1])
 
 
+def test_forward_ad_raises_outside_torch_func():
+    """torch.autograd.forward_ad (no torch.func transform) returned the outputs without a tangent for
+    every entry point (a silent wrong answer); dual tensors now raise, plain ones under a dual level run."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (torch.randn(1, 5, 2, 16, dtype=torch.float64) for _ in range(3))
+    qv, kv_, vv, cu_q, cu_k = _varlen_case()
+    qd = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    calls = {
+        "flash_attn_func": lambda x: flash_attn_ext.flash_attn_func(x, k, v),
+        "varlen": lambda x: flash_attn_varlen_func(x, kv_, vv, cu_q, cu_k, 5, 6),
+        "kvcache": lambda x: flash_attn_with_kvcache(x, kc, vc, cache_seqlens=6),
+    }
+    primals = {"flash_attn_func": q, "varlen": qv, "kvcache": qd}
+    for name, call in calls.items():
+        x = primals[name]
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call(fwAD.make_dual(x, torch.randn_like(x)))
+            out = call(x)  # no tangent anywhere: runs as without the dual level
+        torch.testing.assert_close(out, call(x), msg=name)
+
+
 def test_forward_mode_raises_for_varlen_and_kvcache():
     """torch.func.jvp returned a zero tangent for both (a silent wrong answer)."""
     q, k, v, cu_q, cu_k = _varlen_case()

@@ -36,6 +36,7 @@ from flash_attn_ext import _ops  # noqa: E402
 from conftest import assert_close_to_ref, attention_ref, poison_allocator, sdpa_default  # noqa: E402
 
 ENV = "FLASH_ATTN_EXT_SM90_FWD"
+TILES_ENV = "FLASH_ATTN_EXT_SM90_FWD_TILES"
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 HEADDIMS = [64, 128, 256]
 # A restricted build (csrc/cuda/dispatch.h), or a build without sm_90a code
@@ -108,10 +109,14 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("headdim,tiles", [(64, "auto"), (128, "auto"), (256, "auto"), (256, "narrow")],
+                         ids=["64", "128", "256", "256-narrow"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_ws_against_reference(ws, dtype, headdim, causal, shape):
+def test_ws_against_reference(ws, monkeypatch, dtype, headdim, tiles, causal, shape):
+    """Plain calls: at head dim 256 the 80-key blocks by default, the 64-key ones (every other
+    call's) under FLASH_ATTN_EXT_SM90_FWD_TILES=narrow."""
+    monkeypatch.setenv(TILES_ENV, tiles)
     batch, seqlen_q, seqlen_k, nheads, nheads_k = shape
     q = randn(batch, seqlen_q, nheads, headdim, dtype=dtype)
     k = randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype)
@@ -258,6 +263,50 @@ def test_ws_kernel_names(monkeypatch):
     classic_names = names()
     assert any("flash_fwd_sm90_kernel" in n for n in classic_names), classic_names
     assert not any("ws_kernel" in n for n in classic_names), classic_names
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type.name == "CUDA" and "flash_fwd_sm90_ws_kernel" in e.name}
+
+
+def _has_key_block(names, headdim, block_n):
+    """Whether a kernel of WsFwdTraits<..., headdim, block_n, ...> is among the (demangled or mangled) names."""
+    return any(f", {headdim}, {block_n}," in n or f"Li{headdim}ELi{block_n}E" in n for n in names)
+
+
+def test_ws_wide_tiles_only_for_plain_calls(ws, monkeypatch):
+    """Head dim 256: the 80-key blocks run for plain dense calls (windows included) unless the switch
+    says narrow; calls with a score feature or a bias, and variable-length calls, keep 64-key blocks."""
+    headdim, wide, narrow = 256, 80, 64
+    q = randn(1, 300, 2, headdim, dtype=torch.bfloat16)
+    bias = randn(1, 2, 300, 300, dtype=torch.bfloat16)
+    cases = {
+        "plain": (lambda: fwd(q, q, q, causal=True), wide),
+        "window": (lambda: fwd(q, q, q, window=(40, 7)), wide),
+        "softcap": (lambda: fwd(q, q, q, softcap=20.0), narrow),
+        "bias": (lambda: fwd(q, q, q, bias=bias), narrow),
+        "varlen": (lambda: varlen_fwd(q[0], q[0], q[0], [100, 200], [100, 200]), narrow),
+    }
+    for tiles in ("auto", "wide", "narrow"):
+        monkeypatch.setenv(TILES_ENV, tiles)
+        for name, (call, expected) in cases.items():
+            block_n = narrow if tiles == "narrow" else expected
+            names = _kernel_names(call)
+            assert _has_key_block(names, headdim, block_n), (tiles, name, names)
+            other = wide if block_n == narrow else narrow
+            assert not _has_key_block(names, headdim, other), (tiles, name, names)
+
+
+def test_bad_tiles_value(ws, monkeypatch):
+    monkeypatch.setenv(TILES_ENV, "huge")
+    q = randn(1, 16, 2, 256, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=TILES_ENV):
+        fwd(q, q, q)
 
 
 def varlen_fwd(q, k, v, seqlens_q, seqlens_k, causal=False, window=(-1, -1), seqused_k=None, **kw):

@@ -219,24 +219,48 @@ inline int num_row_chunks(const FlashKvcacheParams& p, int rows_per_block) {
 }
 
 // The split count for `base` blocks per split and at most `tiles` key tiles
-// per sequence, on `slots` concurrent blocks (SMs x blocks per SM): the
-// smallest count whose last wave is at least 95% as full as the best count
-// up to `tiles` manages. Decoding one sequence with 8 kv heads on an H200
-// (132 SMs, 2 blocks each) gives 32 splits; a batch of 64 such sequences
-// fills the GPU without splitting. The tile count is the cache's capacity,
-// the longest the sequences can be (their lengths live on the device).
-inline int choose_splits(int64_t base, int tiles, int slots) {
+// of `tile_keys` keys per sequence, on `sms` SMs holding `per_sm` blocks
+// each. The tile count is the cache's capacity, the longest the sequences
+// can be (their lengths live on the device). Measured on the H200 (132 SMs,
+// 2 blocks each; bf16, head dim 128, CUDA graphs, ours / cuDNN; session 6's
+// decode_splits log):
+//  * base below the SM count: one block per SM reads as fast as two and
+//    leaves fewer partial results to combine, so the count is the smallest
+//    that fills one wave of one block per SM to 95% of the best count:
+//    one sequence, 32 heads, 4k keys: 4 splits 1.06x (8, the two-per-SM
+//    fill, 1.02x); 8 kv heads, 128k: 16 splits 1.02x (32: 1.01x); batch 8,
+//    8 kv heads, 32k: 2 splits 1.02x (4: 1.00x);
+//  * otherwise the smallest count that fills a wave of `per_sm` blocks per
+//    SM to 95% of the best; and where that is one wave of splits longer
+//    than kLongSplitKeys keys, as many more (up to 16) as keep a split at
+//    kMinSplitKeys or more: the blocks of a single wave finish unevenly,
+//    many short waves even out. Batch 8, 32 heads, 32k: 8 splits 1.00x (1:
+//    0.98x); 128k: 16 splits 1.00x (1: 0.98x; 8: 0.99x); 4k stays at 1.
+inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int per_sm) {
+  constexpr int64_t kLongSplitKeys = 16384, kMinSplitKeys = 4096;
+  constexpr int kMaxLongSplits = 16;
   const int max_splits = std::max(1, std::min(tiles, 256));
-  auto fill = [&](int s) {
-    const int64_t blocks = base * s, waves = (blocks + slots - 1) / slots;
-    return static_cast<double>(blocks) / static_cast<double>(waves * slots);
+  auto smallest_filling = [&](int64_t slots) {
+    auto fill = [&](int s) {
+      const int64_t blocks = base * s, waves = (blocks + slots - 1) / slots;
+      return static_cast<double>(blocks) / static_cast<double>(waves * slots);
+    };
+    double best = 0;
+    for (int s = 1; s <= max_splits; ++s) best = std::max(best, fill(s));
+    for (int s = 1; s <= max_splits; ++s) {
+      if (fill(s) >= 0.95 * best) return s;
+    }
+    return 1;
   };
-  double best = 0;
-  for (int s = 1; s <= max_splits; ++s) best = std::max(best, fill(s));
-  for (int s = 1; s <= max_splits; ++s) {
-    if (fill(s) >= 0.95 * best) return s;
+  if (base < sms) return smallest_filling(sms);
+  const int64_t slots = static_cast<int64_t>(sms) * per_sm;
+  int splits = smallest_filling(slots);
+  const int64_t keys = static_cast<int64_t>(tiles) * tile_keys;
+  if (base * splits <= slots && keys / splits > kLongSplitKeys) {
+    const int64_t longest = std::min<int64_t>(kMaxLongSplits, keys / kMinSplitKeys);
+    splits = static_cast<int>(std::min<int64_t>(std::max<int64_t>(splits, longest), max_splits));
   }
-  return 1;
+  return splits;
 }
 
 }  // namespace decode
@@ -255,8 +279,8 @@ int plan_flash_decode(FlashKvcacheParams& params, int requested_splits) {
     }
     const int64_t base = static_cast<int64_t>(params.batch) * params.nheads_k *
                          flash::decode::num_row_chunks(params, Traits::kRows);
-    const int slots = flash::current_device_props().num_sms * flash::decode::blocks_per_sm<Traits>();
-    splits = flash::decode::choose_splits(base, tiles, slots);
+    splits = flash::decode::choose_splits(base, tiles, Traits::kBlockN, flash::current_device_props().num_sms,
+                                          flash::decode::blocks_per_sm<Traits>());
   });
   return splits;
 }

@@ -350,7 +350,7 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
   }
   // What the epilogue multiplies dV by (dv_operand): 1 / (1 - p) with
   // dropout, else 1.
-  __device__ __forceinline__ float dv_scale() const { return has_dropout() ? dropout().scale : 1.f; }
+  __device__ __forceinline__ float dv_scale() const { return this->unbiased.dropout_out_scale(); }
   // dP^T fragments to the logit's gradient in place, with D of query column
   // c at delta_cols[c] (the fragment's first query column is 0 there):
   // logit_grad, with dropout of dP ∘ keep / (1 - p) (the loss sees P only

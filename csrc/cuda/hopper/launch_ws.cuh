@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../cuda_check.h"
@@ -35,7 +37,8 @@ namespace flash {
 // memory allows one block per SM (the 384 threads at 168 registers fill the
 // register file anyway): 4 at 64 (144 KB), 2 at 128 (160 KB; 3 would need
 // 225 KB, under the 227 KB limit but leaving nothing for a later O staging
-// buffer). 256: 64-key blocks, 2 stages (192 KB), no ping-pong (traits).
+// buffer). 256: 64-key blocks, 2 stages (192 KB), no ping-pong (traits);
+// plain calls there take 80-key blocks (Sm90WsFwdTraitsHd256Plain).
 template <typename Element, int kHeadDim>
 using Sm90WsFwdTraitsFor =
     sm90::WsFwdTraits<Element, kHeadDim, (kHeadDim <= 128 ? 128 : 64), (kHeadDim == 64 ? 4 : 2), 2>;
@@ -50,13 +53,32 @@ using Sm90WsFwdTraitsFor =
 template <typename Element>
 using Sm90WsFwdTraitsHd64Plain = sm90::WsFwdTraits<Element, 64, 128, 4, 3>;
 
+// Head dim 256, dense, without a bias or score features: 80-key blocks
+// (FlashAttention-3's) instead of 64. A key block costs a consumer fixed
+// work whatever its width (the row max's shuffles, O's rescale: 128 FMULs a
+// thread at this head dim, the wgmma waits, the stage hand-over), so wider
+// blocks spend more of the step on the products. S (40 registers), P (20)
+// and O (128) still fit the 240 without spilling; 2 stages take 225 KB of
+// the 227. Measured against 64 (H200, bf16, B x S = 16k, H x D = 2048, one
+// process): non-causal 1.02-1.04x at 1k-16k, causal 1.02-1.07x (16k causal
+// 608 -> 648 TFLOP/s, cuDNN 590). The variants with a bias or score
+// features keep 64: their score rule needs the registers. Tried at head dim
+// 128 in the same run, 176-key blocks (FlashAttention-3's non-causal
+// choice) lost at 1k-4k (0.94x at 1k, 0.98x at 4k) and tied from 8k, so
+// 128 keeps its 128-key blocks.
+template <typename Element>
+using Sm90WsFwdTraitsHd256Plain = sm90::WsFwdTraits<Element, 256, 80, 2, 2>;
+
 // FP8, head dims 128 and 256: 128-key blocks (V^T lines of 128 keys, one
 // SW128 panel) and two consumer warpgroups at both, since e4m3 tiles are
 // half the bytes: the S accumulator (64 registers), O (64 / 128) and P (16)
 // fit the 240 registers even at 256. Stages: 3 at 128 (144 KB with the
 // 32 KB output staging tile), 2 at 256 (224 KB of the 227 KB).
-template <int kHeadDim>
-using Sm90WsFwdTraitsE4m3 = sm90::WsFwdTraits<__nv_fp8_e4m3, kHeadDim, 128, (kHeadDim == 128 ? 3 : 2), 2>;
+// kFmaExpEvery: every kFmaExpEvery-th n-tile of S exponentiated on the FMA
+// pipe (exp2_fma) instead of the SFU; 0 for none.
+template <int kHeadDim, int kFmaExpEvery = 0>
+using Sm90WsFwdTraitsE4m3 =
+    sm90::WsFwdTraits<__nv_fp8_e4m3, kHeadDim, 128, (kHeadDim == 128 ? 3 : 2), 2, kFmaExpEvery>;
 
 namespace sm90 {
 
@@ -99,6 +121,16 @@ const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
 }
 
 }  // namespace sm90
+
+// Whether a head dim 256 call takes Sm90WsFwdTraitsHd256Plain's blocks:
+// plain and dense, shared memory for them, and FLASH_ATTN_EXT_SM90_FWD_TILES
+// not narrow.
+template <typename Element>
+bool sm90_fwd_takes_hd256_plain_tiles(const FlashFwdParams& params) {
+  if (sm90::fwd_tiles_choice() == sm90::FwdTiles::kNarrow) return false;
+  if (has_score_mods(params) || params.bias != nullptr || sm90::ws_fwd_varlen(params)) return false;
+  return Sm90WsFwdTraitsHd256Plain<Element>::kSmemBytes <= smem_budget();
+}
 
 template <typename T, typename Rule, bool kVarlen>
 void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stream) {
@@ -163,9 +195,8 @@ namespace flash {
 // The FP8 forward: always this kernel (ws_strict's behaviour, whatever
 // FLASH_ATTN_EXT_SM90_FWD says, since the 16-bit kernels cannot read e4m3),
 // the plain score rule, dense or variable-length.
-template <int kHeadDim>
-void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t stream) {
-  using T = Sm90WsFwdTraitsE4m3<kHeadDim>;
+template <typename T>
+void run_flash_fwd_sm90_ws_e4m3_tiles(const FlashFwdParams& params, cudaStream_t stream) {
   const char* why = nullptr;
   if (!sm90::enabled()) {
     why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
@@ -186,6 +217,30 @@ void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t strea
   }
 }
 
+// FLASH_ATTN_EXT_FP8_FMA_EXP (developer-only, read on every call, for
+// comparing in one process): 0 (every exponential on the SFU), 2 or 4
+// (every 2nd or 4th n-tile on the FMA pipe).
+inline int fp8_fma_exp_every() {
+  const char* env = std::getenv("FLASH_ATTN_EXT_FP8_FMA_EXP");
+  if (env == nullptr || env[0] == '\0') return 0;
+  if (std::strcmp(env, "0") == 0) return 0;
+  if (std::strcmp(env, "2") == 0) return 2;
+  if (std::strcmp(env, "4") == 0) return 4;
+  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_FP8_FMA_EXP must be 0, 2 or 4, got '", env, "'");
+}
+
+template <int kHeadDim>
+void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t stream) {
+  switch (fp8_fma_exp_every()) {
+    case 2:
+      return run_flash_fwd_sm90_ws_e4m3_tiles<Sm90WsFwdTraitsE4m3<kHeadDim, 2>>(params, stream);
+    case 4:
+      return run_flash_fwd_sm90_ws_e4m3_tiles<Sm90WsFwdTraitsE4m3<kHeadDim, 4>>(params, stream);
+    default:
+      return run_flash_fwd_sm90_ws_e4m3_tiles<Sm90WsFwdTraitsE4m3<kHeadDim>>(params, stream);
+  }
+}
+
 }  // namespace flash
 
 template <typename Element, int kHeadDim>
@@ -200,6 +255,11 @@ bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
       if (!flash::has_score_mods(params) && params.bias == nullptr && !flash::sm90::ws_fwd_varlen(params) &&
           flash::Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes <= flash::smem_budget()) {
         return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true>(params, stream);
+      }
+    }
+    if constexpr (kHeadDim == 256) {
+      if (flash::sm90_fwd_takes_hd256_plain_tiles<Element>(params)) {
+        return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd256Plain<Element>, true>(params, stream);
       }
     }
     return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsFor<Element, kHeadDim>>(params, stream);

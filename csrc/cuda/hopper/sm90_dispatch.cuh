@@ -71,6 +71,21 @@ inline KernelChoice kernel_choice(const char* variable) {
   flash_attn_ext::fail("flash_attn_ext: ", variable, " must be classic, ws or ws_strict, got '", env, "'");
 }
 inline KernelChoice fwd_kernel_choice() { return kernel_choice("FLASH_ATTN_EXT_SM90_FWD"); }
+
+// The warp-specialized forward's key blocks for dense calls without a bias
+// or score features at head dim 256 (FLASH_ATTN_EXT_SM90_FWD_TILES,
+// developer-only, read on every call): wide or unset / auto (launch_ws.cuh's
+// 80-key blocks, the default), or narrow (the 64-key blocks every other
+// call at that head dim runs; for comparing the two in one process).
+enum class FwdTiles { kAuto, kWide, kNarrow };
+inline FwdTiles fwd_tiles_choice() {
+  const char* env = std::getenv("FLASH_ATTN_EXT_SM90_FWD_TILES");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return FwdTiles::kAuto;
+  if (std::strcmp(env, "wide") == 0) return FwdTiles::kWide;
+  if (std::strcmp(env, "narrow") == 0) return FwdTiles::kNarrow;
+  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD_TILES must be auto, wide or narrow, got '", env,
+                       "'");
+}
 inline KernelChoice bwd_kernel_choice() { return kernel_choice("FLASH_ATTN_EXT_SM90_BWD"); }
 
 }  // namespace sm90

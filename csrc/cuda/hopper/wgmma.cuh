@@ -180,10 +180,15 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[kN][4]) {
 #define FLASH_ACC_N128                                                                                            \
   FLASH_ACC_N64, FLASH_ACC4(8), FLASH_ACC4(9), FLASH_ACC4(10), FLASH_ACC4(11), FLASH_ACC4(12), FLASH_ACC4(13), \
       FLASH_ACC4(14), FLASH_ACC4(15)
+// N = 80: the key blocks of the forward's plain head dim 256 tiles (launch_ws.cuh).
+#define FLASH_ACC_N80 FLASH_ACC_N64, FLASH_ACC4(8), FLASH_ACC4(9)
 #define FLASH_REGS_16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define FLASH_REGS_32                                                                                            \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FLASH_REGS_40                                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
 #define FLASH_REGS_64                                                                                              \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "   \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
@@ -223,7 +228,9 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[kN][4]) {
 
 template <typename Element, int kN, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N must be 32, 64 or 128");
+  static_assert(kN == 32 || kN == 64 || kN == 80 || kN == 128, "wgmma_ss: N must be 32, 64, 80 or 128");
+  static_assert(kN != 80 || (!kIsFp8<Element> && kTransA == 0 && kTransB == 0),
+                "wgmma_ss: N = 80 is the forward's 16-bit K-major S product");
   static_assert(!kIsFp8<Element> || (kTransA == 0 && kTransB == 0 && kN >= 64),
                 "wgmma_ss: e4m3 operands are K-major, N 64 or 128");
 #ifdef FLASH_SM90_ENABLED
@@ -237,6 +244,9 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 8][4], uint64_t desc_a,
   } else if constexpr (kN == 64) {
     if constexpr (kBf16) FLASH_WGMMA_SS(64, "bf16", FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36");
     else FLASH_WGMMA_SS(64, "f16", FLASH_REGS_32, FLASH_ACC_N64, "%32", "%33", "%34", "%35", "%36");
+  } else if constexpr (kN == 80) {
+    if constexpr (kBf16) FLASH_WGMMA_SS(80, "bf16", FLASH_REGS_40, FLASH_ACC_N80, "%40", "%41", "%42", "%43", "%44");
+    else FLASH_WGMMA_SS(80, "f16", FLASH_REGS_40, FLASH_ACC_N80, "%40", "%41", "%42", "%43", "%44");
   } else {
     if constexpr (kBf16) FLASH_WGMMA_SS(128, "bf16", FLASH_REGS_64, FLASH_ACC_N128, "%64", "%65", "%66", "%67", "%68");
     else FLASH_WGMMA_SS(128, "f16", FLASH_REGS_64, FLASH_ACC_N128, "%64", "%65", "%66", "%67", "%68");
