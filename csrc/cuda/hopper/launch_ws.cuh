@@ -219,10 +219,11 @@ void run_flash_fwd_sm90_ws_e4m3_tiles(const FlashFwdParams& params, cudaStream_t
 
 // FLASH_ATTN_EXT_FP8_FMA_EXP (developer-only, read on every call, for
 // comparing in one process): 0 (every exponential on the SFU), 2 or 4
-// (every 2nd or 4th n-tile on the FMA pipe).
+// (every 2nd or 4th n-tile on the FMA pipe); unset: kFp8FmaExpDefault.
+constexpr int kFp8FmaExpDefault = 4;
 inline int fp8_fma_exp_every() {
   const char* env = std::getenv("FLASH_ATTN_EXT_FP8_FMA_EXP");
-  if (env == nullptr || env[0] == '\0') return 0;
+  if (env == nullptr || env[0] == '\0') return kFp8FmaExpDefault;
   if (std::strcmp(env, "0") == 0) return 0;
   if (std::strcmp(env, "2") == 0) return 2;
   if (std::strcmp(env, "4") == 0) return 4;
