@@ -103,6 +103,7 @@ def error_rows(args, headdim, g):
         paths = ([f"native{tag}" for tag in fma_tags(args)] if native_runs(q8) else []) + ["dequant"]
         for path in paths:
             setting = path.split("fma-exp ")[1].rstrip(")") if "fma-exp" in path else None
+            setting = None if setting == "default" else setting
             with fp8_mode("dequant" if path == "dequant" else "native_strict"), fma_exp(setting):
                 rows[f"fp8 {name} {path}"] = flash_attn_ext.flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd,
                                                                            v_descale=vd)
@@ -115,7 +116,7 @@ def error_rows(args, headdim, g):
 
 def fma_tags(args):
     """Name suffixes of the native rows: one per --fma-exp setting, or the default."""
-    return [f" (fma-exp {v})" for v in args.fma_exp] if args.fma_exp else [""]
+    return [f" (fma-exp {v})" for v in args.fma_exp] if args.fma_exp else [" (fma-exp default)"]
 
 
 def speed_rows(args):
@@ -140,7 +141,7 @@ def speed_rows(args):
                         with fp8_mode("native_strict"), fma_exp(setting):
                             fp8_ms = time_cuda_ms(lambda: flash_attn_ext.flash_attn_func(
                                 q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd))
-                        key = "fp8" if setting is None else f"fp8_fma_exp{setting}"
+                        key = "fp8_fma_exp_default" if setting is None else f"fp8_fma_exp{setting}"
                         row[f"{key}_ms"], row[f"{key}_tflops"] = fp8_ms, flops / fp8_ms / 1e9
                         row[f"{key}_over_bf16"] = bf16_ms / fp8_ms
                         cells.append(f"{row[f'{key}_tflops']:.0f} | {row[f'{key}_over_bf16']:.2f}x |")

@@ -307,7 +307,7 @@ def _transformable(op, setup_context, backward, name):
         # Under torch.autograd.forward_ad's dual level too: the op itself,
         # whose registered formula has no forward mode, returned its outputs
         # without a tangent (a silent wrong answer); the Function raises.
-        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        if torch._C._are_functorch_transforms_active() or getattr(forward_ad, "_current_level", -1) >= 0:
             return Function.apply(*args)
         return op(*args)
 

@@ -236,6 +236,8 @@ inline int num_row_chunks(const FlashKvcacheParams& p, int rows_per_block) {
 //    kMinSplitKeys or more: the blocks of a single wave finish unevenly,
 //    many short waves even out. Batch 8, 32 heads, 32k: 8 splits 1.00x (1:
 //    0.98x); 128k: 16 splits 1.00x (1: 0.98x; 8: 0.99x); 4k stays at 1.
+// The lengths are the capacity's: a cache much longer than its sequences
+// gets the splits of a full one (mostly empty splits, and their combine).
 inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int per_sm) {
   constexpr int64_t kLongSplitKeys = 16384, kMinSplitKeys = 4096;
   constexpr int kMaxLongSplits = 16;
