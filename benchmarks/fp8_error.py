@@ -72,22 +72,6 @@ def fp8_mode(mode):
             os.environ[fp8.MODE_ENV] = old
 
 
-@contextlib.contextmanager
-def fma_exp(setting):
-    """FLASH_ATTN_EXT_FP8_FMA_EXP for the duration (None: as the environment has it)."""
-    name = "FLASH_ATTN_EXT_FP8_FMA_EXP"
-    old = os.environ.get(name)
-    if setting is not None:
-        os.environ[name] = setting
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def native_runs(q8) -> bool:
     """Whether the native FP8 kernel takes a plain call on these inputs."""
     with fp8_mode("auto"):
@@ -100,11 +84,9 @@ def error_rows(args, headdim, g):
     rows = {"bf16": flash_attn_ext.flash_attn_func(*(t.to(torch.bfloat16) for t in (q, k, v)))}
     for name, per_head in (("per-tensor", False), ("per-head", True)):
         (q8, qd), (k8, kd), (v8, vd) = (quantize(t, per_head) for t in (q, k, v))
-        paths = ([f"native{tag}" for tag in fma_tags(args)] if native_runs(q8) else []) + ["dequant"]
+        paths = (["native"] if native_runs(q8) else []) + ["dequant"]
         for path in paths:
-            setting = path.split("fma-exp ")[1].rstrip(")") if "fma-exp" in path else None
-            setting = None if setting == "default" else setting
-            with fp8_mode("dequant" if path == "dequant" else "native_strict"), fma_exp(setting):
+            with fp8_mode("native_strict" if path == "native" else "dequant"):
                 rows[f"fp8 {name} {path}"] = flash_attn_ext.flash_attn_func(q8, k8, v8, q_descale=qd, k_descale=kd,
                                                                            v_descale=vd)
     results = {}
@@ -112,11 +94,6 @@ def error_rows(args, headdim, g):
         err = out.double() - ref
         results[name] = {"rmse": err.pow(2).mean().sqrt().item(), "max_abs": err.abs().max().item()}
     return results
-
-
-def fma_tags(args):
-    """Name suffixes of the native rows: one per --fma-exp setting, or the default."""
-    return [f" (fma-exp {v})" for v in args.fma_exp] if args.fma_exp else [" (fma-exp default)"]
 
 
 def speed_rows(args):
@@ -135,19 +112,16 @@ def speed_rows(args):
                 row = {"headdim": headdim, "seqlen": seqlen, "batch": batch, "nheads": nheads, "causal": causal}
                 bf16_ms = time_cuda_ms(lambda: flash_attn_ext.flash_attn_func(q, k, v, causal=causal))
                 row["bf16_ms"], row["bf16_tflops"] = bf16_ms, flops / bf16_ms / 1e9
-                cells = []
                 if native_runs(q8):
-                    for setting in args.fma_exp or [None]:
-                        with fp8_mode("native_strict"), fma_exp(setting):
-                            fp8_ms = time_cuda_ms(lambda: flash_attn_ext.flash_attn_func(
-                                q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd))
-                        key = "fp8_fma_exp_default" if setting is None else f"fp8_fma_exp{setting}"
-                        row[f"{key}_ms"], row[f"{key}_tflops"] = fp8_ms, flops / fp8_ms / 1e9
-                        row[f"{key}_over_bf16"] = bf16_ms / fp8_ms
-                        cells.append(f"{row[f'{key}_tflops']:.0f} | {row[f'{key}_over_bf16']:.2f}x |")
+                    with fp8_mode("native_strict"):
+                        fp8_ms = time_cuda_ms(lambda: flash_attn_ext.flash_attn_func(
+                            q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd))
+                    row["fp8_ms"], row["fp8_tflops"] = fp8_ms, flops / fp8_ms / 1e9
+                    row["fp8_over_bf16"] = bf16_ms / fp8_ms
                 rows.append(row)
                 print(f"| {headdim} | {seqlen} | {'yes' if causal else 'no'} | {row['bf16_tflops']:.0f} | "
-                      + (" ".join(cells) if cells else "- | native FP8 not available |"), flush=True)
+                      + (f"{row['fp8_tflops']:.0f} | {row['fp8_over_bf16']:.2f}x |" if "fp8_ms" in row
+                         else "- | native FP8 not available |"), flush=True)
                 del q, k, v, q8, k8, v8
     return rows
 
@@ -166,8 +140,6 @@ def main(argv=None):
     p.add_argument("--speed-seqlens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192, 16384])
     p.add_argument("--tokens", type=int, default=16384, help="batch x seqlen of the speed rows")
     p.add_argument("--width", type=int, default=2048, help="nheads x headdim of the speed rows")
-    p.add_argument("--fma-exp", type=lambda s: s.split(","), default=[],
-                   help="e.g. 0,2,4: the native rows once per FLASH_ATTN_EXT_FP8_FMA_EXP setting")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.speed and args.device != "cuda":
@@ -183,9 +155,7 @@ def main(argv=None):
             print(f"| {headdim} | {name} | {r['rmse']:.2e} | {r['max_abs']:.2e} |")
     if args.speed:
         print(f"\nforward, B x S = {args.tokens}, H x D = {args.width} (TFLOP/s)")
-        fp8_cols = [f"fp8{tag} | fp8{tag} / bf16" for tag in fma_tags(args)]
-        print("| head dim | seqlen | causal | bf16 | " + " | ".join(fp8_cols) + " |\n|---:|---:|---|---:|"
-              + "---:|---:|" * len(fp8_cols))
+        print("| head dim | seqlen | causal | bf16 | fp8 | fp8 / bf16 |\n|---:|---:|---|---:|---:|---:|")
         payload["speed"] = speed_rows(args)
     if args.json:
         write_json(args.json, payload)

@@ -200,15 +200,9 @@ def _native_available():
 needs_native = pytest.mark.skipif(_native_available() is not None, reason=str(_native_available()))
 
 
-# FLASH_ATTN_EXT_FP8_FMA_EXP: every 2nd or 4th n-tile of S exponentiated on
-# the FMA pipe (exp2_fma) instead of the SFU; "0" none.
-FMA_EXP = ["0", "2", "4"]
-
-
-@pytest.fixture(params=FMA_EXP, ids=lambda v: f"fma-exp-{v}")
-def native(monkeypatch, request):
+@pytest.fixture
+def native(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "native_strict")
-    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FMA_EXP", request.param)
     monkeypatch.delenv("FLASH_ATTN_EXT_DISABLE_SM90", raising=False)
 
 
@@ -449,9 +443,8 @@ def test_fp8_native_zero_descale(native):
 
 @needs_native
 def test_fp8_native_nan_key_propagates(native):
-    """A NaN key (e4m3 0x7f) inside the sequence makes every row that sees it NaN, as PyTorch does, also
-    when its n-tile's exponentials run on the FMA pipe (key 30: n-tile 3 of its block, which every 2nd and
-    every 4th n-tile includes); rows of the other kv head stay finite."""
+    """A NaN key (e4m3 0x7f) inside the sequence makes every row that sees it NaN, as PyTorch does; rows of
+    the other kv head stay finite."""
     b, sq, sk, h, hk, d = 1, 70, 200, 4, 2, 128
     q8, k8, v8 = fp8_qkv(b, sq, sk, h, hk, d, "cuda")
     k8.view(torch.uint8)[0, 30, 0, 5] = 0x7F
@@ -459,11 +452,3 @@ def test_fp8_native_nan_key_propagates(native):
     assert torch.isnan(out[:, :, :2]).all(), "rows seeing the NaN key must be NaN"
     assert torch.isfinite(out[:, :, 2:]).all(), "rows of the other kv head must stay finite"
 
-
-@needs_native
-def test_fp8_native_fma_exp_bad_value(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "native_strict")
-    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FMA_EXP", "3")
-    q8, k8, v8 = fp8_qkv(1, 16, 16, 2, 2, 128, "cuda")
-    with pytest.raises(RuntimeError, match="FLASH_ATTN_EXT_FP8_FMA_EXP"):
-        flash_attn_ext.flash_attn_func(q8, k8, v8)

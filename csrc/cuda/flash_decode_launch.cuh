@@ -238,7 +238,13 @@ inline int num_row_chunks(const FlashKvcacheParams& p, int rows_per_block) {
 //    0.98x); 128k: 16 splits 1.00x (1: 0.98x; 8: 0.99x); 4k stays at 1.
 // The lengths are the capacity's: a cache much longer than its sequences
 // gets the splits of a full one (mostly empty splits, and their combine).
-inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int per_sm) {
+// A paged cache keeps the plain two-per-SM fill rule: a block reading pages
+// issues one copy per page and needs the second block per SM to hide their
+// latency. With the two rules above, the seventh session's full table
+// (benchmarks/results/h200_2026-12-03_session7_decode_before_paged_rule.json) read paged-16 at 0.71-0.79x of contiguous for one
+// sequence and for GQA batch 8 (page 256: 0.95-0.96x), against 0.96-0.97x
+// (page 256: 0.99x) with the fill rule in the fourth session's.
+inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int per_sm, bool paged) {
   constexpr int64_t kLongSplitKeys = 16384, kMinSplitKeys = 4096;
   constexpr int kMaxLongSplits = 16;
   const int max_splits = std::max(1, std::min(tiles, 256));
@@ -254,8 +260,9 @@ inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int pe
     }
     return 1;
   };
-  if (base < sms) return smallest_filling(sms);
   const int64_t slots = static_cast<int64_t>(sms) * per_sm;
+  if (paged) return smallest_filling(slots);
+  if (base < sms) return smallest_filling(sms);
   int splits = smallest_filling(slots);
   const int64_t keys = static_cast<int64_t>(tiles) * tile_keys;
   if (base * splits <= slots && keys / splits > kLongSplitKeys) {
@@ -282,7 +289,7 @@ int plan_flash_decode(FlashKvcacheParams& params, int requested_splits) {
     const int64_t base = static_cast<int64_t>(params.batch) * params.nheads_k *
                          flash::decode::num_row_chunks(params, Traits::kRows);
     splits = flash::decode::choose_splits(base, tiles, Traits::kBlockN, flash::current_device_props().num_sms,
-                                          flash::decode::blocks_per_sm<Traits>());
+                                          flash::decode::blocks_per_sm<Traits>(), params.block_table != nullptr);
   });
   return splits;
 }

@@ -126,32 +126,6 @@ __device__ __forceinline__ float exp2_fast(float x) {
   return y;
 }
 
-// 2^x on the FMA pipe, for x <= 127: for kernels whose special-function unit
-// is their bottleneck (the FP8 forward at head dim 128, where a key block's
-// exponentials take as long as its products), a share of the exponentials
-// moves to the otherwise idle FMA pipe (FlashAttention-4's idea). 2^x =
-// 2^round(x) * 2^f with f in [-0.5, 0.5]: round(x) from the low mantissa
-// bits of x + 1.5 * 2^23, 2^f by a degree-3 polynomial (a least-squares fit
-// to the relative error: at most 1.02e-4, against e4m3's 2^-4 rounding of
-// P), 2^round(x) by building its exponent field. Nine instructions on the
-// full-rate FMA and ALU pipes for one on the quarter-rate SFU. As exp2_fast: -inf gives
-// exactly 0 (x is first raised to -127, whose power of two is built as +0),
-// so do inputs below -126.5 (flushed, as ex2.approx.ftz flushes results
-// below 2^-126); a NaN x gives NaN (the clamp keeps it, and the polynomial
-// carries it into the product).
-__device__ __forceinline__ float exp2_fma(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  const float xc = x < -127.f ? -127.f : x;
-  const float shifted = xc + kRound;
-  const float f = xc - (shifted - kRound);
-  const float poly = fmaf(fmaf(fmaf(0.05500893f, f, 0.24221098f), f, 0.69328293f), f, 1.f);
-  // round(x) sits in the low bits of `shifted`; shifted left by 23 (mod
-  // 2^32, unsigned: the bits above wrap away) it is the exponent field of
-  // 2^round(x), whose bias 127 << 23 is added (one LEA).
-  const float scale = __uint_as_float((__float_as_uint(shifted) << 23) + (127u << 23));
-  return poly * scale;
-}
-
 // An MMA accumulator row is spread over the 4 lanes of a quad; these reduce
 // across them so every lane of the quad holds the row's result.
 __device__ __forceinline__ float quad_max(float x) {

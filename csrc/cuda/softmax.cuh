@@ -81,13 +81,9 @@ struct OnlineSoftmax {
   // 2^-kPShift times smaller values before e4m3's subnormals (2^-6) and
   // underflow (2^-9) set in. The sums carry the same factor, so out =
   // (P V) / sum and lse = reference + log2(sum) are unchanged.
-  // kFmaExpEvery > 0: every kFmaExpEvery-th n-tile's exponentials run on
-  // the FMA pipe (exp2_fma) instead of the SFU (the FP8 forward, whose P is
-  // rounded to e4m3 and whose SFU is its bottleneck).
-  template <int kMaxSlack = 0, int kNT, int kPShift = 0, int kFmaExpEvery = 0>
+  template <int kMaxSlack = 0, int kNT, int kPShift = 0>
   __device__ __forceinline__ void update_stats(float (&s)[kMT][kNT][4], float (&factor)[kMT][2], float scale_log2,
-                                               std::integral_constant<int, kPShift> = {},
-                                               std::integral_constant<int, kFmaExpEvery> = {}) {
+                                               std::integral_constant<int, kPShift> = {}) {
     float m_use[kMT][2];
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi) {
@@ -128,8 +124,7 @@ struct OnlineSoftmax {
         for (int nj = 0; nj < kNT; ++nj) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float x = fmaf(s[mi][nj][hr * 2 + e], scale_log2, neg_m);
-            const float p = kFmaExpEvery > 0 && nj % kFmaExpEvery == kFmaExpEvery - 1 ? exp2_fma(x) : exp2_fast(x);
+            const float p = exp2_fast(fmaf(s[mi][nj][hr * 2 + e], scale_log2, neg_m));
             s[mi][nj][hr * 2 + e] = p;
             rs += p;
           }

@@ -96,7 +96,7 @@ struct WsFwdParams {
   FlashFwdParams fwd;
 };
 
-template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2, int kFmaExpEvery_ = 0>
+template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2>
 struct WsFwdTraits {
   using Element = Element_;  // of q, k and v
   static constexpr bool kFp8 = kIsFp8<Element>;
@@ -115,10 +115,6 @@ struct WsFwdTraits {
   static constexpr bool kPingPong = kConsumerWGs >= 2 && (kHeadDim <= 128 || kFp8);
   // P = exp2(s - max + kPShift) (OnlineSoftmax::update_stats): FP8 only.
   static constexpr int kPShift = kFp8 ? 8 : 0;
-  // Every kFmaExpEvery-th n-tile of S exponentiated on the FMA pipe
-  // (OnlineSoftmax::update_stats, exp2_fma); 0: all on the SFU. FP8 only.
-  static constexpr int kFmaExpEvery = kFmaExpEvery_;
-  static_assert(kFmaExpEvery == 0 || kFp8, "exp2_fma's accuracy is for e4m3 P");
   // Register budgets after setmaxnreg. The block is launched with 65536 /
   // kNThreads registers a thread (ptxas: 168 at 384 threads, 128 at 512),
   // and the budgets must add up to no more than that block total, or
@@ -366,8 +362,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     const int col0 = nb * kBlockN;
     apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
     softmax.template update_stats<kMaxSlack>(s, factor, T::kFp8 ? rule.exp_scale() * qk_descale : rule.exp_scale(),
-                                             std::integral_constant<int, T::kPShift>{},
-                                             std::integral_constant<int, T::kFmaExpEvery>{});
+                                             std::integral_constant<int, T::kPShift>{});
     apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
   };
   // P V: 16-bit P as k16 fragments and V read MN-major; e4m3 P as k32

@@ -17,8 +17,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "../cuda_check.h"
@@ -74,11 +72,8 @@ using Sm90WsFwdTraitsHd256Plain = sm90::WsFwdTraits<Element, 256, 80, 2, 2>;
 // half the bytes: the S accumulator (64 registers), O (64 / 128) and P (16)
 // fit the 240 registers even at 256. Stages: 3 at 128 (144 KB with the
 // 32 KB output staging tile), 2 at 256 (224 KB of the 227 KB).
-// kFmaExpEvery: every kFmaExpEvery-th n-tile of S exponentiated on the FMA
-// pipe (exp2_fma) instead of the SFU; 0 for none.
-template <int kHeadDim, int kFmaExpEvery = 0>
-using Sm90WsFwdTraitsE4m3 =
-    sm90::WsFwdTraits<__nv_fp8_e4m3, kHeadDim, 128, (kHeadDim == 128 ? 3 : 2), 2, kFmaExpEvery>;
+template <int kHeadDim>
+using Sm90WsFwdTraitsE4m3 = sm90::WsFwdTraits<__nv_fp8_e4m3, kHeadDim, 128, (kHeadDim == 128 ? 3 : 2), 2>;
 
 namespace sm90 {
 
@@ -195,8 +190,9 @@ namespace flash {
 // The FP8 forward: always this kernel (ws_strict's behaviour, whatever
 // FLASH_ATTN_EXT_SM90_FWD says, since the 16-bit kernels cannot read e4m3),
 // the plain score rule, dense or variable-length.
-template <typename T>
-void run_flash_fwd_sm90_ws_e4m3_tiles(const FlashFwdParams& params, cudaStream_t stream) {
+template <int kHeadDim>
+void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t stream) {
+  using T = Sm90WsFwdTraitsE4m3<kHeadDim>;
   const char* why = nullptr;
   if (!sm90::enabled()) {
     why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
@@ -217,30 +213,6 @@ void run_flash_fwd_sm90_ws_e4m3_tiles(const FlashFwdParams& params, cudaStream_t
   }
 }
 
-// FLASH_ATTN_EXT_FP8_FMA_EXP (developer-only, read on every call, for
-// comparing in one process): 0 (every exponential on the SFU), 2 or 4
-// (every 2nd or 4th n-tile on the FMA pipe); unset: kFp8FmaExpDefault.
-constexpr int kFp8FmaExpDefault = 4;
-inline int fp8_fma_exp_every() {
-  const char* env = std::getenv("FLASH_ATTN_EXT_FP8_FMA_EXP");
-  if (env == nullptr || env[0] == '\0') return kFp8FmaExpDefault;
-  if (std::strcmp(env, "0") == 0) return 0;
-  if (std::strcmp(env, "2") == 0) return 2;
-  if (std::strcmp(env, "4") == 0) return 4;
-  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_FP8_FMA_EXP must be 0, 2 or 4, got '", env, "'");
-}
-
-template <int kHeadDim>
-void run_flash_fwd_sm90_ws_e4m3(const FlashFwdParams& params, cudaStream_t stream) {
-  switch (fp8_fma_exp_every()) {
-    case 2:
-      return run_flash_fwd_sm90_ws_e4m3_tiles<Sm90WsFwdTraitsE4m3<kHeadDim, 2>>(params, stream);
-    case 4:
-      return run_flash_fwd_sm90_ws_e4m3_tiles<Sm90WsFwdTraitsE4m3<kHeadDim, 4>>(params, stream);
-    default:
-      return run_flash_fwd_sm90_ws_e4m3_tiles<Sm90WsFwdTraitsE4m3<kHeadDim>>(params, stream);
-  }
-}
 
 }  // namespace flash
 
