@@ -75,15 +75,20 @@ DIRECTIONS = ("fwd", "bwd", "fwdbwd")
 # --sm90: the Hopper kernel switches per variant of ours (ws strict: a call the
 # warp-specialized kernels cannot take fails instead of timing the classic
 # kernel under its name; narrow / wide: the warp-specialized forward's key
-# blocks for plain calls at head dim 256, FLASH_ATTN_EXT_SM90_FWD_TILES).
+# blocks for plain calls at head dim 256, FLASH_ATTN_EXT_SM90_FWD_TILES;
+# persistent / per-tile: the warp-specialized forward's persistent grid or one
+# block per query block, FLASH_ATTN_EXT_SM90_FWD_PERSISTENT).
 _WS = {"FLASH_ATTN_EXT_SM90_FWD": "ws_strict", "FLASH_ATTN_EXT_SM90_BWD": "ws_strict"}
 SM90_KERNELS = {
     "classic": {"FLASH_ATTN_EXT_SM90_FWD": "classic", "FLASH_ATTN_EXT_SM90_BWD": "classic"},
     "ws": _WS,
     "narrow": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "narrow"},
     "wide": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "wide"},
+    "persistent": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT": "1"},
+    "per-tile": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT": "0"},
 }
-SM90_ENV = ("FLASH_ATTN_EXT_SM90_FWD", "FLASH_ATTN_EXT_SM90_BWD", "FLASH_ATTN_EXT_SM90_FWD_TILES")
+SM90_ENV = ("FLASH_ATTN_EXT_SM90_FWD", "FLASH_ATTN_EXT_SM90_BWD", "FLASH_ATTN_EXT_SM90_FWD_TILES",
+            "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT")
 
 
 def is_ours(name):

@@ -78,6 +78,12 @@ struct FlashFwdParams {
   const int* seqused_k = nullptr;
   int total_q = 0, total_k = 0;
 
+  // The Hopper warp-specialized forward's query-block counter (int32, zero
+  // before the launch): with it the kernel runs a persistent grid, one
+  // block per SM taking query blocks from it in order; null: one block per
+  // query block (flash_fwd_sm90_ws_kernel.cuh).
+  int* tile_counter = nullptr;
+
   int batch = 0;
   // Per sequence when dense; the largest lengths (max_seqlen_q / _k) varlen.
   int seqlen_q = 0, seqlen_k = 0;

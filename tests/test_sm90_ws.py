@@ -496,3 +496,109 @@ def test_ws_long_sequence(ws, headdim):
     k = randn(1, 8192 + 5, 2, headdim, dtype=torch.bfloat16)
     v = randn(1, 8192 + 5, 2, headdim, dtype=torch.bfloat16)
     check(q, k, v, f"long hd{headdim}")
+
+
+# ----------------------------------------------------------------------------
+# The persistent grid (FLASH_ATTN_EXT_SM90_FWD_PERSISTENT, on by default): one
+# block per SM takes query blocks from a counter, its producer loading the next
+# block's Q and K / V while the consumers finish the current one. The shapes
+# below have several times more query blocks than an H200 has SMs, so every
+# block runs many tiles: the K/V ring's and Q's barrier phases carry across
+# tiles, tiles with no visible key (seqlen_q > seqlen_k, causal) and tiles past
+# a shorter sequence (varlen) are handed over and skipped. Each tile's
+# arithmetic is that of a grid of one block per query block, so the two agree
+# bit for bit; the persistent result is also checked against the reference.
+
+PERSISTENT_ENV = "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT"
+
+PERSISTENT_CASES = {
+    # name: (batch, seqlen_q, seqlen_k, nheads, nheads_k, fwd keyword arguments)
+    "causal-gqa": (3, 1500, 1500, 8, 2, dict(causal=True)),
+    "full": (2, 1100, 900, 12, 12, dict()),
+    "empty-rows": (2, 1200, 300, 8, 4, dict(causal=True)),  # rows below 900 see no key
+    "window": (2, 1300, 1300, 8, 8, dict(window=(200, 0))),
+    "features": (2, 1000, 1000, 8, 4, dict(causal=True, softcap=15.0, sinks="sinks", alibi="alibi")),
+}
+
+
+def _persistent_pair(monkeypatch, call):
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(PERSISTENT_ENV, setting)
+        results[setting] = call()
+    return results["1"], results["0"]
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("case", list(PERSISTENT_CASES))
+def test_ws_persistent_matches_one_block_per_tile(ws, monkeypatch, headdim, case):
+    b, sq, sk, h, hk, kw = PERSISTENT_CASES[case]
+    kw = dict(kw)
+    if kw.get("sinks") == "sinks":
+        kw["sinks"] = torch.randn(h, device="cuda")
+    if kw.get("alibi") == "alibi":
+        kw["alibi"] = torch.rand(h, device="cuda") * 0.3
+    q = randn(b, sq, h, headdim, dtype=torch.bfloat16)
+    k = randn(b, sk, hk, headdim, dtype=torch.bfloat16)
+    v = randn(b, sk, hk, headdim, dtype=torch.bfloat16)
+    (o_p, l_p), (o_1, l_1) = _persistent_pair(monkeypatch, lambda: fwd(q, k, v, **kw))
+    assert torch.equal(o_p, o_1), f"{case}: out differs between the persistent grid and one block per tile"
+    assert torch.equal(l_p, l_1), f"{case}: lse differs between the persistent grid and one block per tile"
+    monkeypatch.setenv(PERSISTENT_ENV, "1")
+    check(q, k, v, f"persistent {case} hd{headdim}", **kw)
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_persistent_dropout(ws, monkeypatch, headdim):
+    """The dropout mask is a function of (batch, head, row, column) and the seed, not of which block ran
+    the tile."""
+    q, k, v = (randn(2, 1000, 8, headdim, dtype=torch.bfloat16) for _ in range(3))
+    rng = _ops.draw_rng_state("cuda")
+    (o_p, l_p), (o_1, l_1) = _persistent_pair(
+        monkeypatch, lambda: fwd(q, k, v, causal=True, dropout_p=0.2, rng_state=rng))
+    assert torch.equal(o_p, o_1) and torch.equal(l_p, l_1)
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_persistent_varlen(ws, monkeypatch, headdim):
+    """Many sequences of mixed lengths (0 and 1 included): most query blocks of the grid lie past their
+    sequence and are skipped."""
+    gen = torch.Generator().manual_seed(7)
+    seqlens = [int(x) for x in torch.randint(0, 1500, (40,), generator=gen)] + [0, 1, 1500]
+    q = randn(sum(seqlens), 8, headdim, dtype=torch.bfloat16)
+    k = randn(sum(seqlens), 2, headdim, dtype=torch.bfloat16)
+    v = randn(sum(seqlens), 2, headdim, dtype=torch.bfloat16)
+    for causal in (False, True):
+        (o_p, l_p), (o_1, l_1) = _persistent_pair(monkeypatch, lambda: varlen_fwd(q, k, v, seqlens, seqlens, causal))
+        assert torch.equal(o_p, o_1) and torch.equal(l_p, l_1), f"causal={causal}"
+    monkeypatch.setenv(PERSISTENT_ENV, "1")
+    check_varlen(q, k, v, seqlens, seqlens, "persistent varlen", causal=True)
+
+
+def test_ws_persistent_cuda_graph(ws, monkeypatch):
+    """The counter is zeroed inside the captured work: every replay runs every query block once."""
+    monkeypatch.setenv(PERSISTENT_ENV, "1")
+    shape = (4, 1500, 8, 128)
+    q, k, v = (randn(*shape, dtype=torch.bfloat16) for _ in range(3))
+    fwd(q, k, v, causal=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out, lse = fwd(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        for t in (q, k, v):
+            t.copy_(torch.randn(shape, device="cuda"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected, expected_lse = fwd(q, k, v, causal=True)
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
+def test_bad_persistent_value(ws, monkeypatch):
+    monkeypatch.setenv(PERSISTENT_ENV, "yes")
+    q = randn(1, 16, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=PERSISTENT_ENV):
+        fwd(q, q, q)

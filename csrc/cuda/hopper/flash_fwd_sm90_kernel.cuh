@@ -75,16 +75,18 @@ __device__ __forceinline__ void gemm_pv(float (&acc_o)[kHeadDim / 8][4], const u
 template <int kBlockM, typename Element, int kDT>
 __device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoftmax<1>& softmax,
                                              float (&acc_o)[1][kDT][4], char* tile, int wg, int barrier,
-                                             int first_row, int seqlen_q, int num_m_blocks, Element* out,
-                                             float* lse_out, float* residual_out, float out_scale = 1.f) {
+                                             int first_row, int seqlen_q, int block_index, int num_m_blocks,
+                                             Element* out, float* lse_out, float* residual_out,
+                                             float out_scale = 1.f) {
   constexpr int kHeadDim = kDT * 8;
   const int tid = threadIdx.x, lane = tid % 32, warp = (tid / 32) % 4, g = lane / 4, t = lane % 4;
   const int tile_row0 = 64 * wg;  // this warpgroup's first row in the tile
   float inv_sum[1][2], lse[1][2], residual[1][2];
   if (p.sinks != nullptr) {
-    // The head again, from an opaque copy of the block index: reusing h would
-    // keep it alive across the key loop of every call, with a sink or without.
-    int sink_block = blockIdx.x;
+    // The head again, from an opaque copy of the block index (blockIdx.x, or
+    // the persistent grid's tile): reusing h would keep it alive across the
+    // key loop of every call, with a sink or without.
+    int sink_block = block_index;
     asm volatile("" : "+r"(sink_block));
     softmax.add_sink(sink_log2(p, (sink_block / num_m_blocks) % p.nheads), acc_o, t == 0);
   }
@@ -254,8 +256,8 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_fwd_sm90_ke
 
   // Epilogue: O / rowsum through this warpgroup's own rows of the Q tile (no
   // other warpgroup reads them), then coalesced 16-byte stores.
-  store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, wg, 1 + wg, wg_row0, seq.seqlen_q, num_m_blocks, out,
-                        lse_out, residual_out, rule.dropout_out_scale());
+  store_output<kBlockM>(p, softmax, acc_o, smem + T::kQOff, wg, 1 + wg, wg_row0, seq.seqlen_q, blockIdx.x,
+                        num_m_blocks, out, lse_out, residual_out, rule.dropout_out_scale());
 #endif  // FLASH_SM90_ENABLED
 }
 

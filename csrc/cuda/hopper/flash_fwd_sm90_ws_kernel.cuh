@@ -132,16 +132,30 @@ struct WsFwdTraits {
   static constexpr int kKOff = kQOff + kQBytes;
   static constexpr int kVOff = kKOff + kStages * kKVBytes;
   // The epilogue's staging tile of O (kBlockM x kHeadDim of Out, SW128
-  // panels): the Q tile where it is large enough (16-bit inputs), a buffer
-  // of its own after the V stages for FP8.
-  static constexpr int kOBytes = kFp8 ? kBlockM * kHeadDim * 2 : 0;
-  static constexpr int kOOff = kFp8 ? kVOff + kStages * kKVBytes : kQOff;
-  // mbarriers, 8 bytes each: Q's, then full K, full V, empty K, empty V per stage.
+  // panels): a buffer of its own after the V stages (FP8, whose Q tile is
+  // half its size; and head dims up to 128, so that the next query block's
+  // Q loads while this one's O is written out), else the Q tile (head dim
+  // 256, where shared memory has no room for both).
+  static constexpr bool kOwnOTile = kFp8 || kHeadDim <= 128;
+  static constexpr int kOBytes = kOwnOTile ? kBlockM * kHeadDim * 2 : 0;
+  static constexpr int kOOff = kOwnOTile ? kVOff + kStages * kKVBytes : kQOff;
+  // A persistent grid (with p.tile_counter) where the next query block's Q
+  // can load under this one's epilogue (kOwnOTile). Head dim 256 keeps one
+  // query block per thread block: there the tile loop's state cost 240-300
+  // bytes of spills (ptxas) on top of O's 128 registers.
+  static constexpr bool kPersistent = kOwnOTile;
+  // mbarriers, 8 bytes each: Q's full and empty, then full K, full V, empty
+  // K, empty V per stage; then the tile slot (the producer's query block
+  // for the consumers, an int).
   static constexpr int kBarOff = kVOff + kStages * kKVBytes + kOBytes;
-  static constexpr int kNumBarriers = 1 + 4 * kStages;
-  static constexpr int kSmemBytes = kBarOff + 8 * kNumBarriers + 1024;  // + realignment to the swizzle atom
-  // Arrivals that empty a stage: lane 0 of every consumer warp.
+  static constexpr int kNumBarriers = 2 + 4 * kStages;
+  static constexpr int kSlotOff = kBarOff + 8 * kNumBarriers;
+  static constexpr int kSmemBytes = kSlotOff + 16 + 1024;  // + realignment to the swizzle atom
+  // Arrivals that empty a stage: lane 0 of every consumer warp. Arrivals
+  // that free the Q tile and the slot: every consumer thread (some of them
+  // read the slot, and where O is staged in the Q tile, all read it).
   static constexpr int kEmptyArrivals = 4 * kConsumerWGs;
+  static constexpr int kQEmptyArrivals = 128 * kConsumerWGs;
 
   // Named barriers (0 is __syncthreads): each consumer's turn to issue
   // wgmmas, then each consumer's epilogue.
@@ -158,8 +172,9 @@ struct WsFwdTraits {
   static_assert(kQBytes % 1024 == 0 && kKVBytes % 1024 == 0, "tiles must keep the 1024-byte swizzle alignment");
 };
 
-// Variable-length calls: the first key block a consumer visits (stage 0
-// of V) may end past its sequence's keys, at rows `valid` to kBlockN - 1.
+// Variable-length calls: the first key block a consumer visits (the V stage
+// at sV, loaded in the round `parity` of full_v) may end past its
+// sequence's keys, at rows `valid` to kBlockN - 1.
 // Those rows are inside the tensor (the next sequence's keys, or unused
 // cache memory under seqused_k), so TMA loaded them instead of zero-filling.
 // Their scores are masked (P = 0), but 0 times a non-finite value there
@@ -167,9 +182,9 @@ struct WsFwdTraits {
 // multiplies by V. Whole 128-byte rows, so the swizzle does not matter.
 // Every consumer thread must call this (it ends on a named barrier).
 template <typename T>
-__device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int valid) {
+__device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int parity, int valid) {
   if (valid >= T::kBlockN) return;  // uniform: the block lies within the sequence
-  mbar_wait(full_v, 0);             // stage 0's first load has landed
+  mbar_wait(full_v, parity);        // the block has landed
   constexpr int kChunksPerRow = kLineBytes / 16, kPanels = T::kHeadDim / kPanelCols;
   const int chunks = (T::kBlockN - valid) * kChunksPerRow;
   const int ctid = threadIdx.x - 128;  // consumer threads are 128 .. 128 * (kConsumerWGs + 1) - 1
@@ -193,44 +208,52 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   extern __shared__ char smem_raw[];
   char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t sQ = smem_u32(smem) + T::kQOff, sK = smem_u32(smem) + T::kKOff, sV = smem_u32(smem) + T::kVOff;
-  const uint32_t bar_q = smem_u32(smem) + T::kBarOff;
-  const uint32_t full_k = bar_q + 8, full_v = full_k + 8 * kStages;  // + 8 * stage
+  const uint32_t bar_q = smem_u32(smem) + T::kBarOff, empty_q = bar_q + 8;
+  const uint32_t full_k = empty_q + 8, full_v = full_k + 8 * kStages;  // + 8 * stage
   const uint32_t empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
+  volatile int* slot = reinterpret_cast<volatile int*>(smem + T::kSlotOff);
 
-  // Heaviest query blocks first (causal), so short ones fill the tail.
+  // Query blocks ("tiles"), heaviest first within each (batch, head)
+  // (causal), so short ones fill the tail. The producer takes them one
+  // after another -- blockIdx.x first, then, with p.tile_counter (a
+  // persistent grid of one block per SM), the next one not yet taken,
+  // from the counter -- and hands each to the consumers through the slot
+  // and Q's barrier. A persistent block loads the next query block's Q and
+  // first K / V blocks while its consumers finish the current one (its last
+  // P V and the epilogue), which a grid of one block per query block leaves
+  // idle between blocks.
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int m_block = num_m_blocks - 1 - int(blockIdx.x % num_m_blocks);
-  const int bh = blockIdx.x / num_m_blocks;
-  const int h = bh % p.nheads, b = bh / p.nheads;
-  const int hk = h / (p.nheads / p.nheads_k);
+  const int num_tiles = num_m_blocks * p.batch * p.nheads;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
-  const int row0 = m_block * kBlockM;
 
-  // Dense calls know every sequence's lengths and start at compile time
-  // (row 0 of its batch entry, the call's lengths): fewer live registers
-  // than SeqInfo(p, b), which variable-length calls need.
-  const SeqInfo seq = kVarlen ? SeqInfo(p, b) : SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k);
-  if (kVarlen && row0 >= seq.seqlen_q) return;  // past the end of a shorter sequence
-  const MaskGeometry geo(p, seq);
-  const int n_begin = geo.n_block_begin(row0, kBlockN);
-  const int n_end = geo.n_block_end(row0, kBlockM, kBlockN);
-  const int count = n_end - n_begin;  // key blocks, visited n_end - 1 down to n_begin
-  // The outputs of this (batch, head), worked out where they are written
-  // (here and in the epilogue) rather than held across the key loop.
-  auto out_ptr = [&]() {
-    return static_cast<Out*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
+  // Everything a tile's loop needs, from its index: (batch, head, query
+  // block), the sequence's lengths and the key blocks it visits. Dense
+  // calls know every sequence's lengths and start at compile time (row 0 of
+  // its batch entry, the call's lengths): fewer live registers than
+  // SeqInfo(p, b), which variable-length calls need.
+  struct Tile {
+    int m_block, b, h, hk, row0;
+    SeqInfo seq;
+    MaskGeometry geo;
+    int n_begin, n_end;
+    __device__ Tile(const FlashFwdParams& p, int tile, int num_m_blocks)
+        : m_block(num_m_blocks - 1 - tile % num_m_blocks),
+          b(tile / num_m_blocks / p.nheads),
+          h(tile / num_m_blocks % p.nheads),
+          hk(h / (p.nheads / p.nheads_k)),
+          row0(m_block * T::kBlockM),
+          seq(kVarlen ? SeqInfo(p, b) : SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k)),
+          geo(p, seq),
+          n_begin(geo.n_block_begin(row0, T::kBlockN)),
+          n_end(geo.n_block_end(row0, T::kBlockM, T::kBlockN)) {}
+    // Past the end of a shorter sequence: nothing to do.
+    __device__ bool past_end() const { return kVarlen && row0 >= seq.seqlen_q; }
+    __device__ int count() const { return n_end - n_begin; }  // key blocks, visited n_end - 1 down to n_begin
   };
-  auto lse_ptr = [&]() { return p.softmax_lse + seq.lse_offset(p, b, h); };
-  auto residual_ptr = [&]() { return p.lse_residual ? p.lse_residual + seq.lse_offset(p, b, h) : nullptr; };
-
-  if (count <= 0) {  // no key visible to any row: out = 0, lse = +inf (or the sink), residual 0
-    write_empty_block<kBlockM, kHeadDim, T::kNThreads>(p, h, out_ptr(), lse_ptr(), residual_ptr(), row0, seq.seqlen_q,
-                                                       tid);
-    return;
-  }
 
   if (tid == 0) {
-    mbar_init(bar_q, 1);
+    mbar_init(bar_q, 1);  // the producer's arrive_expect_tx (or plain arrive: no Q to load)
+    mbar_init(empty_q, T::kQEmptyArrivals);
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k + 8 * st, 1);  // the producer's arrive_expect_tx; the TMA bytes do the rest
@@ -245,79 +268,101 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // ------------------------------------------------------------ producer
   if (wg == 0) {
     setmaxnreg_dec<T::kProducerRegs>();  // all four warps; three of them then leave
-    if (tid == 0) {
-      tma_prefetch_map(&pw.tma_q);
-      tma_prefetch_map(&pw.tma_k);
-      tma_prefetch_map(&pw.tma_v);
-      mbar_arrive_expect_tx(bar_q, T::kQBytes);
-#pragma unroll
-      for (int c = 0; c < kPanels; ++c) {
-        tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * T::kPanelElems, int(seq.q_start) + row0, h,
-                    p.cu_seqlens_q ? 0 : b);
+    if (tid != 0) return;
+    tma_prefetch_map(&pw.tma_q);
+    tma_prefetch_map(&pw.tma_k);
+    tma_prefetch_map(&pw.tma_v);
+    int loaded = 0;  // key blocks loaded so far: block `loaded` goes to stage loaded % kStages
+    int tile = blockIdx.x;
+    for (int round = 0;; ++round) {
+      if constexpr (T::kPersistent) {
+        // The consumers are done with the previous tile's Q (and the slot).
+        mbar_wait(empty_q, (round & 1) ^ 1);
+        if (tile >= num_tiles) {
+          *slot = -1;  // no more tiles
+          mbar_arrive(bar_q);
+          break;
+        }
+        *slot = tile;
+      } else if (round > 0) {
+        break;
       }
-      // Block i of the visit (key block n_end - 1 - i) into stage i % kStages,
-      // once the consumers have emptied that stage's previous round.
-      auto load = [&](const CUtensorMap* map, uint32_t tiles, uint32_t full, uint32_t empty, int i) {
-        const int stage = i % kStages;
-        mbar_wait(empty + 8 * stage, ((i / kStages) & 1) ^ 1);
-        mbar_arrive_expect_tx(full + 8 * stage, T::kKVBytes);
-        const int key0 = int(seq.k_start) + (n_end - 1 - i) * kBlockN;
+      const Tile t(p, tile, num_m_blocks);
+      const int count = t.count();
+      // The tile after this one, fetched now so that the atomic's latency
+      // hides under this tile's loads.
+      const int next =
+          T::kPersistent && p.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(p.tile_counter, 1) : num_tiles;
+      if (t.past_end() || count <= 0) {
+        mbar_arrive(bar_q);  // nothing to load: the consumers skip it or write an empty block
+      } else {
+        mbar_arrive_expect_tx(bar_q, T::kQBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) {
-          tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage,
-                      c * T::kPanelElems, key0, hk, p.cu_seqlens_k ? 0 : b);
+          tma_load_4d(sQ + c * kBlockM * kLineBytes, &pw.tma_q, bar_q, c * T::kPanelElems,
+                      int(t.seq.q_start) + t.row0, t.h, p.cu_seqlens_q ? 0 : t.b);
         }
-      };
-      // FP8's V^T: one box of kHeadDim lines x 128 keys, at the sequence's
-      // own column start when variable-length (fp8_vt_start).
-      auto load_vt = [&](int i) {
-        const int stage = i % kStages;
-        mbar_wait(empty_v + 8 * stage, ((i / kStages) & 1) ^ 1);
-        mbar_arrive_expect_tx(full_v + 8 * stage, T::kKVBytes);
-        const int col0 = int(fp8_vt_start(p, b, seq.k_start)) + (n_end - 1 - i) * kBlockN;
-        tma_load_4d(sV + stage * T::kKVBytes, &pw.tma_v, full_v + 8 * stage, col0, 0, hk, p.cu_seqlens_k ? 0 : b);
-      };
-      auto load_v = [&](int i) {
-        if constexpr (T::kFp8) {
-          load_vt(i);
-        } else {
-          load(&pw.tma_v, sV, full_v, empty_v, i);
+        // Block i of the visit (key block n_end - 1 - i) into stage
+        // (loaded + i) % kStages, once the consumers have emptied that
+        // stage's previous round.
+        auto load = [&](const CUtensorMap* map, uint32_t tiles, uint32_t full, uint32_t empty, int i) {
+          const int g = loaded + i, stage = g % kStages;
+          mbar_wait(empty + 8 * stage, ((g / kStages) & 1) ^ 1);
+          mbar_arrive_expect_tx(full + 8 * stage, T::kKVBytes);
+          const int key0 = int(t.seq.k_start) + (t.n_end - 1 - i) * kBlockN;
+#pragma unroll
+          for (int c = 0; c < kPanels; ++c) {
+            tma_load_4d(tiles + stage * T::kKVBytes + c * kBlockN * kLineBytes, map, full + 8 * stage,
+                        c * T::kPanelElems, key0, t.hk, p.cu_seqlens_k ? 0 : t.b);
+          }
+        };
+        // FP8's V^T: one box of kHeadDim lines x 128 keys, at the sequence's
+        // own column start when variable-length (fp8_vt_start).
+        auto load_vt = [&](int i) {
+          const int g = loaded + i, stage = g % kStages;
+          mbar_wait(empty_v + 8 * stage, ((g / kStages) & 1) ^ 1);
+          mbar_arrive_expect_tx(full_v + 8 * stage, T::kKVBytes);
+          const int col0 = int(fp8_vt_start(p, t.b, t.seq.k_start)) + (t.n_end - 1 - i) * kBlockN;
+          tma_load_4d(sV + stage * T::kKVBytes, &pw.tma_v, full_v + 8 * stage, col0, 0, t.hk,
+                      p.cu_seqlens_k ? 0 : t.b);
+        };
+        auto load_v = [&](int i) {
+          if constexpr (T::kFp8) {
+            load_vt(i);
+          } else {
+            load(&pw.tma_v, sV, full_v, empty_v, i);
+          }
+        };
+        // In the order the consumers need them: K(0); then K(i + 1) and V(i),
+        // which the consumers' i-th loop step reads together.
+        load(&pw.tma_k, sK, full_k, empty_k, 0);
+        for (int i = 0; i < count; ++i) {
+          if (i + 1 < count) load(&pw.tma_k, sK, full_k, empty_k, i + 1);
+          load_v(i);
         }
-      };
-      // In the order the consumers need them: K(0); then K(i + 1) and V(i),
-      // which the consumers' i-th loop step reads together.
-      load(&pw.tma_k, sK, full_k, empty_k, 0);
-      for (int i = 0; i < count; ++i) {
-        if (i + 1 < count) load(&pw.tma_k, sK, full_k, empty_k, i + 1);
-        load_v(i);
+        loaded += count;
       }
+      tile = next;
     }
     return;
   }
 
   // ------------------------------------------------------------ consumers
   setmaxnreg_inc<T::kConsumerRegs>();
-  const int cw = wg - 1;                           // this consumer warpgroup
-  const int wg_row0 = row0 + 64 * cw;              // its first row
-  const int warp_row0 = wg_row0 + 16 * (warp % 4);  // this warp's first row
-  const uint32_t sQ_wg = sQ + 64 * cw * kLineBytes;
+  const int cw = wg - 1;  // this consumer warpgroup
 
   // Turns (kPingPong): a consumer issues its wgmmas only between
   // turn_begin (bar.sync on its own barrier) and turn_end (bar.arrive on
   // the next consumer's), round robin from consumer 0; the last consumer
-  // opens the first turn. Every consumer takes count + 1 turns (S(0) alone,
-  // count - 1 steps, P V of the last block), and the last consumer leaves
-  // out its final arrival, so that every barrier ends with as many
-  // arrivals as waits.
+  // opens the first turn. Every consumer takes count + 1 turns a tile (S(0)
+  // alone, count - 1 steps, P V of the last block), so the last consumer's
+  // final arrival is left over at the end, and consumer 0 takes it then
+  // (every barrier ends with as many arrivals as waits).
   auto turn_begin = [&]() {
     if constexpr (T::kPingPong) named_barrier_sync(T::kTurnBarrier + cw, 256);
   };
-  auto turn_end = [&](bool last) {
-    if constexpr (T::kPingPong) {
-      if (!last || cw != T::kConsumerWGs - 1) {
-        named_barrier_arrive(T::kTurnBarrier + (cw + 1) % T::kConsumerWGs, 256);
-      }
-    }
+  auto turn_end = [&]() {
+    if constexpr (T::kPingPong) named_barrier_arrive(T::kTurnBarrier + (cw + 1) % T::kConsumerWGs, 256);
   };
   if constexpr (T::kPingPong) {
     if (cw == T::kConsumerWGs - 1) named_barrier_arrive(T::kTurnBarrier, 256);
@@ -327,15 +372,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   auto release = [&](uint32_t empty_bar) {
     if (lane == 0) mbar_arrive(empty_bar);
   };
-
-  float acc_o[1][kDT][4] = {};
-  float s[1][kNT][4];
-  float factor[1][2];
-
-  // Scores of key block nb to probabilities (P in place), as in the classic
-  // kernel: the score rule, the softmax statistics (returning the factors O
-  // must be rescaled by), then dropout.
-  const Rule rule(p, geo, b, h);
   // A row's max moves only by more than 8 (log2 units) and O is rescaled
   // only when some row of the warp moved (OnlineSoftmax::update_stats): in
   // one run on the H200 (bf16, B 2, 8k, H x D = 2048, non-causal, against
@@ -350,109 +386,177 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   constexpr int kMaxSlack = (Rule::kFeatures != kNoFeatures || kHeadDim == 64) && kSlackFits ? 8 : 0;
   static_assert(!T::kFp8 || (Rule::kFeatures == kNoFeatures && !Rule::kHasBias && Rule::kDefersScale),
                 "the FP8 forward takes the plain rule, whose exp2 FFMA carries the whole scale");
-  // FP8: the q and k descales of this (batch, kv head) join the exp2 scale
-  // (16-bit inputs keep reading the scale at its use, a constant-bank operand).
-  // A zero product (q or k all zero, quantized with descale 0) becomes a tiny
-  // positive one, as the host does with a zero softmax_scale: every score
-  // is then 0, and masked ones stay -inf instead of 0 x -inf = NaN.
-  const float qk_descale = T::kFp8 ? fmaxf(p.q_descale.at(b, hk) * p.k_descale.at(b, hk), 1e-30f) : 1.f;
-  OnlineSoftmax<1> softmax;
-  softmax.init();
-  auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
-    const int col0 = nb * kBlockN;
-    apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
-    softmax.template update_stats<kMaxSlack>(s, factor, T::kFp8 ? rule.exp_scale() * qk_descale : rule.exp_scale(),
-                                             std::integral_constant<int, T::kPShift>{});
-    apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
-  };
-  // P V: 16-bit P as k16 fragments and V read MN-major; e4m3 P as k32
-  // fragments and V^T read K-major, N in pieces of 128 head-dim rows.
-  auto pack_p = [&](auto& p_frag) {
-    if constexpr (T::kFp8) {
-      pack_a_frags_e4m3(p_frag, s[0]);
+
+  int visited = 0;  // key blocks consumed so far: block `visited` is in stage visited % kStages
+  for (int round = 0;; ++round) {
+    int tile;
+    if constexpr (T::kPersistent) {
+      mbar_wait(bar_q, round & 1);
+      tile = *slot;
+      if (tile < 0) break;
     } else {
-      pack_a_frags<Element>(p_frag, s[0]);
+      if (round > 0) break;
+      tile = blockIdx.x;
+      mbar_wait(bar_q, 0);
     }
-  };
-  auto gemm_o = [&](const auto& p_frag, uint32_t sv) {
-    if constexpr (T::kFp8) {
-#pragma unroll
-      for (int n = 0; n < kHeadDim / 128; ++n) {
-        auto& acc = *reinterpret_cast<float(*)[16][4]>(&acc_o[0][n * 16]);
-        wgmma_rs_e4m3_b_kmajor<128>(acc, p_frag, sv + n * 128 * kLineBytes);
+    const Tile t(p, tile, num_m_blocks);
+    const int count = t.count(), n_end = t.n_end, b = t.b, h = t.h;
+    const SeqInfo& seq = t.seq;
+    // The outputs of a (batch, head), worked out where they are written
+    // rather than held across the key loop: the epilogue decodes the tile
+    // again from an opaque copy of its index (holding b, h and the
+    // sequence's offsets through the loop spilled registers).
+    auto out_ptr = [&](const Tile& t) {
+      return static_cast<Out*>(p.out) + t.seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, t.b, t.h);
+    };
+    auto lse_ptr = [&](const Tile& t) { return p.softmax_lse + t.seq.lse_offset(p, t.b, t.h); };
+    auto residual_ptr = [&](const Tile& t) {
+      return p.lse_residual ? p.lse_residual + t.seq.lse_offset(p, t.b, t.h) : nullptr;
+    };
+    if (t.past_end() || count <= 0) {
+      // No key visible to any row: out = 0, lse = +inf (or the sink), residual 0.
+      if (!t.past_end()) {
+        write_empty_block<kBlockM, kHeadDim, 128 * T::kConsumerWGs>(p, h, out_ptr(t), lse_ptr(t), residual_ptr(t),
+                                                                    t.row0, seq.seqlen_q, tid - 128);
       }
-    } else {
-      gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sv);
+      if constexpr (T::kPersistent) mbar_arrive(empty_q);
+      continue;
     }
-  };
+    const int wg_row0 = t.row0 + 64 * cw;             // this warpgroup's first row
+    const int warp_row0 = wg_row0 + 16 * (warp % 4);  // this warp's first row
+    const uint32_t sQ_wg = sQ + 64 * cw * kLineBytes;
 
-  uint32_t p_frag[kBlockN / kKStep<Element>][4];
+    float acc_o[1][kDT][4] = {};
+    float s[1][kNT][4];
+    float factor[1][2];
 
-  // S(0) = Q K(0)^T.
-  mbar_wait(bar_q, 0);
-  mbar_wait(full_k, 0);
-  turn_begin();
-  wgmma_fence();
-  gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK);
-  wgmma_commit();
-  turn_end(false);
-  wgmma_wait<0>();
-  fence_regs(s[0]);
-  release(empty_k);
-  softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
-  if constexpr (kVarlen && !T::kFp8) zero_v_tail<T>(sV, full_v, seq.seqlen_k - (n_end - 1) * kBlockN);
+    // Scores of key block nb to probabilities (P in place), as in the classic
+    // kernel: the score rule, the softmax statistics (returning the factors O
+    // must be rescaled by), then dropout.
+    const Rule rule(p, t.geo, b, h);
+    // FP8: the q and k descales of this (batch, kv head) join the exp2 scale
+    // (16-bit inputs keep reading the scale at its use, a constant-bank operand).
+    // A zero product (q or k all zero, quantized with descale 0) becomes a tiny
+    // positive one, as the host does with a zero softmax_scale: every score
+    // is then 0, and masked ones stay -inf instead of 0 x -inf = NaN.
+    const float qk_descale = T::kFp8 ? fmaxf(p.q_descale.at(b, t.hk) * p.k_descale.at(b, t.hk), 1e-30f) : 1.f;
+    OnlineSoftmax<1> softmax;
+    softmax.init();
+    auto softmax_block = [&](float (&s)[1][kNT][4], float (&factor)[1][2], int nb) {
+      const int col0 = nb * kBlockN;
+      apply_score_rule<64, kBlockN>(s, rule, wg_row0, warp_row0, col0, lane);
+      softmax.template update_stats<kMaxSlack>(s, factor, T::kFp8 ? rule.exp_scale() * qk_descale : rule.exp_scale(),
+                                               std::integral_constant<int, T::kPShift>{});
+      apply_dropout(s, rule, warp_row0, col0, lane);  // after the row sums: lse does not see it
+    };
+    // P V: 16-bit P as k16 fragments and V read MN-major; e4m3 P as k32
+    // fragments and V^T read K-major, N in pieces of 128 head-dim rows.
+    auto pack_p = [&](auto& p_frag) {
+      if constexpr (T::kFp8) {
+        pack_a_frags_e4m3(p_frag, s[0]);
+      } else {
+        pack_a_frags<Element>(p_frag, s[0]);
+      }
+    };
+    auto gemm_o = [&](const auto& p_frag, uint32_t sv) {
+      if constexpr (T::kFp8) {
+#pragma unroll
+        for (int n = 0; n < kHeadDim / 128; ++n) {
+          auto& acc = *reinterpret_cast<float(*)[16][4]>(&acc_o[0][n * 16]);
+          wgmma_rs_e4m3_b_kmajor<128>(acc, p_frag, sv + n * 128 * kLineBytes);
+        }
+      } else {
+        gemm_pv<Element, kHeadDim, kBlockN>(acc_o[0], p_frag, sv);
+      }
+    };
+    // Stage and round of the tile's key block i.
+    auto stage_of = [&](int i) { return (visited + i) % kStages; };
+    auto parity_of = [&](int i) { return ((visited + i) / kStages) & 1; };
 
-  // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
-  // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);
-  // rescale O. The last block (no S to compute) is peeled off, which keeps
-  // the loop body free of branches around the wgmmas (ptxas serializes
-  // them otherwise).
-  for (int i = 0; i < count - 1; ++i) {
-    pack_p(p_frag);
-    const int sk = (i + 1) % kStages, sv = i % kStages;
-    mbar_wait(full_k + 8 * sk, ((i + 1) / kStages) & 1);
-    mbar_wait(full_v + 8 * sv, (i / kStages) & 1);
+    uint32_t p_frag[kBlockN / kKStep<Element>][4];
+
+    // S(0) = Q K(0)^T.
+    mbar_wait(full_k + 8 * stage_of(0), parity_of(0));
     turn_begin();
     wgmma_fence();
-    gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + sk * T::kKVBytes);
+    gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + stage_of(0) * T::kKVBytes);
     wgmma_commit();
-    gemm_o(p_frag, sV + sv * T::kKVBytes);
-    wgmma_commit();
-    turn_end(false);
-    wgmma_wait<1>();
+    turn_end();
+    wgmma_wait<0>();
     fence_regs(s[0]);
-    release(empty_k + 8 * sk);
-    softmax_block(s, factor, n_end - 2 - i);
-    const bool keep_o = kMaxSlack > 0 && OnlineSoftmax<1>::all_factors_one(factor);
-    wgmma_wait<0>();
-    fence_regs(acc_o[0]);
-    fence_regs(p_frag);
-    release(empty_v + 8 * sv);
-    if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
-  }
-  pack_p(p_frag);
-  {
-    const int sv = (count - 1) % kStages;
-    mbar_wait(full_v + 8 * sv, ((count - 1) / kStages) & 1);
-    turn_begin();
-    wgmma_fence();
-    gemm_o(p_frag, sV + sv * T::kKVBytes);
-    wgmma_commit();
-    turn_end(true);
-    wgmma_wait<0>();
-    fence_regs(acc_o[0]);
-    fence_regs(p_frag);
-    release(empty_v + 8 * sv);  // nobody waits for it any more; kept for the barrier's count
-  }
+    release(empty_k + 8 * stage_of(0));
+    softmax_block(s, factor, n_end - 1);  // acc_o is zero: no rescale needed
+    if constexpr (kVarlen && !T::kFp8) {
+      zero_v_tail<T>(sV + stage_of(0) * T::kKVBytes, full_v + 8 * stage_of(0), parity_of(0),
+                     seq.seqlen_k - (n_end - 1) * kBlockN);
+    }
 
-  // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
-  // rows of the staging tile (16-bit: the Q tile, whose last read, S of the
-  // last block, has completed; no other warpgroup reads them; FP8: a buffer
-  // of its own), then coalesced 16-byte stores. FP8's v_descale and
-  // dropout's 1 / (1 - p) join 1 / rowsum.
-  const float out_scale = (T::kFp8 ? p.v_descale.at(b, hk) : 1.f) * rule.dropout_out_scale();
-  store_output<kBlockM>(p, softmax, acc_o, smem + T::kOOff, cw, T::kEpilogueBarrier + cw, wg_row0, seq.seqlen_q,
-                        num_m_blocks, out_ptr(), lse_ptr(), residual_ptr(), out_scale);
+    // Step i: S(i + 1) = Q K(i + 1)^T and O += P(i) V(i) on the tensor cores;
+    // the softmax of S(i + 1) under O += P V; release K(i + 1) and V(i);
+    // rescale O. The last block (no S to compute) is peeled off, which keeps
+    // the loop body free of branches around the wgmmas (ptxas serializes
+    // them otherwise).
+    for (int i = 0; i < count - 1; ++i) {
+      pack_p(p_frag);
+      const int sk = stage_of(i + 1), sv = stage_of(i);
+      mbar_wait(full_k + 8 * sk, parity_of(i + 1));
+      mbar_wait(full_v + 8 * sv, parity_of(i));
+      turn_begin();
+      wgmma_fence();
+      gemm_qk<Element, kHeadDim, kBlockM, kBlockN>(s[0], sQ_wg, sK + sk * T::kKVBytes);
+      wgmma_commit();
+      gemm_o(p_frag, sV + sv * T::kKVBytes);
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<1>();
+      fence_regs(s[0]);
+      release(empty_k + 8 * sk);
+      softmax_block(s, factor, n_end - 2 - i);
+      const bool keep_o = kMaxSlack > 0 && OnlineSoftmax<1>::all_factors_one(factor);
+      wgmma_wait<0>();
+      fence_regs(acc_o[0]);
+      fence_regs(p_frag);
+      release(empty_v + 8 * sv);
+      if (!keep_o) OnlineSoftmax<1>::rescale(acc_o, factor);
+    }
+    // Every S product has completed: Q is free for the next tile's (O has
+    // a staging tile of its own).
+    if constexpr (T::kPersistent) mbar_arrive(empty_q);
+    pack_p(p_frag);
+    {
+      const int sv = stage_of(count - 1);
+      mbar_wait(full_v + 8 * sv, parity_of(count - 1));
+      turn_begin();
+      wgmma_fence();
+      gemm_o(p_frag, sV + sv * T::kKVBytes);
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<0>();
+      fence_regs(acc_o[0]);
+      fence_regs(p_frag);
+      release(empty_v + 8 * sv);
+    }
+    visited += count;
+
+    // Epilogue (the classic kernel's): O / rowsum through this warpgroup's own
+    // rows of the staging tile, then coalesced 16-byte stores. Where the tile
+    // is the Q tile (one query block per thread block), the last read of Q
+    // (S of the last block) has completed; where it is a buffer of its own,
+    // this warpgroup's reads of the previous tile's rows have completed once
+    // all its threads pass the barrier below. FP8's v_descale and dropout's
+    // 1 / (1 - p) join 1 / rowsum.
+    if (round > 0) named_barrier_sync(T::kEpilogueBarrier + cw, 128);
+    int tile_again = tile;
+    asm volatile("" : "+r"(tile_again));
+    const Tile te(p, tile_again, num_m_blocks);
+    const float out_scale = (T::kFp8 ? p.v_descale.at(te.b, te.hk) : 1.f) * rule.dropout_out_scale();
+    store_output<kBlockM>(p, softmax, acc_o, smem + T::kOOff, cw, T::kEpilogueBarrier + cw, te.row0 + 64 * cw,
+                          te.seq.seqlen_q, tile_again, num_m_blocks, out_ptr(te), lse_ptr(te), residual_ptr(te),
+                          out_scale);
+  }
+  if constexpr (T::kPingPong) {
+    if (cw == 0) named_barrier_sync(T::kTurnBarrier, 256);  // the last consumer's final turn_end
+  }
 #endif  // FLASH_SM90_ENABLED
 }
 

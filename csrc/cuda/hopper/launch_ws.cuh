@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -132,8 +133,14 @@ void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stre
   auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule, kVarlen>;
   set_smem_limit(kernel, T::kSmemBytes);
   const int64_t num_m_blocks = (params.fwd.seqlen_q + T::kBlockM - 1) / T::kBlockM;
-  const int64_t grid = num_m_blocks * params.fwd.batch * params.fwd.nheads;
-  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
+  const int64_t tiles = num_m_blocks * params.fwd.batch * params.fwd.nheads;
+  FLASH_CHECK(tiles < (int64_t(1) << 31), "flash_attn_ext: forward grid too large");
+  // With a tile counter, a persistent grid: one block per SM (the kernel's
+  // shared memory and registers allow no second one), each taking query
+  // blocks until none is left.
+  const int64_t grid = T::kPersistent && params.fwd.tile_counter != nullptr
+                           ? std::min<int64_t>(tiles, current_device_props().num_sms)
+                           : tiles;
   kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
 }

@@ -88,5 +88,16 @@ inline FwdTiles fwd_tiles_choice() {
 }
 inline KernelChoice bwd_kernel_choice() { return kernel_choice("FLASH_ATTN_EXT_SM90_BWD"); }
 
+// Whether the warp-specialized forward runs a persistent grid (one block
+// per SM taking query blocks from a counter; FLASH_ATTN_EXT_SM90_FWD_PERSISTENT,
+// developer-only, read on every call: 1 or unset, or 0 for one block per
+// query block, for comparing the two in one process).
+inline bool fwd_persistent() {
+  const char* env = std::getenv("FLASH_ATTN_EXT_SM90_FWD_PERSISTENT");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD_PERSISTENT must be 0 or 1, got '", env, "'");
+}
+
 }  // namespace sm90
 }  // namespace flash
