@@ -452,3 +452,21 @@ def test_fp8_native_nan_key_propagates(native):
     assert torch.isnan(out[:, :, :2]).all(), "rows seeing the NaN key must be NaN"
     assert torch.isfinite(out[:, :, 2:]).all(), "rows of the other kv head must stay finite"
 
+
+
+@needs_native
+@pytest.mark.parametrize("headdim", [128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp8_native_persistent_grid(native, monkeypatch, headdim, causal):
+    """More query blocks than the GPU has SMs: the persistent grid (FLASH_ATTN_EXT_SM90_FWD_PERSISTENT,
+    the default) runs several per block and agrees bit for bit with one block per query block; rows
+    below seqlen_q - seqlen_k see no key under the causal mask."""
+    b, sq, sk, h, hk = 2, 1500, 1300, 16, 4
+    q8, k8, v8 = fp8_qkv(b, sq, sk, h, hk, headdim, "cuda")
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("FLASH_ATTN_EXT_SM90_FWD_PERSISTENT", setting)
+        out, lse, _ = flash_attn_ext.flash_attn_func(q8, k8, v8, causal=causal, return_attn_probs=True)
+        results[setting] = (out, lse)
+    assert torch.equal(results["1"][0], results["0"][0]) and torch.equal(results["1"][1], results["0"][1])
+    check_native(*results["1"], q8, k8, v8, (None, None, None), hk, causal=causal)

@@ -37,6 +37,7 @@ CASES = [
     (1, 1, 17, 1, 1, 32, False),      # single query
     (2, 7, 7, 2, 2, 16, True),        # tiny: one partial tile, head dim 16 padded
     (1, 300, 257, 4, 2, 64, True),    # several tiles (Hopper kernels: 128-row blocks)
+    (2, 1300, 1300, 16, 4, 128, True),  # more tiles than SMs: the persistent grids run several per block
 ]
 # Varlen: (query lengths, key lengths, nheads, nheads_k, headdim, causal, extra)
 VARLEN_CASES = [
@@ -44,6 +45,7 @@ VARLEN_CASES = [
     ([1, 1, 1], [40, 0, 300], 4, 1, 128, False, "seqused"),
     ([9, 70], [33, 300], 2, 2, 64, True, "paged"),
     ([5, 6], [5, 6], 2, 2, 64, False, "out-of-range"),
+    ([700, 0, 1, 1290, 65, 900] * 4, [650, 3, 1, 1290, 200, 900] * 4, 8, 2, 128, True, None),  # persistent, varlen
 ]
 # Decode: (page size or None, leftpad, out-of-range index values, num_splits)
 DECODE_CASES = [

@@ -18,6 +18,7 @@
 #include "../format.h"
 #include "cuda_context.h"
 #include "flash_launch.h"
+#include "tile_counter.h"
 
 namespace flash_attn_ext {
 namespace {
@@ -166,6 +167,8 @@ std::tuple<Tensor, Tensor> fwd_fp8_cuda(const Tensor& q_in, const Tensor& k_in, 
   run_fp8_transpose_v(params, v_t.data_ptr(), stream);  // reads params.v, V as given
   params.v = v_t.data_ptr();                            // the attention reads V^T
   params.v_batch_stride = params.v_row_stride = params.v_head_stride = 0;
+  const std::optional<Tensor> tile_counter =
+      make_tile_counter(q, flash::sm90::fwd_persistent(), &params.tile_counter);  // a persistent grid
 #ifdef FLASH_ATTN_EXT_HDIM_128
   if (head_dim == 128) run_flash_fwd_sm90_ws<__nv_fp8_e4m3, 128>(params, stream);
 #endif

@@ -12,6 +12,7 @@
 #include "cuda_context.h"
 #include "dispatch.h"
 #include "flash_launch.h"
+#include "tile_counter.h"
 
 namespace flash_attn_ext {
 namespace {
@@ -93,16 +94,14 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda_impl(const Tensor& q_in, const Tenso
   set_fwd_params(params, q, k, v, attn_bias, out, softmax_lse, lse_residual, softmax_scale, causal, window_left,
                  window_right, features, varlen);
   if (params.batch == 0 || params.seqlen_q == 0) return {resize_last_dim(out, head_dim), softmax_lse, lse_residual};
-  // The Hopper warp-specialized forward's query-block counter, zero for
-  // this call (a persistent grid; launch_ws.cuh). One per call, so that
-  // calls on concurrent streams do not share it.
-  std::optional<Tensor> tile_counter;
-  if (flash::sm90::kBuilt && flash::sm90::enabled() && flash::sm90::fwd_persistent() &&
-      flash::sm90::fwd_kernel_choice() != flash::sm90::KernelChoice::kClassic &&
-      (padded == 64 || padded == 128 || padded == 256)) {
-    tile_counter = zeros_on(q_in, {1}, ScalarType::Int);
-    params.tile_counter = static_cast<int*>(tile_counter->data_ptr());
-  }
+  // The Hopper warp-specialized forward's query-block counter (its
+  // persistent grid; launch_ws.cuh).
+  const std::optional<Tensor> tile_counter =
+      make_tile_counter(q_in,
+                        flash::sm90::fwd_persistent() &&
+                            flash::sm90::fwd_kernel_choice() != flash::sm90::KernelChoice::kClassic &&
+                            (padded == 64 || padded == 128 || padded == 256),
+                        &params.tile_counter);
 
   const cudaStream_t stream = cuda.stream();
   dispatch_dtype(dtype, [&](auto element) {

@@ -1,13 +1,20 @@
 // FlashAttention forward on Hopper, warp-specialized (sm_90a): the same
 // arithmetic as flash_fwd_sm90_kernel.cuh (wgmma on SW128 shared memory, the
 // score rule, the online softmax, dropout, sinks, lse), with the data
-// movement taken off the warps that compute. One thread block per (query
-// block of kBlockM = 64 x kConsumerWGs rows, head, batch), 128 x
-// (kConsumerWGs + 1) threads:
+// movement taken off the warps that compute. A thread block of 128 x
+// (kConsumerWGs + 1) threads works on query blocks ("tiles") of kBlockM =
+// 64 x kConsumerWGs rows of one (batch, head): one tile (blockIdx.x), or, in
+// a persistent grid (kPersistent with the launcher's per-call counter), one
+// block per SM taking tile after tile from the counter, its producer
+// loading the next tile's Q and first K / V blocks while the consumers finish
+// the current one:
 //
 //   warpgroup 0, the producer: setmaxnreg.dec gives its registers to the
-//     consumers; one thread issues TMA loads (tma.cuh) of the Q tile, once,
-//     and of K and V blocks into a ring of kStages stages, each stage's K and
+//     consumers; one thread takes the tiles, hands each to the consumers
+//     through a slot in shared memory (published with Q's barrier, freed by
+//     Q's "empty" barrier), and issues TMA loads (tma.cuh) of the tile's Q
+//     and of its K and V blocks into a ring of kStages stages (whose
+//     positions and phases run on across tiles), each stage's K and
 //     V with their own "full" mbarrier (the TMA bytes complete it) and
 //     "empty" mbarrier (the consumers' warps arrive once they are done with
 //     it). The producer waits only for a stage to be empty; the consumers
@@ -29,8 +36,12 @@
 // classic kernel's, line for line where they can be: key blocks from last to
 // first; the rule (`Rule`, chosen by the launcher) constructed per (batch,
 // head) and applied by apply_score_rule / apply_dropout; sinks joined in
-// the epilogue; O through this warpgroup's rows of the Q tile to coalesced
-// 16-byte stores.
+// the epilogue; O through this warpgroup's rows of a staging tile (its own
+// at head dims up to 128 and FP8, so that Q is free for the next tile once
+// the last S product has completed; the Q tile at 256) to coalesced 16-byte
+// stores. Measured (H200, bf16, against one block per query block): the
+// persistent grid 1.03-1.13x at 1k and 2k, level from 4k (1.0-1.5% either
+// way; docs/perf-notes.md, step 6).
 //
 // FP8 (Element = __nv_fp8_e4m3, the fwd_fp8 op; kFp8 in the traits): the
 // same kernel with e4m3 wgmmas (k = 32 a step, fp32 accumulators). What
