@@ -459,8 +459,9 @@ def test_fp8_native_nan_key_propagates(native):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_fp8_native_persistent_grid(native, monkeypatch, headdim, causal):
     """More query blocks than the GPU has SMs: the persistent grid (FLASH_ATTN_EXT_SM90_FWD_PERSISTENT,
-    the default) runs several per block and agrees bit for bit with one block per query block; rows
-    below seqlen_q - seqlen_k see no key under the causal mask."""
+    the default; head dim 128, while 256 runs one block per query block either way) runs several per
+    block and agrees bit for bit with one block per query block; rows below seqlen_q - seqlen_k see no
+    key under the causal mask."""
     b, sq, sk, h, hk = 2, 1500, 1300, 16, 4
     q8, k8, v8 = fp8_qkv(b, sq, sk, h, hk, headdim, "cuda")
     results = {}

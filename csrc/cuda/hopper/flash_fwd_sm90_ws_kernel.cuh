@@ -152,9 +152,12 @@ struct WsFwdTraits {
   static constexpr int kOOff = kOwnOTile ? kVOff + kStages * kKVBytes : kQOff;
   // A persistent grid (with p.tile_counter) where the next query block's Q
   // can load under this one's epilogue (kOwnOTile). Head dim 256 keeps one
-  // query block per thread block: there the tile loop's state cost 240-300
-  // bytes of spills (ptxas) on top of O's 128 registers.
-  static constexpr bool kPersistent = kOwnOTile;
+  // query block per thread block: in 16 bits the tile loop's state cost
+  // 240-300 bytes of spills (ptxas) on top of O's 128 registers, and the
+  // FP8 forward there ran slower persistent (H200, B x S = 16k: 4k 999 -> 913
+  // TFLOP/s, causal 807 -> 677, causal 16k 1033 -> 939), where at 128 it
+  // gained (4k 723 -> 765, 16k 797 -> 817).
+  static constexpr bool kPersistent = kOwnOTile && kHeadDim <= 128;
   // mbarriers, 8 bytes each: Q's full and empty, then full K, full V, empty
   // K, empty V per stage; then the tile slot (the producer's query block
   // for the consumers, an int).
