@@ -468,17 +468,24 @@ def test_ws_strided_inputs(ws):
     check(qt, kt, vt, "transposed views")
 
 
-def test_ws_cuda_graph(ws):
-    """The tensor maps are kernel parameters: a captured forward replays on new values of the same buffers."""
-    shape = (2, 400, 4, 128)
-    q, k, v = (randn(*shape, dtype=torch.bfloat16) for _ in range(3))
-    fwd(q, k, v, causal=True)  # warm up outside the capture (allocations, attribute setting)
+def captured(call):
+    """call() captured in a CUDA graph on a side stream, after one warm-up call outside the capture
+    (allocations, attribute setting): the graph and the outputs the replays write."""
+    call()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        out, _ = fwd(q, k, v, causal=True)
+        outputs = call()
     torch.cuda.current_stream().wait_stream(stream)
+    return graph, outputs
+
+
+def test_ws_cuda_graph(ws):
+    """The tensor maps are kernel parameters: a captured forward replays on new values of the same buffers."""
+    shape = (2, 400, 4, 128)
+    q, k, v = (randn(*shape, dtype=torch.bfloat16) for _ in range(3))
+    graph, (out, _) = captured(lambda: fwd(q, k, v, causal=True))
     for _ in range(2):
         for t in (q, k, v):
             t.copy_(torch.randn(shape, device="cuda"))
@@ -580,13 +587,7 @@ def test_ws_persistent_cuda_graph(ws, monkeypatch):
     monkeypatch.setenv(PERSISTENT_ENV, "1")
     shape = (4, 1500, 8, 128)
     q, k, v = (randn(*shape, dtype=torch.bfloat16) for _ in range(3))
-    fwd(q, k, v, causal=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        out, lse = fwd(q, k, v, causal=True)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, (out, lse) = captured(lambda: fwd(q, k, v, causal=True))
     for _ in range(3):
         for t in (q, k, v):
             t.copy_(torch.randn(shape, device="cuda"))
