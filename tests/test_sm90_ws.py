@@ -509,8 +509,9 @@ def test_ws_long_sequence(ws, headdim):
 # The persistent grid (FLASH_ATTN_EXT_SM90_FWD_PERSISTENT, on by default): one
 # block per SM takes query blocks from a counter, its producer loading the next
 # block's Q and K / V while the consumers finish the current one. The shapes
-# below have several times more query blocks than an H200 has SMs, so every
-# block runs many tiles: the K/V ring's and Q's barrier phases carry across
+# below have several times more query blocks than an H200 has SMs, so at head
+# dims 64 and 128 every block runs many tiles (head dim 256 runs one block per
+# query block either way, and the switch must change nothing there): the K/V ring's and Q's barrier phases carry across
 # tiles, tiles with no visible key (seqlen_q > seqlen_k, causal) and tiles past
 # a shorter sequence (varlen) are handed over and skipped. Each tile's
 # arithmetic is that of a grid of one block per query block, so the two agree

@@ -168,7 +168,9 @@ std::tuple<Tensor, Tensor> fwd_fp8_cuda(const Tensor& q_in, const Tensor& k_in, 
   params.v = v_t.data_ptr();                            // the attention reads V^T
   params.v_batch_stride = params.v_row_stride = params.v_head_stride = 0;
   const std::optional<Tensor> tile_counter =
-      make_tile_counter(q, flash::sm90::fwd_persistent(), &params.tile_counter);  // a persistent grid
+      make_tile_counter(q, flash::sm90::fwd_persistent_head_dim(static_cast<int>(head_dim)) &&
+                               flash::sm90::fwd_persistent(),
+                        &params.tile_counter);  // a persistent grid
 #ifdef FLASH_ATTN_EXT_HDIM_128
   if (head_dim == 128) run_flash_fwd_sm90_ws<__nv_fp8_e4m3, 128>(params, stream);
 #endif

@@ -97,11 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda_impl(const Tensor& q_in, const Tenso
   // The Hopper warp-specialized forward's query-block counter (its
   // persistent grid; launch_ws.cuh).
   const std::optional<Tensor> tile_counter =
-      make_tile_counter(q_in,
-                        flash::sm90::fwd_persistent() &&
-                            flash::sm90::fwd_kernel_choice() != flash::sm90::KernelChoice::kClassic &&
-                            (padded == 64 || padded == 128 || padded == 256),
-                        &params.tile_counter);
+      make_tile_counter(q_in, flash::sm90::fwd_wants_tile_counter(padded), &params.tile_counter);
 
   const cudaStream_t stream = cuda.stream();
   dispatch_dtype(dtype, [&](auto element) {

@@ -92,6 +92,7 @@
 #include "../score_rule.cuh"
 #include "../softmax.cuh"
 #include "flash_fwd_sm90_kernel.cuh"  // gemm_qk, gemm_pv: the same products
+#include "sm90_dispatch.cuh"           // fwd_persistent_head_dim
 #include "sync.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -157,7 +158,7 @@ struct WsFwdTraits {
   // FP8 forward there ran slower persistent (H200, B x S = 16k: 4k 999 -> 913
   // TFLOP/s, causal 807 -> 677, causal 16k 1033 -> 939), where at 128 it
   // gained (4k 723 -> 765, 16k 797 -> 817).
-  static constexpr bool kPersistent = kOwnOTile && kHeadDim <= 128;
+  static constexpr bool kPersistent = kOwnOTile && fwd_persistent_head_dim(kHeadDim);
   // mbarriers, 8 bytes each: Q's full and empty, then full K, full V, empty
   // K, empty V per stage; then the tile slot (the producer's query block
   // for the consumers, an int).

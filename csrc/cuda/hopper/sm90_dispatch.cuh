@@ -98,6 +98,16 @@ inline bool fwd_persistent() {
   if (std::strcmp(env, "0") == 0) return false;
   flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_FWD_PERSISTENT must be 0 or 1, got '", env, "'");
 }
+// The head dims whose warp-specialized forward has a persistent grid
+// (WsFwdTraits::kPersistent): 64 and 128; 256 keeps one block per query
+// block, and the other head dims run the sm80 kernels.
+constexpr bool fwd_persistent_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+// Whether a forward at (padded) `head_dim` needs a tile counter: its
+// warp-specialized kernel is persistent, not switched off, and neither is
+// the persistent grid.
+inline bool fwd_wants_tile_counter(int head_dim) {
+  return fwd_persistent_head_dim(head_dim) && fwd_kernel_choice() != KernelChoice::kClassic && fwd_persistent();
+}
 
 }  // namespace sm90
 }  // namespace flash
