@@ -92,3 +92,25 @@ def test_lowp_path_is_close():
     assert lowp.dtype == torch.bfloat16 and lse.dtype == torch.float32
     err = (lowp.double() - ref).abs().max().item()
     assert 0 < err < 0.05  # rounded, but close
+
+
+def test_two_x_rule_allowance_is_one_rounding():
+    """The 2x rule's allowance is flash-attn's for rounding the reference to
+    our dtype: a bf16 result whose largest element rounded the other way
+    from PyTorch's passes, one off by several units in the last place fails,
+    and an fp32 result gets no 16-bit allowance."""
+    from flash_attn_ext.reference import two_x_rule
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4096, generator=g, dtype=torch.float64) * 12
+    pytorch = ref.to(torch.bfloat16)  # rounded to nearest: at most half a unit off
+    i = int(ref.abs().argmax())
+    ulp = 2.0 ** (math.floor(math.log2(abs(ref[i].item()))) - 7)
+    flipped = pytorch.clone()
+    flipped[i] = pytorch[i] + math.copysign(ulp, (ref[i] - pytorch[i].double()).item() or 1.0)
+    verdict = two_x_rule(flipped, ref, pytorch)
+    assert verdict.ok, verdict.reason
+    far = pytorch.clone()
+    far[i] = pytorch[i] + 6 * ulp
+    assert not two_x_rule(far, ref, pytorch).ok
+    assert not two_x_rule(ref.float() + 1e-3, ref, ref.float()).ok
