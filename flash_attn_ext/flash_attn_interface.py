@@ -16,8 +16,9 @@ rng_state, int64 (2,) = [seed, offset] on q's device (drawn from torch's
 generator; two zeros without dropout), and the backward takes it back to
 regenerate the same keep-mask. S_dmask (return_softmax=True, which needs
 dropout_p > 0 as in flash-attn) is the probabilities (batch, nheads,
-seqlen_q, seqlen_k), negative where dropped; an empty tensor otherwise (and
-always for the varlen pair, whose return_softmax raises). leftpad_k
+seqlen_q, seqlen_k), negative where dropped; an empty tensor otherwise
+(the varlen forward's is (batch, nheads, max_seqlen_q, max_seqlen_k), as
+flash_attn_varlen_func's). leftpad_k
 (left-padded keys) goes through a gather of k and v. softcap, alibi_slopes
 and dropout_p go to the kernels.
 
@@ -45,6 +46,7 @@ from .varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    _varlen_dropout_probs,
     unpad_left,
     unpage,
 )
@@ -217,8 +219,6 @@ def _flash_attn_varlen_forward(
     One rng_state serves the whole batch (the kernels' dropout counter holds
     the sequence index)."""
     dropout_p = _reject(dropout_p, return_softmax)
-    if return_softmax:
-        raise NotImplementedError("flash_attn_ext: return_softmax=True is not supported by the varlen functions")
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
     if block_table is not None and leftpad_k is not None:
         # As in flash-attn 2.8, which refuses the pair.
@@ -233,7 +233,13 @@ def _flash_attn_varlen_forward(
                                               int(max_seqlen_k), float(softmax_scale), bool(causal),
                                               int(window_size_left), int(window_size_right), False, float(softcap),
                                               alibi_slopes, None, dropout_p, rng_state if dropout_p > 0 else None)
-    return out, softmax_lse, q.new_empty((0,)), rng_state
+    s_dmask = q.new_empty((0,))
+    if return_softmax:
+        s_dmask = _varlen_dropout_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, int(max_seqlen_q),
+                                        int(max_seqlen_k), float(softmax_scale), bool(causal),
+                                        (int(window_size_left), int(window_size_right)), float(softcap),
+                                        alibi_slopes, None, dropout_p, rng_state)
+    return out, softmax_lse, s_dmask, rng_state
 
 
 def _flash_attn_varlen_backward(

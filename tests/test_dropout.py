@@ -338,6 +338,47 @@ def test_flash_attn_shim_rng_state(device):
         _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.3, 0.125, False, -1, -1, 0.0, None, False, None)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_shim_varlen_s_dmask(device):
+    """The varlen shim's return_softmax: flash-attn's S_dmask (batch, nheads,
+    max_seqlen_q, max_seqlen_k), sequence b's probabilities in its corner,
+    negated where the call dropped them, zero elsewhere; the output is that of
+    the dense call on each sequence with the same mask."""
+    from flash_attn_ext.flash_attn_interface import _flash_attn_varlen_forward
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lens_q, lens_k = [5, 0, 17], [9, 4, 23]
+    cu_q = torch.tensor([0, 5, 5, 22], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 13, 36], dtype=torch.int32, device=device)
+    q = torch.randn(22, 2, 32, dtype=dtype, device=device)
+    k, v = (torch.randn(36, 2, 32, dtype=dtype, device=device) for _ in range(2))
+    out, lse, s_dmask, rng_state = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 17, 23, 0.4, 0.25, True,
+                                                              return_softmax=True)
+    assert s_dmask.shape == (3, 2, 17, 23) and s_dmask.dtype == dtype
+    assert rng_state.shape == (2,)
+    keep = _ops.dropout_mask(rng_state, 3, 2, 17, 23, 0.4)
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        corner = s_dmask[b, :, :lq, :lk]
+        assert not s_dmask[b, :, lq:].any() and not s_dmask[b, :, :, lk:].any()
+        if lq == 0:
+            continue
+        rows_q = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        rows_k = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        qb, kb, vb = q[None, rows_q], k[None, rows_k], v[None, rows_k]
+        _, _, probs = attention_ref(qb, kb, vb, causal=True, softmax_scale=0.25, return_probs=True)
+        assert torch.allclose(corner.abs().double(), probs[0], atol=1e-2)
+        visible = probs[0] > 0
+        assert torch.equal(~torch.signbit(corner) | ~visible, keep[b, :, :lq, :lk] | ~visible)
+        ref_out, _ = attention_ref(qb, kb, vb, causal=True, softmax_scale=0.25, dropout_mask=corner[None],
+                                   dropout_p=0.4)
+        low_out, _ = attention_ref(qb, kb, vb, causal=True, softmax_scale=0.25, dropout_mask=corner[None],
+                                   dropout_p=0.4, upcast=False)
+        assert_close_to_ref(out[rows_q][None], ref_out, low_out, "out")
+    # Without dropout it stays refused, as flash-attn's.
+    with pytest.raises(NotImplementedError, match="return_softmax"):
+        _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 17, 23, 0.0, 0.25, True, return_softmax=True)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, "0.1"])
 def test_bad_dropout_p(bad):
     q, k, v = random_qkv(1, 8, 8, 1, 1, 16, torch.float32, "cpu")
