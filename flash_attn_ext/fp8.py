@@ -1,5 +1,7 @@
 """FP8 inputs: float8_e4m3fn q, k and v with descale factors, as
-FlashAttention-3 and vLLM pass them (`q_descale`, `k_descale`, `v_descale`).
+FlashAttention-3 and vLLM pass them (`q_descale`, `k_descale`, `v_descale`),
+to flash_attn_func, flash_attn_varlen_func and flash_attn_with_kvcache (whose
+FP8 caches go through flash_attn_varlen_func: kvcache._fp8_attention).
 
 A descale is fp32, of shape (batch, nheads_k), or one value for the whole
 tensor (shape () or (1,), as vLLM's per-tensor scales); the real value of an
@@ -113,16 +115,20 @@ def use_native(fn: str, reason: Optional[str]) -> bool:
     return reason is None
 
 
-def is_fp8_call(fn: str, q, k, v, q_descale, k_descale, v_descale) -> bool:
+def is_fp8_call(fn: str, q, k, v, q_descale, k_descale, v_descale, names=("q", "k", "v")) -> bool:
     """Whether q, k and v are FP8 (all three, or none: else a TypeError), and
-    descales only with FP8 inputs (else a ValueError naming them)."""
+    descales only with FP8 inputs (else a ValueError naming them). `names`:
+    the three tensors as the caller's signature calls them (the kv-cache
+    function's are q, k_cache and v_cache)."""
     fp8 = [isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES for t in (q, k, v)]
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    named = tuple(zip(names, (q, k, v)))
+    for name, t in named:
         if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.itemsize == 1 and t.dtype not in FP8_DTYPES:
             raise TypeError(f"{fn}: FP8 inputs must be float8_e4m3fn (FlashAttention-3's), got {name} {t.dtype}")
     if any(fp8) and not all(fp8):
-        dtypes = ", ".join(f"{n} {t.dtype}" for n, t in (("q", q), ("k", k), ("v", v)))
-        raise TypeError(f"{fn}: q, k and v must all be float8_e4m3fn or none of them, got {dtypes}")
+        dtypes = ", ".join(f"{n} {t.dtype}" for n, t in named)
+        raise TypeError(f"{fn}: {names[0]}, {names[1]} and {names[2]} must all be float8_e4m3fn or none of them, "
+                        f"got {dtypes}")
     given = [n for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))
              if d is not None]
     if given and not all(fp8):
