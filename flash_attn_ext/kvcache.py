@@ -17,6 +17,15 @@ result, not a memory error. They are checked, with an error naming the
 value, on CPU tensors always and on CUDA tensors when the environment
 variable FLASH_ATTN_EXT_DEBUG_CHECKS=1 is set (which costs a device
 synchronisation per call, and is skipped while torch.compile traces).
+
+FP8 (float8_e4m3fn) q and caches, with FlashAttention-3's descales
+(flash_attn_ext/fp8.py), take another route after the same checks and the
+same append (done on the caches' bytes): `_fp8_attention` hands the
+sequences to flash_attn_varlen_func as variable-length rows over the cache
+(cu_seqlens and seqused_k built with tensor operations, max_seqlen_k the
+capacity), which runs the native Hopper FP8 kernel or dequantizes what it
+is given: never more than the batch's own rows of the cache. That route
+has no split-KV kernel (num_splits 0 or 1) and no rotary embedding.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from . import _ops, fp8
+from . import _ops, fp8, varlen
 from .interface import _sinks_argument, _softcap_value, _window_sides
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -93,6 +102,92 @@ def _check_values(cache_seqlens, seqlen_new, capacity, cache_batch_idx, cache_le
                                      f"{num_blocks}), the blocks of k_cache")
 
 
+def _check_fp8_call(fn, q, k_cache, v_cache, k, v, cache_batch_idx, block_table, descales):
+    """An FP8 call's checks that the 16-bit route leaves to its op, which
+    runs after the append: fp8.py's (no gradient, nheads a multiple of
+    nheads_k, the descales' shapes, dtypes and devices) and the op's on the
+    cache's shape, so that a call that fails leaves the cache untouched."""
+    fp8._checked_tables(fn, q, k_cache, v_cache, *descales, 4, q.shape[0])
+    if k is not None:
+        fp8._check_no_grad(fn, k, v, q)
+    if k_cache.shape[-1] != q.shape[-1]:
+        raise RuntimeError(f"flash_attn_ext: q and k_cache must have the same head dim, got {q.shape[-1]} and "
+                           f"{k_cache.shape[-1]}")
+    if q.shape[-1] > 256:
+        raise RuntimeError(f"flash_attn_ext: head dim must be between 1 and 256, got {q.shape[-1]}")
+    if block_table is not None:
+        if k_cache.shape[1] == 0:
+            raise RuntimeError(f"flash_attn_ext: a paged k_cache needs a page size >= 1, got shape "
+                               f"{tuple(k_cache.shape)}")
+        if k_cache.shape[0] == 0 and block_table.shape[1] > 0:
+            raise RuntimeError("flash_attn_ext: a paged k_cache needs at least one block")
+    elif cache_batch_idx is None and k_cache.shape[0] < q.shape[0]:
+        raise RuntimeError(f"flash_attn_ext: k_cache has {k_cache.shape[0]} batch rows, fewer than q's batch of "
+                           f"{q.shape[0]} (pass cache_batch_idx to pick rows)")
+    elif cache_batch_idx is not None and q.shape[0] > 0 and k_cache.shape[0] == 0:
+        raise RuntimeError("flash_attn_ext: cache_batch_idx needs a k_cache with at least one batch row")
+
+
+def _fp8_attention(q, k_cache, v_cache, seqlens, cache_batch_idx, cache_leftpad, block_table, capacity,
+                   softmax_scale, causal, window, softcap, alibi_slopes, sinks, descales, return_softmax_lse):
+    """Attention of FP8 q over FP8 caches (after the append) as one call of
+    flash_attn_varlen_func, which runs the native Hopper kernel or
+    dequantizes (fp8.native_fp8_reason decides). Sequence b is q's rows
+    b * seqlen_q ... (b + 1) * seqlen_q - 1 over its cache positions
+    lp[b] ... seqlens[b] - 1, clamped as csrc/kvcache.h's clamp_sequence
+    clamps them, so the varlen call sees the sequence the 16-bit route's op
+    sees (masks bottom-right aligned on its own keys); its descales are entry
+    b of each table (FlashAttention-3's convention). Tensor operations on
+    shapes only: no host synchronisation, and max_seqlen_k is the capacity.
+
+    Where the keys come from, never more than the batch's own rows of the
+    cache (batch x capacity keys):
+    - paged, without left padding: the block table goes to the varlen
+      function (sequence b: the first seqlens[b] slots of its pages), which
+      gathers the pages and dequantizes them (the native kernel takes no
+      paged keys);
+    - else rows of capacity keys, sequence b's starting at row b * capacity:
+      a view of the cache's first batch rows (a copy only when their layout
+      cannot be flattened), with cache_batch_idx a gathered copy of the rows
+      it names (the varlen layout wants sequence b's keys at non-decreasing
+      offsets, and a row may serve two sequences), paged with left padding
+      the gathered pages (then the native kernel may take the call). Left
+      padding moves sequence b's start to row b * capacity + lp[b], which
+      keeps cu_seqlens_k non-decreasing (lp[b] <= capacity), and seqused_k
+      = seqlens - lp counts its keys."""
+    batch, seqlen_q, nheads, d = q.shape
+    steps = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    seqlens = seqlens.clamp(0, capacity)
+    pads = torch.minimum(cache_leftpad.clamp_min(0), seqlens) if cache_leftpad is not None else None
+    cu_seqlens_k, seqused_k, table = steps * capacity, seqlens, None
+    if block_table is not None and pads is None:
+        keys, values, table = k_cache, v_cache, block_table
+    else:
+        def rows(cache, name):
+            # Gathers on the bytes, as the append (see there).
+            if block_table is not None:
+                return varlen._gather_pages(cache.view(torch.uint8), block_table, name).view(cache.dtype)
+            if cache_batch_idx is not None:
+                picked = cache_batch_idx.long().clamp(0, cache.shape[0] - 1)
+                return cache.view(torch.uint8).index_select(0, picked).view(cache.dtype).flatten(0, 1)
+            return cache[:batch].flatten(0, 1)
+
+        keys, values = rows(k_cache, "k_cache"), rows(v_cache, "v_cache")
+        if pads is not None:
+            cu_seqlens_k = cu_seqlens_k + torch.cat((pads, pads.new_zeros(1)))
+            seqused_k = seqlens - pads
+    out, lse, _ = varlen.flash_attn_varlen_func(
+        q.reshape(batch * seqlen_q, nheads, d), keys, values, steps * seqlen_q, cu_seqlens_k, seqlen_q, capacity,
+        softmax_scale=softmax_scale, causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
+        return_attn_probs=True, block_table=table, seqused_k=seqused_k, s_aux=sinks, q_descale=descales[0],
+        k_descale=descales[1], v_descale=descales[2])
+    out = out.view(batch, seqlen_q, nheads, out.shape[-1])
+    if not return_softmax_lse:
+        return out
+    # (nheads, batch * seqlen_q) -> the kv-cache layout (batch, nheads, seqlen_q).
+    return out, lse.view(nheads, batch, seqlen_q).transpose(0, 1).contiguous()
+
+
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -139,7 +234,9 @@ def flash_attn_with_kvcache(
             i when causal or windowed (a window side narrower than the
             cache's capacity: flash-attn drops wider ones), else every row of
             q at cache_seqlens[b] (flash-attn's convention; positions count
-            from the cache's first slot, left padding included).
+            from the cache's first slot, left padding included). Not with
+            FP8 caches (NotImplementedError: rotating e4m3 values would
+            requantize them); rotate q and k before quantizing.
         cache_seqlens: int or int32 (batch,): keys in each sequence's cache
             before the append (left padding included). None: the whole cache.
         cache_batch_idx: int32 (batch,): the cache row of each sequence
@@ -153,27 +250,37 @@ def flash_attn_with_kvcache(
             flash_attn_func; masks are bottom-right aligned on each
             sequence's own keys.
         num_splits: 0 picks the number of key splits from the shapes and the
-            GPU; n > 0 forces n (CUDA; the CPU ignores it).
+            GPU; n > 0 forces n (CUDA; the CPU ignores it). FP8 caches: 0 or
+            1 (their route has no split-KV kernel; more raises
+            NotImplementedError).
         return_softmax_lse: also return softmax_lse (batch, nheads, seqlen_q) fp32.
         s_aux / learnable_sink (keyword only): attention sinks, fp32 (nheads,).
-        q_descale, k_descale, v_descale (keyword only): FlashAttention-3's
-            FP8 factors; FP8 caches are not supported here yet
-            (NotImplementedError), only by flash_attn_func and
-            flash_attn_varlen_func (flash_attn_ext/fp8.py).
+        q_descale, k_descale, v_descale (keyword only): FP8 caches.
+            float8_e4m3fn q, k_cache and v_cache (and k, v) with
+            FlashAttention-3's descales: fp32 (batch, nheads_k) or one
+            value; entry b belongs to q's sequence b, whichever cache row or
+            pages hold its keys; absent: 1. The appended bytes are stored as
+            given. The attention runs as one flash_attn_varlen_func call
+            over the cache's rows (flash_attn_ext/fp8.py: the native Hopper
+            FP8 kernel for head dims 128 and 256 without softcap, ALiBi or
+            sinks, else the dequantizing path). Contiguous caches are
+            flattened in place; with cache_batch_idx the rows it names are
+            gathered into a copy first; a paged cache goes with its block
+            table (pages gathered, dequantized), with cache_leftpad its
+            pages are gathered here. Causal masks, windows and softcap /
+            ALiBi / sinks mean what they mean for 16-bit caches.
 
-    Returns out (batch, seqlen_q, nheads, headdim), and softmax_lse with
-    return_softmax_lse. No backward (as in flash-attn): asking for a gradient
-    through the result raises.
+    Returns out (batch, seqlen_q, nheads, headdim) (bfloat16 for FP8 caches),
+    and softmax_lse with return_softmax_lse. No backward (as in flash-attn):
+    asking for a gradient through the result raises (FP8 inputs that require
+    a gradient raise at once).
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attn_ext: {name} must be a tensor, got {type(t).__name__}")
-    descales = [n for n, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))
-                if d is not None]
-    if descales or any(t.dtype in fp8.FP8_DTYPES for t in (q, k_cache, v_cache)):
-        raise NotImplementedError(
-            f"flash_attn_ext.flash_attn_with_kvcache: FP8 caches ({', '.join(descales) or 'float8_e4m3fn inputs'}) "
-            "are not supported yet; flash_attn_func and flash_attn_varlen_func take FP8 inputs")
+    fn = "flash_attn_ext.flash_attn_with_kvcache"
+    fp8_call = fp8.is_fp8_call(fn, q, k_cache, v_cache, q_descale, k_descale, v_descale,
+                               names=("q", "k_cache", "v_cache"))
     if q.dim() != 4:
         raise RuntimeError(f"flash_attn_ext: q must be 4-D (batch, seqlen_q, nheads, headdim), got {q.dim()}-D")
     if k_cache.dim() != 4 or v_cache.dim() != 4:
@@ -196,6 +303,15 @@ def flash_attn_with_kvcache(
                          "appended keys and to q), as in flash-attn")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"flash_attn_ext: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    if fp8_call and rotary_cos is not None:
+        # Rotating e4m3 values would round the rotated k back to e4m3 (with
+        # which scale?) before it enters the cache: a requantization the
+        # caller did not ask for. Rotate before quantizing instead.
+        raise NotImplementedError(f"{fn}: rotary_cos / rotary_sin with FP8 (float8_e4m3fn) caches are not "
+                                  "supported; apply the rotary embedding to q and k before quantizing them")
+    if fp8_call and num_splits > 1:
+        raise NotImplementedError(f"{fn}: num_splits = {num_splits} with FP8 caches: the FP8 route has no split-KV "
+                                  "kernel (it runs the variable-length forward); pass 0 or 1")
     window_left, window_right = _window_sides(window_size)
     softcap = _softcap_value(softcap)
     sinks = _sinks_argument(s_aux, learnable_sink)
@@ -273,6 +389,12 @@ def flash_attn_with_kvcache(
             raise RuntimeError(f"flash_attn_ext: rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions, fewer "
                                f"than the cache holds per sequence ({capacity})")
 
+    if fp8_call:
+        # Everything the FP8 route would refuse, refused before the append
+        # writes into the cache (the 16-bit route's op checks after it).
+        _check_fp8_call(fn, q, k_cache, v_cache, k, v, cache_batch_idx, block_table,
+                        (q_descale, k_descale, v_descale))
+
     if not _ops.is_tracing() and (device.type == "cpu" or _ops.debug_checks_enabled()):
         _check_values(cache_seqlens, seqlen_new, capacity, cache_batch_idx, cache_leftpad, block_table, page_size,
                       k_cache.shape[0], k_cache.shape[0])
@@ -301,9 +423,21 @@ def flash_attn_with_kvcache(
             rows = (cache_batch_idx.long().clamp(0, k_cache.shape[0] - 1) if cache_batch_idx is not None
                     else torch.arange(batch, device=device))
             index = (rows[:, None].expand(batch, seqlen_new), pos)
-        k_cache.index_put_(index, k)
-        v_cache.index_put_(index, v)
+        if fp8_call:
+            # The bytes, as bytes: exact, and uint8 indexing exists on every
+            # device and torch release (FP8 coverage of the indexing ops has
+            # varied between releases).
+            k_cache.view(torch.uint8).index_put_(index, k.view(torch.uint8))
+            v_cache.view(torch.uint8).index_put_(index, v.view(torch.uint8))
+        else:
+            k_cache.index_put_(index, k)
+            v_cache.index_put_(index, v)
         cache_seqlens = (start + seqlen_new).to(torch.int32)
+
+    if fp8_call:
+        return _fp8_attention(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                              capacity, float(softmax_scale), bool(causal), (window_left, window_right), softcap,
+                              alibi_slopes, sinks, (q_descale, k_descale, v_descale), return_softmax_lse)
 
     q = q if q.stride(-1) == 1 or q.shape[-1] == 1 else q.contiguous()
     out, softmax_lse = _ops.call_fwd_kvcache(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad,

@@ -1,12 +1,16 @@
 """FP8 inputs (flash_attn_ext/fp8.py): float8_e4m3fn q, k and v with
-FlashAttention-3's descale factors through flash_attn_func and
-flash_attn_varlen_func (paged keys included), on every device. The output
-(bfloat16) against the float64 reference on the inputs' real values (FP8
-value x descale) under the 2x rule, with PyTorch's bfloat16 attention on the
-same values as the baseline; per-(batch, kv head), single-value and absent
-descales, GQA, causal masks, windows, zero-length sequences; and the errors
-that name a bad argument (mixed dtypes, e5m2, descales without FP8, wrong
-shape, dtype or device, a gradient, the kv-cache and SDPA functions)."""
+FlashAttention-3's descale factors through flash_attn_func,
+flash_attn_varlen_func (paged keys included) and flash_attn_with_kvcache's
+FP8 caches (every cache layout, the bytes after the append, CUDA-graph
+replay, a fullgraph trace), on every device. The output (bfloat16) against
+the float64 reference on the inputs' real values (FP8 value x descale) under
+the 2x rule, with PyTorch's bfloat16 attention on the same values as the
+baseline; per-(batch, kv head), single-value and absent descales, GQA,
+causal masks, windows, zero-length sequences; and the errors that name a bad
+argument (mixed dtypes, e5m2, descales without FP8, wrong shape, dtype or
+device, a gradient, what the kv-cache route cannot do, the SDPA function).
+On an H100/H200 the native kernel, dense, varlen and through the kv-cache
+function."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 import flash_attn_ext
 from conftest import DEVICES, assert_close_to_ref, attention_ref, poison_allocator
 from flash_attn_ext.reference import visible_mask
+from test_kvcache import Case
 
 E4M3 = torch.float8_e4m3fn
 
@@ -45,12 +50,28 @@ def descales(kind, b, hk, device):
     return tuple(torch.rand(b, hk, device=device) + 0.25 for _ in range(3))
 
 
-def check_dense(out, q8, k8, v8, ds, hk, causal=False, window=(-1, -1)):
-    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+def check_dense(out, q8, k8, v8, ds, hk, causal=False, window=(-1, -1), lse=None, name="out", **features):
+    """The dequantizing path's out (and lse) against the float64 reference on the real values under the 2x
+    rule, PyTorch's bfloat16 attention on the same values being the baseline. features: attention_ref's
+    softmax_scale, softcap, alibi_slopes, sinks."""
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any(), f"{name}: NaN or wrong dtype"
     qr, kr, vr = (real(x, d, hk) for x, d in zip((q8, k8, v8), ds))
-    ref, _ = attention_ref(qr, kr, vr, causal, window)
-    low, _ = attention_ref(*(x.to(torch.bfloat16) for x in (qr, kr, vr)), causal, window, upcast=False)
-    assert_close_to_ref(out, ref, low, "out")
+    ref, ref_lse = attention_ref(qr, kr, vr, causal, window, **features)
+    low, low_lse = attention_ref(*(x.to(torch.bfloat16) for x in (qr, kr, vr)), causal, window, upcast=False,
+                                 **features)
+    assert_close_to_ref(out, ref, low, name)
+    if lse is None:
+        return
+    # lse under the 2x rule too (the dequantizing path rounds value x descale to bf16 on CUDA, which moves
+    # the scores by up to 2^-9 relative); rows without keys (nor sink) have lse +inf.
+    assert lse.dtype == torch.float32
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite), f"{name}: rows without keys must have lse +inf"
+    if finite.any():
+        base = (low_lse.double() - ref_lse)[finite].abs().max().item()
+        err = (lse.double() - ref_lse)[finite].abs().max().item()
+        bound = 2 * base + 1e-5 * max(1.0, ref_lse[finite].abs().max().item())
+        assert err <= bound, f"{name}: lse error {err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,16 +96,7 @@ def test_fp8_window_and_lse(device):
     ds = descales("batch-head", b, hk, device)
     out, lse, _ = flash_attn_ext.flash_attn_func(q8, k8, v8, window_size=(20, 5), return_attn_probs=True,
                                                  q_descale=ds[0], k_descale=ds[1], v_descale=ds[2])
-    check_dense(out, q8, k8, v8, ds, hk, window=(20, 5))
-    # lse under the 2x rule too: PyTorch's bf16 attention on the same real values is the baseline (the
-    # dequantizing path rounds value x descale to bf16, which moves the scores by up to 2^-9 relative).
-    qr, kr, vr = (real(x, dd, hk) for x, dd in zip((q8, k8, v8), ds))
-    _, ref_lse = attention_ref(qr, kr, vr, False, (20, 5))
-    _, low_lse = attention_ref(*(x.to(torch.bfloat16) for x in (qr, kr, vr)), False, (20, 5), upcast=False)
-    assert lse.dtype == torch.float32
-    base = (low_lse.double() - ref_lse).abs().max().item()
-    err = (lse.double() - ref_lse).abs().max().item()
-    assert err <= 2 * base + 1e-5 * max(1.0, ref_lse.abs().max().item()), (err, base)
+    check_dense(out, q8, k8, v8, ds, hk, window=(20, 5), lse=lse)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,13 +166,277 @@ def test_fp8_errors(device):
             flash_attn_ext.flash_attn_func(q8, k8, v8, k_descale=good.cpu())
     with pytest.raises(NotImplementedError, match="FP8 inputs have no backward"):
         flash_attn_ext.flash_attn_func(q8.float().to(E4M3).requires_grad_(), k8, v8)
-    with pytest.raises(NotImplementedError, match="FP8 caches .k_descale. are not supported"):
-        flash_attn_ext.flash_attn_with_kvcache(qb, qb, qb, k_descale=good)
-    with pytest.raises(NotImplementedError, match="FP8 caches"):
-        flash_attn_ext.flash_attn_with_kvcache(q8, k8, v8)
     # The SDPA-compatible function takes no descales: FP8 is refused by name.
     with pytest.raises(RuntimeError, match="float8_e4m3fn"):
         flash_attn_ext.scaled_dot_product_attention(q8.transpose(1, 2), k8.transpose(1, 2), v8.transpose(1, 2))
+
+
+# ---------------------------------------------------------------- FP8 caches: flash_attn_with_kvcache
+#
+# The kv-cache function routes FP8 calls through flash_attn_varlen_func (kvcache._fp8_attention). Each
+# sequence is checked against the float64 reference on its own real keys after the append (cache
+# positions cache_leftpad[b] to cache_seqlens[b] + seqlen_new of its row or pages, value x the descales of
+# batch index b), and the cache's bytes after the append against the expected ones, exactly. The cache
+# slots outside every sequence hold NaN bytes: a kernel or a gather that reads them shows as NaN.
+
+class Fp8KvCase(Case):
+    """test_kvcache's Case (random lengths, block tables, batch rows, left padding) with e4m3 q, caches
+    and new keys (random values x 3) and descales of `kind`; every cache slot outside the sequences' keys
+    before the append holds NaN (e4m3 0x7f), the slots the append fills included."""
+
+    def __init__(self, device, kind="batch-head", **shape):
+        super().__init__(device, torch.float32, **shape)
+        to8 = lambda t: None if t is None else (t * 3).to(E4M3)  # noqa: E731
+        self.q, self.k, self.v = to8(self.q), to8(self.k), to8(self.v)
+        self.descales = descales(kind, self.batch, self.nheads_k, device)
+        for name in ("k_cache", "v_cache"):
+            values = to8(getattr(self, name)).view(torch.uint8)
+            cache = torch.full_like(values, 0x7F)
+            for b in range(self.batch):
+                keys = tuple(i[self.pad(b):self.lengths[b]] for i in self.slots(b))
+                cache[keys] = values[keys]
+            setattr(self, name, cache.view(E4M3))
+        self.k_cache0, self.v_cache0 = self.k_cache.clone(), self.v_cache.clone()
+
+    def pad(self, b):
+        return int(self.leftpad[b]) if self.leftpad is not None else 0
+
+    def slots(self, b):
+        """Where sequence b's cache positions 0 .. capacity - 1 are: (cache rows or blocks, slots)."""
+        pos = torch.arange(self.capacity, device=self.device)
+        if self.block_table is None:
+            return torch.full_like(pos, int(self.batch_idx[b]) if self.batch_idx is not None else b), pos
+        return self.block_table[b].long()[pos // self.page_size], pos % self.page_size
+
+    def run(self, **kw):
+        ds = self.descales
+        return super().run(q_descale=ds[0], k_descale=ds[1], v_descale=ds[2], **kw)
+
+    def check(self, out, lse, causal=False, window=(-1, -1), native=False, name="out", **features):
+        b_, sq, h, d = self.q.shape
+        assert out.shape == (b_, sq, h, d) and lse.shape == (b_, h, sq) and lse.dtype == torch.float32
+        # The caches' bytes: the new keys at their slots, nothing else changed.
+        expected = {"k": self.k_cache0.view(torch.uint8).clone(), "v": self.v_cache0.view(torch.uint8).clone()}
+        for b in range(self.batch):
+            if self.new:
+                at = tuple(i[self.lengths[b]:self.lengths[b] + self.new] for i in self.slots(b))
+                expected["k"][at], expected["v"][at] = self.k[b].view(torch.uint8), self.v[b].view(torch.uint8)
+        assert torch.equal(self.k_cache.view(torch.uint8), expected["k"]), f"{name}: k_cache bytes after the append"
+        assert torch.equal(self.v_cache.view(torch.uint8), expected["v"]), f"{name}: v_cache bytes after the append"
+        for b in range(self.batch):
+            keys = tuple(i[self.pad(b):self.lengths[b] + self.new] for i in self.slots(b))
+            k8, v8 = (expected[x][keys][None].view(E4M3) for x in ("k", "v"))
+            one = [x if x is None or x.numel() == 1 else x[b:b + 1] for x in self.descales]
+            kw = dict(features)
+            if kw.get("alibi_slopes") is not None and kw["alibi_slopes"].dim() == 2:
+                kw["alibi_slopes"] = kw["alibi_slopes"][b:b + 1]
+            where = f"{name}, sequence {b}"
+            if native and k8.shape[1] == 0:
+                assert (out[b] == 0).all() and torch.isinf(lse[b]).all(), f"{where}: no keys"
+            elif native:
+                check_native(out[b:b + 1], lse[b:b + 1], self.q[b:b + 1], k8, v8, one, self.nheads_k, causal,
+                             window, kw.get("softmax_scale"), name=where)
+            else:
+                check_dense(out[b:b + 1], self.q[b:b + 1], k8, v8, one, self.nheads_k, causal, window,
+                            lse=lse[b:b + 1], name=where, **kw)
+
+
+FP8_LAYOUTS = {
+    "contiguous": {},
+    "batch_idx": dict(batch_idx=True),
+    "leftpad": dict(leftpad=True),
+    "batch_idx_leftpad": dict(batch_idx=True, leftpad=True),
+    "paged1": dict(page_size=1),
+    "paged16": dict(page_size=16),
+    "paged7": dict(page_size=7),
+    "paged16_leftpad": dict(page_size=16, leftpad=True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", list(FP8_LAYOUTS))
+@pytest.mark.parametrize("kind", ["batch-head", "tensor"])
+@pytest.mark.parametrize("seqlen_q,new", [(1, 1), (1, 0), (4, 2)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp8_kvcache(device, layout, kind, seqlen_q, new, causal):
+    """Every cache layout, GQA 4/2, per-(batch, kv head) and per-tensor descales, with and without an
+    append, one and several queries."""
+    case = Fp8KvCase(device, kind, batch=3, seqlen_q=seqlen_q, new=new, capacity=70, **FP8_LAYOUTS[layout])
+    poison_allocator(device, 1 << 20)
+    out, lse = case.run(causal=causal)
+    case.check(out, lse, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "alibi_batch", "sinks", "scale", "mqa", "mha",
+                                     "no_descales"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_fp8_kvcache_features(device, feature, paged):
+    """Windows and the score features (dequantized by the varlen function), a negative softmax_scale,
+    MQA and MHA, and FP8 caches without descales; causal unless windowed."""
+    heads = {"mqa": (8, 1), "mha": (4, 4)}.get(feature, (4, 2))
+    case = Fp8KvCase(device, "none" if feature == "no_descales" else "batch-head", batch=3, seqlen_q=2, new=1,
+                     nheads=heads[0], nheads_k=heads[1], capacity=90, lengths=[70, 0, 33],
+                     page_size=16 if paged else None)
+    kw, ref = {}, {}
+    if feature == "softcap":
+        kw["softcap"] = ref["softcap"] = 2.0
+    if feature == "alibi":
+        kw["alibi_slopes"] = ref["alibi_slopes"] = torch.rand(4, device=device) * 0.3
+    if feature == "alibi_batch":
+        kw["alibi_slopes"] = ref["alibi_slopes"] = torch.rand(3, 4, device=device) * 0.3
+    if feature == "sinks":
+        kw["s_aux"] = ref["sinks"] = torch.tensor([0.5, -1.0, 3.0, float("-inf")], device=device)
+    if feature == "scale":
+        kw["softmax_scale"] = ref["softmax_scale"] = -0.05
+    window = (10, 0) if feature == "window" else (-1, -1)
+    causal = feature != "window"
+    out, lse = case.run(causal=causal, window_size=window, **kw)
+    case.check(out, lse, causal=causal, window=window, name=feature, **ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_kvcache_descales_by_sequence(device):
+    """The check fails with a wrong descale: the descales of batch index b are sequence b's (FlashAttention-3's
+    convention), not those of the cache row cache_batch_idx[b] picks, nor a neighbour's, and a v_descale
+    10% off is outside the tolerance."""
+    case = Fp8KvCase(device, "batch-head", batch=3, seqlen_q=2, new=1, capacity=60, lengths=[40, 25, 50],
+                     batch_idx=True, leftpad=True)
+    out, lse = case.run(causal=True)
+    case.check(out, lse, causal=True)
+    right = case.descales
+    wrong_seq = tuple(x.roll(1, dims=0) for x in right)
+    wrong_v = (right[0], right[1], right[2] * 1.1)
+    for wrong in (wrong_seq, wrong_v):
+        case.descales = wrong
+        with pytest.raises(AssertionError):
+            case.check(out, lse, causal=True)
+    case.descales = right
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_kvcache_num_splits_and_layouts_agree(device):
+    """num_splits 0 and 1 give one result; a paged cache holding a contiguous cache's rows gives that
+    cache's result; a strided q and a cache that is a slice of a packed buffer work."""
+    case = Fp8KvCase(device, "batch-head", batch=2, seqlen_q=3, nheads=4, nheads_k=2, capacity=48,
+                     lengths=[30, 48], page_size=16)
+    out0, lse0 = case.run(causal=True, num_splits=0)
+    out1, lse1 = case.run(causal=True, num_splits=1)
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    # The sequences' rows as a contiguous cache, k and v slices of one buffer (batch, capacity, 2, nheads_k,
+    # d); put together as bytes.
+    rows = [torch.stack([c.view(torch.uint8)[case.slots(b)] for b in range(case.batch)])
+            for c in (case.k_cache, case.v_cache)]
+    packed = torch.stack(rows, dim=2).view(E4M3)
+    q = case.q.view(torch.uint8).transpose(1, 2).contiguous().transpose(1, 2).view(E4M3)  # strided
+    assert not q.is_contiguous()
+    ds = case.descales
+    out2, lse2 = flash_attn_ext.flash_attn_with_kvcache(q, packed[:, :, 0], packed[:, :, 1],
+                                                        cache_seqlens=case.cache_seqlens, causal=True,
+                                                        return_softmax_lse=True, q_descale=ds[0], k_descale=ds[1],
+                                                        v_descale=ds[2])
+    torch.testing.assert_close(out2, out0, atol=0, rtol=0)
+    torch.testing.assert_close(lse2, lse0, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_kvcache_errors(device):
+    """What the FP8 route cannot honour raises naming it, before the append touches the cache."""
+    q8, k8, v8 = fp8_qkv(2, 1, 16, 4, 2, 32, device)
+    kn, vn = (x[:, :1].clone() for x in (k8, v8))
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    call = flash_attn_ext.flash_attn_with_kvcache
+    k0 = k8.view(torch.uint8).clone()
+    angles = torch.rand(16, 8, device=device)
+    cases = [
+        (NotImplementedError, "rotary_cos", dict(k=kn, v=vn, rotary_cos=angles.cos(), rotary_sin=angles.sin())),
+        (NotImplementedError, "num_splits = 2", dict(k=kn, v=vn, num_splits=2)),
+        (ValueError, r"k_descale must be \(batch, nheads_k\) = \(2, 2\) or one value, got shape \(2, 4\)",
+         dict(k=kn, v=vn, k_descale=torch.ones(2, 4, device=device))),
+        (TypeError, "q_descale must be float32", dict(k=kn, v=vn, q_descale=torch.ones(2, 2, device=device).half())),
+        (RuntimeError, "k must have the dtype of the cache", dict(k=kn.to(torch.bfloat16), v=vn)),
+        (NotImplementedError, "FP8 inputs have no backward",
+         dict(k=kn.float().to(E4M3).requires_grad_(), v=vn)),
+    ]
+    for error, pattern, kw in cases:
+        with pytest.raises(error, match=pattern):
+            call(q8, k8, v8, cache_seqlens=i32(3, 7), **kw)
+        assert torch.equal(k8.view(torch.uint8), k0), f"{pattern}: the cache was written before the error"
+    qb, kb = q8.to(torch.bfloat16), k8.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="q, k_cache and v_cache must all be float8_e4m3fn or none of them, got q "
+                                        "torch.float8_e4m3fn, k_cache torch.bfloat16"):
+        call(q8, kb, kb, cache_seqlens=3)
+    with pytest.raises(TypeError, match="must all be float8_e4m3fn or none of them, got q torch.bfloat16"):
+        call(qb, k8, v8, cache_seqlens=3)
+    with pytest.raises(ValueError, match="k_descale apply to float8_e4m3fn inputs only"):
+        call(qb, kb, kb, cache_seqlens=3, k_descale=torch.ones(2, 2, device=device))
+    with pytest.raises(TypeError, match="float8_e4m3fn .FlashAttention-3's., got k_cache torch.float8_e5m2"):
+        call(q8, k8.to(torch.float8_e5m2), v8, cache_seqlens=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["batch_idx_leftpad", "paged16"])
+def test_fp8_kvcache_compile_fullgraph(device, layout):
+    """torch.compile(fullgraph=True) traces an FP8 decode step whole: the route reads no tensor value on
+    the host (a .item() or a value-sized allocation would break the graph)."""
+    case = Fp8KvCase(device, "batch-head", batch=2, new=1, capacity=64, lengths=[5, 40], **FP8_LAYOUTS[layout])
+
+    def step(q, k_cache, v_cache, k, v, seqlens, batch_idx, leftpad, table, q_descale, k_descale, v_descale):
+        return flash_attn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                                      cache_batch_idx=batch_idx, cache_leftpad=leftpad,
+                                                      block_table=table, causal=True, return_softmax_lse=True,
+                                                      q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out, lse = compiled(case.q, case.k_cache, case.v_cache, case.k, case.v, case.cache_seqlens, case.batch_idx,
+                        case.leftpad, case.block_table, *case.descales)
+    case.check(out, lse, causal=True, name="compiled")
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("path", ["dequant", "native"])
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx_leftpad", "paged16", "paged16_leftpad"])
+def test_fp8_kvcache_cuda_graph(path, layout, monkeypatch):
+    """An FP8 decode step (append + attend) captured in a CUDA graph and replayed with new tokens, lengths,
+    layouts and descales copied into its buffers: the FP8 route never synchronises with the host and sizes
+    nothing from values. Both paths: dequantizing, and the native kernel where it runs (paged keys
+    without left padding never take it)."""
+    if path == "native" and (_native_available() is not None or layout == "paged16"):
+        pytest.skip(_native_available() or "paged keys take the dequantizing path")
+    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "native_strict" if path == "native" else "dequant")
+    shape = dict(batch=3, nheads=8, nheads_k=2, d=128, new=1, capacity=256, **FP8_LAYOUTS[layout])
+    first = Fp8KvCase("cuda", "batch-head", lengths=[10, 200, 0], **shape)
+    names = ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "batch_idx", "leftpad", "block_table")
+    static = {n: getattr(first, n).clone() for n in names if getattr(first, n) is not None}
+    static_ds = [x.clone() for x in first.descales]
+
+    def step():
+        return flash_attn_ext.flash_attn_with_kvcache(
+            static["q"], static["k_cache"], static["v_cache"], static["k"], static["v"],
+            cache_seqlens=static["cache_seqlens"], cache_batch_idx=static.get("batch_idx"),
+            cache_leftpad=static.get("leftpad"), block_table=static.get("block_table"), causal=True,
+            return_softmax_lse=True, q_descale=static_ds[0], k_descale=static_ds[1], v_descale=static_ds[2])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = step()
+    for lengths in ([11, 201, 1], [254, 5, 100]):
+        case = Fp8KvCase("cuda", "batch-head", lengths=lengths, **shape)
+        for n, t in static.items():  # FP8 tensors as bytes (copies of FP8 need no kernel of that dtype)
+            src = getattr(case, n)
+            (t.view(torch.uint8) if t.dtype == E4M3 else t).copy_(src.view(torch.uint8) if src.dtype == E4M3 else src)
+        for t, src in zip(static_ds, case.descales):
+            t.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        case.k_cache, case.v_cache = static["k_cache"], static["v_cache"]
+        case.check(g_out.clone(), g_lse.clone(), causal=True, native=path == "native", name=f"replay {lengths}")
 
 
 # ---------------------------------------------------------------- native FP8 forward (Hopper)
@@ -471,3 +747,35 @@ def test_fp8_native_persistent_grid(native, monkeypatch, headdim, causal):
         results[setting] = (out, lse)
     assert torch.equal(results["1"][0], results["0"][0]) and torch.equal(results["1"][1], results["0"][1])
     check_native(*results["1"], q8, k8, v8, (None, None, None), hk, causal=causal)
+
+
+@needs_native
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "leftpad", "batch_idx_leftpad", "paged16_leftpad"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp8_native_kvcache(native, d, layout, causal):
+    """flash_attn_with_kvcache's FP8 route on the native kernel (every layout it gives the kernel as
+    contiguous rows): long and empty caches, several queries, an append; the NaN bytes outside the
+    sequences sit in rows the kernel's boxes reach."""
+    case = Fp8KvCase("cuda", "batch-head", batch=3, seqlen_q=4, nheads=8, nheads_k=2, d=d, new=2, capacity=300,
+                     lengths=[0, 290, 131], **FP8_LAYOUTS[layout])
+    poison_allocator("cuda", 1 << 22)
+    out, lse = case.run(causal=causal)
+    case.check(out, lse, causal=causal, native=True)
+
+
+@needs_native
+def test_fp8_native_kvcache_paged_dequantizes(monkeypatch):
+    """A paged FP8 cache without left padding goes to the varlen function with its block table, where FP8
+    paged keys take the dequantizing path: no FP8 kernel runs, and that path's rule holds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("FLASH_ATTN_EXT_FP8_FWD", "auto")
+    case = Fp8KvCase("cuda", "batch-head", batch=2, seqlen_q=1, nheads=8, nheads_k=2, d=128, new=1, capacity=160,
+                     lengths=[100, 7], page_size=16)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out, lse = case.run(causal=True)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type.name == "CUDA" and "flash::" in e.name}
+    assert names and not any("fp8" in n for n in names), names
+    case.check(out, lse, causal=True)
