@@ -195,7 +195,7 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     fn = "flash_attn_ext.flash_attn_varlen_func"
     fp8_call = fp8.is_fp8_call(fn, q, k, v, q_descale, k_descale, v_descale)
     native = False
-    if fp8_call and q.dim() == 3 and k.dim() == 3 and v.dim() == 3:
+    if fp8_call and q.dim() == 3 and k.dim() == v.dim() == (3 if block_table is None else 4):
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         native = fp8.use_native(fn, fp8.native_fp8_reason(q, k, v, scale, softcap, alibi_slopes, sinks, dropout_p,
                                                           paged=block_table is not None))

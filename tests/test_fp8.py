@@ -633,6 +633,12 @@ def test_fp8_native_strict_refusals(native):
     q64, k64, v64 = fp8_qkv(1, 64, 64, 2, 2, 64, "cuda")
     with pytest.raises(RuntimeError, match="native_strict.*head dims q 64"):
         flash_attn_ext.flash_attn_func(q64, k64, v64)
+    # Paged keys (a 4-D k with a block_table) are refused by name too, not dequantized unseen.
+    cu = torch.tensor([0, 64], dtype=torch.int32, device="cuda")
+    table = torch.arange(4, dtype=torch.int32, device="cuda")[None]
+    with pytest.raises(RuntimeError, match="native_strict.*paged keys"):
+        flash_attn_ext.flash_attn_varlen_func(q8[0], k8.view(4, 16, 2, 128), v8.view(4, 16, 2, 128), cu, cu, 64, 64,
+                                              block_table=table)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLASH_ATTN_EXT_FP8_FWD", "auto")
         out = flash_attn_ext.flash_attn_func(q8, k8, v8, softcap=5.0)  # the dequantizing path
