@@ -76,6 +76,22 @@ def poison_allocator(device, nbytes):
     del t
 
 
+def capture_graph(step):
+    """Warms `step` up on a side stream (allocator pools, lazy init), then
+    captures one call of it in a CUDA graph; returns (graph, its outputs),
+    which each graph.replay() rewrites in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device, requires_grad=True):
     g = torch.Generator(device="cpu").manual_seed(torch.randint(0, 2**31 - 1, (1,)).item())
     mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)  # noqa: E731

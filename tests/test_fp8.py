@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import flash_attn_ext
-from conftest import DEVICES, assert_close_to_ref, attention_ref, poison_allocator
+from conftest import DEVICES, assert_close_to_ref, attention_ref, capture_graph, poison_allocator
 from flash_attn_ext.reference import visible_mask
 from test_kvcache import Case
 
@@ -417,15 +417,7 @@ def test_fp8_kvcache_cuda_graph(path, layout, monkeypatch):
             cache_leftpad=static.get("leftpad"), block_table=static.get("block_table"), causal=True,
             return_softmax_lse=True, q_descale=static_ds[0], k_descale=static_ds[1], v_descale=static_ds[2])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = step()
+    graph, (g_out, g_lse) = capture_graph(step)
     for lengths in ([11, 201, 1], [254, 5, 100]):
         case = Fp8KvCase("cuda", "batch-head", lengths=lengths, **shape)
         for n, t in static.items():  # FP8 tensors as bytes (copies of FP8 need no kernel of that dtype)

@@ -15,7 +15,7 @@ import torch
 
 import flash_attn_ext
 from flash_attn_ext import flash_attn_interface
-from conftest import DEVICES, assert_close_to_ref, attention_ref, poison_allocator
+from conftest import DEVICES, assert_close_to_ref, attention_ref, capture_graph, poison_allocator
 
 CUDA = [d for d in DEVICES if d == "cuda"]
 
@@ -442,15 +442,7 @@ def test_cuda_graph_decode_step(paged):
                                                       causal=True, return_softmax_lse=True)
 
     k0, v0 = case.k_cache.clone(), case.v_cache.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = step()
+    graph, (g_out, g_lse) = capture_graph(step)
     for lengths in ([11, 201, 1], [300, 5, 511]):
         case.k_cache.copy_(k0), case.v_cache.copy_(v0)
         case.k_cache0, case.v_cache0 = k0, v0
