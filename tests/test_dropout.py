@@ -18,8 +18,8 @@ import torch
 
 import flash_attn_ext
 from flash_attn_ext import _ops
-from conftest import (DEVICES, assert_close_to_ref, attention_ref, device_dtype_params, op_supports, poison_allocator,
-                      random_qkv)
+from conftest import (DEVICES, assert_close_to_ref, attention_ref, capture_graph, device_dtype_params, op_supports,
+                      poison_allocator, random_qkv)
 
 
 def rng_state_for(device, seed=1234, offset=5678):
@@ -414,15 +414,7 @@ def test_cuda_graph_capture():
         grads = torch.autograd.grad(out, static, dout)
         return (out,) + grads
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        results = step()
+    graph, results = capture_graph(step)
 
     def replay(seed):
         torch.manual_seed(seed)
