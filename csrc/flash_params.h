@@ -83,6 +83,15 @@ struct FlashFwdParams {
   // block per SM taking query blocks from it in order; null: one block per
   // query block (flash_fwd_sm90_ws_kernel.cuh).
   int* tile_counter = nullptr;
+  // Variable-length calls on that persistent grid: the query blocks that
+  // hold rows, listed on the device before the kernel runs
+  // (varlen_tile_list_kernel, in the same file): entry 0 their count, then
+  // each one's tile index, so that the grid never walks the blocks past a
+  // shorter sequence's end (most of them in a batch of mixed lengths).
+  // Room for tile_list_capacity entries after the count; null: the kernel
+  // walks every (batch, head, query block) of the largest sequence.
+  int* tile_list = nullptr;
+  int64_t tile_list_capacity = 0;
 
   int batch = 0;
   // Per sequence when dense; the largest lengths (max_seqlen_q / _k) varlen.

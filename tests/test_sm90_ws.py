@@ -583,6 +583,57 @@ def test_ws_persistent_varlen(ws, monkeypatch, headdim):
     check_varlen(q, k, v, seqlens, seqlens, "persistent varlen", causal=True)
 
 
+@pytest.mark.parametrize("headdim", HEADDIMS)
+def test_ws_persistent_varlen_tile_list(ws, monkeypatch, headdim):
+    """The list of query blocks that hold rows (varlen_tile_list_kernel): more sequences than the list
+    kernel takes at a time (1024), empty ones among them, a few long ones (many blocks a head), query
+    and key lengths that differ per sequence, GQA, windows. A block missing from the list leaves its
+    rows at zero (lse +inf), so the grids agree only if the list holds every block."""
+    gen = torch.Generator().manual_seed(11)
+    n = 1100
+    seqlens_q = [int(x) for x in torch.randint(0, 300, (n,), generator=gen)]
+    seqlens_k = [int(x) for x in torch.randint(0, 300, (n,), generator=gen)]
+    for i, (lq, lk) in zip((5, 517, 1030, n - 1), ((2100, 1900), (0, 700), (1500, 0), (3000, 3000))):
+        seqlens_q[i], seqlens_k[i] = lq, lk
+    q = randn(sum(seqlens_q), 4, headdim, dtype=torch.bfloat16)
+    k = randn(sum(seqlens_k), 2, headdim, dtype=torch.bfloat16)
+    v = randn(sum(seqlens_k), 2, headdim, dtype=torch.bfloat16)
+    for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (300, 40))):
+        (o_p, l_p), (o_1, l_1) = _persistent_pair(
+            monkeypatch, lambda: varlen_fwd(q, k, v, seqlens_q, seqlens_k, causal, window))
+        assert not o_p.isnan().any()
+        assert torch.equal(o_p, o_1) and torch.equal(l_p, l_1), f"causal={causal} window={window}"
+
+
+def test_ws_persistent_varlen_cuda_graph(ws, monkeypatch):
+    """The tile list is built inside the captured work: a replay with new sequence lengths (the same
+    total and largest length) lists that replay's blocks."""
+    monkeypatch.setenv(PERSISTENT_ENV, "1")
+    total, longest, h = 4000, 1500, 8
+    q, k, v = (randn(total, h, 128, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.zeros(6, dtype=torch.int32, device="cuda")
+
+    def set_lengths(lengths):
+        assert sum(lengths) == total and max(lengths) == longest
+        cu.copy_(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32))
+
+    def call():
+        with torch.no_grad():
+            out, lse, _ = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True,
+                                                                return_attn_probs=True)
+        return out, lse
+
+    set_lengths([1500, 100, 900, 1500, 0])
+    graph, (out, lse) = captured(call)
+    for lengths in ([0, 1500, 1, 1000, 1499], [1500, 1500, 1000, 0, 0], [700, 700, 1500, 600, 500]):
+        set_lengths(lengths)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected, expected_lse = call()
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse), f"lengths {lengths}"
+
+
 def test_ws_persistent_cuda_graph(ws, monkeypatch):
     """The counter is zeroed inside the captured work: every replay runs every query block once."""
     monkeypatch.setenv(PERSISTENT_ENV, "1")

@@ -236,17 +236,27 @@ inline int num_row_chunks(const FlashKvcacheParams& p, int rows_per_block) {
 //    kMinSplitKeys or more: the blocks of a single wave finish unevenly,
 //    many short waves even out. Batch 8, 32 heads, 32k: 8 splits 1.00x (1:
 //    0.98x); 128k: 16 splits 1.00x (1: 0.98x; 8: 0.99x); 4k stays at 1.
+//  * several waves of splits longer than kLongSplitKeys whose last wave is
+//    under kThinTailFill full: the long count too, so that the thin last
+//    wave is short. Measured in the tenth session (each count against
+//    cuDNN in one process; results/h200_2026-12-03_session10_decode_splits.log):
+//    batch 64, 32 heads (2048 blocks, 7.8 waves, the last 76% full), 32k:
+//    1 split 0.99x, 2 1.01x, 4 1.02x, 8 1.02x; batch 64, 8 kv heads (512
+//    blocks, the last wave 94% full), 32k: 1 split 1.005x, 4 0.98x, 8
+//    0.99x, so a nearly full last wave keeps 1; at 4k (splits of 4k keys
+//    already) 1 split reads 1.00x, 2 0.99x.
 // The lengths are the capacity's: a cache much longer than its sequences
 // gets the splits of a full one (mostly empty splits, and their combine).
 // A paged cache keeps the plain two-per-SM fill rule: a block reading pages
 // issues one copy per page and needs the second block per SM to hide their
-// latency. With the two rules above, the seventh session's full table
+// latency. With the first two rules above, the seventh session's full table
 // (benchmarks/results/h200_2026-12-03_session7_decode_before_paged_rule.json) read paged-16 at 0.71-0.79x of contiguous for one
 // sequence and for GQA batch 8 (page 256: 0.95-0.96x), against 0.96-0.97x
 // (page 256: 0.99x) with the fill rule in the fourth session's.
 inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int per_sm, bool paged) {
   constexpr int64_t kLongSplitKeys = 16384, kMinSplitKeys = 4096;
   constexpr int kMaxLongSplits = 16;
+  constexpr double kThinTailFill = 0.85;
   const int max_splits = std::max(1, std::min(tiles, 256));
   auto smallest_filling = [&](int64_t slots) {
     auto fill = [&](int s) {
@@ -265,7 +275,10 @@ inline int choose_splits(int64_t base, int tiles, int tile_keys, int sms, int pe
   if (base < sms) return smallest_filling(sms);
   int splits = smallest_filling(slots);
   const int64_t keys = static_cast<int64_t>(tiles) * tile_keys;
-  if (base * splits <= slots && keys / splits > kLongSplitKeys) {
+  const int64_t blocks = base * splits, tail = blocks % slots;
+  const bool one_wave = blocks <= slots;
+  const bool thin_tail = !one_wave && tail != 0 && static_cast<double>(tail) < kThinTailFill * slots;
+  if ((one_wave || thin_tail) && keys / splits > kLongSplitKeys) {
     const int64_t longest = std::min<int64_t>(kMaxLongSplits, keys / kMinSplitKeys);
     splits = static_cast<int>(std::min<int64_t>(std::max<int64_t>(splits, longest), max_splits));
   }

@@ -171,6 +171,7 @@ std::tuple<Tensor, Tensor> fwd_fp8_cuda(const Tensor& q_in, const Tensor& k_in, 
       make_tile_counter(q, flash::sm90::fwd_persistent_head_dim(static_cast<int>(head_dim)) &&
                                flash::sm90::fwd_persistent(),
                         &params.tile_counter);  // a persistent grid
+  const std::optional<Tensor> tile_list = make_varlen_tile_list(q, params);
 #ifdef FLASH_ATTN_EXT_HDIM_128
   if (head_dim == 128) run_flash_fwd_sm90_ws<__nv_fp8_e4m3, 128>(params, stream);
 #endif

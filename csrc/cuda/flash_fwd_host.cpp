@@ -98,6 +98,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda_impl(const Tensor& q_in, const Tenso
   // persistent grid; launch_ws.cuh).
   const std::optional<Tensor> tile_counter =
       make_tile_counter(q_in, flash::sm90::fwd_wants_tile_counter(padded), &params.tile_counter);
+  const std::optional<Tensor> tile_list = make_varlen_tile_list(q_in, params);
 
   const cudaStream_t stream = cuda.stream();
   dispatch_dtype(dtype, [&](auto element) {

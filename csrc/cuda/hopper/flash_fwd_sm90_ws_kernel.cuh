@@ -212,6 +212,81 @@ __device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int pa
   named_barrier_sync(T::kTailBarrier, 128 * T::kConsumerWGs);
 }
 
+// Fills p.tile_list (flash_params.h) for query blocks of kBlockM rows: entry
+// 0 the number of blocks that hold rows, then their tile indices (the
+// numbering of the kernel's Tile, below) in the order the kernel walks tiles -- by
+// sequence, then head, the heaviest block first -- clamped to the list's
+// room. One block of kTileListThreads threads takes the sequences a chunk
+// at a time: their block counts are scanned in shared memory, then all the
+// threads write the chunk's entries together (a 128k-token sequence has
+// 1024 blocks a head, too many for one thread to write while the
+// attention waits).
+constexpr int kTileListThreads = 1024;
+template <int kBlockM>
+__global__ void __launch_bounds__(kTileListThreads) varlen_tile_list_kernel(const FlashFwdParams p) {
+  __shared__ int first[kTileListThreads + 1];  // the chunk's sequences' first block (of one head)
+  __shared__ int warp_sums[kTileListThreads / 32];
+  static_assert(kTileListThreads / 32 == 32, "one warp scans the warps' sums");
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t heads = p.nheads;
+  int64_t done = 0;  // blocks (of one head) of the earlier chunks
+  for (int chunk = 0; chunk < p.batch; chunk += kTileListThreads) {
+    const int b = chunk + tid;
+    int blocks = 0;
+    if (b < p.batch) blocks = min((SeqInfo(p, b).seqlen_q + kBlockM - 1) / kBlockM, num_m_blocks);
+    int sum = blocks;  // inclusive scan: the warp's, then the warps'
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xFFFFFFFFu, sum, o);
+      if (lane >= o) sum += y;
+    }
+    if (lane == 31) warp_sums[warp] = sum;
+    __syncthreads();
+    if (warp == 0) {
+      int w = warp_sums[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
+        if (lane >= o) w += y;
+      }
+      warp_sums[lane] = w;
+    }
+    __syncthreads();
+    first[tid + 1] = sum + (warp > 0 ? warp_sums[warp - 1] : 0);
+    if (tid == 0) first[0] = 0;
+    __syncthreads();
+    const int count = min(kTileListThreads, p.batch - chunk);
+    const int64_t entries = int64_t(first[count]) * heads;
+    for (int64_t e = tid; e < entries; e += kTileListThreads) {
+      // The chunk's sequence s holding entry e: the last with first[s] * heads
+      // <= e (among sequences that share a first block, the one with blocks).
+      int lo = 0, hi = count - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (int64_t(first[mid]) * heads <= e) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      const int s = lo, own = first[s + 1] - first[s];
+      const int64_t local = e - int64_t(first[s]) * heads;
+      const int64_t h = local / own, i = local % own;  // i = 0: the sequence's last (heaviest) block
+      const int64_t index = done * heads + e;
+      if (index < p.tile_list_capacity) {
+        p.tile_list[1 + index] = static_cast<int>((int64_t(chunk + s) * heads + h) * num_m_blocks + num_m_blocks - own + i);
+      }
+    }
+    done += first[count];
+    __syncthreads();  // every thread has read `first` before the next chunk writes it
+  }
+  if (tid == 0) {
+    const int64_t listed = done * heads;
+    p.tile_list[0] = static_cast<int>(listed < p.tile_list_capacity ? listed : p.tile_list_capacity);
+  }
+}
+
 template <typename T, typename Rule, bool kVarlen>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(const __grid_constant__ WsFwdParams pw) {
 #ifdef FLASH_SM90_ENABLED
@@ -232,7 +307,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   // (causal), so short ones fill the tail. The producer takes them one
   // after another -- blockIdx.x first, then, with p.tile_counter (a
   // persistent grid of one block per SM), the next one not yet taken,
-  // from the counter -- and hands each to the consumers through the slot
+  // from the counter (or, varlen, from p.tile_list at the counter's
+  // position) -- and hands each to the consumers through the slot
   // and Q's barrier. A persistent block loads the next query block's Q and
   // first K / V blocks while its consumers finish the current one (its last
   // P V and the epilogue), which a grid of one block per query block leaves
@@ -288,7 +364,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     tma_prefetch_map(&pw.tma_k);
     tma_prefetch_map(&pw.tma_v);
     int loaded = 0;  // key blocks loaded so far: block `loaded` goes to stage loaded % kStages
-    int tile = blockIdx.x;
+    // Variable-length calls with a tile list (flash_params.h): the grid's
+    // blocks and the counter walk the list's entries, and a tile index past
+    // them (num_tiles) ends the grid.
+    const int* list = kVarlen && T::kPersistent ? p.tile_list : nullptr;
+    const int listed = list != nullptr ? list[0] : 0;
+    auto tile_at = [&](int v) { return list == nullptr ? v : (v < listed ? list[1 + v] : num_tiles); };
+    int tile = tile_at(blockIdx.x);
     for (int round = 0;; ++round) {
       if constexpr (T::kPersistent) {
         // The consumers are done with the previous tile's Q (and the slot).
@@ -306,8 +388,9 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       const int count = t.count();
       // The tile after this one, fetched now so that the atomic's latency
       // hides under this tile's loads.
-      const int next =
-          T::kPersistent && p.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(p.tile_counter, 1) : num_tiles;
+      const int next = T::kPersistent && p.tile_counter != nullptr
+                           ? tile_at(int(gridDim.x) + atomicAdd(p.tile_counter, 1))
+                           : num_tiles;
       if (t.past_end() || count <= 0) {
         mbar_arrive(bar_q);  // nothing to load: the consumers skip it or write an empty block
       } else {

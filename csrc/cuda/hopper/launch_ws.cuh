@@ -138,9 +138,17 @@ void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stre
   // With a tile counter, a persistent grid: one block per SM (the kernel's
   // shared memory and registers allow no second one), each taking query
   // blocks until none is left.
-  const int64_t grid = T::kPersistent && params.fwd.tile_counter != nullptr
-                           ? std::min<int64_t>(tiles, current_device_props().num_sms)
-                           : tiles;
+  const bool persistent = T::kPersistent && params.fwd.tile_counter != nullptr;
+  const int64_t grid = persistent ? std::min<int64_t>(tiles, current_device_props().num_sms) : tiles;
+  if constexpr (kVarlen && T::kPersistent) {
+    // The query blocks that hold rows, listed before the kernel walks them
+    // (flash_params.h, tile_list).
+    if (persistent && params.fwd.tile_list != nullptr) {
+      static_assert(T::kBlockM >= 64, "make_varlen_tile_list sizes the list for blocks of 64 rows or more");
+      sm90::varlen_tile_list_kernel<T::kBlockM><<<1, sm90::kTileListThreads, 0, stream>>>(params.fwd);
+      FLASH_CUDA_LAUNCH_CHECK();
+    }
+  }
   kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
 }
