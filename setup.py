@@ -137,9 +137,10 @@ def cpu_isa_flags():
     return flags
 
 
-def write_build_config(isa_flags, fp8_head_dims=()) -> None:
+def write_build_config(isa_flags, fp8_head_dims=(), cuda_restricted=False) -> None:
     """Records, for flash_attn_ext/_ops.py, the CPU features the build needs (as /proc/cpuinfo names them),
-    and, for flash_attn_ext/fp8.py, the head dims with a native FP8 forward."""
+    for flash_attn_ext/fp8.py, the head dims with a native FP8 forward, and, for the tests
+    (tests/conftest.py), whether FLASH_ATTN_EXT_HDIMS / _DTYPES / _DIRECTIONS left CUDA kernels out."""
     features = tuple(f[2:] for f in isa_flags if f.startswith("-m") and "=" not in f)
     with open(os.path.join(HERE, "flash_attn_ext", "_build_config.py"), "w") as f:
         f.write(
@@ -148,6 +149,8 @@ def write_build_config(isa_flags, fp8_head_dims=()) -> None:
             f"CPU_FEATURES = {features!r}\n"
             "# Head dims of the native FP8 (e4m3) forward on Hopper compiled in (empty: FP8 dequantizes).\n"
             f"FP8_FWD_HEAD_DIMS = {tuple(fp8_head_dims)!r}\n"
+            "# Whether FLASH_ATTN_EXT_HDIMS / _DTYPES / _DIRECTIONS restricted the CUDA kernels.\n"
+            f"CUDA_KERNELS_RESTRICTED = {bool(cuda_restricted)!r}\n"
         )
 
 
@@ -197,7 +200,8 @@ def extensions():
     dtypes = env_list("FLASH_ATTN_EXT_DTYPES", ALL_DTYPES, str)
     directions = env_list("FLASH_ATTN_EXT_DIRECTIONS", ALL_DIRECTIONS, str)
     fp8_hdims = [d for d in FP8_HDIMS if d in hdims] if has_sm90a and "e4m3" in dtypes and "fwd" in directions else []
-    write_build_config(cpu_isa_flags(), fp8_hdims)
+    restricted = (set(hdims), set(dtypes), set(directions)) != (set(ALL_HDIMS), set(ALL_DTYPES), set(ALL_DIRECTIONS))
+    write_build_config(cpu_isa_flags(), fp8_hdims, restricted)
     cuda_dir = os.path.join(HERE, "csrc", "cuda")
     # checks.cpp (input validation, params filling) is linked into both libraries.
     sources = [os.path.join("csrc", "checks.cpp")]

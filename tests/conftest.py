@@ -101,6 +101,36 @@ def random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, devi
     return q, k, v
 
 
+def _cuda_kernels_restricted() -> bool:
+    try:
+        from flash_attn_ext._build_config import CUDA_KERNELS_RESTRICTED
+    except ImportError:  # no build record, or one from before it recorded this
+        return False
+    return bool(CUDA_KERNELS_RESTRICTED)
+
+
+# What the ops raise for a kernel the build does not have.
+MISSING_KERNEL = ("not compiled in this build", "no CUDA kernel compiled")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A build restricted by FLASH_ATTN_EXT_HDIMS / _DTYPES / _DIRECTIONS
+    (setup.py; for iterating on a GPU) lacks kernels that tests call: a test
+    that fails only for that is reported as skipped, naming the kernel. A full
+    build (CI's wheel, tools/gpu_check.sh) has every kernel, so there such an
+    error stays a failure: it would mean a call dispatched to a kernel that
+    no build instantiates."""
+    outcome = yield
+    report = outcome.get_result()
+    if (call.when == "call" and report.failed and call.excinfo is not None
+            and call.excinfo.errisinstance(RuntimeError)
+            and any(m in str(call.excinfo.value) for m in MISSING_KERNEL) and _cuda_kernels_restricted()):
+        report.outcome = "skipped"
+        reason = str(call.excinfo.value).splitlines()[0][:200]
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: not in this restricted build: {reason}")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different, reported seed per test: inputs are fresh random numbers
