@@ -86,8 +86,9 @@ struct FlashFwdParams {
   // Variable-length calls on that persistent grid: the query blocks that
   // hold rows, listed on the device before the kernel runs
   // (varlen_tile_list_kernel, in the same file): entry 0 their count, then
-  // each one's tile index, so that the grid never walks the blocks past a
-  // shorter sequence's end (most of them in a batch of mixed lengths).
+  // each one's tile index, the longest sequences first, so that the grid
+  // never walks the blocks past a shorter sequence's end (most of them in a
+  // batch of mixed lengths) and ends on light tiles.
   // Room for tile_list_capacity entries after the count; null: the kernel
   // walks every (batch, head, query block) of the largest sequence.
   int* tile_list = nullptr;

@@ -214,9 +214,16 @@ __device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int pa
 
 // Fills p.tile_list (flash_params.h) for query blocks of kBlockM rows: entry
 // 0 the number of blocks that hold rows, then their tile indices (the
-// numbering of the kernel's Tile, below) in the order the kernel walks tiles -- by
-// sequence, then head, the heaviest block first -- clamped to the list's
-// room. One block of kTileListThreads threads takes the sequences a chunk
+// numbering of the kernel's Tile, below), clamped to the list's room. The
+// order: the longest sequences first -- by levels, the sequences whose
+// block count has its highest set bit at the level, from the top level
+// down -- and within a level by sequence, head, the heaviest block first.
+// In sequence order, a long causal sequence near the end of the batch left
+// its heaviest blocks (as many key blocks as the sequence has) among the
+// grid's last tiles while the other blocks of the grid ran out of work; by
+// levels the last tiles are the short sequences' light ones. Sequences
+// stay whole, so the tiles running at once share few (batch, head) K / V
+// (L2). One block of kTileListThreads threads takes the sequences a chunk
 // at a time: their block counts are scanned in shared memory, then all the
 // threads write the chunk's entries together (a 128k-token sequence has
 // 1024 blocks a head, too many for one thread to write while the
@@ -230,56 +237,73 @@ __global__ void __launch_bounds__(kTileListThreads) varlen_tile_list_kernel(cons
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t heads = p.nheads;
-  int64_t done = 0;  // blocks (of one head) of the earlier chunks
-  for (int chunk = 0; chunk < p.batch; chunk += kTileListThreads) {
-    const int b = chunk + tid;
-    int blocks = 0;
-    if (b < p.batch) blocks = min((SeqInfo(p, b).seqlen_q + kBlockM - 1) / kBlockM, num_m_blocks);
-    int sum = blocks;  // inclusive scan: the warp's, then the warps'
+  auto blocks_of = [&](int b) { return min((SeqInfo(p, b).seqlen_q + kBlockM - 1) / kBlockM, num_m_blocks); };
+  // The top level: the highest set bit of the largest block count.
+  int most = 0;
+  for (int b = tid; b < p.batch; b += kTileListThreads) most = max(most, blocks_of(b));
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xFFFFFFFFu, sum, o);
-      if (lane >= o) sum += y;
-    }
-    if (lane == 31) warp_sums[warp] = sum;
-    __syncthreads();
-    if (warp == 0) {
-      int w = warp_sums[lane];
+  for (int o = 16; o > 0; o >>= 1) most = max(most, __shfl_xor_sync(0xFFFFFFFFu, most, o));
+  if (lane == 0) warp_sums[warp] = most;
+  __syncthreads();
+  most = warp_sums[lane];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) most = max(most, __shfl_xor_sync(0xFFFFFFFFu, most, o));
+  __syncthreads();  // every thread has its maximum before warp_sums is reused
+  const int top = most > 0 ? 31 - __clz(most) : -1;
+  int64_t done = 0;  // blocks (of one head) listed so far
+  for (int level = top; level >= 0; --level) {
+    for (int chunk = 0; chunk < p.batch; chunk += kTileListThreads) {
+      const int b = chunk + tid;
+      int blocks = b < p.batch ? blocks_of(b) : 0;
+      if (blocks == 0 || 31 - __clz(blocks) != level) blocks = 0;  // another level's
+      int sum = blocks;  // inclusive scan: the warp's, then the warps'
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
-        if (lane >= o) w += y;
+        const int y = __shfl_up_sync(0xFFFFFFFFu, sum, o);
+        if (lane >= o) sum += y;
       }
-      warp_sums[lane] = w;
-    }
-    __syncthreads();
-    first[tid + 1] = sum + (warp > 0 ? warp_sums[warp - 1] : 0);
-    if (tid == 0) first[0] = 0;
-    __syncthreads();
-    const int count = min(kTileListThreads, p.batch - chunk);
-    const int64_t entries = int64_t(first[count]) * heads;
-    for (int64_t e = tid; e < entries; e += kTileListThreads) {
-      // The chunk's sequence s holding entry e: the last with first[s] * heads
-      // <= e (among sequences that share a first block, the one with blocks).
-      int lo = 0, hi = count - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (int64_t(first[mid]) * heads <= e) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
+      if (lane == 31) warp_sums[warp] = sum;
+      __syncthreads();
+      if (warp == 0) {
+        int w = warp_sums[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
+          if (lane >= o) w += y;
+        }
+        warp_sums[lane] = w;
+      }
+      __syncthreads();
+      first[tid + 1] = sum + (warp > 0 ? warp_sums[warp - 1] : 0);
+      if (tid == 0) first[0] = 0;
+      __syncthreads();
+      const int count = min(kTileListThreads, p.batch - chunk);
+      const int64_t entries = int64_t(first[count]) * heads;
+      for (int64_t e = tid; e < entries; e += kTileListThreads) {
+        // The chunk's sequence s holding entry e: the last with first[s] *
+        // heads <= e (among sequences that share a first block, the one with
+        // blocks at this level).
+        int lo = 0, hi = count - 1;
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (int64_t(first[mid]) * heads <= e) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
+        }
+        const int s = lo, own = first[s + 1] - first[s];
+        const int64_t local = e - int64_t(first[s]) * heads;
+        const int64_t h = local / own, i = local % own;  // i = 0: the sequence's last (heaviest) block
+        const int64_t index = done * heads + e;
+        if (index < p.tile_list_capacity) {
+          p.tile_list[1 + index] =
+              static_cast<int>((int64_t(chunk + s) * heads + h) * num_m_blocks + num_m_blocks - own + i);
         }
       }
-      const int s = lo, own = first[s + 1] - first[s];
-      const int64_t local = e - int64_t(first[s]) * heads;
-      const int64_t h = local / own, i = local % own;  // i = 0: the sequence's last (heaviest) block
-      const int64_t index = done * heads + e;
-      if (index < p.tile_list_capacity) {
-        p.tile_list[1 + index] = static_cast<int>((int64_t(chunk + s) * heads + h) * num_m_blocks + num_m_blocks - own + i);
-      }
+      done += first[count];
+      __syncthreads();  // every thread has read `first` before the next chunk writes it
     }
-    done += first[count];
-    __syncthreads();  // every thread has read `first` before the next chunk writes it
   }
   if (tid == 0) {
     const int64_t listed = done * heads;
