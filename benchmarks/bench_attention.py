@@ -77,7 +77,9 @@ DIRECTIONS = ("fwd", "bwd", "fwdbwd")
 # kernel under its name; narrow / wide: the warp-specialized forward's key
 # blocks for plain calls at head dim 256, FLASH_ATTN_EXT_SM90_FWD_TILES;
 # persistent / per-tile: the warp-specialized forward's persistent grid or one
-# block per query block, FLASH_ATTN_EXT_SM90_FWD_PERSISTENT).
+# block per query block, FLASH_ATTN_EXT_SM90_FWD_PERSISTENT; groups /
+# no-groups: a causal call's (batch, head)s in groups a wave wide, block-major
+# within a group, or each in turn, FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS).
 _WS = {"FLASH_ATTN_EXT_SM90_FWD": "ws_strict", "FLASH_ATTN_EXT_SM90_BWD": "ws_strict"}
 SM90_KERNELS = {
     "classic": {"FLASH_ATTN_EXT_SM90_FWD": "classic", "FLASH_ATTN_EXT_SM90_BWD": "classic"},
@@ -86,9 +88,11 @@ SM90_KERNELS = {
     "wide": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "wide"},
     "persistent": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT": "1"},
     "per-tile": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT": "0"},
+    "groups": {**_WS, "FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS": "1"},
+    "no-groups": {**_WS, "FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS": "0"},
 }
 SM90_ENV = ("FLASH_ATTN_EXT_SM90_FWD", "FLASH_ATTN_EXT_SM90_BWD", "FLASH_ATTN_EXT_SM90_FWD_TILES",
-            "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT")
+            "FLASH_ATTN_EXT_SM90_FWD_PERSISTENT", "FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS")
 
 
 def is_ours(name):

@@ -83,16 +83,20 @@ struct FlashFwdParams {
   // block per SM taking query blocks from it in order; null: one block per
   // query block (flash_fwd_sm90_ws_kernel.cuh).
   int* tile_counter = nullptr;
-  // Variable-length calls on that persistent grid: the query blocks that
-  // hold rows, listed on the device before the kernel runs
-  // (varlen_tile_list_kernel, in the same file): entry 0 their count, then
-  // each one's tile index, the longest sequences first, so that the grid
-  // never walks the blocks past a shorter sequence's end (most of them in a
-  // batch of mixed lengths) and ends on light tiles.
+  // Variable-length calls on the Hopper kernels: the blocks that hold rows,
+  // listed on the device before the kernel runs (cuda/tile_list.cuh): entry
+  // 0 their count, then each one's tile index, the longest sequences first,
+  // so that the grid never walks the blocks past a shorter sequence's end
+  // (most of them in a batch of mixed lengths) and ends on light tiles. The
+  // persistent forward's counter walks its query blocks; the warp-
+  // specialized backward has a block per entry of its key blocks' list.
   // Room for tile_list_capacity entries after the count; null: the kernel
-  // walks every (batch, head, query block) of the largest sequence.
+  // walks every (batch, head, block) of the largest sequence.
   int* tile_list = nullptr;
   int64_t tile_list_capacity = 0;
+  // The least rows of a listed block, which the host sizes the lists by
+  // (cuda/tile_counter.h; the launchers assert their tiles' sizes).
+  static constexpr int kListedQueryBlockMinRows = 64, kListedKeyBlockMinRows = 128;
 
   int batch = 0;
   // Per sequence when dense; the largest lengths (max_seqlen_q / _k) varlen.

@@ -650,6 +650,41 @@ def test_ws_persistent_cuda_graph(ws, monkeypatch):
         assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
 
 
+GROUPS_ENV = "FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS"
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("persistent", ["1", "0"], ids=["persistent", "per-tile"])
+def test_ws_causal_groups(ws, monkeypatch, headdim, persistent):
+    """FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS=1: a causal call's (batch, head)s in groups a wave wide, each
+    group's tiles block-major (the last group narrower when the heads do not divide): the same tiles in
+    another order, so the same bits as each (batch, head) in turn -- on the persistent grid, whose
+    counter walks the order, and on one block per tile (head dim 256's), whose block index does. A tile
+    taken twice or never would leave NaN (the poisoned output) or another head's rows."""
+    monkeypatch.setenv(PERSISTENT_ENV, persistent)
+    for (b, sq, sk, h, hk), causal in (((3, 700, 900, 5, 1), True), ((7, 1000, 600, 3, 3), True),
+                                       ((1, 2100, 2100, 4, 2), True), ((2, 500, 500, 4, 2), False)):
+        q = randn(b, sq, h, headdim, dtype=torch.bfloat16)
+        k, v = (randn(b, sk, hk, headdim, dtype=torch.bfloat16) for _ in range(2))
+        results = {}
+        for groups in ("1", "0"):
+            monkeypatch.setenv(GROUPS_ENV, groups)
+            poison_allocator(q.device, q.numel() * q.element_size())
+            results[groups] = fwd(q, k, v, causal=causal)
+        (o_1, l_1), (o_0, l_0) = results["1"], results["0"]
+        assert not o_1.isnan().any(), f"{(b, sq, sk, h, hk)}"
+        assert torch.equal(o_1, o_0) and torch.equal(l_1, l_0), f"{(b, sq, sk, h, hk)} causal={causal}"
+    monkeypatch.setenv(GROUPS_ENV, "1")
+    check(q, k, v, "causal groups", causal=True)
+
+
+def test_bad_groups_value(ws, monkeypatch):
+    monkeypatch.setenv(GROUPS_ENV, "yes")
+    q = randn(1, 300, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=GROUPS_ENV + " must be 0 or 1"):
+        fwd(q, q, q, causal=True)
+
+
 def test_bad_persistent_value(ws, monkeypatch):
     monkeypatch.setenv(PERSISTENT_ENV, "yes")
     q = randn(1, 16, 2, 128, dtype=torch.bfloat16)

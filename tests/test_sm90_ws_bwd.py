@@ -25,6 +25,8 @@ head dims or dtypes a restricted build left out.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -35,6 +37,7 @@ if torch.cuda.get_device_capability() != (9, 0):
                 allow_module_level=True)
 
 import flash_attn_ext  # noqa: E402
+from flash_attn_ext import _ops  # noqa: E402
 from conftest import assert_close_to_ref, attention_ref, poison_allocator, random_qkv  # noqa: E402
 from test_score_features import check_features, random_features  # noqa: E402
 from test_varlen import check_varlen, cu_of  # noqa: E402
@@ -308,6 +311,138 @@ def test_ws_bwd_varlen_matches_classic(monkeypatch, headdim, dropout_p):
         assert torch.isfinite(a).all(), name
         scale = b.float().abs().max().item()
         assert (a.float() - b.float()).abs().max().item() <= 4 * torch.finfo(torch.bfloat16).eps * scale, name
+
+
+ORDER_ENV = "FLASH_ATTN_EXT_SM90_BWD_ORDER"
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (200, 30))],
+                         ids=["full", "causal", "window"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ws_bwd_varlen_key_tile_list(ws, monkeypatch, headdim, causal, window, deterministic):
+    """Variable-length calls run one block per entry of the list of key blocks that hold rows
+    (cuda/tile_list.cuh), in both of its orders: more sequences than the list kernel takes at a time
+    (1024), empty ones (no queries, no keys, neither), a few long ones (many key blocks a head, several
+    levels), Sq != Sk per sequence, GQA. Against the grid over the largest sequence's key blocks
+    (ORDER=grid): a key block missing from the list leaves its dK / dV rows at zero, one listed twice
+    doubles them. dk and dv bitwise (each key block sums its query blocks in a fixed order, whichever
+    SM runs it); dq bitwise without atomics, else within the rounding of its fp32 reductions' order."""
+    g = torch.Generator().manual_seed(21)
+    n = 1100
+    lens_q = [int(x) for x in torch.randint(0, 300, (n,), generator=g)]
+    lens_k = [int(x) for x in torch.randint(0, 300, (n,), generator=g)]
+    for i, (lq, lk) in zip((3, 400, 1027, 1050, n - 1), ((1900, 2100), (0, 900), (700, 0), (0, 0), (2500, 2500))):
+        lens_q[i], lens_k[i] = lq, lk
+    cu_q, cu_k = cu_of(lens_q, "cuda"), cu_of(lens_k, "cuda")
+    torch.manual_seed(4)
+    q = torch.randn(sum(lens_q), 4, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, headdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    kw = dict(causal=causal, window_size=window, deterministic=deterministic)
+    grads = {}
+    for order in ("grid", "list", "list-across"):
+        monkeypatch.setenv(ORDER_ENV, order)
+        poison_allocator(q.device, 8 * q.numel() * q.element_size())
+        grads[order] = _varlen_grads(q, k, v, dout, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+    for order in ("list", "list-across"):
+        for name, a, b in zip(("dq", "dk", "dv"), grads[order], grads["grid"]):
+            what = f"{order} causal={causal} window={window}: {name}"
+            assert torch.isfinite(a).all(), what
+            if name == "dq" and not deterministic:
+                tol = 4 * torch.finfo(a.dtype).eps * max(b.float().abs().max().item(), 1e-6)
+                assert (a.float() - b.float()).abs().max().item() <= tol, what
+            else:
+                assert torch.equal(a, b), what
+    rows_k = cu_k.tolist()
+    assert grads["list"][1][rows_k[n - 1]:rows_k[n]].abs().amax() > 0, "the longest sequence's dk is zero"
+
+
+def test_ws_bwd_varlen_key_tile_list_cuda_graph(ws, monkeypatch):
+    """The key-block list is built inside the captured work: a replay with new sequence lengths (the
+    same total and largest length) lists that replay's blocks and matches an eager call."""
+    monkeypatch.setenv(ORDER_ENV, "list")
+    total, longest, h, d = 3000, 1200, 4, 128
+    torch.manual_seed(8)
+    q, k, v, dout = (torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    cu = torch.zeros(5, dtype=torch.int32, device="cuda")
+    scale = d ** -0.5
+
+    def set_lengths(lengths):
+        assert sum(lengths) == total and max(lengths) == longest
+        cu.copy_(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32))
+
+    def call():
+        out, lse, _ = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True,
+                                                            return_attn_probs=True)
+        empty = lse.new_empty((0,))
+        dq, dk, dv, _ = run_or_skip(lambda: _ops.varlen_bwd(dout, q, k, v, out, lse, empty, None, cu, cu, None,
+                                                            longest, longest, scale, True, -1, 0, False))
+        return dq, dk, dv
+
+    set_lengths([1200, 100, 500, 1200])
+    call()  # warm-up (kernel attributes, allocator) outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        grads = call()
+    torch.cuda.current_stream().wait_stream(stream)
+    for lengths in ([0, 1200, 600, 1200], [599, 1200, 1, 1200], [1200, 1200, 600, 0]):
+        set_lengths(lengths)
+        for t in grads:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = call()
+        for name, a, b in zip(("dq", "dk", "dv"), grads, expected):
+            assert torch.isfinite(a).all(), f"{lengths}: {name}"
+            tol = 4 * torch.finfo(a.dtype).eps * max(b.float().abs().max().item(), 1e-6)
+            assert (a.float() - b.float()).abs().max().item() <= tol, f"{lengths}: {name}"
+
+
+def test_ws_bwd_bad_order_value(monkeypatch):
+    lens = [100, 300]
+    cu = cu_of(lens, "cuda")
+    q, k, v = (torch.randn(sum(lens), 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = run_or_skip(lambda: flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True))
+    monkeypatch.setenv(ORDER_ENV, "lpt")
+    with pytest.raises(RuntimeError, match=ORDER_ENV + " must be list, list-across or grid"):
+        out.sum().backward()
+
+
+GROUPS_ENV = "FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS"
+
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ws_bwd_causal_groups(ws, monkeypatch, headdim, deterministic):
+    """FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS=1: a causal call's key blocks in groups of (batch, head)s a wave
+    wide, block-major within a group: the same blocks as each (batch, head)'s in turn, so dk and dv
+    bitwise, dq bitwise without atomics (else to the rounding of its reductions' order). A block run
+    twice would double its dK / dV, one never run leave the poisoned allocator's NaN."""
+    for (b, sq, sk, h, hk) in ((3, 700, 900, 5, 1), (7, 1000, 600, 3, 3), (1, 1100, 1100, 4, 2)):
+        q, k, v = random_qkv(b, sq, sk, h, hk, headdim, torch.bfloat16, "cuda")
+        dout = torch.randn(b, sq, h, headdim, device="cuda", dtype=torch.bfloat16)
+        grads = {}
+        for groups in ("1", "0"):
+            monkeypatch.setenv(GROUPS_ENV, groups)
+            poison_allocator(q.device, 4 * q.numel() * q.element_size())
+            out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v, causal=True,
+                                                                     deterministic=deterministic))
+            grads[groups] = torch.autograd.grad(out, (q, k, v), dout)
+        for name, a, c in zip(("dq", "dk", "dv"), grads["1"], grads["0"]):
+            what = f"{(b, sq, sk, h, hk)}: {name}"
+            assert torch.isfinite(a).all(), what
+            if name == "dq" and not deterministic:
+                tol = 4 * torch.finfo(a.dtype).eps * max(c.float().abs().max().item(), 1e-6)
+                assert (a.float() - c.float()).abs().max().item() <= tol, what
+            else:
+                assert torch.equal(a, c), what
+    monkeypatch.setenv(GROUPS_ENV, "1")
+    run_or_skip(lambda: check_features(q, k, v, causal=True, deterministic=deterministic))
 
 
 def test_ws_bwd_strict_names_what_it_cannot_take(monkeypatch):

@@ -46,7 +46,8 @@ VARLEN_CASES = [
     ([9, 70], [33, 300], 2, 2, 64, True, "paged"),
     ([5, 6], [5, 6], 2, 2, 64, False, "out-of-range"),
     ([700, 0, 1, 1290, 65, 900] * 4, [650, 3, 1, 1290, 200, 900] * 4, 8, 2, 128, True, None),  # persistent, varlen
-    # More sequences than the persistent grid's tile-list kernel takes at a time (1024).
+    # More sequences than the tile-list kernel takes at a time (1024): the persistent forward's
+    # list of query blocks and the Hopper backward's of key blocks.
     ([(i * 37) % 150 for i in range(1030)] + [700], [(i * 53) % 150 for i in range(1030)] + [650], 2, 1, 128, True,
      None),
     ([600] * 40, [600] * 40, 4, 2, 128, True, "overlapping"),
@@ -89,8 +90,9 @@ def run_varlen(lens_q, lens_k, H, Hk, D, causal, extra, dtype):
         max_q = max_k = 2048
     elif extra == "overlapping":
         # Sequences that overlap (cumulative lengths going down and up again):
-        # more query blocks than q's rows can hold, which the persistent
-        # grid's tile list clamps to its room.
+        # more query (key) blocks than q's (k's) rows can hold, which the
+        # persistent forward's (the Hopper backward's) tile list clamps to
+        # its room.
         q, k, v = (t[:600].detach().requires_grad_() for t in (q, k, v))
         cu_q = cu_k = torch.tensor([0, 600] * (len(lens_q) // 2) + [0], dtype=torch.int32, device="cuda")
     out = flash_attn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, **kw)

@@ -208,11 +208,12 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #endif
 }
 
-// What every backward kernel derives from its block index: blockIdx.x
-// enumerates (batch, head, block) with the block (of kBlock rows along the
-// longest sequence's keys or queries) fastest, so neighbouring blocks read
-// the same tiles from L2 and one flat index has no 65535 limit on batch *
-// heads. Also the sequence (seq_info.h), the base pointers of its rows in
+// What every backward kernel derives from its block index: blockIdx.x (or
+// the tile index a kernel derives from it: the Hopper backward's list of a
+// variable-length call's key blocks, launch_bwd_ws.cuh) enumerates (batch, head, block) with the block
+// (of kBlock rows along the longest sequence's keys or queries) fastest, so
+// neighbouring blocks read the same tiles from L2 and one flat index has no
+// 65535 limit on batch * heads. Also the sequence (seq_info.h), the base pointers of its rows in
 // the inputs, and the offset of this (sequence, head)'s LSE / D vectors.
 // Blocks past the end of a shorter sequence (varlen) have nothing to do:
 // `past_end` tells the kernel to return.
@@ -223,10 +224,12 @@ struct BwdBlock {
   const Element *q, *dout, *k, *v;
   int64_t row_bh;  // lse_offset of (b, h)
 
-  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int block_rows, int max_rows) {
+  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int block_rows, int max_rows)
+      : BwdBlock(p, block_rows, max_rows, int(blockIdx.x)) {}
+  __device__ __forceinline__ BwdBlock(const FlashBwdParams& p, int block_rows, int max_rows, int tile) {
     const int num_blocks = (max_rows + block_rows - 1) / block_rows;
-    block = blockIdx.x % num_blocks;
-    const int bh = blockIdx.x / num_blocks;
+    block = tile % num_blocks;
+    const int bh = tile / num_blocks;
     h = bh % p.nheads, b = bh / p.nheads;
     hk = h / (p.nheads / p.nheads_k);
     seq = SeqInfo(p, b);

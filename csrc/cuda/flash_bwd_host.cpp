@@ -19,6 +19,7 @@
 #include "cuda_context.h"
 #include "dispatch.h"
 #include "flash_launch.h"
+#include "tile_counter.h"
 
 namespace flash_attn_ext {
 namespace {
@@ -145,6 +146,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(
     params.dq_accum = static_cast<float*>(dq_accum->data_ptr());
   }
   params.softmax_d = static_cast<float*>(softmax_d->data_ptr());
+  // Variable-length calls on the Hopper backward: the list of key blocks
+  // that hold rows (tile_counter.h), a few KB.
+  const std::optional<Tensor> key_tile_list = make_varlen_key_tile_list(q, params, padded);
 
   dispatch_bwd(dtype, padded, Phase1{params, cuda.stream()});  // deterministic: all of it
 

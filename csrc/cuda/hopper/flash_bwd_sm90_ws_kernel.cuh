@@ -67,6 +67,7 @@
 #include "../../mask.h"
 #include "../flash_bwd_common.cuh"
 #include "../score_rule.cuh"
+#include "../tile_list.cuh"
 #include "flash_bwd_sm90_kernel.cuh"  // probs_t, dscores_t, pack_p_operand, store_packed_sw128
 #include "sync.cuh"
 #include "tma.cuh"
@@ -80,6 +81,9 @@ namespace sm90 {
 struct WsBwdParams {
   CUtensorMap tma_q, tma_do, tma_k, tma_v, tma_dq;
   FlashBwdParams bwd;
+  // Dense causal calls: (batch, head)s in groups this wide, block-major
+  // within a group (tile_list.cuh's group_block_major); 0: each in turn.
+  int group_width = 0;
 };
 
 template <typename Element_, int kHeadDim_, int kStages_>
@@ -249,7 +253,20 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   const uint32_t bar_kv = s_base + T::kBarOff, full = bar_kv + 8, empty = full + 8 * kStages;  // + 8 * stage
   const uint32_t bar_tail = empty + 8 * kStages;  // kVarlen
 
-  const BwdBlock<Element> blk(p, kBlockN, p.seqlen_k);  // one key block
+  // The block's key block: blockIdx.x in BwdBlock's order, or in groups
+  // of heads (group_width), or a variable-length call's entry of the list
+  // of those that hold rows (launch_bwd_ws.cuh; the blocks past its count
+  // have none).
+  int tile = blockIdx.x;
+  if constexpr (kVarlen) {
+    if (p.tile_list != nullptr) {
+      if (tile >= p.tile_list[0]) return;
+      tile = p.tile_list[1 + tile];
+    }
+  } else if (pw.group_width > 0) {
+    tile = group_block_major(tile, (p.seqlen_k + kBlockN - 1) / kBlockN, p.batch * p.nheads, pw.group_width);
+  }
+  const BwdBlock<Element> blk(p, kBlockN, p.seqlen_k, tile);  // one key block
   const int b = blk.b, h = blk.h;
   const int n0 = blk.block * kBlockN;
   if (kVarlen && n0 >= blk.seq.seqlen_k) return;  // past the end of a shorter sequence

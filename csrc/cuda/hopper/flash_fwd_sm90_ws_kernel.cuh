@@ -91,6 +91,7 @@
 #include "../../seq_info.h"
 #include "../score_rule.cuh"
 #include "../softmax.cuh"
+#include "../tile_list.cuh"
 #include "flash_fwd_sm90_kernel.cuh"  // gemm_qk, gemm_pv: the same products
 #include "sm90_dispatch.cuh"           // fwd_persistent_head_dim
 #include "sync.cuh"
@@ -106,6 +107,9 @@ namespace sm90 {
 struct WsFwdParams {
   CUtensorMap tma_q, tma_k, tma_v;  // 64-byte aligned by their type
   FlashFwdParams fwd;
+  // Dense causal calls: (batch, head)s in groups this wide, block-major
+  // within a group (tile_list.cuh's group_block_major); 0: each in turn.
+  int group_width = 0;
 };
 
 template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2>
@@ -212,105 +216,6 @@ __device__ __forceinline__ void zero_v_tail(uint32_t sV, uint32_t full_v, int pa
   named_barrier_sync(T::kTailBarrier, 128 * T::kConsumerWGs);
 }
 
-// Fills p.tile_list (flash_params.h) for query blocks of kBlockM rows: entry
-// 0 the number of blocks that hold rows, then their tile indices (the
-// numbering of the kernel's Tile, below), clamped to the list's room. The
-// order: the longest sequences first -- by levels, the sequences whose
-// block count has its highest set bit at the level, from the top level
-// down -- and within a level by sequence, head, the heaviest block first.
-// In sequence order, a long causal sequence near the end of the batch left
-// its heaviest blocks (as many key blocks as the sequence has) among the
-// grid's last tiles while the other blocks of the grid ran out of work; by
-// levels the last tiles are the short sequences' light ones. Sequences
-// stay whole, so the tiles running at once share few (batch, head) K / V
-// (L2). One block of kTileListThreads threads takes the sequences a chunk
-// at a time: their block counts are scanned in shared memory, then all the
-// threads write the chunk's entries together (a 128k-token sequence has
-// 1024 blocks a head, too many for one thread to write while the
-// attention waits).
-constexpr int kTileListThreads = 1024;
-template <int kBlockM>
-__global__ void __launch_bounds__(kTileListThreads) varlen_tile_list_kernel(const FlashFwdParams p) {
-  __shared__ int first[kTileListThreads + 1];  // the chunk's sequences' first block (of one head)
-  __shared__ int warp_sums[kTileListThreads / 32];
-  static_assert(kTileListThreads / 32 == 32, "one warp scans the warps' sums");
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int64_t heads = p.nheads;
-  auto blocks_of = [&](int b) { return min((SeqInfo(p, b).seqlen_q + kBlockM - 1) / kBlockM, num_m_blocks); };
-  // The top level: the highest set bit of the largest block count.
-  int most = 0;
-  for (int b = tid; b < p.batch; b += kTileListThreads) most = max(most, blocks_of(b));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) most = max(most, __shfl_xor_sync(0xFFFFFFFFu, most, o));
-  if (lane == 0) warp_sums[warp] = most;
-  __syncthreads();
-  most = warp_sums[lane];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) most = max(most, __shfl_xor_sync(0xFFFFFFFFu, most, o));
-  __syncthreads();  // every thread has its maximum before warp_sums is reused
-  const int top = most > 0 ? 31 - __clz(most) : -1;
-  int64_t done = 0;  // blocks (of one head) listed so far
-  for (int level = top; level >= 0; --level) {
-    for (int chunk = 0; chunk < p.batch; chunk += kTileListThreads) {
-      const int b = chunk + tid;
-      int blocks = b < p.batch ? blocks_of(b) : 0;
-      if (blocks == 0 || 31 - __clz(blocks) != level) blocks = 0;  // another level's
-      int sum = blocks;  // inclusive scan: the warp's, then the warps'
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xFFFFFFFFu, sum, o);
-        if (lane >= o) sum += y;
-      }
-      if (lane == 31) warp_sums[warp] = sum;
-      __syncthreads();
-      if (warp == 0) {
-        int w = warp_sums[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
-          if (lane >= o) w += y;
-        }
-        warp_sums[lane] = w;
-      }
-      __syncthreads();
-      first[tid + 1] = sum + (warp > 0 ? warp_sums[warp - 1] : 0);
-      if (tid == 0) first[0] = 0;
-      __syncthreads();
-      const int count = min(kTileListThreads, p.batch - chunk);
-      const int64_t entries = int64_t(first[count]) * heads;
-      for (int64_t e = tid; e < entries; e += kTileListThreads) {
-        // The chunk's sequence s holding entry e: the last with first[s] *
-        // heads <= e (among sequences that share a first block, the one with
-        // blocks at this level).
-        int lo = 0, hi = count - 1;
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) / 2;
-          if (int64_t(first[mid]) * heads <= e) {
-            lo = mid;
-          } else {
-            hi = mid - 1;
-          }
-        }
-        const int s = lo, own = first[s + 1] - first[s];
-        const int64_t local = e - int64_t(first[s]) * heads;
-        const int64_t h = local / own, i = local % own;  // i = 0: the sequence's last (heaviest) block
-        const int64_t index = done * heads + e;
-        if (index < p.tile_list_capacity) {
-          p.tile_list[1 + index] =
-              static_cast<int>((int64_t(chunk + s) * heads + h) * num_m_blocks + num_m_blocks - own + i);
-        }
-      }
-      done += first[count];
-      __syncthreads();  // every thread has read `first` before the next chunk writes it
-    }
-  }
-  if (tid == 0) {
-    const int64_t listed = done * heads;
-    p.tile_list[0] = static_cast<int>(listed < p.tile_list_capacity ? listed : p.tile_list_capacity);
-  }
-}
-
 template <typename T, typename Rule, bool kVarlen>
 __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(const __grid_constant__ WsFwdParams pw) {
 #ifdef FLASH_SM90_ENABLED
@@ -340,6 +245,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int num_tiles = num_m_blocks * p.batch * p.nheads;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+  // The tile of the grid's v-th take (v >= num_tiles: none left).
+  auto ordered = [&](int v) {
+    return !kVarlen && pw.group_width > 0 && v < num_tiles
+               ? group_block_major(v, num_m_blocks, p.batch * p.nheads, pw.group_width)
+               : v;
+  };
 
   // Everything a tile's loop needs, from its index: (batch, head, query
   // block), the sequence's lengths and the key blocks it visits. Dense
@@ -393,7 +304,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
     // them (num_tiles) ends the grid.
     const int* list = kVarlen && T::kPersistent ? p.tile_list : nullptr;
     const int listed = list != nullptr ? list[0] : 0;
-    auto tile_at = [&](int v) { return list == nullptr ? v : (v < listed ? list[1 + v] : num_tiles); };
+    auto tile_at = [&](int v) { return list == nullptr ? ordered(v) : (v < listed ? list[1 + v] : num_tiles); };
     int tile = tile_at(blockIdx.x);
     for (int round = 0;; ++round) {
       if constexpr (T::kPersistent) {
@@ -518,7 +429,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
       if (tile < 0) break;
     } else {
       if (round > 0) break;
-      tile = blockIdx.x;
+      tile = ordered(blockIdx.x);
       mbar_wait(bar_q, 0);
     }
     const Tile t(p, tile, num_m_blocks);

@@ -16,6 +16,7 @@
 
 #include "../cuda_check.h"
 #include "../device_props.cuh"
+#include "../tile_list.cuh"
 #include "../variants.h"
 #include "flash_bwd_sm90_ws_kernel.cuh"
 #include "sm90_dispatch.cuh"
@@ -76,16 +77,37 @@ const char* encode_ws_bwd_maps(WsBwdParams& ws, const FlashBwdParams& p) {
 
 }  // namespace sm90
 
+// The grid: one block per key block of the largest sequence, in
+// BwdBlock's order (each (batch, head)'s key blocks in turn, so that
+// neighbours share Q and dO in L2). Variable-length calls with
+// cu_seqlens_k instead run one block per entry of the list of their key
+// blocks that hold rows (cuda/tile_list.cuh, written by a one-block kernel
+// first on the stream; FLASH_ATTN_EXT_SM90_BWD_ORDER): over the largest
+// sequence's grid most blocks of a batch of mixed lengths lay past their
+// sequence's end, and a long causal sequence late in the batch started its
+// heaviest blocks last.
 template <typename T>
-void launch_flash_bwd_sm90_ws(const sm90::WsBwdParams& ws, cudaStream_t stream) {
+void launch_flash_bwd_sm90_ws(sm90::WsBwdParams& ws, cudaStream_t stream) {
   const FlashBwdParams& p = ws.bwd;
   const int64_t num_n_blocks = (p.seqlen_k + T::kBlockN - 1) / T::kBlockN;
-  const int64_t grid = num_n_blocks * p.batch * p.nheads;
-  FLASH_CHECK(grid < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
+  const bool listed = sm90::ws_bwd_varlen(p) && p.tile_list != nullptr;
+  const int64_t grid = listed ? p.tile_list_capacity : num_n_blocks * p.batch * p.nheads;
+  FLASH_CHECK(num_n_blocks * p.batch * p.nheads < (int64_t(1) << 31), "flash_attn_ext: backward grid too large");
   // Variable-length calls have no bias (the varlen ops take none): the
   // kernel would index it, and dbias, densely.
   FLASH_CHECK(!sm90::ws_bwd_varlen(p) || (p.bias == nullptr && p.dbias == nullptr),
               "flash_attn_ext: a bias with variable-length sequences");
+  ws.group_width = sm90::ws_bwd_varlen(p) ? 0 : sm90::causal_group_width(p, num_n_blocks, current_device_props().num_sms);
+  if (listed) {
+    static_assert(T::kBlockN >= FlashFwdParams::kListedKeyBlockMinRows, "make_varlen_key_tile_list's room");
+    if (grid == 0) return;
+    if (sm90::bwd_varlen_order() == sm90::BwdVarlenOrder::kListAcross) {
+      varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocksAcrossHeads><<<1, kTileListThreads, 0, stream>>>(p);
+    } else {
+      varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocks><<<1, kTileListThreads, 0, stream>>>(p);
+    }
+    FLASH_CUDA_LAUNCH_CHECK();
+  }
   auto launch = [&](auto varlen, auto features) {
     constexpr bool kVarlen = decltype(varlen)::value;
     constexpr int kFeatures = decltype(features)::value;

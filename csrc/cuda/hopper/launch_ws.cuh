@@ -24,6 +24,7 @@
 #include "../device_props.cuh"
 #include "../flash_launch.h"
 #include "../score_rule.cuh"
+#include "../tile_list.cuh"
 #include "../variants.h"
 #include "flash_fwd_sm90_ws_kernel.cuh"
 #include "sm90_dispatch.cuh"
@@ -129,7 +130,7 @@ bool sm90_fwd_takes_hd256_plain_tiles(const FlashFwdParams& params) {
 }
 
 template <typename T, typename Rule, bool kVarlen>
-void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stream) {
+void launch_flash_fwd_sm90_ws(sm90::WsFwdParams& params, cudaStream_t stream) {
   auto kernel = &sm90::flash_fwd_sm90_ws_kernel<T, Rule, kVarlen>;
   set_smem_limit(kernel, T::kSmemBytes);
   const int64_t num_m_blocks = (params.fwd.seqlen_q + T::kBlockM - 1) / T::kBlockM;
@@ -145,10 +146,11 @@ void launch_flash_fwd_sm90_ws(const sm90::WsFwdParams& params, cudaStream_t stre
     // (flash_params.h, tile_list).
     if (persistent && params.fwd.tile_list != nullptr) {
       static_assert(T::kBlockM >= 64, "make_varlen_tile_list sizes the list for blocks of 64 rows or more");
-      sm90::varlen_tile_list_kernel<T::kBlockM><<<1, sm90::kTileListThreads, 0, stream>>>(params.fwd);
+      varlen_tile_list_kernel<T::kBlockM, TileListSide::kQueryBlocks><<<1, kTileListThreads, 0, stream>>>(params.fwd);
       FLASH_CUDA_LAUNCH_CHECK();
     }
   }
+  params.group_width = kVarlen ? 0 : sm90::causal_group_width(params.fwd, num_m_blocks, current_device_props().num_sms);
   kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
 }
