@@ -322,7 +322,7 @@ ORDER_ENV = "FLASH_ATTN_EXT_SM90_BWD_ORDER"
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_ws_bwd_varlen_key_tile_list(ws, monkeypatch, headdim, causal, window, deterministic):
     """Variable-length calls run one block per entry of the list of key blocks that hold rows
-    (cuda/tile_list.cuh), in both of its orders: more sequences than the list kernel takes at a time
+    (cuda/tile_list.cuh): more sequences than the list kernel takes at a time
     (1024), empty ones (no queries, no keys, neither), a few long ones (many key blocks a head, several
     levels), Sq != Sk per sequence, GQA. Against the grid over the largest sequence's key blocks
     (ORDER=grid): a key block missing from the list leaves its dK / dV rows at zero, one listed twice
@@ -342,11 +342,11 @@ def test_ws_bwd_varlen_key_tile_list(ws, monkeypatch, headdim, causal, window, d
     dout = torch.randn_like(q)
     kw = dict(causal=causal, window_size=window, deterministic=deterministic)
     grads = {}
-    for order in ("grid", "list", "list-across"):
+    for order in ("grid", "list"):
         monkeypatch.setenv(ORDER_ENV, order)
         poison_allocator(q.device, 8 * q.numel() * q.element_size())
         grads[order] = _varlen_grads(q, k, v, dout, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
-    for order in ("list", "list-across"):
+    for order in ("list",):
         for name, a, b in zip(("dq", "dk", "dv"), grads[order], grads["grid"]):
             what = f"{order} causal={causal} window={window}: {name}"
             assert torch.isfinite(a).all(), what
@@ -409,7 +409,7 @@ def test_ws_bwd_bad_order_value(monkeypatch):
                for _ in range(3))
     out = run_or_skip(lambda: flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True))
     monkeypatch.setenv(ORDER_ENV, "lpt")
-    with pytest.raises(RuntimeError, match=ORDER_ENV + " must be list, list-across or grid"):
+    with pytest.raises(RuntimeError, match=ORDER_ENV + " must be list or grid"):
         out.sum().backward()
 
 

@@ -21,10 +21,8 @@
 //    without that sharing, under what the tensor cores need;
 //  * key side (kKeyBlocks, the backward): by head, each head's first
 //    (causal: heaviest, it meets every query) key block first, likewise for
-//    the heads' Q and dO;
-//  * kKeyBlocksAcrossHeads: by key block, every head's first key block
-//    before any head's second (longest processing time first within the
-//    sequence; measured against kKeyBlocks, FLASH_ATTN_EXT_SM90_BWD_ORDER).
+//    the heads' Q and dO (every head's first key block before any head's
+//    second measured 0.98-0.99x: perf-notes step 10).
 //
 // One block of kTileListThreads threads takes the sequences a chunk at a
 // time: their block counts are scanned in shared memory, then all the
@@ -40,7 +38,7 @@
 
 namespace flash {
 
-enum class TileListSide { kQueryBlocks, kKeyBlocks, kKeyBlocksAcrossHeads };
+enum class TileListSide { kQueryBlocks, kKeyBlocks };
 
 constexpr int kTileListThreads = 1024;
 
@@ -121,9 +119,7 @@ __global__ void __launch_bounds__(kTileListThreads) varlen_tile_list_kernel(cons
         const int s = lo, own = first[s + 1] - first[s];
         const int64_t local = e - int64_t(first[s]) * heads;
         // i = 0: the sequence's heaviest block (query side: its last).
-        constexpr bool kAcross = kSide == TileListSide::kKeyBlocksAcrossHeads;
-        const int64_t h = kAcross ? local % heads : local / own;
-        const int64_t i = kAcross ? local / heads : local % own;
+        const int64_t h = local / own, i = local % own;
         const int64_t block = kQuery ? num_blocks - own + i : i;
         const int64_t index = done * heads + e;
         if (index < p.tile_list_capacity) {

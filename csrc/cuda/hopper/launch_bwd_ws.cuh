@@ -79,7 +79,11 @@ const char* encode_ws_bwd_maps(WsBwdParams& ws, const FlashBwdParams& p) {
 
 // The grid: one block per key block of the largest sequence, in
 // BwdBlock's order (each (batch, head)'s key blocks in turn, so that
-// neighbours share Q and dO in L2). Variable-length calls with
+// neighbours share Q and dO in L2), or for causal dense calls in groups of
+// (batch, head)s a wave wide, block-major within a group
+// (sm90_dispatch.cuh's causal_group_width): every head of the last group
+// starts its first key block, which meets every query, before any starts
+// its second. Variable-length calls with
 // cu_seqlens_k instead run one block per entry of the list of their key
 // blocks that hold rows (cuda/tile_list.cuh, written by a one-block kernel
 // first on the stream; FLASH_ATTN_EXT_SM90_BWD_ORDER): over the largest
@@ -97,15 +101,12 @@ void launch_flash_bwd_sm90_ws(sm90::WsBwdParams& ws, cudaStream_t stream) {
   // kernel would index it, and dbias, densely.
   FLASH_CHECK(!sm90::ws_bwd_varlen(p) || (p.bias == nullptr && p.dbias == nullptr),
               "flash_attn_ext: a bias with variable-length sequences");
-  ws.group_width = sm90::ws_bwd_varlen(p) ? 0 : sm90::causal_group_width(p, num_n_blocks, current_device_props().num_sms);
+  ws.group_width =
+      sm90::ws_bwd_varlen(p) ? 0 : sm90::causal_group_width(p, num_n_blocks, current_device_props().num_sms, true);
   if (listed) {
     static_assert(T::kBlockN >= FlashFwdParams::kListedKeyBlockMinRows, "make_varlen_key_tile_list's room");
     if (grid == 0) return;
-    if (sm90::bwd_varlen_order() == sm90::BwdVarlenOrder::kListAcross) {
-      varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocksAcrossHeads><<<1, kTileListThreads, 0, stream>>>(p);
-    } else {
-      varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocks><<<1, kTileListThreads, 0, stream>>>(p);
-    }
+    varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocks><<<1, kTileListThreads, 0, stream>>>(p);
     FLASH_CUDA_LAUNCH_CHECK();
   }
   auto launch = [&](auto varlen, auto features) {

@@ -150,7 +150,12 @@ void launch_flash_fwd_sm90_ws(sm90::WsFwdParams& params, cudaStream_t stream) {
       FLASH_CUDA_LAUNCH_CHECK();
     }
   }
-  params.group_width = kVarlen ? 0 : sm90::causal_group_width(params.fwd, num_m_blocks, current_device_props().num_sms);
+  // Causal dense calls in groups of (batch, head)s a wave wide, block-major
+  // within a group (sm90_dispatch.cuh's causal_group_width; by default at
+  // head dim 128, 16-bit, only: the measured ones).
+  params.group_width = kVarlen ? 0
+                               : sm90::causal_group_width(params.fwd, num_m_blocks, current_device_props().num_sms,
+                                                          T::kHeadDim == 128 && !T::kFp8);
   kernel<<<dim3(grid), T::kNThreads, T::kSmemBytes, stream>>>(params);
   FLASH_CUDA_LAUNCH_CHECK();
 }

@@ -91,37 +91,43 @@ inline KernelChoice bwd_kernel_choice() { return kernel_choice("FLASH_ATTN_EXT_S
 // How the warp-specialized backward's grid covers a variable-length call's
 // key blocks (FLASH_ATTN_EXT_SM90_BWD_ORDER, developer-only, read on every
 // call): list or unset (one block per entry of the list of the key blocks
-// that hold rows, cuda/tile_list.cuh: the longest sequences first, each
-// head's blocks in turn), list-across (the same list, every head's first
-// key block before any head's second within a sequence), or grid (every key
-// block of the largest sequence's grid, each (batch, head)'s in turn: the
-// order before; for comparing them in one process).
-enum class BwdVarlenOrder { kList, kListAcross, kGrid };
-inline BwdVarlenOrder bwd_varlen_order() {
+// that hold rows, cuda/tile_list.cuh: the longest sequences first), or grid
+// (every key block of the largest sequence's grid, each (batch, head)'s in
+// turn: the order before; for comparing the two in one process).
+inline bool bwd_varlen_list() {
   const char* env = std::getenv("FLASH_ATTN_EXT_SM90_BWD_ORDER");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "list") == 0) return BwdVarlenOrder::kList;
-  if (std::strcmp(env, "list-across") == 0) return BwdVarlenOrder::kListAcross;
-  if (std::strcmp(env, "grid") == 0) return BwdVarlenOrder::kGrid;
-  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD_ORDER must be list, list-across or grid, got '", env,
-                       "'");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "list") == 0) return true;
+  if (std::strcmp(env, "grid") == 0) return false;
+  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD_ORDER must be list or grid, got '", env, "'");
 }
 
-// Dense causal calls on the warp-specialized kernels: each (batch, head)'s
-// blocks in turn (0 or unset), or groups of (batch, head)s about a wave of
-// the grid wide, block-major within a group (1; cuda/tile_list.cuh,
-// group_block_major). FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS, developer-only,
-// read on every call, for comparing the two in one process.
-inline bool causal_groups() {
+// Dense causal calls on the warp-specialized kernels: groups of (batch,
+// head)s about a wave of the grid wide, block-major within a group
+// (cuda/tile_list.cuh, group_block_major), or each (batch, head)'s blocks in
+// turn. FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS (developer-only, read on every
+// call, for comparing the two in one process): unset for the default (the
+// backward, and the 16-bit forward at head dim 128, in groups), 1 for groups in
+// every kernel, 0 for none. Measured in one process (H200, bf16, causal,
+// B x S = 16k, H x D = 2048, perf-notes step 10): the backward 1.00-1.02x
+// at head dim 64 and 1.02-1.06x at 128; the forward 1.02-1.03x at 128 but
+// 0.97-1.00x at 64, which keeps each head in turn.
+enum class CausalGroups { kDefault, kOn, kOff };
+inline CausalGroups causal_groups() {
   const char* env = std::getenv("FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return false;
-  if (std::strcmp(env, "1") == 0) return true;
-  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS must be 0 or 1, got '", env, "'");
+  if (env == nullptr || env[0] == '\0') return CausalGroups::kDefault;
+  if (std::strcmp(env, "1") == 0) return CausalGroups::kOn;
+  if (std::strcmp(env, "0") == 0) return CausalGroups::kOff;
+  flash_attn_ext::fail("flash_attn_ext: FLASH_ATTN_EXT_SM90_CAUSAL_GROUPS must be 0 or 1 (or unset), got '", env,
+                       "'");
 }
 // The group width for a dense call of `num_blocks` blocks a (batch, head)
 // on a grid of `slots` blocks at once: 0 (each head in turn) unless causal
-// without a left window and the switch is on.
-inline int causal_group_width(const FlashFwdParams& p, int64_t num_blocks, int64_t slots) {
-  if (p.window_right < 0 || p.window_left >= 0 || num_blocks <= 1 || !causal_groups()) return 0;
+// without a left window and groups are on (by default where
+// `groups_by_default`).
+inline int causal_group_width(const FlashFwdParams& p, int64_t num_blocks, int64_t slots, bool groups_by_default) {
+  if (p.window_right < 0 || p.window_left >= 0 || num_blocks <= 1) return 0;
+  const CausalGroups choice = causal_groups();
+  if (choice == CausalGroups::kOff || (choice == CausalGroups::kDefault && !groups_by_default)) return 0;
   const int64_t width = slots / num_blocks;
   return width >= 2 ? static_cast<int>(width) : 0;
 }
