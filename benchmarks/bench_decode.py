@@ -45,35 +45,9 @@ import flash_attn_ext  # noqa: E402,F401
 HEADS, HEAD_DIM, DTYPE = 32, 128, torch.bfloat16
 
 
-def graph_time_ms(fn, reps, trials=5):
-    """Median per-call time (ms) of fn, `reps` calls captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
 def try_time(fn, reps):
     try:
-        return graph_time_ms(fn, reps), None
+        return common.graph_time_ms(fn, reps), None
     except Exception as e:  # a backend that refuses the shape, or runs out of memory
         torch.cuda.synchronize()
         return None, common.short_error(e)

@@ -12,6 +12,8 @@ sequences of 4 * Sq * Sk * H * D (halved when causal), for:
   dense-loop    our dense kernel on each sequence alone (one launch each);
   dense-equal   our dense kernel on a batch of equal-length sequences with
                 the same total work (what long uniform batches reach);
+                the forwards of varlen and dense-equal are also timed in
+                CUDA graphs (the GPU's time alone, a second table);
   sdpa-<name>   PyTorch SDPA (FLASH, CUDNN, EFFICIENT) on the zero-padded
                 batch, with a boolean key-padding mask where the backend takes
                 one (FLASH takes none: it computes the padded batch whole).
@@ -47,6 +49,10 @@ def mixed_lengths(total, lo, hi, seed):
         lengths.append(n)
     lengths += [lo] * ((total - sum(lengths)) // lo)
     return [lengths[i] for i in torch.randperm(len(lengths), generator=g).tolist()]
+
+
+# Also timed in CUDA graphs (forward, no autograd): the kernels' own rate.
+GRAPHED = ("varlen", "dense-equal")
 
 
 def time_ms(fn, backward):
@@ -158,9 +164,19 @@ def main():
                     row[f"{direction}_tflops"] = mult * flops / ms / 1e9
                 except Exception as e:  # a backend that declines the shape
                     row[f"{direction}_error"] = str(e).splitlines()[0][:120]
+            if name in GRAPHED:
+                # The forward's GPU time alone: a varlen call's host work
+                # (Python, autograd, the tile list's allocation) can exceed a
+                # causal forward's GPU time on a slow host core.
+                def no_grad(fn=fn):
+                    with torch.no_grad():
+                        return fn()
+                ms = common.graph_time_ms(no_grad, 20)
+                row["fwd_graph_ms"] = ms
+                row["fwd_graph_tflops"] = flops / ms / 1e9
             rows.append(row)
     ref = {(r["causal"]): r for r in rows if r["impl"] == "dense-grouped"}
-    print(f"| impl | causal | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd / dense-grouped | fwd+bwd / dense-grouped |")
+    print("| impl | causal | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd / dense-grouped | fwd+bwd / dense-grouped |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         e = ref[r["causal"]]
@@ -171,6 +187,14 @@ def main():
         cell = lambda x: f"{x:.1f}" if x is not None else r.get("fwd_error", "-")  # noqa: E731
         print(f"| {r['impl']} | {int(r['causal'])} | {cell(f)} | {cell(fb)} | "
               f"{rf and f'{rf:.2f}x' or '-'} | {rfb and f'{rfb:.2f}x' or '-'} |")
+    graphed = {(r["impl"], r["causal"]): r["fwd_graph_tflops"] for r in rows if "fwd_graph_tflops" in r}
+    print("\nForward in CUDA graphs (no autograd, no host time), TFLOP/s:")
+    print("| causal | varlen | dense-equal | varlen / dense-equal |")
+    print("|---|---:|---:|---:|")
+    for causal in causals:
+        a, b = graphed.get(("varlen", causal)), graphed.get(("dense-equal", causal))
+        if a and b:
+            print(f"| {int(causal)} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     out = {"env": common.environment("cuda"), "lengths": lens, "heads": h, "kv_heads": hk, "headdim": d, "rows": rows}
     path = args.json or os.path.join(common.ROOT, "benchmarks", "results", "varlen.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

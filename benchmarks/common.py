@@ -161,3 +161,32 @@ def flex_attention_compiled(q, k, v, causal: bool = False):
         mask = _FLEX[key]
     return _FLEX["fn"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                        enable_gqa=k.shape[2] != q.shape[2])
+
+
+def graph_time_ms(fn, reps, trials=5):
+    """Median per-call time (ms) of fn, `reps` calls captured in a CUDA graph: the GPU's time alone,
+    where a call's host work (Python, autograd, launches) could otherwise leave the GPU waiting."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph
+    return sorted(times)[len(times) // 2]
