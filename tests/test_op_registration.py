@@ -77,3 +77,40 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(g, r)
     explanation = torch._dynamo.explain(f)(q, k, v)
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_calls_take_the_same_formula(device):
+    """Eager calls that record a graph run the ops through _ops' Function (no torch.library
+    fill_defaults on every call); the op called directly runs the formula register_autograd installed.
+    Both give the same out, lse and gradients (dq, dk, dv, dbias, and through lse), bit for bit, dense
+    and varlen; a call without a gradient, and a compiled one, see the op itself."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = random_qkv(2, 37, 50, 4, 2, 32, dtype, device)
+    bias = torch.randn(2, 4, 37, 50, device=device, dtype=dtype, requires_grad=True)
+    args = (q, k, v, bias, 0.3, True, -1, 0, False, 0.0, None, None, 0.0, None)
+    fast = flash_attn_ext._ops.call_fwd(*args)
+    assert "Eager" in type(fast[0].grad_fn).__name__, type(fast[0].grad_fn).__name__
+    registered = torch.ops.flash_attn_ext.fwd(*args)
+    assert "Eager" not in type(registered[0].grad_fn).__name__
+    dout, dlse = torch.randn_like(fast[0]), torch.randn_like(fast[1])
+    grads = [torch.autograd.grad((r[0], r[1]), (q, k, v, bias), (dout, dlse)) for r in (fast, registered)]
+    for a, b in zip(fast[:2], registered[:2]):
+        assert torch.equal(a, b)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), *grads):
+        assert torch.isfinite(a).all() and a.abs().amax() > 0, name
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert flash_attn_ext._ops.call_fwd(*args)[0].grad_fn is None
+
+    cu = torch.tensor([0, 5, 5, 40], dtype=torch.int32, device=device)
+    qv, kv, vv = (torch.randn(40, 2, 32, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    vargs = (qv, kv, vv, cu, cu, None, 35, 35, 0.25, True, -1, 0, False, 0.0, None, None, 0.0, None)
+    fast = flash_attn_ext._ops.call_varlen_fwd(*vargs)
+    registered = torch.ops.flash_attn_ext.varlen_fwd(*vargs)
+    assert "Eager" in type(fast[0].grad_fn).__name__
+    dout = torch.randn_like(fast[0])
+    for name, a, b in zip(("dq", "dk", "dv"), *[torch.autograd.grad(r[0], (qv, kv, vv), dout)
+                                               for r in (fast, registered)]):
+        assert torch.isfinite(a).all() and a.abs().amax() > 0, name
+        assert torch.equal(a, b), name
