@@ -325,7 +325,7 @@ def _transformable(op, setup_context, backward, name):
 
     EagerFunction = type(name + "Eager", (torch.autograd.Function,), {
         "forward": staticmethod(eager_forward),
-        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+        "backward": staticmethod(backward),
     })
 
     def call(*args):

@@ -209,12 +209,14 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 }
 
 // What every backward kernel derives from its block index: blockIdx.x (or
-// the tile index a kernel derives from it: the Hopper backward's list of a
-// variable-length call's key blocks, launch_bwd_ws.cuh) enumerates (batch, head, block) with the block
-// (of kBlock rows along the longest sequence's keys or queries) fastest, so
+// the tile index a kernel derives from it: the Hopper backward's groups of
+// heads and its list of a variable-length call's key blocks,
+// launch_bwd_ws.cuh) enumerates (batch, head, block) with the block (of
+// kBlock rows along the longest sequence's keys or queries) fastest, so
 // neighbouring blocks read the same tiles from L2 and one flat index has no
-// 65535 limit on batch * heads. Also the sequence (seq_info.h), the base pointers of its rows in
-// the inputs, and the offset of this (sequence, head)'s LSE / D vectors.
+// 65535 limit on batch * heads. Also the sequence (seq_info.h), the base
+// pointers of its rows in the inputs, and the offset of this (sequence,
+// head)'s LSE / D vectors.
 // Blocks past the end of a shorter sequence (varlen) have nothing to do:
 // `past_end` tells the kernel to return.
 template <typename Element>

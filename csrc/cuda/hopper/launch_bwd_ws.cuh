@@ -137,7 +137,7 @@ bool run_flash_bwd_dkdv_sm90_ws(const FlashBwdParams& params, cudaStream_t strea
   bool launched = false;
   if (!flash::sm90::enabled()) {
     why = "not a compute capability 9.0 device, or FLASH_ATTN_EXT_DISABLE_SM90 is set";
-  } else if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+  } else if constexpr (flash::sm90::bwd_ws_head_dim(kHeadDim)) {
     using T = flash::Sm90WsBwdTraitsFor<Element, kHeadDim>;
     flash::sm90::WsBwdParams ws;
     if (T::kSmemBytes > flash::smem_budget()) {
