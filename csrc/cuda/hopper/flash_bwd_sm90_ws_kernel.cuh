@@ -15,8 +15,9 @@
 //   warpgroups 1 and 2, the consumers (setmaxnreg.inc), 64 keys each. Per
 //     query block: S^T and dP^T on the tensor cores; P^T from S^T (dP^T
 //     still running); dV += P^T dO issued at once, so that it runs under the
-//     computation of dS^T; dK += dS^T Q; dS^T to shared memory; the stage
-//     released once dV and dK complete; then dQ_i = dS_i K_j. No block-wide
+//     computation of dS^T; dS^T to shared memory; dQ_i = dS_i K_j, then
+//     dK += dS^T Q, so that dQ's store (below) runs under dK; the stage
+//     released once dV and dK complete. No block-wide
 //     barrier: at head dim 128 the consumers meet once per query block,
 //     where dQ needs both halves of dS^T (double-buffered, so that one can
 //     write the next block's while the other still reads this one's); at 64
@@ -428,56 +429,49 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
                             lane);
     uint32_t ds_frag[kSN / 16][4];
     pack_a_frags<Element>(ds_frag, acc_dp);
+    float acc_dq[kDqN / 8][4];
     if constexpr (kDq) {
       // This consumer's rows of dS^T into this step's buffer, before dK's
       // wgmma takes ds_frag (its A registers may not be read while it runs).
       store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
       fence_proxy_async();
-    }
-    // dK += dS^T Q (A from registers, B MN-major).
-    wgmma_fence();
-    wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
-    wgmma_commit();
-
-    // dV and dK done: the stage is free, and P^T / dS^T leave the registers
-    // before the dQ product needs its accumulators.
-    wgmma_wait<0>();
-    fence_regs(acc_dv);
-    fence_regs(acc_dk);
-    fence_regs(p_frag);
-    fence_regs(ds_frag);
-    // Every consumer thread arrives: an mbarrier arrival releases only the
-    // arriving thread's own accesses, and each thread read some of the
-    // stage's row statistics (lane 0 arriving after a __syncwarp, which
-    // compiles to nothing here, left that order to the hardware; racecheck
-    // reported the producer's next stores against those reads).
-    mbar_arrive(empty + 8 * stage);
-
-    if constexpr (kDq) {
-      // dQ piece = dS K: A = dS^T read MN-major, B = K MN-major, over both
-      // consumers' keys or this one's (kDqOverOwnKeys). Lane 0 of each warp
-      // arrives here only after its previous dQ reduction has read the
-      // warp's staging slab, so after this barrier the slabs are free to
-      // overwrite.
+      // Lane 0 of each warp arrives only after its previous dQ reduction
+      // has read the warp's staging slab, so after this barrier the slabs
+      // are free to overwrite; the barrier also publishes dS^T (both
+      // consumers' halves at head dim 128, this one's at 64).
       if (lane == 0) bulk_wait_all<true>();
       if constexpr (T::kDqOverOwnKeys) {
         named_barrier_sync(T::kDsBarrier + 1 + cw, 128);
       } else {
         named_barrier_sync(T::kDsBarrier, 256);
       }
+    }
+    // dQ piece = dS K first (A = dS^T read MN-major, B = K MN-major, over
+    // both consumers' keys or this one's: kDqOverOwnKeys), then dK += dS^T Q
+    // (A from registers, B MN-major), so that dQ's staging store and
+    // reduction run while dK is on the tensor cores. (dK first, then dQ
+    // after a wait for both, left the tensor cores idle through dQ's
+    // store: 1.02-1.04x for this order, H200, docs/perf-notes.md step 11.)
+    wgmma_fence();
+    if constexpr (kDq) {
       const int dq_key0 = T::kDqOverOwnKeys ? wg_key0 : 0;
       const uint64_t desc_a = make_desc(sDs + dq_key0 * kLine, kPanelN, kSbo);
       const uint64_t desc_b = make_desc(sK + dq_key0 * kLine + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
-      float acc_dq[kDqN / 8][4];
-      wgmma_fence();
 #pragma unroll
       for (int s = 0; s < T::kDqKeys / 16; ++s) {
         wgmma_ss<Element, kDqN, 1, 1>(acc_dq, desc_advance(desc_a, s * 16 * kLine), desc_advance(desc_b, s * 16 * kLine),
                                       s > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+    }
+    wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
+    wgmma_commit();
+
+    if constexpr (kDq) {
+      wgmma_wait<1>();  // dV and dQ done (dK may still run)
       fence_regs(acc_dq);
+      fence_regs(acc_dv);
+      fence_regs(p_frag);
       // This warp's rows of the piece to shared memory, then its lane 0 hands
       // them to the TMA unit, after a barrier of the warp's 32 threads (a
       // named barrier orders the other lanes' stores before lane 0's
@@ -507,6 +501,19 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
         bulk_commit();
       }
     }
+
+    // dV and dK done: the stage is free.
+    wgmma_wait<0>();
+    fence_regs(acc_dv);
+    fence_regs(acc_dk);
+    fence_regs(p_frag);
+    fence_regs(ds_frag);
+    // Every consumer thread arrives: an mbarrier arrival releases only the
+    // arriving thread's own accesses, and each thread read some of the
+    // stage's row statistics (lane 0 arriving after a __syncwarp, which
+    // compiles to nothing here, left that order to the hardware; racecheck
+    // reported the producer's next stores against those reads).
+    mbar_arrive(empty + 8 * stage);
   }
 
   store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, 0, acc_dk, acc_dv,
