@@ -1,6 +1,6 @@
 // The backward's row-wise kernels (flash_bwd_pre_post.cuh), the same on
-// every architecture: the preprocess D = rowsum(dO * O) - dlse (with the
-// zeroed fp32 dq accumulator) before the dK/dV kernel, and the conversion
+// every architecture: the preprocess D = rowsum(dO * O) - dlse (which also
+// zeroes the fp32 dq accumulator) before the dK/dV kernel, and the conversion
 // dq = softmax_scale * dq_accum after it. flash_launch.h sequences them with
 // each family's dK/dV and dQ kernels into the backward's two phases.
 #pragma once
@@ -15,7 +15,7 @@
 
 namespace flash {
 
-// The row-wise kernels (preprocess, postprocess, the dq_accum memset) walk
+// The row-wise kernels (preprocess, which zeroes dq_accum, and postprocess) walk
 // every query row of the call and need no sequence boundaries: a varlen
 // call's rows are one sequence of total_q rows to them, laid out as its
 // softmax_lse (nheads, total_q) and dq_accum (total_q, nheads, D) are.
@@ -35,9 +35,7 @@ template <typename Element, int kHeadDim>
 void run_flash_bwd_preprocess(const FlashBwdParams& params, cudaStream_t stream) {
   const FlashBwdParams row_params = flash::all_rows(params);
   const int64_t rows = int64_t(row_params.batch) * row_params.seqlen_q * params.nheads;
-  if (!params.deterministic) {
-    FLASH_CUDA_CHECK(cudaMemsetAsync(params.dq_accum, 0, rows * kHeadDim * sizeof(float), stream));
-  }
+  // The kernel also zeroes dq_accum (the non-deterministic backward's).
   constexpr int kPreThreads = 256;
   const int64_t pre_blocks = (rows * 8 + kPreThreads - 1) / kPreThreads;
   flash::flash_bwd_preprocess_kernel<Element, kHeadDim><<<dim3(pre_blocks), kPreThreads, 0, stream>>>(row_params);
