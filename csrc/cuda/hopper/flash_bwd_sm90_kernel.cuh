@@ -74,18 +74,29 @@ struct BwdTraits {
 };
 
 // Packed A fragments (k-slices of 16 columns) of a 16 x kN strip into an
-// SW128 tile with `rows` rows at (row0, col0).
+// SW128 tile with `rows` rows at (row0, col0): row0 a multiple of 8, col0 of
+// 16, the tile on a swizzle atom (1024 bytes). Element (row, col) of a panel
+// sits at row * 128 + ((chunk ^ row % 8) << 4) + (col % 8) * 2; a lane's rows
+// are g and g + 8 (mod 8 both g) and its columns 2t mod 8, so every address
+// is one lane base (row * 128 + g * 16 + 4t, whose bits 4-6 hold g) XOR the
+// chunk (a constant) times 16: one LOP3 a store, where the swizzle written
+// out per store took several, which ptxas hoisted out of the backward's loop
+// and spilled (docs/perf-notes.md step 12).
 template <int kSlices>
 __device__ __forceinline__ void store_packed_sw128(char* smem, int rows, int row0, int col0,
                                                    const uint32_t (&a)[kSlices][4], int lane) {
   const int g = lane / 4, t = lane % 4;
+  const int base = (row0 + g) * kLineBytes + (g << 4) + 4 * t;
 #pragma unroll
   for (int s = 0; s < kSlices; ++s) {
-    const int col = col0 + 16 * s + 2 * t;
-    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col)) = a[s][0];
-    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g + 8, col)) = a[s][1];
-    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col + 8)) = a[s][2];
-    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g + 8, col + 8)) = a[s][3];
+    const int col = col0 + 16 * s;  // the slice's first column
+    const int panel = (col / kPanelCols) * rows * kLineBytes, chunk = (col % kPanelCols) / 8;  // chunk is even
+    char* lo = smem + panel + (base ^ (chunk << 4));        // columns col + 2t, col + 2t + 1
+    char* hi = smem + panel + (base ^ ((chunk + 1) << 4));  // and 8 further
+    *reinterpret_cast<uint32_t*>(lo) = a[s][0];
+    *reinterpret_cast<uint32_t*>(lo + 8 * kLineBytes) = a[s][1];
+    *reinterpret_cast<uint32_t*>(hi) = a[s][2];
+    *reinterpret_cast<uint32_t*>(hi + 8 * kLineBytes) = a[s][3];
   }
 }
 

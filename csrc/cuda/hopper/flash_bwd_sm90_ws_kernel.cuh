@@ -185,16 +185,19 @@ __device__ __forceinline__ void bulk_wait_all() {
 // 2048 bytes into each box, on a swizzle atom, so the warp hands them to the
 // TMA unit itself (boxes of 16 rows) and no other warp waits for it. The
 // 8-byte stores of a warp fall on every bank exactly twice (two wavefronts,
-// the minimum for 256 bytes).
+// the minimum for 256 bytes). Column 8j + 2t lies in chunk 2 (j % 4) + t / 2
+// of box j / 4, so a lane's address is its base (row, and (t / 2) ^ g in bits
+// 4-6) XOR (j % 4) * 32, plus the box: one LOP3 a store (as
+// store_packed_sw128).
 template <int kDqN>
 __device__ __forceinline__ void store_dq_slab(uint32_t dst, const float (&acc)[kDqN / 8][4], int warp_in_wg,
                                               int lane) {
   const int g = lane / 4, t = lane % 4;
   const int r = 16 * warp_in_wg + g;  // r + 8 has the same r % 8
+  const uint32_t base = dst + r * kLineBytes + ((((t / 2) ^ g)) << 4) + (t % 2) * 8;
 #pragma unroll
   for (int j = 0; j < kDqN / 8; ++j) {
-    const int col = 8 * j + 2 * t, box = col / 32, chunk = (col % 32) / 4;
-    const uint32_t addr = dst + box * 64 * kLineBytes + r * kLineBytes + ((chunk ^ (r % 8)) << 4) + (col % 4) * 4;
+    const uint32_t addr = (base ^ ((j % 4) << 5)) + (j / 4) * 64 * kLineBytes;
     asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][0]), "f"(acc[j][1]) : "memory");
     asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr + 8 * kLineBytes), "f"(acc[j][2]), "f"(acc[j][3])
                  : "memory");
