@@ -86,23 +86,15 @@ __device__ __forceinline__ void load_tile_sw128(char* smem, const Element* gmem,
 // Accumulator fragments of a 16 x kN strip (rows row0.., columns col0..) into
 // an SW128 tile with `rows` rows, rounded to Element (4-byte stores; the
 // swizzle makes the 8 rows of one store instruction hit distinct banks).
-// row0 a multiple of 8, col0 of 8, the tile on a swizzle atom: a lane's
-// addresses are then its base XOR a constant chunk (as the backward's
-// store_packed_sw128 explains), one LOP3 each; written out per store, ptxas
-// precomputed all kN / 4 addresses before the forward's tile loop and
-// spilled them.
 template <int kN, typename Element>
 __device__ __forceinline__ void store_frag_sw128(char* smem, int rows, int row0, int col0, const float (&c)[kN / 8][4],
                                                  int lane) {
   const int g = lane / 4, t = lane % 4;
-  const int base = (row0 + g) * kLineBytes + (g << 4) + 4 * t;
 #pragma unroll
   for (int j = 0; j < kN / 8; ++j) {
-    const int col = col0 + 8 * j;  // the lane's columns are col + 2t, col + 2t + 1
-    const int panel = (col / kPanelCols) * rows * kLineBytes, chunk = (col % kPanelCols) / 8;
-    char* dst = smem + panel + (base ^ (chunk << 4));
-    *reinterpret_cast<uint32_t*>(dst) = pack2<Element>(c[j][0], c[j][1]);
-    *reinterpret_cast<uint32_t*>(dst + 8 * kLineBytes) = pack2<Element>(c[j][2], c[j][3]);
+    const int col = col0 + 8 * j + 2 * t;
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g, col)) = pack2<Element>(c[j][0], c[j][1]);
+    *reinterpret_cast<uint32_t*>(smem + swizzled_offset(rows, row0 + g + 8, col)) = pack2<Element>(c[j][2], c[j][3]);
   }
 }
 
