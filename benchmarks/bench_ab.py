@@ -27,12 +27,11 @@ import json
 import statistics
 import sys
 
-SEQLEN_UNITS = {"k": 1024}
 
-
-def parse_seqlen(text: str) -> int:
-    text = text.strip().lower()
-    return int(text[:-1]) * SEQLEN_UNITS["k"] if text.endswith("k") else int(text)
+def parse_ints(text: str) -> list[int]:
+    """'1k,4k,512' -> [1024, 4096, 512]. (common.parse_list does the same, but importing common puts
+    this checkout's package first on the path, which would time B under A's label.)"""
+    return [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in (p.strip() for p in text.split(",")) if x]
 
 
 def parse_args(argv=None):
@@ -55,8 +54,12 @@ def parse_args(argv=None):
         bad = [d for d in args.dirs if d not in ("fwd", "bwd")]
         if bad or not args.dirs:
             p.error(f"--dirs takes fwd and/or bwd, got {args.dirs}")
-        args.hdims = [int(x) for x in args.hdims.split(",") if x]
-        args.seqlens = [parse_seqlen(x) for x in args.seqlens.split(",") if x]
+        try:
+            args.hdims, args.seqlens = parse_ints(args.hdims), parse_ints(args.seqlens)
+        except ValueError as exc:
+            p.error(f"--hdims and --seqlens take comma lists of integers (a k suffix is 1024): {exc}")
+        if not args.hdims or not args.seqlens or min(args.hdims + args.seqlens) <= 0:
+            p.error("--hdims and --seqlens take positive integers")
         args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     return args
 

@@ -70,5 +70,6 @@ def test_report_needs_two_labels(tmp_path):
 def test_time_arguments():
     args = bench_ab.parse_args(["time", "B", "--dirs", "fwd,bwd", "--seqlens", "1k,512", "--causal", "yes"])
     assert args.dirs == ["fwd", "bwd"] and args.seqlens == [1024, 512] and args.causal == [True]
-    with pytest.raises(SystemExit):
-        bench_ab.parse_args(["time", "B", "--dirs", "sideways"])
+    for bad in (["--dirs", "sideways"], ["--seqlens", "4q"], ["--hdims", "0"], ["--seqlens", ","]):
+        with pytest.raises(SystemExit):
+            bench_ab.parse_args(["time", "B", *bad])
