@@ -80,6 +80,18 @@ struct MaskGeometry {
     const int e = r / block_m + 1;
     return e < num_m_blocks ? e : num_m_blocks;
   }
+  // The rows that see key `col` (0 <= col), as [*lo, *hi): the transpose of
+  // keys(), for kernels that hold a few keys and many rows (the backward's
+  // S^T fragments). Empty past seqlen_k; never past seqlen_q.
+  FLASH_HOST_DEVICE void rows_seeing(int col, int* lo, int* hi) const {
+    // row sees col iff col < key_end(row) and key_begin(row) <= col, i.e.
+    // row >= col - offset - window_right and row <= col - offset + window_left.
+    const int64_t base = int64_t(col) - offset();
+    const int64_t first = window_right < 0 ? 0 : base - window_right;
+    const int64_t end = col >= seqlen_k ? 0 : (window_left < 0 ? int64_t(seqlen_q) : base + window_left + 1);
+    *lo = static_cast<int>(first < 0 ? 0 : (first > seqlen_q ? seqlen_q : first));
+    *hi = static_cast<int>(end < 0 ? 0 : (end > seqlen_q ? seqlen_q : end));
+  }
   // True when every (row, col) in the tile is visible, so the kernel can skip
   // per-element masking for it (the common case away from the diagonal).
   FLASH_HOST_DEVICE bool tile_fully_visible(int row0, int block_m, int col0, int block_n) const {

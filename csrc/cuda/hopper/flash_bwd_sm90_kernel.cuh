@@ -116,7 +116,9 @@ __device__ __forceinline__ void probs_t(float (&acc_s)[kSN / 8][4], SoftcapFacto
   const bool need_mask = !geo.tile_fully_visible(q0, kSN, wg_key0, 64);
   // ALiBi's distances of this thread's scores (dead without ALiBi).
   const KeyRowsDistance dist(rule, q0, key_row0, lane);
-  if (rule.fast_tile(need_mask)) {
+  // Tiles without a bias: P from the saved statistics, read once per pair
+  // of columns; `shown(j, e)` says whether the mask shows score (j, e).
+  auto unbiased_probs = [&](auto shown) {
 #pragma unroll
     for (int j = 0; j < kSN / 8; ++j) {
       const float2 l = *reinterpret_cast<const float2*>(lse_cols + 8 * j + 2 * t);
@@ -125,10 +127,26 @@ __device__ __forceinline__ void probs_t(float (&acc_s)[kSN / 8][4], SoftcapFacto
       float dsoftcap[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
+        const float prob = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
+        acc_s[j][e] = shown(j, e) ? prob : 0.f;
       }
       if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
     }
+  };
+  if (rule.fast_tile(need_mask)) {
+    unbiased_probs([](int, int) { return true; });
+  } else if (rule.fast_tile(false)) {
+    // A tile on the mask's edge, without a bias: the interior's P, then 0
+    // where the mask hides the score, by the rows that see each of the
+    // thread's two keys (a compare pair and a select a score, where prob()
+    // works the window out per score).
+    int lo[2], hi[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) geo.rows_seeing(key_row0 + g + 8 * h, &lo[h], &hi[h]);
+    unbiased_probs([&](int j, int e) {
+      const int row = q0 + 8 * j + 2 * t + (e % 2);
+      return row >= lo[e / 2] && row < hi[e / 2];
+    });
   } else {
 #pragma unroll
     for (int j = 0; j < kSN / 8; ++j) {
