@@ -298,14 +298,18 @@ struct BwdScoreRule : ScoreRuleAnyBias<float, Element, ScoreUnits::kLog2, kFeatu
   }
   // Interior tiles of calls without a bias: no mask test and no bias read,
   // and the kernels load the row statistics once per pair of columns. The
-  // plain rule needs no coordinates there (one FFMA, one FADD and the EX2
-  // per score); ALiBi alone adds one FFMA per score and an
+  // plain rule needs no coordinates there (one FFMA and the EX2 per
+  // score); ALiBi alone adds one FFMA per score and an
   // FADD per distinct distance (its deferred scale, ../score_rule.h);
-  // softcap's factor goes to `dsoftcap` as prob() gives it. Only for tiles
-  // where fast_tile() holds; prob() serves every tile.
-  __device__ __forceinline__ float prob_unbiased_visible(float s, float distance, float lse_log2_row, float residual,
+  // softcap's factor goes to `dsoftcap` as prob() gives it. No residual:
+  // a call has one only with a bias or fp64 inputs (needs_lse_residual,
+  // checks.cpp enforces it), and these kernels are 16-bit, so without a
+  // bias it is 0 and subtracting it (an FADD a score, and its shared-memory
+  // loads) changed nothing. Only for tiles where fast_tile() holds (or the
+  // edge tiles of calls without a bias); prob() serves every tile.
+  __device__ __forceinline__ float prob_unbiased_visible(float s, float distance, float lse_log2_row,
                                                          float& dsoftcap) const {
-    return unmasked_prob(this->unbiased, s, distance, 0.f, lse_log2_row, residual, dsoftcap);
+    return unmasked_prob(this->unbiased, s, distance, 0.f, lse_log2_row, 0.f, dsoftcap);
   }
   // Whether the tile at hand can take prob_unbiased_visible.
   __device__ __forceinline__ bool fast_tile(bool need_mask) const { return !need_mask && !this->has_bias; }

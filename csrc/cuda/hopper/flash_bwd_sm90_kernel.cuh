@@ -107,27 +107,31 @@ __device__ __forceinline__ Element* dbias_of(const FlashBwdParams& p, int b, int
 
 // S^T -> P^T in place by the score rule and the saved lse (and residual);
 // softcap's factor per score to `softcap_factors` (kSoftcap only). The
-// warpgroup's 64 keys start at wg_key0.
-template <typename Element, int kSN, typename Rule>
+// warpgroup's 64 keys start at wg_key0. kLseInLog2: lse_cols holds
+// lse_log2(lse) already (the warp-specialized producer converts each row
+// once, where every consumer step converted its columns: 16 FMULs a step
+// at 64 query columns); else the saved lse as cp.async copied it.
+template <typename Element, int kSN, bool kLseInLog2 = false, typename Rule>
 __device__ __forceinline__ void probs_t(float (&acc_s)[kSN / 8][4], SoftcapFactors<Element, kSN / 8>& softcap_factors,
                                         const Rule& rule, const MaskGeometry& geo, int q0, int wg_key0, int key_row0,
                                         const float* lse_cols, const float* residual_cols, int lane) {
   const int g = lane / 4, t = lane % 4;
+  auto to_log2 = [](float lse) { return kLseInLog2 ? lse : lse_log2(lse); };
   const bool need_mask = !geo.tile_fully_visible(q0, kSN, wg_key0, 64);
   // ALiBi's distances of this thread's scores (dead without ALiBi).
   const KeyRowsDistance dist(rule, q0, key_row0, lane);
-  // Tiles without a bias: P from the saved statistics, read once per pair
-  // of columns; `shown(j, e)` says whether the mask shows score (j, e).
+  // Tiles without a bias: P from the saved lse (no residual without a bias:
+  // prob_unbiased_visible), read once per pair of columns; `shown(j, e)`
+  // says whether the mask shows score (j, e).
   auto unbiased_probs = [&](auto shown) {
 #pragma unroll
     for (int j = 0; j < kSN / 8; ++j) {
       const float2 l = *reinterpret_cast<const float2*>(lse_cols + 8 * j + 2 * t);
-      const float2 r = *reinterpret_cast<const float2*>(residual_cols + 8 * j + 2 * t);
-      const float lse_c[2] = {lse_log2(l.x), lse_log2(l.y)}, res_c[2] = {r.x, r.y};
+      const float lse_c[2] = {to_log2(l.x), to_log2(l.y)};
       float dsoftcap[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float prob = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], res_c[e % 2], dsoftcap[e]);
+        const float prob = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[e % 2], dsoftcap[e]);
         acc_s[j][e] = shown(j, e) ? prob : 0.f;
       }
       if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
@@ -155,7 +159,7 @@ __device__ __forceinline__ void probs_t(float (&acc_s)[kSN / 8][4], SoftcapFacto
       for (int e = 0; e < 4; ++e) {
         const int key = key_row0 + g + 8 * (e / 2);
         const int c = 8 * j + 2 * t + (e % 2);
-        acc_s[j][e] = rule.prob(acc_s[j][e], q0 + c, key, dist.at(j, e), lse_log2(lse_cols[c]), residual_cols[c],
+        acc_s[j][e] = rule.prob(acc_s[j][e], q0 + c, key, dist.at(j, e), to_log2(lse_cols[c]), residual_cols[c],
                                 need_mask, dsoftcap[e]);
       }
       if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);

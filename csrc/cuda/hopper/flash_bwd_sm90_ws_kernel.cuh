@@ -320,7 +320,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       mbar_wait(empty + 8 * stage, ((i / kStages) & 1) ^ 1);
       const int m0 = (m_begin + i) * kBlockM;
       // The rows' statistics (no alignment guarantee: 4 bytes a load), zero
-      // past the sequence; the residual is zero without a bias. Each lane's
+      // past the sequence, the lse in the log2 domain; the residual is zero
+      // without a bias. Each lane's
       // arrival releases its stores to the consumers. (4-byte cp.async with
       // cp.async.mbarrier.arrive did the same without the registers, but
       // compute-sanitizer's racecheck does not see that arrival order the
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       for (int k = 0; k < kBlockM / 32; ++k) {
         const int r = lane + 32 * k;
         const bool in = m0 + r < blk.seq.seqlen_q;
-        stats[T::kLseOff / 4 + r] = in ? lse[m0 + r] : 0.f;
+        stats[T::kLseOff / 4 + r] = in ? lse_log2(lse[m0 + r]) : 0.f;  // probs_t<..., true>
         stats[T::kDeltaOff / 4 + r] = in ? delta[m0 + r] : 0.f;
         stats[T::kResidualOff / 4 + r] = in && residual != nullptr ? residual[m0 + r] : 0.f;
       }
@@ -417,7 +418,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     wgmma_wait<1>();
     fence_regs(acc_s);
     SoftcapFactors<Element, kSN / 8> softcap_factors;
-    probs_t<Element, kSN>(acc_s, softcap_factors, rule, geo, m0, n0 + wg_key0, n0 + key_row0, sLse, sResidual, lane);
+    probs_t<Element, kSN, true>(acc_s, softcap_factors, rule, geo, m0, n0 + wg_key0, n0 + key_row0, sLse, sResidual,
+                               lane);
     uint32_t p_frag[kSN / 16][4];
     pack_p_operand<Element, kSN>(p_frag, acc_s, rule, keep_bits);
     // dV += P^T dO (A from registers, B MN-major): on the tensor cores

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_dq_kernel(const Fla
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float dsoftcap = 1.f;
-          const float prob = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_l2[e / 2], res[e / 2], dsoftcap);
+          const float prob = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_l2[e / 2], dsoftcap);
           to_ds(j, e, prob, dsoftcap);
         }
       }

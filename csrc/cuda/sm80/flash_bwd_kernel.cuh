@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(T::kNThreads, T::kMinBlocks) flash_bwd_dkdv_ke
         float dsoftcap[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[j][e % 2], res_c[j][e % 2], dsoftcap[e]);
+          acc_s[j][e] = rule.prob_unbiased_visible(acc_s[j][e], dist.at(j, e), lse_c[j][e % 2], dsoftcap[e]);
         }
         if constexpr (Rule::kSoftcap) softcap_factors.set(j, dsoftcap);
       }
