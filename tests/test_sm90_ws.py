@@ -133,6 +133,18 @@ def test_ws_windows(ws, headdim, window):
     check(q, k, v, f"hd{headdim} window {window}", window=window)
 
 
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(193, 193), (1024, 1024), (383, 383), (1024, 300), (300, 1024)])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (64, 0)], ids=["full", "causal", "window64"])
+def test_ws_hd64_tiles_aligned_to_the_end(ws, seqlen_q, seqlen_k, window):
+    """Head dim 64 plain calls run 192-row tiles aligned to the sequence's end (WsFwdTraits::kAlignEnd):
+    the first tile then starts before row 0 (1, 64 or 191 real rows of 192 here), with rows that see
+    no key under a causal mask when seqlen_q > seqlen_k; none of those rows may reach out or lse."""
+    q = randn(2, seqlen_q, 4, 64, dtype=torch.bfloat16)
+    k = randn(2, seqlen_k, 2, 64, dtype=torch.bfloat16)
+    v = randn(2, seqlen_k, 2, 64, dtype=torch.bfloat16)
+    check(q, k, v, f"hd64 Sq={seqlen_q} Sk={seqlen_k} window {window}", window=window)
+
+
 def test_ws_query_blocks_without_keys(ws):
     """Causal with seqlen_q > seqlen_k: the first query blocks see no key (out 0, lse +inf or the sink)."""
     q = randn(1, 700, 2, 128, dtype=torch.bfloat16)

@@ -229,13 +229,13 @@ __device__ __forceinline__ void write_empty_block(const FlashFwdParams& p, int h
   constexpr int kChunks = kHeadDim / 8;
   for (int idx = tid; idx < kBlockM * kChunks; idx += kNThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
-    if (row0 + r < seqlen_q) {
+    if (row0 + r >= 0 && row0 + r < seqlen_q) {  // row0 < 0: WsFwdTraits::kAlignEnd
       *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + r) * p.o_row_stride + c * 8) = make_uint4(0, 0, 0, 0);
     }
   }
   const float empty_lse = empty_row_lse(p, h);
   for (int r = tid; r < kBlockM; r += kNThreads) {
-    if (row0 + r < seqlen_q) {
+    if (row0 + r >= 0 && row0 + r < seqlen_q) {
       lse_out[row0 + r] = empty_lse;
       if (residual_out) residual_out[row0 + r] = 0.f;
     }

@@ -96,7 +96,7 @@ __device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoft
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int row = first_row + 16 * warp + 8 * hr + g;
-      if (row < seqlen_q) {
+      if (row >= 0 && row < seqlen_q) {  // first_row < 0: WsFwdTraits::kAlignEnd
         lse_out[row] = lse[0][hr];
         if (residual_out) residual_out[row] = residual[0][hr];
       }
@@ -116,7 +116,7 @@ __device__ __forceinline__ void store_output(const FlashFwdParams& p, OnlineSoft
     const int idx = wtid + 128 * i;
     const int r = idx / kChunks, c = idx % kChunks;
     const int row = first_row + r;
-    if (row < seqlen_q) {
+    if (row >= 0 && row < seqlen_q) {
       *reinterpret_cast<uint4*>(out + int64_t(row) * p.o_row_stride + c * 8) =
           *reinterpret_cast<const uint4*>(tile + swizzled_offset(kBlockM, tile_row0 + r, c * 8));
     }

@@ -163,6 +163,17 @@ struct WsFwdTraits {
   // TFLOP/s, causal 807 -> 677, causal 16k 1033 -> 939), where at 128 it
   // gained (4k 723 -> 765, 16k 797 -> 817).
   static constexpr bool kPersistent = kOwnOTile && fwd_persistent_head_dim(kHeadDim);
+  // Dense calls' query blocks aligned to the sequence's end rather than its
+  // start (row0 = m_block * kBlockM - (num_m_blocks * kBlockM - seqlen_q)),
+  // so that a partial block is the first, whose rows see the fewest keys
+  // under a causal mask, not the last, which sees them all. The rows before
+  // 0 are TMA's zero fill, see no key under a causal mask (and are never
+  // stored). Only the 192-row tiles (three consumers: the head dim 64 plain
+  // kernel), where seqlen_q is rarely a multiple of kBlockM: at 1k causal
+  // (5 blocks of 192 and one of 64) the last block did 8 key blocks of work
+  // for 64 rows; aligned to the end, the partial block does 1, and the
+  // tiles' work (key blocks x 192 rows) goes from 32 to 27 blocks' worth.
+  static constexpr bool kAlignEnd = kConsumerWGs == 3;
   // mbarriers, 8 bytes each: Q's full and empty, then full K, full V, empty
   // K, empty V per stage; then the tile slot (the producer's query block
   // for the consumers, an int).
@@ -267,7 +278,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_fwd_sm90_ws_kernel(cons
           b(tile / num_m_blocks / p.nheads),
           h(tile / num_m_blocks % p.nheads),
           hk(h / (p.nheads / p.nheads_k)),
-          row0(m_block * T::kBlockM),
+          row0(m_block * T::kBlockM - (T::kAlignEnd && !kVarlen ? num_m_blocks * T::kBlockM - p.seqlen_q : 0)),
           seq(kVarlen ? SeqInfo(p, b) : SeqInfo::of_lengths(p.seqlen_q, p.seqlen_k)),
           geo(p, seq),
           n_begin(geo.n_block_begin(row0, T::kBlockN)),
