@@ -17,7 +17,7 @@
 #                --dirs (default bwd), --hdims (64,128), --seqlens (1k,4k,16k), --causal (both)
 #   FLASH_ATTN_EXT_HDIMS / _DTYPES / _DIRECTIONS, TORCH_CUDA_ARCH_LIST: the builds' restriction
 #                (default: AB_HDIMS, bf16, every direction, 9.0a)
-#   AB_TESTS     1 (default): B's CUDA tests afterwards (pytest -k cuda, 4 workers), time allowing;
+#   AB_TESTS     1 (default): B's CUDA tests afterwards (gpu_check.sh's selection, 4 workers), time allowing;
 #                tests of head dims or dtypes outside the restricted build skip or fail as such
 #   AB_DEADLINE  seconds from the start by which everything ends (default 560)
 #   OUT          output folder (the device tool sets it; default /tmp/gpu_ab_out)
@@ -62,7 +62,7 @@ done
 python3 benchmarks/bench_ab.py report "$OUT/ab.jsonl" --a A --b B >"$OUT/ab_report.txt"
 rm -f "$OUT/ab.err"
 if [ "${AB_TESTS:-1}" = 1 ] && ((DEADLINE - SECONDS > 60)); then
-  timeout $((DEADLINE - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider --maxfail=30 -n 4 tests -k cuda \
+  timeout $((DEADLINE - SECONDS - 10)) python3 -m pytest -q -p no:cacheprovider --maxfail=30 -n 4 tests -k "cuda or test_sm90_ws or test_torch_flash" \
     >"$OUT/pytest.log" 2>&1
   echo "tests (B, restricted build): status $? ($SECONDS s)"
   grep -E "^FAILED" "$OUT/pytest.log" | head -20

@@ -18,8 +18,12 @@
 #   GPU_CHECK_SMEM_BUDGETS  comma list of KiB (e.g. 99,163): after the test run, run the tests again
 #                       with FLASH_ATTN_EXT_SMEM_BUDGET_KB set to each (the tiles of a GPU with that
 #                       much shared memory per block: 99 sm86/sm89/sm120, 163 A100)
-#   GPU_CHECK_K         pytest -k expression (default "cuda": every CUDA-parametrized test plus
-#                       tests/test_cuda.py); GPU_CHECK_PYTEST_ARGS adds pytest arguments
+#   GPU_CHECK_K         pytest -k expression (default "cuda or test_sm90_ws or test_torch_flash":
+#                       every CUDA-parametrized test plus the modules that run on CUDA only,
+#                       test_cuda.py, test_sm90_ws.py, test_sm90_ws_bwd.py, test_torch_flash.py,
+#                       whose test names do not all say "cuda"; "-k cuda" alone, the default until
+#                       the fourteenth session, left most of the two Hopper modules out);
+#                       GPU_CHECK_PYTEST_ARGS adds pytest arguments
 #   GPU_CHECK_MAXFAIL   pytest --maxfail (default 10)
 #   GPU_CHECK_XDIST     1 (default): run pytest in one pytest-xdist worker when xdist is installed,
 #                       so a crashing test (segfault) is reported and the others still run
@@ -39,6 +43,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+DEFAULT_K="cuda or test_sm90_ws or test_torch_flash"
 STEPS=",${GPU_CHECK_STEPS:-build,test,main,bench},"
 DEADLINE=${GPU_CHECK_DEADLINE:-560}
 RESERVE=15
@@ -116,7 +121,7 @@ run_tests() {  # run_tests LABEL LOG [VAR=VALUE...]
   local label=$1 log=$2
   shift 2
   local t0=$SECONDS
-  echo "== pytest -k '${GPU_CHECK_K:-cuda}' $label"
+  echo "== pytest -k '${GPU_CHECK_K:-$DEFAULT_K}' $label"
   local extra=()
   $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=240)
   # One xdist worker: still one test at a time on the GPU, but a test that crashes the process
@@ -126,7 +131,7 @@ run_tests() {  # run_tests LABEL LOG [VAR=VALUE...]
   fi
   # shellcheck disable=SC2086
   run_step 400 "$log" env "$@" $PY -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
-    --maxfail="${GPU_CHECK_MAXFAIL:-10}" "${extra[@]}" tests -k "${GPU_CHECK_K:-cuda}" ${GPU_CHECK_PYTEST_ARGS:-}
+    --maxfail="${GPU_CHECK_MAXFAIL:-10}" "${extra[@]}" tests -k "${GPU_CHECK_K:-$DEFAULT_K}" ${GPU_CHECK_PYTEST_ARGS:-}
   local rc=$?
   local line
   line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$log" | tail -1)
