@@ -27,7 +27,8 @@
 #   GPU_CHECK_MAXFAIL   pytest --maxfail (default 10)
 #   GPU_CHECK_XDIST     1 (default): run pytest in one pytest-xdist worker when xdist is installed,
 #                       so a crashing test (segfault) is reported and the others still run
-#   GPU_CHECK_BENCH     arguments of benchmarks/bench_attention.py (default "--quick")
+#   GPU_CHECK_BENCH     arguments of benchmarks/bench_attention.py (default "--quick --impls
+#                       ours,flash,cudnn,flex": the quick sweep with compiled FlexAttention)
 #   GPU_CHECK_DEADLINE  seconds from the start by which every step must end (default 560, under
 #                       the device tool's 600 s per command); each step gets what is left, minus
 #                       a reserve for the summary, and is cut off (timeout) past it
@@ -44,6 +45,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 DEFAULT_K="cuda or test_sm90_ws or test_torch_flash"
+# Issue 13 measures against compiled FlexAttention too: its compiles add about a minute.
+DEFAULT_BENCH="--quick --impls ours,flash,cudnn,flex"
 STEPS=",${GPU_CHECK_STEPS:-build,test,main,bench},"
 DEADLINE=${GPU_CHECK_DEADLINE:-560}
 RESERVE=15
@@ -206,9 +209,9 @@ fi
 # 5. Benchmark (JSON + PNG + tables).
 if has_step bench; then
   t0=$SECONDS
-  echo "== benchmarks/bench_attention.py ${GPU_CHECK_BENCH:---quick}"
+  echo "== benchmarks/bench_attention.py ${GPU_CHECK_BENCH:-$DEFAULT_BENCH}"
   # shellcheck disable=SC2086
-  run_step 400 "$OUT/bench.log" $PY benchmarks/bench_attention.py ${GPU_CHECK_BENCH:---quick} \
+  run_step 400 "$OUT/bench.log" $PY benchmarks/bench_attention.py ${GPU_CHECK_BENCH:-$DEFAULT_BENCH} \
     --json "$OUT/bench.json" --plot "$OUT/bench.png"
   rc=$?
   if ((rc != 0)); then
