@@ -18,10 +18,12 @@
 //     computation of dS^T; dS^T to shared memory; dQ_i = dS_i K_j, then
 //     dK += dS^T Q, so that dQ's store (below) runs under dK; the stage
 //     released once dV and dK complete. No block-wide
-//     barrier: at head dim 128 the consumers meet once per query block,
-//     where dQ needs both halves of dS^T (double-buffered, so that one can
-//     write the next block's while the other still reads this one's); at 64
-//     they never wait for each other (WsBwdTraits::kDqOverOwnKeys).
+//     barrier: the consumers meet once per query block, where dQ needs
+//     both halves of dS^T (double-buffered, so that one can write the next
+//     block's while the other still reads this one's). At head dim 128
+//     each consumer computes half of dQ's columns; at 64 one consumer a
+//     step computes all of them, the two taking turns
+//     (WsBwdTraits::kDqAlternates).
 //   dQ: each warp's rows of its consumer's dQ piece go from the
 //     accumulators to shared memory (fp32, in TMA's 128-byte swizzle:
 //     conflict-free 8-byte stores) and the warp's lane 0 adds them into the
@@ -101,20 +103,20 @@ struct WsBwdTraits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24 + 2 x 240 = 3 x 168 (see the forward's traits)
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized backward has head dims 64 and 128");
   // Per consumer: S^T / dP^T 64 keys x kSN queries, dK / dV 64 keys x the
-  // head dim, and a dQ piece of the 64 query rows x kDqN columns:
-  //  * head dim 128: one head-dim half per consumer, summed over all 128
-  //    keys, so the consumers exchange their halves of dS^T (a barrier of
-  //    both);
-  //  * head dim 64 (kDqOverOwnKeys): all 64 columns, summed over the
-  //    consumer's own 64 keys, so each reads only its own dS^T and the two
-  //    never wait for each other; the TMA unit adds both pieces into
-  //    dq_accum (twice the reduction traffic of one piece). Halves of 32
-  //    columns would start mid-line in the 128-byte swizzle, which an
-  //    MN-major wgmma operand cannot.
+  // head dim; dQ, summed over all 128 keys (so the consumers exchange
+  // their halves of dS^T, a barrier of both, once per query block):
+  //  * head dim 128: one head-dim half per consumer, every step;
+  //  * head dim 64 (kDqAlternates): all 64 columns, by one consumer a step,
+  //    consumer i % 2 at query block i. Halves of 32 columns would start
+  //    mid-line in the 128-byte swizzle, which an MN-major wgmma operand
+  //    cannot. (Before: each consumer summed dQ over its own 64 keys and
+  //    the two never waited for each other, but every query row's dQ was
+  //    staged and reduced into dq_accum twice per key block: twice the
+  //    reduction traffic, the cost that step 7 of docs/perf-notes.md
+  //    measured at head dim 128, 0.70-0.84x.)
   static constexpr int kSN = kBlockM, kDkvN = kHeadDim;
-  static constexpr bool kDqOverOwnKeys = kHeadDim == 64;
-  static constexpr int kDqN = kDqOverOwnKeys ? kHeadDim : kHeadDim / 2;
-  static constexpr int kDqKeys = kDqOverOwnKeys ? 64 : kBlockN;  // the dQ product's reduction
+  static constexpr bool kDqAlternates = kHeadDim == 64;
+  static constexpr int kDqN = kDqAlternates ? kHeadDim : kHeadDim / 2;
   static constexpr int kDqBoxCols = 32;  // fp32 columns of one 128-byte swizzled TMA box
 
   static constexpr int kTileN = kBlockN * kHeadDim * 2;  // K or V
@@ -139,12 +141,11 @@ struct WsBwdTraits {
   // the 32 producer lanes' arrivals (the row statistics); empty after all
   // 256 consumer threads (each read some of the stage's statistics).
   static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 256;
-  // Named barriers: the consumers' dS exchange (head dim 128), or each
-  // consumer's own dS^T rows (64: kDsBarrier + 1 + consumer, 128 threads);
-  // then one per consumer warp for its dQ slab (kSlabBarrier + warp, 32
-  // threads); then both consumers' zeroing of K / V rows past a sequence
-  // (kVarlen, 256 threads).
-  static constexpr int kDsBarrier = 1, kSlabBarrier = 4, kTailBarrier = 12;
+  // Named barriers: the consumers' dS exchange (256 threads); then one per
+  // consumer warp for its dQ slab (kSlabBarrier + warp, 32 threads); then
+  // both consumers' zeroing of K / V rows past a sequence (kVarlen, 256
+  // threads).
+  static constexpr int kDsBarrier = 1, kSlabBarrier = 2, kTailBarrier = 10;
   static_assert(kTileM % 1024 == 0 && kTileDs % 1024 == 0 && kDqPiece % 1024 == 0, "1024-byte swizzle alignment");
 };
 
@@ -371,12 +372,15 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
 
   // ------------------------------------------------------------ consumers
   setmaxnreg_inc<T::kConsumerRegs>();
-  const int cw = wg - 1, warp_in_wg = warp % 4;
+  // cw through a shuffle from lane 0: ptxas then knows it is the same in
+  // every lane, so that a branch on it (kDqAlternates' dq_here) is not a
+  // divergent path, on which ptxas serializes every wgmma (C7520).
+  const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), warp_in_wg = warp % 4;
   // This consumer's part: keys [wg_key0, + 64) of S^T (all kSN queries) and
   // of dK / dV (the whole head dim); rows key_row0 + g (+ 8) for this
   // thread; its dQ piece at columns dq_col0...
   const int wg_key0 = 64 * cw, key_row0 = wg_key0 + 16 * warp_in_wg;
-  const int dq_col0 = T::kDqOverOwnKeys ? 0 : kDqN * cw;
+  const int dq_col0 = T::kDqAlternates ? 0 : kDqN * cw;
   const uint32_t sDq = s_base + T::kDqOff + cw * T::kDqPiece;
 
   float acc_dk[kDkvN / 8][4] = {};
@@ -434,7 +438,6 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
                             lane);
     uint32_t ds_frag[kSN / 16][4];
     pack_a_frags<Element>(ds_frag, acc_dp);
-    float acc_dq[kDqN / 8][4];
     if constexpr (kDq) {
       // This consumer's rows of dS^T into this step's buffer, before dK's
       // wgmma takes ds_frag (its A registers may not be read while it runs).
@@ -442,37 +445,39 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       fence_proxy_async();
       // Lane 0 of each warp arrives only after its previous dQ reduction
       // has read the warp's staging slab, so after this barrier the slabs
-      // are free to overwrite; the barrier also publishes dS^T (both
-      // consumers' halves at head dim 128, this one's at 64).
+      // are free to overwrite; the barrier also publishes both consumers'
+      // halves of dS^T.
       if (lane == 0) bulk_wait_all<true>();
-      if constexpr (T::kDqOverOwnKeys) {
-        named_barrier_sync(T::kDsBarrier + 1 + cw, 128);
-      } else {
-        named_barrier_sync(T::kDsBarrier, 256);
-      }
+      named_barrier_sync(T::kDsBarrier, 256);
     }
-    // dQ piece = dS K first (A = dS^T read MN-major, B = K MN-major, over
-    // both consumers' keys or this one's: kDqOverOwnKeys), then dK += dS^T Q
-    // (A from registers, B MN-major), so that dQ's staging store and
-    // reduction run while dK is on the tensor cores. (dK first, then dQ
-    // after a wait for both, left the tensor cores idle through dQ's
-    // store: 1.02-1.04x for this order, H200, docs/perf-notes.md step 11.)
+    // dK += dS^T Q (A from registers, B MN-major).
+    auto issue_dk = [&] {
+      wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
+      wgmma_commit();
+    };
+    // Whether this consumer computes a dQ piece at this step (at head dim
+    // 64 the consumers take turns). Each branch below ends with every
+    // wgmma complete, so that ptxas sees whole pipeline stages on both
+    // paths (with the dQ product alone under a branch, it serialized every
+    // wgmma, C7514 / C7520).
+    const bool dq_here = kDq && (!T::kDqAlternates || (i & 1) == cw);
     wgmma_fence();
-    if constexpr (kDq) {
-      const int dq_key0 = T::kDqOverOwnKeys ? wg_key0 : 0;
-      const uint64_t desc_a = make_desc(sDs + dq_key0 * kLine, kPanelN, kSbo);
-      const uint64_t desc_b = make_desc(sK + dq_key0 * kLine + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
+    if (dq_here) {
+      // The dQ piece = dS K first (A = dS^T read MN-major, B = K MN-major,
+      // over both consumers' keys), then dK, so that dQ's staging store and
+      // reduction run while dK is on the tensor cores. (dK first, then dQ
+      // after a wait for both, left the tensor cores idle through dQ's
+      // store: 1.02-1.04x for this order, H200, docs/perf-notes.md step 11.)
+      float acc_dq[kDqN / 8][4];
+      const uint64_t desc_a = make_desc(sDs, kPanelN, kSbo);
+      const uint64_t desc_b = make_desc(sK + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
 #pragma unroll
-      for (int s = 0; s < T::kDqKeys / 16; ++s) {
+      for (int s = 0; s < kBlockN / 16; ++s) {
         wgmma_ss<Element, kDqN, 1, 1>(acc_dq, desc_advance(desc_a, s * 16 * kLine), desc_advance(desc_b, s * 16 * kLine),
                                       s > 0);
       }
       wgmma_commit();
-    }
-    wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
-    wgmma_commit();
-
-    if constexpr (kDq) {
+      issue_dk();
       wgmma_wait<1>();  // dV and dQ done (dK may still run)
       fence_regs(acc_dq);
       fence_regs(acc_dv);
@@ -505,10 +510,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
         }
         bulk_commit();
       }
+      wgmma_wait<0>();
+    } else {
+      issue_dk();
+      wgmma_wait<0>();
     }
-
     // dV and dK done: the stage is free.
-    wgmma_wait<0>();
     fence_regs(acc_dv);
     fence_regs(acc_dk);
     fence_regs(p_frag);
