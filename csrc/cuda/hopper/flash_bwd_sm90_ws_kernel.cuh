@@ -372,10 +372,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
 
   // ------------------------------------------------------------ consumers
   setmaxnreg_inc<T::kConsumerRegs>();
-  // cw through a shuffle from lane 0: ptxas then knows it is the same in
-  // every lane, so that a branch on it (kDqAlternates' dq_here) is not a
-  // divergent path, on which ptxas serializes every wgmma (C7520).
-  const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), warp_in_wg = warp % 4;
+  // kDqAlternates: cw through a shuffle from lane 0, so that ptxas knows it
+  // is the same in every lane and a branch on it (dq_here, below) is not a
+  // divergent path, on which ptxas serializes every wgmma (C7520). (Head
+  // dim 128 keeps the plain form: with the shuffle ptxas scheduled its
+  // kernels differently, 0.99x with another change, not separated.)
+  const int cw = T::kDqAlternates ? __shfl_sync(0xffffffffu, wg - 1, 0) : wg - 1;
+  const int warp_in_wg = warp % 4;
   // This consumer's part: keys [wg_key0, + 64) of S^T (all kSN queries) and
   // of dK / dV (the whole head dim); rows key_row0 + g (+ 8) for this
   // thread; its dQ piece at columns dq_col0...
