@@ -59,6 +59,27 @@ def assert_close_to_ref(ours, ref64, pytorch_lowp, name, slack=1e-5):
     assert verdict.ok, f"{name}: {verdict.reason}"
 
 
+def sinks_grad_from(sinks, dout, out, lse, dlse=None):
+    """The sinks' gradient -sum_i exp(sink - lse_i) D_i, D_i = rowsum(dout_i *
+    out_i) - dlse_i formed here in fp32 (fp64 for fp64 out) from `out` as
+    given, the sinks' probabilities in fp64: a baseline for the 2x rule.
+    out (batch, seqlen_q, nheads, d), lse and dlse (batch, nheads, seqlen_q).
+    Like dq, dk and dv of every FlashAttention backward, the sinks' gradient
+    takes D from the output rounded to the dtype; dsinks is a sum over a
+    head's rows, so one draw of that rounding can land anywhere, and
+    PyTorch's composite (which never rounds the output before D) is no
+    stable yardstick alone: the tests add this formula on PyTorch's rounded
+    output and on the exact output rounded to the dtype as baselines. Written
+    out rather than taken from flash_attn_ext._ops.sinks_grad, so that a
+    mistake there cannot move the baseline along with our result."""
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    d = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        d = d - dlse.to(acc)
+    p_sink = torch.exp(sinks.double()[None, :, None] - lse.double())  # lse as given, not rounded to fp32
+    return -(p_sink * d).sum(dim=(0, 2)).float()
+
+
 def assert_fp32_close(ours, ref64, name, rtol=1e-5):
     """fp32 results: relative error (in max norm) within rtol."""
     assert not torch.isnan(ours).any(), f"{name}: NaN in our result"

@@ -18,6 +18,7 @@ from conftest import (
     device_dtype_params,
     poison_allocator,
     random_qkv,
+    sinks_grad_from,
 )
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
@@ -42,20 +43,6 @@ def random_features(batch, nheads, device, softcap=0.0, alibi=None, sinks=False)
 
 def ref_kwargs(f):
     return dict(softcap=f["softcap"], alibi_slopes=f["alibi_slopes"], sinks=f["s_aux"])
-
-
-def sinks_grad_from(sinks, dout, out, lse, dlse=None):
-    """The sinks' gradient -sum_i exp(sink - lse_i) D_i, D_i = rowsum(dout_i *
-    out_i) - dlse_i formed here in fp32 (fp64 for fp64 out) from `out` as
-    given, the sinks' probabilities in fp64: a baseline for the 2x rule. Written out rather than taken from
-    flash_attn_ext._ops.sinks_grad, so that a mistake there cannot move the
-    baseline along with our result."""
-    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-    d = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)
-    if dlse is not None:
-        d = d - dlse.to(acc)
-    p_sink = torch.exp(sinks.double()[None, :, None] - lse.double())  # lse as given, not rounded to fp32
-    return -(p_sink * d).sum(dim=(0, 2)).float()
 
 
 def check_features(q, k, v, causal=False, window=(-1, -1), softmax_scale=None, deterministic=False, lse_grad=False,
