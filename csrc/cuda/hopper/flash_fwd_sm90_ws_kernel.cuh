@@ -169,7 +169,9 @@ struct WsFwdTraits {
   // under a causal mask, not the last, which sees them all. The rows before
   // 0 are TMA's zero fill, see no key under a causal mask (and are never
   // stored). Only the 192-row tiles (three consumers: the head dim 64 plain
-  // kernel), where seqlen_q is rarely a multiple of kBlockM: at 1k causal
+  // kernel), and only dense calls (a variable-length sequence's blocks
+  // start at its first row: kVarlen), where seqlen_q is rarely a multiple
+  // of kBlockM: at 1k causal
   // (5 blocks of 192 and one of 64) the last block did 8 key blocks of work
   // for 64 rows; aligned to the end, the partial block does 1, and the
   // tiles' work (key blocks x 192 rows) goes from 32 to 27 blocks' worth.

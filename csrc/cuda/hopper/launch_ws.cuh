@@ -43,13 +43,18 @@ template <typename Element, int kHeadDim>
 using Sm90WsFwdTraitsFor =
     sm90::WsFwdTraits<Element, kHeadDim, (kHeadDim <= 128 ? 128 : 64), (kHeadDim == 64 ? 4 : 2), 2>;
 
-// Head dim 64, dense, without a bias or score features: three consumer
-// warpgroups (192-row tiles, 160 registers each), which the register file
-// allows only there (at 160 the feature and bias variants spill 100-650
-// bytes, the varlen one 96). Measured
+// Head dim 64, without a bias or score features, dense or variable-length:
+// three consumer warpgroups (192-row tiles, 160 registers each), which the
+// register file allows only there (at 160 the feature and bias variants
+// spill 100-650 bytes; ptxas 13.0: dense 56, varlen 68). Measured
 // against two (H200, bf16, B x S = 16k, H x D = 2048, interleaved medians):
 // non-causal 1.17x / 1.18x / 1.24x at seqlen 1k / 4k / 16k, causal 0.98x /
-// 1.08x / 1.15x; 465-503 TFLOP/s from 4k on, cuDNN 437-479.
+// 1.08x / 1.15x; 465-503 TFLOP/s from 4k on, cuDNN 437-479 (since the
+// end-aligned blocks, 1.07-1.27x from 512 to 4k, causal and not,
+// h200_2026-12-04_session15_fwd_hd64_tiles.log). Variable-length (16k
+// tokens in 28 sequences of 128-4k, H 32, forwards in CUDA graphs): 443 /
+// 331 TFLOP/s non-causal / causal against 382 / 314 through the 128-row
+// tiles (h200_2026-12-04_session15_varlen_hd64{,_192rows}.log).
 template <typename Element>
 using Sm90WsFwdTraitsHd64Plain = sm90::WsFwdTraits<Element, 64, 128, 4, 3>;
 
@@ -161,8 +166,9 @@ void launch_flash_fwd_sm90_ws(sm90::WsFwdParams& params, cudaStream_t stream) {
 }
 
 // run_flash_fwd_sm90_ws with the tiles of T; kPlainOnly: T only has the
-// dense variant without bias and score features (the caller checked).
-template <typename T, bool kPlainOnly = false>
+// variant without bias and score features (the caller checked), dense, and
+// with kPlainVarlen variable-length too.
+template <typename T, bool kPlainOnly = false, bool kPlainVarlen = false>
 bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stream) {
   using Element = typename T::Element;
   const sm90::KernelChoice choice = sm90::fwd_kernel_choice();
@@ -196,9 +202,16 @@ bool run_flash_fwd_sm90_ws_tiles(const FlashFwdParams& params, cudaStream_t stre
     }
   };
   if constexpr (kPlainOnly) {
-    FLASH_CHECK(!has_score_mods(params) && params.bias == nullptr && !sm90::ws_fwd_varlen(params),
+    FLASH_CHECK(!has_score_mods(params) && params.bias == nullptr && (kPlainVarlen || !sm90::ws_fwd_varlen(params)),
                 "flash_attn_ext: internal: a call with features or varlen sent to a plain-only tiling");
-    launch_flash_fwd_sm90_ws<T, CudaScoreRule<Element, false, kNoFeatures>, false>(ws, stream);
+    using Plain = CudaScoreRule<Element, false, kNoFeatures>;
+    if constexpr (kPlainVarlen) {
+      if (sm90::ws_fwd_varlen(params)) {
+        launch_flash_fwd_sm90_ws<T, Plain, true>(ws, stream);
+        return true;
+      }
+    }
+    launch_flash_fwd_sm90_ws<T, Plain, false>(ws, stream);
   } else {
     dispatch_fwd_variant(params, launch);
   }
@@ -247,9 +260,10 @@ bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
   } else {
     if constexpr (kHeadDim == 64) {
       // The two-warpgroup tiles (144 KB) still run under a budget below these (152 KB).
-      if (!flash::has_score_mods(params) && params.bias == nullptr && !flash::sm90::ws_fwd_varlen(params) &&
+      if (!flash::has_score_mods(params) && params.bias == nullptr &&
           flash::Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes <= flash::smem_budget()) {
-        return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true>(params, stream);
+        return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true, true>(params,
+                                                                                                       stream);
       }
     }
     if constexpr (kHeadDim == 256) {
