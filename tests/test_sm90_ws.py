@@ -314,6 +314,33 @@ def test_ws_wide_tiles_only_for_plain_calls(ws, monkeypatch):
             assert not _has_key_block(names, headdim, other), (tiles, name, names)
 
 
+def _has_consumers(names, headdim, consumers):
+    """Whether a kernel of WsFwdTraits<..., headdim, 128, 4, consumers> (head dim 64's stages) is among the names."""
+    return any(f", {headdim}, 128, 4, {consumers}>" in n or f"Li{headdim}ELi128ELi4ELi{consumers}EE" in n
+               for n in names)
+
+
+def test_ws_hd64_tiles_by_length(ws):
+    """Head dim 64 without a bias or score features: dense calls run the three-consumer 192-row tiles;
+    variable-length calls only where their sequences average 384 query rows or more
+    (launch_ws.cuh, sm90_fwd_takes_hd64_plain_tiles), else the two-consumer 128-row tiles; a score
+    feature keeps the 128-row tiles. Each call also against the float64 reference."""
+    q = randn(1, 300, 2, 64, dtype=torch.bfloat16)
+    names = _kernel_names(lambda: fwd(q, q, q, causal=True))
+    assert _has_consumers(names, 64, 3) and not _has_consumers(names, 64, 2), names
+    # (seqlens, whether the 192-row tiles run): averages 424, 384, 71, 256.
+    for seqlens, three in (([1000, 17, 256], True), ([384, 384, 384], True), ([5, 130, 77], False),
+                           ([256, 256], False)):
+        q, k, v = (randn(sum(seqlens), 4, 64, dtype=torch.bfloat16) for _ in range(3))
+        names = _kernel_names(lambda: varlen_fwd(q, k, v, seqlens, seqlens, causal=True))
+        assert _has_consumers(names, 64, 3) == three and _has_consumers(names, 64, 2) != three, (seqlens, names)
+        check_varlen(q, k, v, seqlens, seqlens, f"hd64 {seqlens}", causal=True)
+    seqlens = [1000, 17, 256]
+    q, k, v = (randn(sum(seqlens), 4, 64, dtype=torch.bfloat16) for _ in range(3))
+    names = _kernel_names(lambda: varlen_fwd(q, k, v, seqlens, seqlens, softcap=20.0))
+    assert _has_consumers(names, 64, 2) and not _has_consumers(names, 64, 3), names
+
+
 def test_bad_tiles_value(ws, monkeypatch):
     monkeypatch.setenv(TILES_ENV, "huge")
     q = randn(1, 16, 2, 256, dtype=torch.bfloat16)

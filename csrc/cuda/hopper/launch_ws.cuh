@@ -54,7 +54,8 @@ using Sm90WsFwdTraitsFor =
 // h200_2026-12-04_session15_fwd_hd64_tiles.log). Variable-length (16k
 // tokens in 28 sequences of 128-4k, H 32, forwards in CUDA graphs): 443 /
 // 331 TFLOP/s non-causal / causal against 382 / 314 through the 128-row
-// tiles (h200_2026-12-04_session15_varlen_hd64{,_192rows}.log).
+// tiles (h200_2026-12-04_session15_varlen_hd64{,_192rows}.log); which
+// variable-length calls take them: sm90_fwd_takes_hd64_plain_tiles.
 template <typename Element>
 using Sm90WsFwdTraitsHd64Plain = sm90::WsFwdTraits<Element, 64, 128, 4, 3>;
 
@@ -123,6 +124,26 @@ const char* encode_ws_maps(WsFwdParams& ws, const FlashFwdParams& p) {
 }
 
 }  // namespace sm90
+
+// Whether a head dim 64 call without a bias or score features takes
+// Sm90WsFwdTraitsHd64Plain's 192-row tiles: dense calls always; variable-
+// length ones (and dense ones over seqused_k) where their sequences average
+// 384 query rows or more. A sequence wastes up to 191 rows of its last
+// 192-row block against 127 of a 128-row one, and the 192-row tiles are
+// 1.07-1.27x faster per row computed (512-4k, session 15): below about three
+// 128-row blocks a sequence the padding can outweigh that (all sequences of
+// 256 rows: 384 rows computed against 256), above it the tiles win (the
+// bench's mix of 128-4k, 585 rows on average: 1.16x). The host sees only the
+// total and the largest length, so the rule takes the average.
+template <typename Element>
+bool sm90_fwd_takes_hd64_plain_tiles(const FlashFwdParams& params) {
+  if (has_score_mods(params) || params.bias != nullptr) return false;
+  if (Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes > smem_budget()) return false;
+  if (!sm90::ws_fwd_varlen(params)) return true;
+  const int64_t rows = params.cu_seqlens_q != nullptr ? int64_t(params.total_q)
+                                                     : int64_t(params.batch) * params.seqlen_q;
+  return rows >= 384 * int64_t(params.batch);
+}
 
 // Whether a head dim 256 call takes Sm90WsFwdTraitsHd256Plain's blocks:
 // plain and dense, shared memory for them, and FLASH_ATTN_EXT_SM90_FWD_TILES
@@ -260,8 +281,7 @@ bool run_flash_fwd_sm90_ws(const FlashFwdParams& params, cudaStream_t stream) {
   } else {
     if constexpr (kHeadDim == 64) {
       // The two-warpgroup tiles (144 KB) still run under a budget below these (152 KB).
-      if (!flash::has_score_mods(params) && params.bias == nullptr &&
-          flash::Sm90WsFwdTraitsHd64Plain<Element>::kSmemBytes <= flash::smem_budget()) {
+      if (flash::sm90_fwd_takes_hd64_plain_tiles<Element>(params)) {
         return flash::run_flash_fwd_sm90_ws_tiles<flash::Sm90WsFwdTraitsHd64Plain<Element>, true, true>(params,
                                                                                                        stream);
       }
