@@ -83,6 +83,7 @@ DIRECTIONS = ("fwd", "bwd", "fwdbwd")
 _WS = {"FLASH_ATTN_EXT_SM90_FWD": "ws_strict", "FLASH_ATTN_EXT_SM90_BWD": "ws_strict"}
 SM90_KERNELS = {
     "classic": {"FLASH_ATTN_EXT_SM90_FWD": "classic", "FLASH_ATTN_EXT_SM90_BWD": "classic"},
+    "classic-bwd": {"FLASH_ATTN_EXT_SM90_BWD": "classic"},
     "ws": _WS,
     "narrow": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "narrow"},
     "wide": {**_WS, "FLASH_ATTN_EXT_SM90_FWD_TILES": "wide"},

@@ -5,7 +5,8 @@ FLASH_ATTN_EXT_SM90_BWD. The tests run with `ws_strict`, under which a call
 the kernel cannot take raises instead of falling back to the classic kernel:
 a test that passes ran the warp-specialized backward. Out and every gradient
 against the float64 reference under the project's 2x rule
-(test_score_features.check_features): head dims 64 and 128, fp16 and bf16,
+(test_score_features.check_features): head dims 64, 128 and 256 (its
+64-key blocks with the head dim split between the consumers), fp16 and bf16,
 causal or not, windows, GQA/MQA, seqlen_q != seqlen_k, lengths that are no
 multiple of the tiles, the deterministic backward (no dQ in this kernel),
 softcap, ALiBi, sinks, dropout (against the reference with the call's own
@@ -17,7 +18,8 @@ windows, GQA/MQA, the score features, seqused_k, rows past the last
 sequence, the deterministic backward; NaN/inf in a neighbouring sequence
 and in the padding past the last one reach no other gradient; the classic
 kernel's varlen gradients, with and without dropout. Then the fallback
-(head dim 256 runs the classic kernel; ws_strict names why), and the kernel
+(head dim 256's variable-length calls run the classic kernel; ws_strict
+names why), and the kernel
 names under the profiler.
 
 Skipped without CUDA, on a GPU other than compute capability 9.0, and for
@@ -44,7 +46,8 @@ from test_varlen import check_varlen, cu_of  # noqa: E402
 
 ENV = "FLASH_ATTN_EXT_SM90_BWD"
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
-HEADDIMS = [64, 128]
+HEADDIMS = [64, 128, 256]
+VARLEN_HEADDIMS = [64, 128]  # head dim 256's variable-length calls run the classic kernel
 _MISSING = ("not compiled in this build", "no CUDA kernel compiled", "has no Hopper")
 
 
@@ -210,7 +213,7 @@ VARLEN_MASKS = [(False, (-1, -1)), (True, (-1, -1)), (False, (16, 4)), (False, (
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("headdim", VARLEN_HEADDIMS)
 @pytest.mark.parametrize("causal,window", VARLEN_MASKS, ids=["full", "causal", "window", "window-causal"])
 @pytest.mark.parametrize("lens", VARLEN_MIXES)
 def test_ws_bwd_varlen(ws, dtype, headdim, causal, window, lens):
@@ -229,7 +232,7 @@ VARLEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("headdim", VARLEN_HEADDIMS)
 @pytest.mark.parametrize("case", VARLEN_CASES)
 def test_ws_bwd_varlen_features(ws, headdim, case):
     case = dict(case)
@@ -243,7 +246,7 @@ def _varlen_grads(q, k, v, dout, cu_q, cu_k, max_q, max_k, **kw):
     return torch.autograd.grad(out, (q, k, v), dout)
 
 
-@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("headdim", VARLEN_HEADDIMS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_ws_bwd_varlen_neighbours_do_not_leak(ws, headdim, causal, deterministic):
@@ -289,7 +292,7 @@ def test_ws_bwd_varlen_neighbours_do_not_leak(ws, headdim, causal, deterministic
                 assert torch.equal(x, y), f"{name}: sequence {s} differs"
 
 
-@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("headdim", VARLEN_HEADDIMS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["plain", "dropout"])
 def test_ws_bwd_varlen_matches_classic(monkeypatch, headdim, dropout_p):
     """The varlen gradients of the two backward kernels (the same products
@@ -329,7 +332,7 @@ def _assert_same_grads(new, old, deterministic, what):
             assert torch.equal(a, b), f"{what}: {name}"
 
 
-@pytest.mark.parametrize("headdim", HEADDIMS)
+@pytest.mark.parametrize("headdim", VARLEN_HEADDIMS)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (200, 30))],
                          ids=["full", "causal", "window"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
@@ -438,15 +441,22 @@ def test_ws_bwd_causal_groups(ws, monkeypatch, headdim, deterministic):
 
 
 def test_ws_bwd_strict_names_what_it_cannot_take(monkeypatch):
-    """Head dim 256 runs the classic backward; under ws_strict it raises saying why."""
-    q, k, v = random_qkv(1, 64, 64, 2, 2, 256, torch.bfloat16, "cuda")
-    out = run_or_skip(lambda: flash_attn_ext.flash_attn_func(q, k, v))
+    """Variable-length calls at head dim 256 run the classic backward; under ws_strict they raise
+    saying why (dense calls at 256 run the warp-specialized one)."""
+    lens = [70, 0, 130]
+    q, k, v = (torch.randn(sum(lens), 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    cu = cu_of(lens, "cuda")
+
+    def call():
+        return flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+
+    out = run_or_skip(call)
     monkeypatch.setenv(ENV, "ws_strict")
-    with pytest.raises(RuntimeError, match="has head dims 64 and 128 only|has no Hopper backward"):
+    with pytest.raises(RuntimeError, match="variable-length calls have head dims 64 and 128 only"):
         out.sum().backward()
     monkeypatch.setenv(ENV, "ws")
-    q.grad = None
-    out = flash_attn_ext.flash_attn_func(q, k, v)
+    out = call()
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 

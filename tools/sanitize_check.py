@@ -34,6 +34,7 @@ CASES = [
     (1, 70, 33, 2, 1, 128, True),     # causal with rows that see no key (MQA)
     (1, 31, 200, 2, 2, 80, True),     # padded head dim (80 -> 96 or 128), seqlen_q < seqlen_k
     (1, 100, 100, 2, 2, 256, False),  # largest head dim
+    (1, 300, 260, 4, 2, 256, True),   # head dim 256, several query and key blocks (the split-dim backward)
     (1, 1, 17, 1, 1, 32, False),      # single query
     (2, 7, 7, 2, 2, 16, True),        # tiny: one partial tile, head dim 16 padded
     (1, 300, 257, 4, 2, 64, True),    # several tiles (Hopper kernels: 128-row blocks)
@@ -51,6 +52,11 @@ VARLEN_CASES = [
     ([(i * 37) % 150 for i in range(1030)] + [700], [(i * 53) % 150 for i in range(1030)] + [650], 2, 1, 128, True,
      None),
     ([600] * 40, [600] * 40, 4, 2, 128, True, "overlapping"),
+    # Head dim 64 where sequences average 384 query rows or more: the Hopper forward's 192-row
+    # tiles (sm90_fwd_takes_hd64_plain_tiles), with an empty sequence, a 1-row one and partial
+    # last blocks; causal and not.
+    ([700, 0, 1, 1290, 65, 900], [650, 3, 1, 1290, 200, 900], 4, 2, 64, True, None),
+    ([500, 391, 1, 777], [500, 391, 2, 777], 4, 4, 64, False, None),
 ]
 # Decode: (page size or None, leftpad, out-of-range index values, num_splits)
 DECODE_CASES = [

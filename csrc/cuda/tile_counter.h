@@ -63,7 +63,7 @@ inline std::optional<Tensor> make_varlen_key_tile_list(const Tensor& like, Flash
   p.tile_list = nullptr;
   p.tile_list_capacity = 0;
   if (!flash::sm90::kBuilt || !flash::sm90::enabled() || p.cu_seqlens_k == nullptr) return std::nullopt;
-  if (!flash::sm90::bwd_ws_head_dim(head_dim) ||
+  if (!flash::sm90::bwd_ws_varlen_head_dim(head_dim) ||
       flash::sm90::bwd_kernel_choice() == flash::sm90::KernelChoice::kClassic || !flash::sm90::bwd_varlen_list()) {
     return std::nullopt;
   }

@@ -98,10 +98,17 @@ struct WsBwdTraits {
   // classic kernel's) made ptxas serialize every wgmma of the loop for
   // want of registers (C7512), and ran at 0.87x the classic kernel.
   static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = 128;  // 64 keys per consumer warpgroup
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "the warp-specialized backward has head dims 64, 128 and 256");
+  // Head dim 256 (kSplitDims): a 64-key row of dK and dV takes 256
+  // registers, so the block has 64 keys and the consumers split the head
+  // dim of dK / dV / dQ (128 columns each) and the queries of S^T / dP^T
+  // (32 each), as the classic kernel does; both halves of P^T and dS^T meet
+  // in shared memory, from where the dV / dK products read them (SS).
+  static constexpr bool kSplitDims = kHeadDim == 256;
+  static constexpr int kBlockN = kSplitDims ? 64 : 128;  // else 64 keys per consumer warpgroup
   static constexpr int kNThreads = 384;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 24 + 2 x 240 = 3 x 168 (see the forward's traits)
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "the warp-specialized backward has head dims 64 and 128");
   // Per consumer: S^T / dP^T 64 keys x kSN queries, dK / dV 64 keys x the
   // head dim; dQ, summed over all 128 keys (so the consumers exchange
   // their halves of dS^T, a barrier of both, once per query block):
@@ -114,33 +121,49 @@ struct WsBwdTraits {
   //    staged and reduced into dq_accum twice per key block: twice the
   //    reduction traffic, the cost that step 7 of docs/perf-notes.md
   //    measured at head dim 128, 0.70-0.84x.)
-  static constexpr int kSN = kBlockM, kDkvN = kHeadDim;
+  static constexpr int kSN = kSplitDims ? kBlockM / 2 : kBlockM;
+  static constexpr int kDkvN = kSplitDims ? kHeadDim / 2 : kHeadDim;
   static constexpr bool kDqAlternates = kHeadDim == 64;
   static constexpr int kDqN = kDqAlternates ? kHeadDim : kHeadDim / 2;
   static constexpr int kDqBoxCols = 32;  // fp32 columns of one 128-byte swizzled TMA box
+  // Columns of a consumer's dQ piece staged at a time: all of them, but at
+  // head dim 256 (128 columns, 32 KB a consumer) half, in two rounds, for
+  // want of shared memory.
+  static constexpr int kDqSlabCols = kSplitDims ? kDqN / 2 : kDqN;
+  // Stages of dO: as Q's, but one at head dim 256 (its stage is released
+  // once dV is done, so the next dO loads under dQ and dK; two would need
+  // 32 KB more than a block has).
+  static constexpr int kDoStages = kSplitDims ? 1 : kStages;
+  static constexpr bool kDoOwnBarriers = kDoStages != kStages;  // else Q's full / empty barriers cover dO
 
   static constexpr int kTileN = kBlockN * kHeadDim * 2;  // K or V
   static constexpr int kTileM = kBlockM * kHeadDim * 2;  // one stage of Q or dO
-  static constexpr int kTileDs = kBlockN * kBlockM * 2;  // one buffer of dS^T
-  static constexpr int kDqPiece = 64 * kDqN * 4;         // one consumer's dQ piece, fp32
+  static constexpr int kTileDs = kBlockN * kBlockM * 2;  // one buffer of dS^T (and of P^T, kSplitDims)
+  static constexpr int kDqPiece = 64 * kDqSlabCols * 4;  // one consumer's dQ staging slab, fp32
   static constexpr int kKOff = 0;
   static constexpr int kVOff = kKOff + kTileN;
   static constexpr int kQOff = kVOff + kTileN;
   static constexpr int kDoOff = kQOff + kStages * kTileM;
-  static constexpr int kDsOff = kDoOff + kStages * kTileM;  // 2 buffers
-  static constexpr int kDqOff = kDsOff + 2 * kTileDs;       // 2 pieces
-  static constexpr int kLseOff = kDqOff + 2 * kDqPiece;     // kStages x kBlockM floats each
+  static constexpr int kDsOff = kDoOff + kDoStages * kTileM;            // 2 buffers
+  static constexpr int kPOff = kDsOff + 2 * kTileDs;                    // 2 buffers, kSplitDims only
+  static constexpr int kDqOff = kPOff + (kSplitDims ? 2 * kTileDs : 0);  // 2 pieces
+  static constexpr int kLseOff = kDqOff + 2 * kDqPiece;                 // kStages x kBlockM floats each
   static constexpr int kDeltaOff = kLseOff + kStages * kBlockM * 4;
   static constexpr int kResidualOff = kDeltaOff + kStages * kBlockM * 4;
-  // mbarriers: K and V's, full and empty per stage, then the partial query
-  // block's own (kVarlen: the producer's load of it, before it zeroes the
-  // rows past the sequence).
+  // mbarriers: K and V's, full and empty per stage, dO's full and empty
+  // per dO stage (kDoOwnBarriers), then the partial query block's own
+  // (kVarlen: the producer's load of it, before it zeroes the rows past
+  // the sequence).
   static constexpr int kBarOff = kResidualOff + kStages * kBlockM * 4;
-  static constexpr int kSmemBytes = kBarOff + 8 * (2 + 2 * kStages) + 1024;  // + realignment to the swizzle atom
+  static constexpr int kNumBars = 2 + 2 * kStages + (kDoOwnBarriers ? 2 * kDoStages : 0);
+  static constexpr int kSmemBytes = kBarOff + 8 * kNumBars + 1024;  // + realignment to the swizzle atom
   // A stage is full after lane 0's arrive_expect_tx (Q and dO bytes) and
   // the 32 producer lanes' arrivals (the row statistics); empty after all
   // 256 consumer threads (each read some of the stage's statistics).
   static constexpr int kFullArrivals = 1 + 32, kEmptyArrivals = 256;
+  // dO's own (kDoOwnBarriers): full after lane 0's arrive_expect_tx, empty
+  // after all 256 consumer threads.
+  static constexpr int kDoFullArrivals = 1;
   // Named barriers: the consumers' dS exchange (256 threads); then one per
   // consumer warp for its dQ slab (kSlabBarrier + warp, 32 threads); then
   // both consumers' zeroing of K / V rows past a sequence (kVarlen, 256
@@ -179,9 +202,10 @@ __device__ __forceinline__ void bulk_wait_all() {
 #endif
 }
 
-// One warp's 16 rows of a consumer's dQ piece (accumulator fragments of 16
-// x kDqN, rows g and g + 8) into its slab of kDqN / 32 boxes of 64 rows x 32
-// fp32 columns in TMA's 128-byte swizzle: row r at r * 128 bytes, its
+// One warp's 16 rows of kCols columns of a consumer's dQ piece (accumulator
+// fragments of 16 x kDqN, rows g and g + 8; the columns from 8 kJ0 on) into
+// its slab of kCols / 32 boxes of 64 rows x 32 fp32 columns in TMA's
+// 128-byte swizzle: row r at r * 128 bytes, its
 // 16-byte chunk c at c ^ (r % 8). The warp's rows 16 w .. 16 w + 15 start
 // 2048 bytes into each box, on a swizzle atom, so the warp hands them to the
 // TMA unit itself (boxes of 16 rows) and no other warp waits for it. The
@@ -190,18 +214,19 @@ __device__ __forceinline__ void bulk_wait_all() {
 // of box j / 4, so a lane's address is its base (row, and (t / 2) ^ g in bits
 // 4-6) XOR (j % 4) * 32, plus the box: one LOP3 a store (as
 // store_packed_sw128).
-template <int kDqN>
+template <int kCols, int kJ0, int kDqN>
 __device__ __forceinline__ void store_dq_slab(uint32_t dst, const float (&acc)[kDqN / 8][4], int warp_in_wg,
                                               int lane) {
+  static_assert(kJ0 % 4 == 0 && 8 * kJ0 + kCols <= kDqN, "whole boxes of the piece");
   const int g = lane / 4, t = lane % 4;
   const int r = 16 * warp_in_wg + g;  // r + 8 has the same r % 8
   const uint32_t base = dst + r * kLineBytes + ((((t / 2) ^ g)) << 4) + (t % 2) * 8;
 #pragma unroll
-  for (int j = 0; j < kDqN / 8; ++j) {
+  for (int j = 0; j < kCols / 8; ++j) {
     const uint32_t addr = (base ^ ((j % 4) << 5)) + (j / 4) * 64 * kLineBytes;
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc[j][0]), "f"(acc[j][1]) : "memory");
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr + 8 * kLineBytes), "f"(acc[j][2]), "f"(acc[j][3])
-                 : "memory");
+    const float(&a)[4] = acc[kJ0 + j];
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a[0]), "f"(a[1]) : "memory");
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr + 8 * kLineBytes), "f"(a[2]), "f"(a[3]) : "memory");
   }
 }
 
@@ -256,7 +281,14 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   const uint32_t s_base = smem_u32(smem);
   const uint32_t sK = s_base + T::kKOff, sV = s_base + T::kVOff;
   const uint32_t bar_kv = s_base + T::kBarOff, full = bar_kv + 8, empty = full + 8 * kStages;  // + 8 * stage
-  const uint32_t bar_tail = empty + 8 * kStages;  // kVarlen
+  // dO's own (kDoOwnBarriers), + 8 * its stage.
+  const uint32_t do_full = empty + 8 * kStages, do_empty = do_full + 8 * T::kDoStages;
+  const uint32_t bar_tail = T::kDoOwnBarriers ? do_empty + 8 * T::kDoStages : empty + 8 * kStages;  // kVarlen
+  // kDoOwnBarriers: the producer's tail path below loads Q and dO of one
+  // stage index together; head dim 256 takes dense calls only.
+  static_assert(!(T::kDoOwnBarriers && kVarlen), "variable-length calls share Q and dO's stages");
+  // The shared-memory tile of dO for query block i.
+  auto do_tile = [&](int i) { return s_base + T::kDoOff + (i % T::kDoStages) * T::kTileM; };
 
   // The block's key block: blockIdx.x in BwdBlock's order, or in groups
   // of heads (group_width), or a variable-length call's entry of the list
@@ -293,6 +325,13 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full + 8 * st, T::kFullArrivals);
       mbar_init(empty + 8 * st, T::kEmptyArrivals);
+    }
+    if constexpr (T::kDoOwnBarriers) {
+#pragma unroll
+      for (int st = 0; st < T::kDoStages; ++st) {
+        mbar_init(do_full + 8 * st, T::kDoFullArrivals);
+        mbar_init(do_empty + 8 * st, T::kEmptyArrivals);
+      }
     }
     if constexpr (kVarlen) mbar_init(bar_tail, 1);
     fence_mbar_init();
@@ -341,7 +380,24 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       // the sequence are zeroed below before the stage is full.
       const bool tail = kVarlen && m0 + kBlockM > blk.seq.seqlen_q;
       if (!tail) mbar_arrive(full + 8 * stage);
-      if (lane == 0) {
+      if (lane == 0 && T::kDoOwnBarriers) {
+        // Q on the stage's barrier; dO, once its own stage is free (after
+        // the dV of query block i - kDoStages), on dO's.
+        mbar_arrive_expect_tx(full + 8 * stage, T::kTileM);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c) {
+          tma_load_4d(s_base + T::kQOff + stage * T::kTileM + c * kBlockM * kLine, &pw.tma_q, full + 8 * stage,
+                      c * kPanelCols, q_row(m0), h, q_batch());
+        }
+        const int do_stage = i % T::kDoStages;
+        mbar_wait(do_empty + 8 * do_stage, ((i / T::kDoStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(do_full + 8 * do_stage, T::kTileM);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c) {
+          tma_load_4d(do_tile(i) + c * kBlockM * kLine, &pw.tma_do, do_full + 8 * do_stage, c * kPanelCols,
+                      q_row(m0), h, q_batch());
+        }
+      } else if (lane == 0) {
         const uint32_t bar = tail ? bar_tail : full + 8 * stage;
         mbar_arrive_expect_tx(bar, 2 * T::kTileM);
 #pragma unroll
@@ -379,10 +435,12 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   // kernels differently, 0.99x with another change, not separated.)
   const int cw = T::kDqAlternates ? __shfl_sync(0xffffffffu, wg - 1, 0) : wg - 1;
   const int warp_in_wg = warp % 4;
-  // This consumer's part: keys [wg_key0, + 64) of S^T (all kSN queries) and
-  // of dK / dV (the whole head dim); rows key_row0 + g (+ 8) for this
-  // thread; its dQ piece at columns dq_col0...
-  const int wg_key0 = 64 * cw, key_row0 = wg_key0 + 16 * warp_in_wg;
+  // This consumer's part: keys [wg_key0, + 64) x queries [q_col0, + kSN)
+  // of S^T; head-dim columns [dkv_col0, + kDkvN) of dK / dV; rows key_row0
+  // + g (+ 8) for this thread; its dQ piece at columns dq_col0...
+  const int wg_key0 = T::kSplitDims ? 0 : 64 * cw, key_row0 = wg_key0 + 16 * warp_in_wg;
+  const int q_col0 = T::kSplitDims ? kSN * cw : 0;
+  const int dkv_col0 = T::kSplitDims ? kDkvN * cw : 0;
   const int dq_col0 = T::kDqAlternates ? 0 : kDqN * cw;
   const uint32_t sDq = s_base + T::kDqOff + cw * T::kDqPiece;
 
@@ -403,93 +461,72 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
   for (int i = 0; i < count; ++i) {
     const int stage = i % kStages;
     const int m0 = (m_begin + i) * kBlockM;
-    const uint32_t sQ = s_base + T::kQOff + stage * T::kTileM, sDo = s_base + T::kDoOff + stage * T::kTileM;
+    const uint32_t sQ = s_base + T::kQOff + stage * T::kTileM, sDo = do_tile(i);
     const uint32_t sDs = s_base + T::kDsOff + (i & 1) * T::kTileDs;
     const float* stats = reinterpret_cast<const float*>(smem + stage * kBlockM * 4);
-    const float* sLse = stats + T::kLseOff / 4;
-    const float* sDelta = stats + T::kDeltaOff / 4;
-    const float* sResidual = stats + T::kResidualOff / 4;
+    const float* sLse = stats + T::kLseOff / 4 + q_col0;
+    const float* sDelta = stats + T::kDeltaOff / 4 + q_col0;
+    const float* sResidual = stats + T::kResidualOff / 4 + q_col0;
     mbar_wait(full + 8 * stage, (i / kStages) & 1);
 
     float acc_s[kSN / 8][4], acc_dp[kSN / 8][4];
     wgmma_fence();
-    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_s, sK + wg_key0 * kLine, kPanelN, sQ, kPanelM);
+    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_s, sK + wg_key0 * kLine, kPanelN, sQ + q_col0 * kLine, kPanelM);
     wgmma_commit();
-    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo, kPanelM);
+    if constexpr (T::kDoOwnBarriers) mbar_wait(do_full + 8 * (i % T::kDoStages), (i / T::kDoStages) & 1);
+    wgmma_abt_kmajor<Element, kSN, kHeadDim>(acc_dp, sV + wg_key0 * kLine, kPanelN, sDo + q_col0 * kLine, kPanelM);
     wgmma_commit();
     uint64_t keep_bits = 0;  // dropout's, drawn under the two products
     if constexpr (Rule::kDropout) {
-      if (rule.has_dropout()) keep_bits = rule.template dropout_keep_bits_t<kSN>(n0 + key_row0, m0, lane);
+      if (rule.has_dropout()) keep_bits = rule.template dropout_keep_bits_t<kSN>(n0 + key_row0, m0 + q_col0, lane);
     }
 
     wgmma_wait<1>();
     fence_regs(acc_s);
     SoftcapFactors<Element, kSN / 8> softcap_factors;
-    probs_t<Element, kSN, true>(acc_s, softcap_factors, rule, geo, m0, n0 + wg_key0, n0 + key_row0, sLse, sResidual,
-                               lane);
+    probs_t<Element, kSN, true>(acc_s, softcap_factors, rule, geo, m0 + q_col0, n0 + wg_key0, n0 + key_row0, sLse,
+                               sResidual, lane);
     uint32_t p_frag[kSN / 16][4];
     pack_p_operand<Element, kSN>(p_frag, acc_s, rule, keep_bits);
-    // dV += P^T dO (A from registers, B MN-major): on the tensor cores
-    // while dS^T is computed.
-    wgmma_fence();
-    wgmma_rs_b_mn<Element, kDkvN>(acc_dv, p_frag, sDo, kPanelM);
-    wgmma_commit();
+    if constexpr (!T::kSplitDims) {
+      // dV += P^T dO (A from registers, B MN-major): on the tensor cores
+      // while dS^T is computed.
+      wgmma_fence();
+      wgmma_rs_b_mn<Element, kDkvN>(acc_dv, p_frag, sDo, kPanelM);
+      wgmma_commit();
+    }
 
-    wgmma_wait<1>();  // dP^T (dV may still run)
+    wgmma_wait<T::kSplitDims ? 0 : 1>();  // dP^T (dV may still run)
     fence_regs(acc_dp);
-    dscores_t<Element, kSN>(acc_dp, acc_s, softcap_factors, rule, p, dbias, sDelta, keep_bits, m0, n0 + key_row0,
-                            lane);
+    dscores_t<Element, kSN>(acc_dp, acc_s, softcap_factors, rule, p, dbias, sDelta, keep_bits, m0 + q_col0,
+                            n0 + key_row0, lane);
     uint32_t ds_frag[kSN / 16][4];
     pack_a_frags<Element>(ds_frag, acc_dp);
-    if constexpr (kDq) {
-      // This consumer's rows of dS^T into this step's buffer, before dK's
-      // wgmma takes ds_frag (its A registers may not be read while it runs).
-      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, 0, ds_frag, lane);
+    if (kDq || T::kSplitDims) {
+      // This consumer's part of dS^T (kSplitDims: and of P^T) into this
+      // step's buffer, before dK's wgmma takes ds_frag (its A registers may
+      // not be read while it runs).
+      store_packed_sw128(smem + T::kDsOff + (i & 1) * T::kTileDs, kBlockN, key_row0, q_col0, ds_frag, lane);
+      if constexpr (T::kSplitDims) {
+        store_packed_sw128(smem + T::kPOff + (i & 1) * T::kTileDs, kBlockN, key_row0, q_col0, p_frag, lane);
+      }
       fence_proxy_async();
       // Lane 0 of each warp arrives only after its previous dQ reduction
       // has read the warp's staging slab, so after this barrier the slabs
       // are free to overwrite; the barrier also publishes both consumers'
-      // halves of dS^T.
-      if (lane == 0) bulk_wait_all<true>();
+      // parts of dS^T (and P^T).
+      if (kDq && lane == 0) bulk_wait_all<true>();
       named_barrier_sync(T::kDsBarrier, 256);
     }
-    // dK += dS^T Q (A from registers, B MN-major).
-    auto issue_dk = [&] {
-      wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
-      wgmma_commit();
-    };
-    // Whether this consumer computes a dQ piece at this step (at head dim
-    // 64 the consumers take turns). Each branch below ends with every
-    // wgmma complete, so that ptxas sees whole pipeline stages on both
-    // paths (with the dQ product alone under a branch, it serialized every
-    // wgmma, C7514 / C7520).
-    const bool dq_here = kDq && (!T::kDqAlternates || (i & 1) == cw);
-    wgmma_fence();
-    if (dq_here) {
-      // The dQ piece = dS K first (A = dS^T read MN-major, B = K MN-major,
-      // over both consumers' keys), then dK, so that dQ's staging store and
-      // reduction run while dK is on the tensor cores. (dK first, then dQ
-      // after a wait for both, left the tensor cores idle through dQ's
-      // store: 1.02-1.04x for this order, H200, docs/perf-notes.md step 11.)
-      float acc_dq[kDqN / 8][4];
-      const uint64_t desc_a = make_desc(sDs, kPanelN, kSbo);
-      const uint64_t desc_b = make_desc(sK + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
-#pragma unroll
-      for (int s = 0; s < kBlockN / 16; ++s) {
-        wgmma_ss<Element, kDqN, 1, 1>(acc_dq, desc_advance(desc_a, s * 16 * kLine), desc_advance(desc_b, s * 16 * kLine),
-                                      s > 0);
-      }
-      wgmma_commit();
-      issue_dk();
-      wgmma_wait<1>();  // dV and dQ done (dK may still run)
-      fence_regs(acc_dq);
-      fence_regs(acc_dv);
-      fence_regs(p_frag);
-      // This warp's rows of the piece to shared memory, then its lane 0 hands
-      // them to the TMA unit, after a barrier of the warp's 32 threads (a
-      // named barrier orders the other lanes' stores before lane 0's
-      // reduction; __syncwarp compiles to nothing here).
-      const int warp_m0 = m0 + 16 * warp_in_wg;  // the warp's first query row
+    // dQ's staging and reduction (kDq): this warp's rows of the piece, in
+    // rounds of kDqSlabCols columns, to shared memory; then its lane 0 hands
+    // them to the TMA unit, after a barrier of the warp's 32 threads (a
+    // named barrier orders the other lanes' stores before lane 0's
+    // reduction; __syncwarp compiles to nothing here). A round after the
+    // first waits for the previous one's reduction to have read the slab.
+    const int warp_m0 = m0 + 16 * warp_in_wg;  // the warp's first query row
+    const int slab_barrier = T::kSlabBarrier + 4 * cw + warp_in_wg;
+    auto reduce_dq = [&](float (&acc_dq)[kDqN / 8][4]) {
       if constexpr (kVarlen) {
         // Rows past the sequence (the next sequence's in dq_accum): exact
         // zeros when this sequence's K and V rows are finite; cleared, so
@@ -501,28 +538,117 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
           if (row + 8 >= blk.seq.seqlen_q) acc_dq[j][2] = acc_dq[j][3] = 0.f;
         }
       }
-      store_dq_slab<kDqN>(sDq, acc_dq, warp_in_wg, lane);
-      fence_proxy_async();
-      named_barrier_sync(T::kSlabBarrier + 4 * cw + warp_in_wg, 32);
       // (kVarlen: a warp whose rows all lie past the sequence adds nothing.)
-      if (lane == 0 && (!kVarlen || warp_m0 < blk.seq.seqlen_q)) {
-#pragma unroll
-        for (int box = 0; box < kDqN / T::kDqBoxCols; ++box) {
-          tma_reduce_add_4d(&pw.tma_dq, sDq + box * 64 * kLine + 16 * warp_in_wg * kLine,
-                            dq_col0 + box * T::kDqBoxCols, q_row(warp_m0), h, q_batch());
+      const bool adds = lane == 0 && (!kVarlen || warp_m0 < blk.seq.seqlen_q);
+      auto round = [&](auto r) {
+        constexpr int kRound = decltype(r)::value;
+        if constexpr (kRound > 0) {
+          if (adds) bulk_wait_all<true>();
+          named_barrier_sync(slab_barrier, 32);
         }
-        bulk_commit();
+        store_dq_slab<T::kDqSlabCols, kRound * T::kDqSlabCols / 8, kDqN>(sDq, acc_dq, warp_in_wg, lane);
+        fence_proxy_async();
+        named_barrier_sync(slab_barrier, 32);
+        if (adds) {
+#pragma unroll
+          for (int box = 0; box < T::kDqSlabCols / T::kDqBoxCols; ++box) {
+            tma_reduce_add_4d(&pw.tma_dq, sDq + box * 64 * kLine + 16 * warp_in_wg * kLine,
+                              dq_col0 + kRound * T::kDqSlabCols + box * T::kDqBoxCols, q_row(warp_m0), h,
+                              q_batch());
+          }
+          bulk_commit();
+        }
+      };
+      static_assert(kDqN / T::kDqSlabCols <= 2, "one or two rounds");
+      round(std::integral_constant<int, 0>{});
+      if constexpr (kDqN / T::kDqSlabCols == 2) round(std::integral_constant<int, 1>{});
+    };
+    // The dQ piece = dS K (A = dS^T read MN-major, B = K MN-major, over
+    // all of the block's keys), issued, not committed.
+    auto issue_dq = [&](float (&acc_dq)[kDqN / 8][4]) {
+      const uint64_t desc_a = make_desc(sDs, kPanelN, kSbo);
+      const uint64_t desc_b = make_desc(sK + (dq_col0 / 64) * kPanelN, kPanelN, kSbo);
+#pragma unroll
+      for (int s = 0; s < kBlockN / 16; ++s) {
+        wgmma_ss<Element, kDqN, 1, 1>(acc_dq, desc_advance(desc_a, s * 16 * kLine),
+                                      desc_advance(desc_b, s * 16 * kLine), s > 0);
+      }
+    };
+    if constexpr (T::kSplitDims) {
+      // dV += P^T dO and dK += dS^T Q for this consumer's head-dim columns
+      // (A = both consumers' P^T / dS^T, K-major, from shared memory; B
+      // MN-major), and between them the dQ piece, so that its staging and
+      // reduction run while dK is on the tensor cores. dO's stage is free
+      // once dV is done.
+      const uint32_t sP = s_base + T::kPOff + (i & 1) * T::kTileDs;
+      const uint32_t col_off = (dkv_col0 / 64) * kPanelM;
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_ss<Element, kDkvN, 0, 1>(acc_dv, make_desc(sP + s * 32, 16, kSbo),
+                                       make_desc(sDo + col_off + s * 16 * kLine, kPanelM, kSbo), true);
+      }
+      wgmma_commit();
+      float acc_dq[kDqN / 8][4];
+      if constexpr (kDq) {
+        issue_dq(acc_dq);
+        wgmma_commit();
+      }
+#pragma unroll
+      for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_ss<Element, kDkvN, 0, 1>(acc_dk, make_desc(sDs + s * 32, 16, kSbo),
+                                       make_desc(sQ + col_off + s * 16 * kLine, kPanelM, kSbo), true);
+      }
+      wgmma_commit();
+      wgmma_wait<kDq ? 2 : 1>();  // dV done
+      fence_regs(acc_dv);
+      mbar_arrive(do_empty + 8 * (i % T::kDoStages));
+      if constexpr (kDq) {
+        wgmma_wait<1>();  // dQ done (dK may still run)
+        fence_regs(acc_dq);
+        reduce_dq(acc_dq);
       }
       wgmma_wait<0>();
     } else {
-      issue_dk();
-      wgmma_wait<0>();
+      // dK += dS^T Q (A from registers, B MN-major).
+      auto issue_dk = [&] {
+        wgmma_rs_b_mn<Element, kDkvN>(acc_dk, ds_frag, sQ, kPanelM);
+        wgmma_commit();
+      };
+      // Whether this consumer computes a dQ piece at this step (at head dim
+      // 64 the consumers take turns). Each branch below ends with every
+      // wgmma complete, so that ptxas sees whole pipeline stages on both
+      // paths (with the dQ product alone under a branch, it serialized every
+      // wgmma, C7514 / C7520).
+      const bool dq_here = kDq && (!T::kDqAlternates || (i & 1) == cw);
+      wgmma_fence();
+      if (dq_here) {
+        // The dQ piece first, then dK, so that dQ's store and reduction run
+        // while dK is on the tensor cores. (dK first, then dQ after a wait
+        // for both, left the tensor cores idle through dQ's store: 1.02-1.04x
+        // for this order, H200, docs/perf-notes.md step 11.)
+        float acc_dq[kDqN / 8][4];
+        issue_dq(acc_dq);
+        wgmma_commit();
+        issue_dk();
+        wgmma_wait<1>();  // dV and dQ done (dK may still run)
+        fence_regs(acc_dq);
+        fence_regs(acc_dv);
+        fence_regs(p_frag);
+        reduce_dq(acc_dq);
+        wgmma_wait<0>();
+      } else {
+        issue_dk();
+        wgmma_wait<0>();
+      }
     }
     // dV and dK done: the stage is free.
     fence_regs(acc_dv);
     fence_regs(acc_dk);
-    fence_regs(p_frag);
-    fence_regs(ds_frag);
+    if constexpr (!T::kSplitDims) {  // register operands of dV / dK
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+    }
     // Every consumer thread arrives: an mbarrier arrival releases only the
     // arriving thread's own accesses, and each thread read some of the
     // stage's row statistics (lane 0 arriving after a __syncwarp, which
@@ -531,8 +657,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     mbar_arrive(empty + 8 * stage);
   }
 
-  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, 0, acc_dk, acc_dv,
-                                   rule.dv_scale(), lane);
+  store_dkdv_strip<Element, kDkvN>(p, blk.seq, b, h, n0 + key_row0, dkv_col0, acc_dk, acc_dv, rule.dv_scale(), lane);
   if (kDq && lane == 0) bulk_wait_all<false>();  // the reductions read shared memory until they complete
 #endif  // FLASH_SM90_ENABLED
 }

@@ -2,8 +2,9 @@
 // (flash_bwd_sm90_ws_kernel.cuh): its tiles, the calls it cannot take, the
 // tensor maps. run_flash_bwd_dkdv_sm90_ws returns false, launching nothing,
 // when another backward must run instead: FLASH_ATTN_EXT_SM90_BWD = classic,
-// not a Hopper device (or FLASH_ATTN_EXT_DISABLE_SM90), head dim 256,
-// tensors TMA cannot describe, or a shared-memory budget the tiles exceed.
+// not a Hopper device (or FLASH_ATTN_EXT_DISABLE_SM90), a head dim other
+// than 64, 128 and 256 (variable-length calls: 64 and 128), tensors TMA
+// cannot describe, or a shared-memory budget the tiles exceed.
 // With ws_strict each of those raises an error naming the reason instead.
 // Dense and variable-length calls alike (kVarlen: cu_seqlens or seqused_k,
 // as the warp-specialized forward's launcher decides).
@@ -26,7 +27,9 @@ namespace flash {
 
 // Stages of Q / dO: 3 at head dim 64 (131 KB), 2 at 128 (195 KB: a third
 // would need 228 KB, over the 227 KB a block may have, next to the
-// double-buffered dS^T and the dQ staging pieces).
+// double-buffered dS^T and the dQ staging pieces), 2 of Q and 1 of dO at
+// 256 (226.6 KB with 64-key blocks, double-buffered P^T and dS^T and the
+// dQ staging slabs of 64 columns; WsBwdTraits::kDoStages).
 template <typename Element, int kHeadDim>
 using Sm90WsBwdTraitsFor = sm90::WsBwdTraits<Element, kHeadDim, (kHeadDim == 64 ? 3 : 2)>;
 
@@ -103,11 +106,13 @@ void launch_flash_bwd_sm90_ws(sm90::WsBwdParams& ws, cudaStream_t stream) {
               "flash_attn_ext: a bias with variable-length sequences");
   ws.group_width =
       sm90::ws_bwd_varlen(p) ? 0 : sm90::causal_group_width(p, num_n_blocks, current_device_props().num_sms, true);
-  if (listed) {
-    static_assert(T::kBlockN >= FlashFwdParams::kListedKeyBlockMinRows, "make_varlen_key_tile_list's room");
-    if (grid == 0) return;
-    varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocks><<<1, kTileListThreads, 0, stream>>>(p);
-    FLASH_CUDA_LAUNCH_CHECK();
+  if constexpr (sm90::bwd_ws_varlen_head_dim(T::kHeadDim)) {
+    if (listed) {
+      static_assert(T::kBlockN >= FlashFwdParams::kListedKeyBlockMinRows, "make_varlen_key_tile_list's room");
+      if (grid == 0) return;
+      varlen_tile_list_kernel<T::kBlockN, TileListSide::kKeyBlocks><<<1, kTileListThreads, 0, stream>>>(p);
+      FLASH_CUDA_LAUNCH_CHECK();
+    }
   }
   auto launch = [&](auto varlen, auto features) {
     constexpr bool kVarlen = decltype(varlen)::value;
@@ -119,11 +124,13 @@ void launch_flash_bwd_sm90_ws(sm90::WsBwdParams& ws, cudaStream_t stream) {
     FLASH_CUDA_LAUNCH_CHECK();
   };
   dispatch_features(score_features(p), [&](auto features) {
-    if (sm90::ws_bwd_varlen(p)) {
-      launch(std::true_type{}, features);
-    } else {
-      launch(std::false_type{}, features);
+    if constexpr (sm90::bwd_ws_varlen_head_dim(T::kHeadDim)) {
+      if (sm90::ws_bwd_varlen(p)) {
+        launch(std::true_type{}, features);
+        return;
+      }
     }
+    launch(std::false_type{}, features);
   });
 }
 
@@ -142,6 +149,8 @@ bool run_flash_bwd_dkdv_sm90_ws(const FlashBwdParams& params, cudaStream_t strea
     flash::sm90::WsBwdParams ws;
     if (T::kSmemBytes > flash::smem_budget()) {
       why = "its shared memory exceeds the budget (FLASH_ATTN_EXT_SMEM_BUDGET_KB)";
+    } else if (!flash::sm90::bwd_ws_varlen_head_dim(kHeadDim) && flash::sm90::ws_bwd_varlen(params)) {
+      why = "its variable-length calls have head dims 64 and 128 only";
     } else {
       why = flash::sm90::encode_ws_bwd_maps<T>(ws, params);
     }
@@ -151,7 +160,7 @@ bool run_flash_bwd_dkdv_sm90_ws(const FlashBwdParams& params, cudaStream_t strea
       launched = true;
     }
   } else {
-    why = "it has head dims 64 and 128 only";
+    why = "it has head dims 64, 128 and 256 only";
   }
   FLASH_CHECK(launched || choice != flash::sm90::KernelChoice::kWsStrict,
               "flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD=ws_strict, but the warp-specialized backward cannot take this "

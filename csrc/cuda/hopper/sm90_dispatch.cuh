@@ -132,8 +132,13 @@ inline int causal_group_width(const FlashFwdParams& p, int64_t num_blocks, int64
   return width >= 2 ? static_cast<int>(width) : 0;
 }
 
-// The head dims of the warp-specialized backward (launch_bwd_ws.cuh).
-constexpr bool bwd_ws_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+// The head dims of the warp-specialized backward (launch_bwd_ws.cuh), and
+// those of its variable-length calls (at 256 its 64-key blocks are below
+// the room make_varlen_key_tile_list plans for, and its dO has one stage,
+// which the kernel's zeroing of a sequence's partial last query block does
+// not take: those calls run the classic kernel).
+constexpr bool bwd_ws_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128 || head_dim == 256; }
+constexpr bool bwd_ws_varlen_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
 // Whether the warp-specialized forward runs a persistent grid (one block
 // per SM taking query blocks from a counter; FLASH_ATTN_EXT_SM90_FWD_PERSISTENT,
