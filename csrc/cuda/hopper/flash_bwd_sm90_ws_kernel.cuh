@@ -58,10 +58,16 @@
 // Dense calls compile none of this (kVarlen = false): their PTX is that of
 // the kernel before it took variable-length calls.
 //
-// Head dims 64 and 128, with or without dQ (the deterministic backward
-// computes dQ in its own kernel): the launcher (launch_bwd_ws.cuh) sends
-// head dim 256 (whose tiles and a dQ staging buffer do not fit shared
-// memory twice) and tensors TMA cannot describe to the classic kernel.
+// Head dims 64, 128 and 256, with or without dQ (the deterministic backward
+// computes dQ in its own kernel). Head dim 256 (WsBwdTraits::kSplitDims)
+// has 64-key blocks whose consumers split the head dim of dK / dV / dQ and
+// the queries of S^T / dP^T, exchanging P^T and dS^T in shared memory; it
+// stages dQ in two rounds of 64 columns, with one dO stage beside Q's two
+// (all of it 226.6 KB of the 227). The classic kernel at head dim 256 was
+// bound by L2 (76% of its throughput, the LSU queue the top stall: its dQ
+// went to dq_accum as per-thread 8-byte atomics). The launcher
+// (launch_bwd_ws.cuh) sends head dim 256's variable-length calls and
+// tensors TMA cannot describe to the classic kernel.
 #pragma once
 
 #include <cuda.h>

@@ -15,8 +15,8 @@
 // classic one (geometric mean over bf16 hd 64/128/256, seqlen 1k/4k/16k,
 // causal and not; 1.37x at hd 128, 16k; H200, torch 2.11). The backward
 // likewise (FLASH_ATTN_EXT_SM90_BWD): flash_bwd_sm90_ws_kernel.cuh where
-// launch_bwd_ws.cuh allows (head dims 64 and 128, dense and
-// variable-length calls), else flash_bwd_sm90_kernel.cuh.
+// launch_bwd_ws.cuh allows (head dims 64, 128 and 256, dense calls, and
+// variable-length ones at 64 and 128), else flash_bwd_sm90_kernel.cuh.
 #pragma once
 
 #include <cstdlib>
