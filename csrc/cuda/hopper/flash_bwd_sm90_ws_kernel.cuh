@@ -530,8 +530,16 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
     // named barrier orders the other lanes' stores before lane 0's
     // reduction; __syncwarp compiles to nothing here). A round after the
     // first waits for the previous one's reduction to have read the slab.
+    // kSplitDims: dO's stage is released after the first round (below).
     const int warp_m0 = m0 + 16 * warp_in_wg;  // the warp's first query row
     const int slab_barrier = T::kSlabBarrier + 4 * cw + warp_in_wg;
+    // dV done: the stage of dO is free (kSplitDims, whose dV is not done
+    // with the stage's Q).
+    auto release_do = [&] {
+      wgmma_wait<1>();  // dV done (dK may still run)
+      fence_regs(acc_dv);
+      mbar_arrive(do_empty + 8 * (i % T::kDoStages));
+    };
     auto reduce_dq = [&](float (&acc_dq)[kDqN / 8][4]) {
       if constexpr (kVarlen) {
         // Rows past the sequence (the next sequence's in dq_accum): exact
@@ -567,6 +575,7 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       };
       static_assert(kDqN / T::kDqSlabCols <= 2, "one or two rounds");
       round(std::integral_constant<int, 0>{});
+      if constexpr (T::kSplitDims) release_do();
       if constexpr (kDqN / T::kDqSlabCols == 2) round(std::integral_constant<int, 1>{});
     };
     // The dQ piece = dS K (A = dS^T read MN-major, B = K MN-major, over
@@ -581,20 +590,14 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       }
     };
     if constexpr (T::kSplitDims) {
-      // dV += P^T dO and dK += dS^T Q for this consumer's head-dim columns
-      // (A = both consumers' P^T / dS^T, K-major, from shared memory; B
-      // MN-major), and between them the dQ piece, so that its staging and
-      // reduction run while dK is on the tensor cores. dO's stage is free
-      // once dV is done.
+      // The dQ piece first, then dV += P^T dO and dK += dS^T Q for this
+      // consumer's head-dim columns (A = both consumers' P^T / dS^T, K-major,
+      // from shared memory; B MN-major), so that dQ's two rounds of staging
+      // and reduction run while dV and dK are on the tensor cores. dO's
+      // stage is free once dV is done (between the rounds).
       const uint32_t sP = s_base + T::kPOff + (i & 1) * T::kTileDs;
       const uint32_t col_off = (dkv_col0 / 64) * kPanelM;
       wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kBlockM / 16; ++s) {
-        wgmma_ss<Element, kDkvN, 0, 1>(acc_dv, make_desc(sP + s * 32, 16, kSbo),
-                                       make_desc(sDo + col_off + s * 16 * kLine, kPanelM, kSbo), true);
-      }
-      wgmma_commit();
       float acc_dq[kDqN / 8][4];
       if constexpr (kDq) {
         issue_dq(acc_dq);
@@ -602,17 +605,22 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_ws_kernel(cons
       }
 #pragma unroll
       for (int s = 0; s < kBlockM / 16; ++s) {
+        wgmma_ss<Element, kDkvN, 0, 1>(acc_dv, make_desc(sP + s * 32, 16, kSbo),
+                                       make_desc(sDo + col_off + s * 16 * kLine, kPanelM, kSbo), true);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int s = 0; s < kBlockM / 16; ++s) {
         wgmma_ss<Element, kDkvN, 0, 1>(acc_dk, make_desc(sDs + s * 32, 16, kSbo),
                                        make_desc(sQ + col_off + s * 16 * kLine, kPanelM, kSbo), true);
       }
       wgmma_commit();
-      wgmma_wait<kDq ? 2 : 1>();  // dV done
-      fence_regs(acc_dv);
-      mbar_arrive(do_empty + 8 * (i % T::kDoStages));
       if constexpr (kDq) {
-        wgmma_wait<1>();  // dQ done (dK may still run)
+        wgmma_wait<2>();  // dQ done (dV and dK may still run)
         fence_regs(acc_dq);
         reduce_dq(acc_dq);
+      } else {
+        release_do();
       }
       wgmma_wait<0>();
     } else {
