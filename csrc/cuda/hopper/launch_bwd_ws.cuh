@@ -164,6 +164,6 @@ bool run_flash_bwd_dkdv_sm90_ws(const FlashBwdParams& params, cudaStream_t strea
   }
   FLASH_CHECK(launched || choice != flash::sm90::KernelChoice::kWsStrict,
               "flash_attn_ext: FLASH_ATTN_EXT_SM90_BWD=ws_strict, but the warp-specialized backward cannot take this "
-              "call: ", why);
+              "call: ", why, " (the call's head dim, padded to a compiled size: ", std::to_string(kHeadDim), ")");
   return launched;
 }
