@@ -342,16 +342,8 @@ __global__ void __launch_bounds__(T::kNThreads, 1) flash_bwd_sm90_kernel(const F
       __syncthreads();
       const uint32_t col_off = (dkv_col0 / 64) * kPanelM;
       wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kBlockM / 16; ++s) {
-        wgmma_ss<Element, kDkvN, 0, 1>(acc_dv, make_desc(sP + s * 32, 16, kSbo),
-                                       make_desc(sDo + col_off + s * 16 * kLine, kPanelM, kSbo), true);
-      }
-#pragma unroll
-      for (int s = 0; s < kBlockM / 16; ++s) {
-        wgmma_ss<Element, kDkvN, 0, 1>(acc_dk, make_desc(sDs + s * 32, 16, kSbo),
-                                       make_desc(sQ + col_off + s * 16 * kLine, kPanelM, kSbo), true);
-      }
+      wgmma_ss_a_kmajor_b_mn<Element, kDkvN, kBlockM / 16>(acc_dv, sP, sDo + col_off, kPanelM);
+      wgmma_ss_a_kmajor_b_mn<Element, kDkvN, kBlockM / 16>(acc_dk, sDs, sQ + col_off, kPanelM);
       wgmma_commit();
     }
 

@@ -366,6 +366,22 @@ __device__ __forceinline__ void wgmma_rs_b_mn(float (&acc)[kN / 8][4], const uin
   }
 }
 
+// acc (64 x kN) += A B over a reduction dim of 16 kSlices: A K-major in
+// one SW128 panel at a (64 rows of 128 bytes; k-slice s 32 bytes further),
+// B MN-major in SW128 panels of `panel` bytes starting at b (k-slice s 16
+// lines further). The backwards' dV += P^T dO and dK += dS^T Q where P^T
+// and dS^T meet in shared memory (head dim 256). Issues the wgmmas, no
+// commit.
+template <typename Element, int kN, int kSlices>
+__device__ __forceinline__ void wgmma_ss_a_kmajor_b_mn(float (&acc)[kN / 8][4], uint32_t a, uint32_t b,
+                                                       uint32_t panel) {
+#pragma unroll
+  for (int s = 0; s < kSlices; ++s) {
+    wgmma_ss<Element, kN, 0, 1>(acc, make_desc(a + s * 32, 16, 8 * kLineBytes),
+                                make_desc(b + s * 16 * kLineBytes, panel, 8 * kLineBytes), true);
+  }
+}
+
 #undef FLASH_WGMMA_SS
 #undef FLASH_WGMMA_RS
 #undef FLASH_WGMMA_SS_E4M3
