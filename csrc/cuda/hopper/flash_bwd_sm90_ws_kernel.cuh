@@ -137,8 +137,8 @@ struct WsBwdTraits {
   // want of shared memory.
   static constexpr int kDqSlabCols = kSplitDims ? kDqN / 2 : kDqN;
   // Stages of dO: as Q's, but one at head dim 256 (its stage is released
-  // once dV is done, so the next dO loads under dQ and dK; two would need
-  // 32 KB more than a block has).
+  // once dV is done, so the next dO loads under dK and the rest of the
+  // step; two would need 32 KB more than a block has).
   static constexpr int kDoStages = kSplitDims ? 1 : kStages;
   static constexpr bool kDoOwnBarriers = kDoStages != kStages;  // else Q's full / empty barriers cover dO
 
