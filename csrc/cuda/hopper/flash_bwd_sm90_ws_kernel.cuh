@@ -1,6 +1,6 @@
 // FlashAttention backward on Hopper, warp-specialized (sm_90a): the
 // arithmetic of flash_bwd_sm90_kernel.cuh (one thread block per key block of
-// 128 keys, S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are the
+// 128 keys, 64 at head dim 256, S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are the
 // register A operands of dV += P^T dO and dK += dS^T Q, the score rule's
 // elementwise step through probs_t / dscores_t), with the data movement
 // taken off the warps that compute, as the warp-specialized forward does:
@@ -12,7 +12,8 @@
 //     stored by all 32 lanes, zero past the sequence, each lane arriving on
 //     the stage's "full" mbarrier after its stores). It waits only for a
 //     stage to be emptied by the consumers.
-//   warpgroups 1 and 2, the consumers (setmaxnreg.inc), 64 keys each. Per
+//   warpgroups 1 and 2, the consumers (setmaxnreg.inc), 64 keys each (at
+//     head dim 256 128 head-dim columns each: kSplitDims, below). Per
 //     query block: S^T and dP^T on the tensor cores; P^T from S^T (dP^T
 //     still running); dV += P^T dO issued at once, so that it runs under the
 //     computation of dS^T; dS^T to shared memory; dQ_i = dS_i K_j, then
